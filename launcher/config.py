@@ -1,0 +1,317 @@
+"""``services.yaml`` -> a validated, typed :class:`PipelineConfig`.
+
+Every error names the file, the line and the field (``services.yaml:12: stages.normalizer.replicas:
+Input should be greater than or equal to 1``) and the CLI exits with status 2. Checks: YAML syntax,
+unknown keys, wrong types and ranges, inputs naming a stage (or output) that does not exist,
+cycles, a source with inputs, a stage whose ``type`` has no implementation (a built-in name, or
+a ``module:Class`` whose module is found beside the config or on ``sys.path`` and defines the
+class). A module that exists but fails when imported is *not* a config error: that stage fails
+to start and ``streampipe status`` shows its traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.errors import ConfigError
+from stages.registry import BUILTINS
+
+DEFAULT_CONFIG = "services.yaml"
+DEFAULT_RUN_DIR = ".streampipe"
+
+RestartMode = Literal["always", "on-failure", "never"]
+SpawnMode = Literal["fork-server", "cold"]
+Delivery = Literal["at-least-once", "at-most-once"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageSettings(_Strict):
+    """The supervisor's keys of a stage; every one may be set in ``defaults``."""
+
+    replicas: int = Field(1, ge=1, le=64)
+    restart: RestartMode = "always"
+    spawn: SpawnMode = "fork-server"
+    # data plane
+    max_batch: int = Field(100, ge=1, le=100_000)      # records per frame: 100 gives ~20x msg/s
+    linger_ms: float = Field(5.0, ge=0, le=60_000)     # flush a partial batch after this long
+    hwm: int = Field(100, ge=1)                        # messages (= batches) queued per socket
+    max_inflight: int = Field(32, ge=1)                # unacknowledged batches per edge
+    ack_timeout: float = Field(2.0, gt=0)              # s before an unacked batch is resent (floor)
+    # liveness
+    heartbeat_timeout: float = Field(10.0, gt=0)       # s without loop progress -> hung
+    ready_timeout: float = Field(60.0, gt=0)           # s to report READY (cold sklearn ~2 s)
+    stop_grace: float = Field(5.0, gt=0)               # s between SIGTERM and SIGKILL
+    # restart policy
+    backoff_initial: float = Field(0.1, ge=0)
+    backoff_max: float = Field(5.0, ge=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    min_uptime: float = Field(10.0, ge=0)              # up this long -> backoff resets
+    max_restarts: int = Field(5, ge=0)                 # at most this many restarts ...
+    restart_window: float = Field(60.0, gt=0)          # ... in this many seconds, else FAILED
+    # resource limits (None = no limit)
+    max_rss_mb: float | None = Field(None, gt=0)
+    max_cpu_percent: float | None = Field(None, gt=0)
+    limit_for: float = Field(3.0, ge=0)                # s a limit must be exceeded before restart
+
+
+class Defaults(StageSettings):
+    pass
+
+
+class StageConfig(StageSettings):
+    """One stage of ``stages:``: its implementation, its inputs and its own ``options``."""
+
+    name: str = ""
+    type: str
+    inputs: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    rotation: str = "10 MB"
+    retention: int = Field(5, ge=1)
+
+
+class Edge(BaseModel):
+    """``src.output -> dest``: one PUSH (in every replica of src) -> PULL (in each replica of dest)."""
+
+    model_config = ConfigDict(frozen=True)
+    src: str
+    output: str
+    dest: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.output}>{self.dest}"
+
+
+class PipelineConfig(_Strict):
+    pipeline: str = "pipeline"
+    delivery: Delivery = "at-least-once"
+    run_dir: str | None = None
+    poll_interval: float = Field(0.5, gt=0)            # psutil readings
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    defaults: Defaults = Field(default_factory=Defaults)
+    stages: dict[str, StageConfig]
+    path: Path = Path(DEFAULT_CONFIG)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("defaults") or {}
+        stages = data.get("stages")
+        if isinstance(defaults, dict) and isinstance(stages, dict):
+            data = dict(data)
+            data["stages"] = {
+                name: ({**defaults, **spec, "name": name} if isinstance(spec, dict) else spec)
+                for name, spec in stages.items()
+            }
+        return data
+
+    # -- derived views -------------------------------------------------------------------
+    @property
+    def config_dir(self) -> Path:
+        return self.path.resolve().parent
+
+    def default_run_dir(self) -> Path:
+        return (self.config_dir / (self.run_dir or DEFAULT_RUN_DIR)).resolve()
+
+    def edges(self) -> list[Edge]:
+        out = []
+        for dest, stage in self.stages.items():
+            for ref in stage.inputs:
+                src, _, output = ref.partition(".")
+                out.append(Edge(src=src, output=output or "default", dest=dest))
+        return out
+
+    def downstream_first(self) -> list[str]:
+        """Stage names, sinks first and sources last: the start order (reverse to stop)."""
+        order: list[str] = []
+        seen: set[str] = set()
+        consumers: dict[str, list[str]] = {n: [] for n in self.stages}
+        for e in self.edges():
+            consumers[e.src].append(e.dest)
+
+        def visit(n: str) -> None:
+            if n in seen:
+                return
+            seen.add(n)
+            for c in consumers[n]:
+                visit(c)
+            order.append(n)
+
+        for n in self.stages:
+            visit(n)
+        return order
+
+    def is_source(self, name: str) -> bool:
+        return not self.stages[name].inputs
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = (), index: dict[tuple[Any, ...], int] | None = None) -> dict[tuple[Any, ...], int]:
+    """Map every key path of a composed YAML document to its 1-based line."""
+    index = {} if index is None else index
+    index.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (key.value,)
+            index[sub] = key.start_mark.line + 1
+            _line_index(value, sub, index)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index[path + (i,)] = item.start_mark.line + 1
+            _line_index(item, path + (i,), index)
+    return index
+
+
+def _line_of(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in index:
+            return index[loc[:n]]
+    return None
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> PipelineConfig:
+    """Read, parse and validate a ``services.yaml``; raise :class:`ConfigError` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", file=path) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(f"invalid YAML: {exc.problem}", file=path, line=line) from None
+    if not isinstance(data, dict) or node is None:
+        raise ConfigError("the file must be a mapping with a 'stages:' key", file=path, line=1)
+    index = _line_index(node)
+    if "path" in data:
+        raise ConfigError("unknown key", file=path, line=index.get(("path",)), field="path")
+    try:
+        cfg = PipelineConfig.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "missing":
+            msg = "this key is required"
+        raise ConfigError(msg, file=path, line=_line_of(index, loc), field=_field(loc)) from None
+    _check_graph(cfg, index)
+    _check_implementations(cfg, index)
+    return cfg
+
+
+def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    path = cfg.path
+    if not cfg.stages:
+        raise ConfigError("a pipeline needs at least one stage", file=path, line=index.get(("stages",)), field="stages")
+    for name, stage in cfg.stages.items():
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError("stage names use letters, digits, '_' and '-'", file=path, line=index.get(("stages", name)), field=f"stages.{name}")
+        for i, ref in enumerate(stage.inputs):
+            src, _, output = ref.partition(".")
+            where = dict(file=path, line=index.get(("stages", name, "inputs", i)), field=f"stages.{name}.inputs[{i}]")
+            if src not in cfg.stages:
+                known = ", ".join(sorted(cfg.stages))
+                raise ConfigError(f"unknown stage {src!r} (stages: {known})", **where)  # type: ignore[arg-type]
+            if src == name:
+                raise ConfigError("a stage cannot read its own output", **where)  # type: ignore[arg-type]
+            builtin = BUILTINS.get(cfg.stages[src].type)
+            if output and builtin and output not in builtin.outputs:
+                raise ConfigError(f"stage {src!r} ({cfg.stages[src].type}) has no output {output!r} (outputs: {', '.join(builtin.outputs)})", **where)  # type: ignore[arg-type]
+        builtin = BUILTINS.get(stage.type)
+        if builtin and builtin.source and stage.inputs:
+            raise ConfigError(f"{stage.type} is a source and takes no inputs", file=path, line=index.get(("stages", name, "inputs")), field=f"stages.{name}.inputs")
+    # cycles: depth-first search with colours
+    colour: dict[str, int] = {}
+    graph: dict[str, list[str]] = {n: [ref.partition(".")[0] for ref in s.inputs] for n, s in cfg.stages.items()}
+
+    def visit(n: str, trail: list[str]) -> None:
+        colour[n] = 1
+        for m in graph[n]:
+            if colour.get(m) == 1:
+                cycle = " -> ".join(trail[trail.index(m):] + [n, m]) if m in trail else f"{m} -> {n} -> {m}"
+                raise ConfigError(f"cycle in inputs: {cycle}", file=path, line=index.get(("stages", n, "inputs")), field=f"stages.{n}.inputs")
+            if colour.get(m) is None:
+                visit(m, trail + [n])
+        colour[n] = 2
+
+    for n in cfg.stages:
+        if n not in colour:
+            visit(n, [])
+
+
+def _check_implementations(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    for name, stage in cfg.stages.items():
+        where = dict(file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
+        if stage.type in BUILTINS:
+            continue
+        module_name, sep, class_name = stage.type.partition(":")
+        if not sep or not module_name or not class_name.isidentifier():
+            builtins = ", ".join(BUILTINS)
+            raise ConfigError(f"unknown stage type {stage.type!r}: use a built-in ({builtins}) or 'module:Class'", **where)  # type: ignore[arg-type]
+        origin = find_module(module_name, cfg.config_dir)
+        if origin is None:
+            raise ConfigError(f"module {module_name!r} not found beside {cfg.path.name} or on sys.path", **where)  # type: ignore[arg-type]
+        if origin.suffix == ".py" and not _defines(origin, class_name):
+            raise ConfigError(f"module {module_name!r} ({origin}) defines no {class_name!r}", **where)  # type: ignore[arg-type]
+
+
+def find_module(module_name: str, config_dir: Path) -> Path | None:
+    """The file a module would be imported from, the config's folder first; None if absent."""
+    candidate = config_dir.joinpath(*module_name.split("."))
+    for p in (candidate.with_suffix(".py"), candidate / "__init__.py"):
+        if p.is_file():
+            return p
+    added = str(config_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(config_dir))
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    finally:
+        if added:
+            sys.path.remove(str(config_dir))
+    if spec is None:
+        return None
+    return Path(spec.origin) if spec.origin and spec.origin != "built-in" else Path(module_name)
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether a module's source binds ``name`` at top level (without running it)."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError):
+        return True  # let the stage fail at import, with its traceback in status
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name.split(".")[-1]) == name for a in node.names):
+            return True
+    return False

@@ -1,0 +1,16 @@
+"""``python -m stages``: run one stage replica described by ``$STREAMPIPE_SPEC`` (a cold start)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from stages.runtime import main
+from stages.spec import ENV_VAR, StageSpec
+
+if __name__ == "__main__":
+    text = os.environ.get(ENV_VAR)
+    if not text:
+        print(f"{ENV_VAR} is not set: stage processes are started by `streampipe up`", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(StageSpec.from_json(text)))

@@ -1,0 +1,183 @@
+"""consumer: the sink. Writes records to a JSON-lines file, once each, and keeps aggregates.
+
+Every record is written as one line of ``output`` (relative to the run directory) and the file
+is flushed after each batch, so ``tail -f`` sees records as they arrive. Under at-least-once
+delivery a batch can arrive twice (it was resent after a crash); the consumer drops records
+whose ``id`` it has already written, so the file holds each record once (effectively-once).
+
+Dedup state is a high-water mark (every id below it was written) plus the set of ids above it,
+saved atomically with the file offset it covers every ``checkpoint_s``. After a crash the
+consumer loads it, cuts a torn last line, and re-reads only the lines written after that
+offset, so restart cost does not grow with the file. Memory is bounded by how far out of order
+ids arrive, not by how many there are. With ``replicas > 1`` each replica writes its own file
+(``records.1.jsonl`` ...) and dedup holds per file. Records without an ``id`` are not deduplicated.
+
+>>> import tempfile, pathlib, json
+>>> from stages.api import StageContext
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> c = Consumer(output="out.jsonl"); c.context = StageContext(run_dir=d)
+>>> c.setup(); _ = c.process([{"id": 0, "y": 1}, {"id": 1, "y": 0}]); _ = c.process([{"id": 1, "y": 0}])
+>>> c.teardown(); [json.loads(l)["id"] for l in (d / "out.jsonl").read_text().splitlines()]
+[0, 1]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from stages.api import Batch, Record, Stage
+from stages.state import json_default, load_state, save_state
+
+try:
+    import orjson
+
+    def _dumps(record: Record) -> bytes:
+        return orjson.dumps(record, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
+    import json
+
+    def _dumps(record: Record) -> bytes:
+        return json.dumps(record, default=json_default).encode()
+
+    _loads = json.loads
+
+RATE_WINDOW_S = 1.0
+
+
+class Consumer(Stage):
+    def __init__(self, output: str = "output/records.jsonl", dedup: bool = True, label: str = "y",
+                 checkpoint_s: float = 1.0, **options: Any) -> None:
+        super().__init__(**options)
+        self.output, self.dedup, self.label, self.checkpoint_s = output, dedup, label, checkpoint_s
+        self.count = 0
+        self.duplicates = 0
+        self.labels: dict[str, int] = {}
+        self.watermark = 0
+        self.above: set[int] = set()
+        self._file: IO[bytes] | None = None
+        self._path: Path | None = None
+        self._saved_at = 0.0
+        self._rate = 0.0
+        self._window_start = time.monotonic()
+        self._window_count = 0
+
+    # -- files -------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            p = self.context.resolve_output(self.output)
+            if self.context.replicas > 1 and self.context.replica > 0:
+                p = p.with_name(f"{p.stem}.{self.context.replica}{p.suffix}")
+            self._path = p
+        return self._path
+
+    @property
+    def state_path(self) -> Path:
+        return self.context.run_dir / "state" / f"{self.context.name}.{self.context.replica}.sink"
+
+    def setup(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        saved = load_state(self.state_path) or {}
+        offset = 0
+        if saved.get("path") == str(self.path):
+            self.watermark = int(saved.get("watermark", 0))
+            self.above = set(saved.get("above", []))
+            self.count = int(saved.get("count", 0))
+            self.labels = dict(saved.get("labels", {}))
+            offset = int(saved.get("offset", 0))
+        self._recover(offset)
+        self._file = open(self.path, "ab")
+
+    def _recover(self, offset: int) -> None:
+        """Cut a torn last line and account for lines written after the saved offset."""
+        if not self.path.exists():
+            return
+        size = self.path.stat().st_size
+        if size < offset:  # the file was replaced or truncated by hand: start over
+            self.watermark, self.above, self.count, self.labels, offset = 0, set(), 0, {}, 0
+        with open(self.path, "rb+") as f:
+            f.seek(offset)
+            good = offset
+            for line in iter(f.readline, b""):
+                if not line.endswith(b"\n"):
+                    break
+                good += len(line)
+                try:
+                    self._account(_loads(line))
+                except ValueError:
+                    continue
+            if good < size:
+                f.truncate(good)
+
+    def _account(self, record: Record) -> None:
+        rid = record.get("id")
+        if isinstance(rid, int):
+            self._mark(rid)
+        self.count += 1
+        label = record.get(self.label)
+        if label is not None:
+            key = str(label)
+            self.labels[key] = self.labels.get(key, 0) + 1
+
+    def _mark(self, rid: int) -> None:
+        if rid == self.watermark:
+            self.watermark += 1
+            while self.watermark in self.above:
+                self.above.discard(self.watermark)
+                self.watermark += 1
+        elif rid > self.watermark:
+            self.above.add(rid)
+
+    def seen(self, rid: Any) -> bool:
+        return isinstance(rid, int) and (rid < self.watermark or rid in self.above)
+
+    # -- the sink ----------------------------------------------------------------------------
+    def process(self, batch: Batch) -> list[Record]:
+        assert self._file is not None, "setup() opens the output"
+        lines = []
+        for record in batch:
+            if self.dedup and self.seen(record.get("id")):
+                self.duplicates += 1
+                continue
+            lines.append(_dumps(record))
+            self._account(record)
+        if lines:
+            lines.append(b"")
+            self._file.write(b"\n".join(lines))
+            self._file.flush()
+        self._tick(len(lines) - 1 if lines else 0)
+        return []
+
+    def _tick(self, n: int) -> None:
+        now = time.monotonic()
+        self._window_count += n
+        if now - self._window_start >= RATE_WINDOW_S:
+            self._rate = self._window_count / (now - self._window_start)
+            self._window_start, self._window_count = now, 0
+        if self.dedup and now - self._saved_at >= self.checkpoint_s:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(),
+                                     "watermark": self.watermark, "above": sorted(self.above),
+                                     "count": self.count, "labels": self.labels})
+        self._saved_at = time.monotonic()
+
+    def teardown(self) -> None:
+        if self._file is not None:
+            self.checkpoint()
+            self._file.close()
+            self._file = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"written": self.count, "rate": round(self._rate, 1), "duplicates_dropped": self.duplicates,
+                "labels": dict(sorted(self.labels.items()))}

@@ -1,0 +1,158 @@
+"""normalizer: validates records and scales their features with running (online) statistics.
+
+Each record must carry the fields of ``schema`` with the right types (``int``, ``float`` /
+``number``, ``str``, ``bool``, ``vector`` = a list of finite numbers of a fixed length). A record
+that does not is rejected to the dead-letter file with the reason; the rest go on with their
+``vector`` field standardised: ``(x - mean) / std`` with the mean and variance of everything seen
+so far (Chan et al.'s parallel update per batch, so it is one numpy pass per batch, not per
+record). ``holdout`` routes that fraction of records (chosen by id, so the same record always
+goes the same way, even when redelivered) to the named output ``holdout`` instead of ``default``.
+
+>>> n = Normalizer()
+>>> out = list(n.process([{"id": 0, "x": [1.0, 10.0], "y": 0}, {"id": 1, "x": [3.0, 30.0], "y": 1}]))
+>>> [r["x"] for r in out]
+[[-1.0, -1.0], [1.0, 1.0]]
+>>> list(n.process([{"id": 2, "x": "oops", "y": 0}])), n.take_rejected()[0][1]
+([], "field 'x': expected vector, got str")
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from stages.api import Batch, Record, Stage
+
+DEFAULT_SCHEMA = {"id": "int", "x": "vector", "y": "int"}
+_GOLDEN = 2654435761          # Knuth's multiplicative hash: spreads consecutive ids evenly
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "number": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "vector": (list,),
+}
+
+
+class Normalizer(Stage):
+    outputs = ("default", "holdout")
+
+    def __init__(self, schema: dict[str, str] | None = None, scale: str | None = "x",
+                 holdout: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self.schema = dict(schema or DEFAULT_SCHEMA)
+        for field, kind in self.schema.items():
+            if kind not in _TYPES:
+                raise ValueError(f"schema field {field!r}: unknown type {kind!r} (known: {', '.join(_TYPES)})")
+        if scale is not None and self.schema.get(scale) != "vector":
+            raise ValueError(f"scale field {scale!r} must be a 'vector' field of the schema")
+        if not 0.0 <= holdout <= 1.0:
+            raise ValueError("holdout must be a fraction between 0 and 1")
+        self.scale, self.holdout = scale, float(holdout)
+        self._threshold = int(self.holdout * 2**32)
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+        self.rejected = 0
+
+    def check(self, record: Any) -> str | None:
+        """Why a record is invalid, or None."""
+        if not isinstance(record, dict):
+            return f"record is {type(record).__name__}, not a map"
+        for field, kind in self.schema.items():
+            if field not in record:
+                return f"missing field {field!r}"
+            value = record[field]
+            if not isinstance(value, _TYPES[kind]) or (kind in ("int", "float", "number") and isinstance(value, bool)):
+                return f"field {field!r}: expected {kind}, got {type(value).__name__}"
+            if kind == "vector":
+                if self.mean is not None and len(value) != len(self.mean):
+                    return f"field {field!r}: expected {len(self.mean)} values, got {len(value)}"
+                if not value:
+                    return f"field {field!r}: empty vector"
+        return None
+
+    def process(self, batch: Batch) -> list[Record]:
+        good: list[Record] = []
+        for record in batch:
+            reason = self.check(record)
+            if reason is None:
+                good.append(record)
+            else:
+                self.rejected += 1
+                self.reject(record, reason)
+        if not good or self.scale is None:
+            return good
+        field = self.scale
+        try:
+            x = np.asarray([r[field] for r in good], dtype=float)
+        except (ValueError, TypeError):
+            return [r for r in good if self._scale_one(r)]
+        if x.ndim != 2:
+            return [r for r in good if self._scale_one(r)]
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            for r, ok in zip(good, finite):
+                if not ok:
+                    self.rejected += 1
+                    self.reject(r, f"field {field!r}: not finite")
+            good = [r for r, ok in zip(good, finite) if ok]
+            x = x[finite]
+            if not good:
+                return good
+        self._update(x)
+        assert self.mean is not None and self.m2 is not None
+        std = np.sqrt(self.m2 / max(self.n, 1))
+        std[std == 0] = 1.0
+        scaled = ((x - self.mean) / std).round(6).tolist()
+        return [{**r, field: s} for r, s in zip(good, scaled)]
+
+    def _scale_one(self, record: Record) -> bool:
+        """Slow path for a batch with a ragged or non-numeric vector: find the culprits."""
+        try:
+            x = np.asarray([record[self.scale]], dtype=float)  # type: ignore[index]
+            if self.mean is not None and x.shape[1] != len(self.mean):
+                raise ValueError(f"expected {len(self.mean)} values, got {x.shape[1]}")
+        except (ValueError, TypeError) as exc:
+            self.rejected += 1
+            self.reject(record, f"field {self.scale!r}: {exc}")
+            return False
+        self._update(x)
+        return True
+
+    def _update(self, x: np.ndarray) -> None:
+        """Merge a batch into the running mean / M2 (Chan, Golub and LeVeque)."""
+        nb = x.shape[0]
+        mb = x.mean(axis=0)
+        m2b = ((x - mb) ** 2).sum(axis=0)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+    def route(self, record: Record) -> str:
+        if self._threshold and (int(record.get("id", 0)) * _GOLDEN) % 2**32 < self._threshold:
+            return "holdout"
+        return "default"
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.mean is None or self.m2 is None:
+            return {"n": 0}
+        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.n = int(state.get("n", 0))
+        if self.n:
+            self.mean, self.m2 = np.asarray(state["mean"], float), np.asarray(state["m2"], float)
+
+    def stats(self) -> dict[str, Any]:
+        spread = float(np.sqrt(self.m2 / max(self.n - 1, 1)).mean()) if self.m2 is not None else math.nan
+        return {"seen": self.n, "rejected": self.rejected, "mean_std": round(spread, 4) if self.n else None}

@@ -1,0 +1,82 @@
+"""Calling a stage's ``process``: sync or async, with per-record isolation of failures.
+
+Shared by the stage runtime and the in-process test harness (:mod:`stages.testing`), so that
+what a test sees is exactly what a stage process does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stages.api import Batch, Record, Stage
+
+
+@dataclass
+class Outcome:
+    """What one call of ``process`` on a batch produced."""
+
+    records: list[Record] = field(default_factory=list)
+    rejected: list[tuple[Record, str, str]] = field(default_factory=list)  # (record, error, traceback)
+
+
+class Processor:
+    """Drives ``stage.process`` for one stage instance.
+
+    A batch whose ``process`` raises is retried one record at a time, so one bad record costs
+    only itself: the records that fail alone are rejected (dead-lettered) with their error.
+    Records a stage rejects itself with ``self.reject(record, reason)`` are collected too.
+    """
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        fn = stage.process
+        self._asyncgen = inspect.isasyncgenfunction(fn)
+        self._async = self._asyncgen or inspect.iscoroutinefunction(fn)
+        self._loop: asyncio.AbstractEventLoop | None = asyncio.new_event_loop() if self._async else None
+
+    def _call(self, batch: Batch) -> list[Record]:
+        if self._loop is None:
+            out = self.stage.process(batch)
+            return out if isinstance(out, list) else list(out if out is not None else ())
+        if self._asyncgen:
+            async def collect() -> list[Record]:
+                return [r async for r in self.stage.process(batch)]  # type: ignore[attr-defined]
+            return self._loop.run_until_complete(collect())
+        result: Any = self._loop.run_until_complete(self.stage.process(batch))  # type: ignore[arg-type]
+        return list(result) if result is not None else []
+
+    def run(self, batch: Batch) -> Outcome:
+        outcome = Outcome()
+        try:
+            outcome.records = self._call(batch)
+        except Exception:
+            if len(batch) <= 1:
+                for record in batch:
+                    outcome.rejected.append((record, _error_text(), traceback.format_exc()))
+            else:
+                for record in batch:
+                    single = self.run([record])
+                    outcome.records.extend(single.records)
+                    outcome.rejected.extend(single.rejected)
+        outcome.rejected.extend(self.stage.take_rejected())
+        return outcome
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+
+
+def _error_text() -> str:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def ensure_list(records: Iterable[Record] | None) -> list[Record]:
+    return records if isinstance(records, list) else list(records or ())

@@ -1,0 +1,751 @@
+"""The stage process: sockets, batching, framing, acknowledgements, heartbeats, drain on SIGTERM.
+
+One :class:`StageRuntime` runs in each stage replica process. It is a single-threaded loop
+around one ``zmq.Poller``; the stage's own code (``process`` / ``generate``) runs inside that
+loop, so a heartbeat proves the loop is alive (a stage stuck in ``process`` stops beating and the
+supervisor replaces it as hung).
+
+Sockets of one replica::
+
+    PULL  bind    <input>        records from every upstream stage (absent for a source)
+    PULL  bind    <ack>          acknowledgements from downstream replicas
+    PUSH  connect edge endpoints one per output edge, connected to every replica of its dest
+    PUSH  connect <ack of src>   acknowledgements back to each upstream sender (lazily)
+    DEALER connect <control>     hello / ready / heartbeats up, endpoint changes and stop down
+
+Delivery ``at-least-once``: a sender keeps every batch until its receiver acknowledges it and
+resends it when the ack is late (the receiver died with it queued). A transform acknowledges an
+input batch only once every batch it produced from it is acknowledged downstream, so an ack at
+the source means the record reached the sink. ``max_inflight`` unacknowledged batches per edge
+bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from stages import wire
+from stages.api import Record, Stage, StageContext, is_source
+from stages.process import Processor
+from stages.registry import load_class
+from stages.spec import EdgeSpec, StageSpec
+from stages.state import DeadLetters, load_state, save_state
+
+HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
+RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
+IDLE_WAIT_MS = 2                # a source that yielded None is asked again after this
+MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/heartbeats again
+DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
+EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
+EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
+STATE_SAVE_S = 0.2              # a source's committed position is persisted at most this often
+RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
+LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_START_FAILED = 3
+
+
+class InToken:
+    """An input batch awaiting the acks of what it produced before it is acknowledged."""
+
+    __slots__ = ("ack", "edge", "ep", "seq", "outstanding")
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.ack, self.edge, self.ep, self.seq = header["ack"], header["e"], header["ep"], header["seq"]
+        self.outstanding = 0
+
+
+class Mark:
+    """A source position: committed once every batch cut with it is acknowledged."""
+
+    __slots__ = ("state", "outstanding")
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state, self.outstanding = state, 0
+
+
+class OutBatch:
+    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries")
+
+    def __init__(self, seq: int, frames: list[bytes], n: int, parent: InToken | Mark | None) -> None:
+        self.seq, self.frames, self.n, self.parent = seq, frames, n, parent
+        self.sent_at, self.tries = 0.0, 0
+
+
+class Edge:
+    """The sending end of one pipeline edge: a PUSH connected to every replica of its dest."""
+
+    def __init__(self, rt: StageRuntime, spec: EdgeSpec) -> None:
+        self.rt, self.name, self.output, self.dest = rt, spec.name, spec.output, spec.dest
+        self.sock = rt.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, rt.spec.hwm)
+        self.sock.setsockopt(zmq.LINGER, -1 if not rt.acked else 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.endpoints: list[str] = []
+        self.connect(spec.endpoints)
+        self.seq = 0
+        self.pending: list[Record] = []
+        self.pending_since = 0.0
+        self.outq: deque[OutBatch] = deque()
+        self.unacked: dict[int, OutBatch] = {}
+        self.rtt = 0.0
+        self.eos_from: set[str] = set()
+
+    def connect(self, endpoints: list[str]) -> None:
+        for ep in endpoints:
+            if ep not in self.endpoints:
+                self.sock.connect(ep)
+        for ep in self.endpoints:
+            if ep not in endpoints:
+                try:
+                    self.sock.disconnect(ep)
+                except zmq.ZMQError:
+                    pass
+        self.endpoints = list(endpoints)
+
+    @property
+    def load(self) -> int:
+        return len(self.outq) + len(self.unacked)
+
+    def full(self) -> bool:
+        return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
+
+    def cut(self, records: list[Record], parent: InToken | Mark | None) -> None:
+        """Frame ``records`` as one batch and queue it for sending."""
+        self.seq += 1
+        header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
+                  "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
+                  "ack": self.rt.spec.ack if self.rt.acked else None}
+        if parent is not None:
+            parent.outstanding += 1
+        self.outq.append(OutBatch(self.seq, wire.data_frames(header, records), len(records), parent))
+
+    def flush_pending(self, parent: InToken | Mark | None = None) -> None:
+        if self.pending:
+            records, self.pending = self.pending, []
+            self.cut(records, parent)
+
+    def send(self, now: float) -> bool:
+        """Send what is queued without blocking; False when the socket pushed back (HWM)."""
+        while self.outq:
+            ob = self.outq[0]
+            try:
+                self.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            self.outq.popleft()
+            self.rt.records_out += ob.n if ob.tries == 0 else 0
+            if self.rt.acked:
+                ob.sent_at, ob.tries = now, ob.tries + 1
+                self.unacked[ob.seq] = ob
+        return True
+
+    def timeout(self, ob: OutBatch) -> float:
+        base = max(self.rt.spec.ack_timeout, 4.0 * self.rtt)
+        return base * (2 ** min(ob.tries - 1, 4))
+
+    def resend_late(self, now: float) -> None:
+        late = [ob for ob in self.unacked.values() if now - ob.sent_at > self.timeout(ob)]
+        for ob in late:
+            del self.unacked[ob.seq]
+            self.outq.appendleft(ob)
+            self.rt.resent += 1
+
+    def acked(self, seq: int, now: float) -> OutBatch | None:
+        ob = self.unacked.pop(seq, None)
+        if ob is not None and ob.tries == 1:
+            sample = now - ob.sent_at
+            self.rtt = sample if self.rtt == 0 else 0.8 * self.rtt + 0.2 * sample
+        return ob
+
+
+class StageRuntime:
+    """Runs one stage replica until it is stopped, its stream ends, or it crashes."""
+
+    def __init__(self, spec: StageSpec, stage: Stage) -> None:
+        self.spec, self.stage = spec, stage
+        self.acked = spec.delivery == "at-least-once"
+        self.epoch = int.from_bytes(os.urandom(4), "little")
+        self.source = is_source(stage)
+        self.ctx = zmq.Context()
+        self.stopping = False
+        self.finished = False                     # a source's stream ended
+        self.records_in = self.records_out = self.errors = self.dead = self.resent = 0
+        self.batches = 0
+        self.lat_ewma_ms = 0.0
+        self.lat_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.blocked = False
+        self.marks: deque[Mark] = deque()
+        self.committed: dict[str, Any] | None = None
+        self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
+        self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
+        self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident)
+        self.processor = Processor(stage)
+        self.routes = type(stage).route is not Stage.route
+        self.last_error = ""
+
+        self.ctl = self.ctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
+        self.ctl.setsockopt(zmq.LINGER, 500)
+        self.ctl.setsockopt(zmq.SNDHWM, 100)
+        self.ctl.connect(spec.control)
+        self.inp: zmq.Socket[bytes] | None = None
+        self.ackp: zmq.Socket[bytes] | None = None
+        self.edges: list[Edge] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    def bind(self) -> None:
+        self.ackp = self.ctx.socket(zmq.PULL)
+        self.ackp.setsockopt(zmq.LINGER, 0)
+        self.ackp.bind(self.spec.ack)
+        self.edges = [Edge(self, e) for e in self.spec.edges]
+        self.edges_by_name = {e.name: e for e in self.edges}
+        if self.spec.input:
+            self.inp = self.ctx.socket(zmq.PULL)
+            self.inp.setsockopt(zmq.RCVHWM, self.spec.hwm)
+            self.inp.setsockopt(zmq.LINGER, 0)
+            self.inp.bind(self.spec.input)
+
+    def tell(self, op: str, **fields: Any) -> None:
+        try:
+            self.ctl.send(wire.control(op, pid=os.getpid(), **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        assert self.ackp is not None
+        poller.register(self.ackp, zmq.POLLIN)
+        poller.register(self.ctl, zmq.POLLIN)
+        if self.inp is not None:
+            poller.register(self.inp, zmq.POLLIN)
+        gen: Iterator[Record | None] | None = self.stage.generate() if self.source and not self.finished else None  # type: ignore[attr-defined]
+        next_hb = next_resend = next_save = 0.0
+        drain_quiet_since: float | None = None
+        deadline = float("inf")
+        eos_sent_at = 0.0
+        eos_started: float | None = None
+
+        while True:
+            now = time.monotonic()
+            if self.stopping and deadline == float("inf"):
+                deadline = now + max(0.5, self.spec.stop_grace - 0.75)
+                gen = None
+            for edge in self.edges:
+                if edge.outq:
+                    edge.send(now)
+            self.blocked = any(e.full() for e in self.edges)
+            self.flush_acks()
+
+            # end of the stream or stop: decide whether we are done
+            if (self.finished or self.stopping) and gen is None:
+                quiet = self.inp is None or (drain_quiet_since is not None and now - drain_quiet_since >= DRAIN_IDLE_S)
+                if quiet:
+                    for edge in self.edges:
+                        edge.flush_pending(self._mark_for_flush())
+                        edge.send(now)
+                    settled = all(not e.outq and not e.unacked for e in self.edges)
+                    if self.finished and settled:
+                        if eos_started is None:
+                            eos_started = now
+                        if self.eos_confirmed():
+                            break
+                        if now - eos_sent_at > EOS_RESEND_S:
+                            self.send_eos()
+                            eos_sent_at = now
+                        if now - eos_started > EOS_WAIT_S:
+                            break
+                    elif settled or now >= deadline:
+                        break
+                if now >= deadline:
+                    break
+
+            if now >= next_hb:
+                self.heartbeat()
+                next_hb = now + HEARTBEAT_INTERVAL_S
+            if self.acked and now >= next_resend:
+                for edge in self.edges:
+                    edge.resend_late(now)
+                next_resend = now + RESEND_CHECK_S
+            if self.source and self.committed is not None and now >= next_save:
+                self.save_state()
+                next_save = now + STATE_SAVE_S
+
+            # produce (source) or linger-flush (partial batches)
+            idle = True
+            if gen is not None and not self.blocked:
+                produced, gen = self.pull_source(gen, now)
+                idle = not produced
+                if gen is None and not self.stopping:
+                    self.finished = True
+            self.flush_lingering(now)
+
+            timeout_ms = self.poll_timeout(now, idle and gen is not None, next_hb)
+            if self.blocked:
+                for edge in self.edges:
+                    if edge.outq:
+                        poller.register(edge.sock, zmq.POLLOUT)
+            events = dict(poller.poll(timeout_ms))
+            for edge in self.edges:
+                if edge.sock in events or edge.outq:
+                    try:
+                        poller.unregister(edge.sock)
+                    except KeyError:
+                        pass
+            if self.ctl in events:
+                self.read_control()
+            if self.ackp in events:
+                self.read_acks()
+            now = time.monotonic()
+            if self.inp is not None and self.inp in events and not self.blocked:
+                self.read_input(now)
+                drain_quiet_since = None
+            elif drain_quiet_since is None:
+                drain_quiet_since = now
+        return EXIT_OK
+
+    def poll_timeout(self, now: float, source_idle: bool, next_hb: float) -> int:
+        if self.source and not source_idle and not self.blocked and not (self.finished or self.stopping):
+            return 0
+        wait = next_hb - now
+        for edge in self.edges:
+            if edge.pending:
+                wait = min(wait, edge.pending_since + self.spec.linger_ms / 1000.0 - now)
+        if self.acked and any(e.unacked for e in self.edges):
+            wait = min(wait, RESEND_CHECK_S)
+        if source_idle:
+            wait = min(wait, IDLE_WAIT_MS / 1000.0)
+        if self.stopping or self.finished:
+            wait = min(wait, 0.02)
+        return max(0, int(wait * 1000))
+
+    # -- input -------------------------------------------------------------------------------
+    def read_input(self, now: float) -> None:
+        assert self.inp is not None
+        for _ in range(MAX_MSGS_PER_TICK):
+            if self.blocked:
+                return
+            try:
+                frames = self.inp.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames)
+            self.blocked = any(e.full() for e in self.edges)
+
+    def handle(self, frames: list[bytes]) -> None:
+        try:
+            header, records = wire.read_message(frames)
+        except (ValueError, KeyError, IndexError) as exc:
+            self.errors += 1
+            self.dead += 1
+            self.dead_letters.write({"frames_hex": [f[:4096].hex() for f in frames]}, f"undecodable message: {exc}")
+            return
+        if records is None:
+            self.on_eos(header)
+            return
+        self.records_in += len(records)
+        token = InToken(header) if header.get("ack") else None
+        t0 = time.perf_counter()
+        outcome = self.processor.run(records)
+        self.observe_latency((time.perf_counter() - t0) * 1000.0)
+        for record, error, tb in outcome.rejected:
+            self.errors += 1
+            self.dead += 1
+            self.last_error = error
+            self.dead_letters.write(record, error, tb)
+        self.emit(outcome.records, token)
+        if token is not None and token.outstanding == 0:
+            self.queue_ack(token)
+
+    def observe_latency(self, ms: float) -> None:
+        self.batches += 1
+        self.lat_ewma_ms = ms if self.batches == 1 else 0.9 * self.lat_ewma_ms + 0.1 * ms
+        for i, bound in enumerate(LATENCY_BUCKETS_MS):
+            if ms <= bound:
+                self.lat_buckets[i] += 1
+                return
+        self.lat_buckets[-1] += 1
+
+    def emit(self, records: list[Record], token: InToken | None) -> None:
+        """Hand records to the output edges: a transform under acks cuts one batch per edge now."""
+        if not self.edges or not records:
+            return
+        groups = self.group(records)
+        now = time.monotonic()
+        for edge in self.edges:
+            recs = groups.get(edge.output)
+            if not recs:
+                continue
+            if token is not None:
+                edge.cut(recs, token)
+            else:
+                if not edge.pending:
+                    edge.pending_since = now
+                edge.pending.extend(recs)
+                if len(edge.pending) >= self.spec.max_batch:
+                    edge.flush_pending()
+
+    def group(self, records: list[Record]) -> dict[str, list[Record]]:
+        if not self.routes:
+            return {"default": records}
+        groups: dict[str, list[Record]] = {}
+        route = self.stage.route
+        for r in records:
+            groups.setdefault(route(r), []).append(r)
+        return groups
+
+    def on_eos(self, header: dict[str, Any]) -> None:
+        for edge in self.edges:
+            edge.flush_pending()
+        if header.get("ack"):
+            self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
+            self._eos_headers = getattr(self, "_eos_headers", []) + [header]
+        logger_info(f"end of stream from {header.get('src')}.{header.get('r')}")
+
+    # -- source ------------------------------------------------------------------------------
+    def pull_source(self, gen: Iterator[Record | None], now: float) -> tuple[bool, Iterator[Record | None] | None]:
+        """Take up to one batch from the source; (produced anything, generator or None at end)."""
+        taken: list[Record] = []
+        alive: Iterator[Record | None] | None = gen
+        t0 = time.perf_counter()
+        try:
+            for _ in range(self.spec.max_batch):
+                r = next(gen)
+                if r is None:
+                    break
+                taken.append(r)
+        except StopIteration:
+            alive = None
+        if taken:
+            self.observe_latency((time.perf_counter() - t0) * 1000.0)
+            self.records_in += len(taken)
+            groups = self.group(taken)
+            for edge in self.edges:
+                recs = groups.get(edge.output)
+                if recs:
+                    if not edge.pending:
+                        edge.pending_since = now
+                    edge.pending.extend(recs)
+            if any(len(e.pending) >= self.spec.max_batch for e in self.edges) or alive is None:
+                self.cut_source_batches()
+        elif alive is None:
+            self.cut_source_batches()
+        return bool(taken), alive
+
+    def cut_source_batches(self) -> None:
+        mark = self._mark_for_flush()
+        for edge in self.edges:
+            edge.flush_pending(mark)
+        if mark is not None and mark.outstanding == 0:
+            self.committed = mark.state
+            self.marks.pop()
+
+    def _mark_for_flush(self) -> Mark | None:
+        if not (self.source and self.acked):
+            return None
+        mark = Mark(self.stage.snapshot())
+        self.marks.append(mark)
+        return mark
+
+    def flush_lingering(self, now: float) -> None:
+        linger = self.spec.linger_ms / 1000.0
+        if any(e.pending and now - e.pending_since >= linger for e in self.edges):
+            if self.source:
+                self.cut_source_batches()
+            else:
+                for edge in self.edges:
+                    if edge.pending and now - edge.pending_since >= linger:
+                        edge.flush_pending()
+
+    def send_eos(self) -> None:
+        for edge in self.edges:
+            header = {"src": self.spec.name, "r": self.spec.replica, "e": edge.name, "ep": self.epoch,
+                      "seq": edge.seq, "ack": self.spec.ack}
+            missing = max(1, len(edge.endpoints) - len(edge.eos_from))
+            for _ in range(missing):
+                try:
+                    edge.sock.send_multipart(wire.eos_frames(header), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+
+    def eos_confirmed(self) -> bool:
+        return all(len(e.eos_from) >= len(e.endpoints) for e in self.edges)
+
+    # -- acks --------------------------------------------------------------------------------
+    def queue_ack(self, token: InToken) -> None:
+        self.acks_out.setdefault(token.ack, {}).setdefault((token.edge, token.ep), []).append(token.seq)
+
+    def flush_acks(self) -> None:
+        if not self.acks_out:
+            return
+        for endpoint, groups in self.acks_out.items():
+            sock = self.ack_socks.get(endpoint)
+            if sock is None:
+                sock = self.ack_socks[endpoint] = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 200)
+                sock.setsockopt(zmq.SNDHWM, 10_000)
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+                sock.connect(endpoint)
+            for (edge, ep), seqs in groups.items():
+                if edge == "eos":
+                    for header in getattr(self, "_eos_headers", []):
+                        if header["ack"] == endpoint:
+                            msg = wire.ack_message(wire.EOS_ACK, header["e"], header["ep"], [header["seq"]], self.spec.ident)
+                            self._send_ack(sock, msg)
+                    self._eos_headers = [h for h in getattr(self, "_eos_headers", []) if h["ack"] != endpoint]
+                    continue
+                self._send_ack(sock, wire.ack_message(wire.ACK, edge, ep, seqs, self.spec.ident))
+        self.acks_out.clear()
+
+    @staticmethod
+    def _send_ack(sock: zmq.Socket[bytes], msg: bytes) -> None:
+        try:
+            sock.send(msg, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the sender is gone or swamped: it will resend and we will ack again
+
+    def read_acks(self) -> None:
+        assert self.ackp is not None
+        now = time.monotonic()
+        while True:
+            try:
+                raw = self.ackp.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = wire.unpackb(raw)
+                edge = self.edges_by_name.get(msg["e"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if edge is None or msg.get("ep") != self.epoch:
+                continue  # meant for an earlier incarnation of this replica
+            if msg["k"] == wire.EOS_ACK:
+                edge.eos_from.add(msg.get("from", "?"))
+                continue
+            for seq in msg["s"]:
+                ob = edge.acked(seq, now)
+                if ob is not None and ob.parent is not None:
+                    self.resolve(ob.parent)
+        if self.marks:
+            self.advance_commit()
+
+    def resolve(self, parent: InToken | Mark) -> None:
+        parent.outstanding -= 1
+        if parent.outstanding == 0 and isinstance(parent, InToken):
+            self.queue_ack(parent)
+
+    def advance_commit(self) -> None:
+        while self.marks and self.marks[0].outstanding <= 0:
+            self.committed = self.marks.popleft().state
+
+    def save_state(self) -> None:
+        state = self.committed if self.source and self.acked else self.stage.snapshot()
+        if state is None:
+            return
+        save_state(self.state_path, {"state": state, "completed": self.finished and self.eos_confirmed()})
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.spec.run_dir) / "state" / f"{self.spec.ident}.msgpack"
+
+    # -- control -----------------------------------------------------------------------------
+    def read_control(self) -> None:
+        while True:
+            try:
+                raw = self.ctl.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = wire.unpackb(raw)
+            except ValueError:
+                continue
+            op = msg.get("op")
+            if op == "stop":
+                self.stopping = True
+            elif op == "connect":
+                edge = self.edges_by_name.get(msg.get("edge", ""))
+                if edge is not None:
+                    edge.connect(list(msg.get("endpoints", [])))
+
+    def heartbeat(self) -> None:
+        try:
+            stats = self.stage.stats()
+        except Exception as exc:  # a broken stats() must not kill the loop
+            stats = {"stats_error": str(exc)}
+        self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
+                  dead_letters=self.dead, resent=self.resent, blocked=self.blocked,
+                  queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
+                  latency_buckets=self.lat_buckets, batches=self.batches, stats=stats,
+                  last_error=self.last_error, finished=self.finished)
+
+    def close(self) -> None:
+        self.processor.close()
+        self.dead_letters.close()
+        linger = 0 if self.acked else 1000
+        for edge in self.edges:
+            edge.sock.close(linger=linger)
+        for sock in self.ack_socks.values():
+            sock.close(linger=200)
+        for sock in (self.inp, self.ackp):
+            if sock is not None:
+                sock.close(linger=0)
+        self.ctl.close(linger=500)
+        self.ctx.term()
+
+
+# -- process bootstrap ---------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(supervisor_pid: int) -> None:
+    """Make the kernel SIGKILL this process when the supervisor dies, even by SIGKILL.
+
+    The fork server's grandchildren are reparented to the supervisor (a child subreaper) before
+    they run this, so the parent here is always the supervisor. If it is not (no subreaper
+    support), a watcher thread polls the supervisor's pid instead.
+    """
+    if supervisor_pid <= 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == supervisor_pid:
+        return
+    if not _pid_alive(supervisor_pid):
+        os._exit(EXIT_CRASH)
+
+    def watch() -> None:
+        while _pid_alive(supervisor_pid):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def logger_info(message: str) -> None:
+    from loguru import logger
+
+    logger.info(message)
+
+
+def setup_logging(spec: StageSpec) -> None:
+    from loguru import logger
+
+    logs = Path(spec.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logger.remove()
+    logger.configure(extra={"stage": spec.name, "replica": spec.replica})
+    logger.add(logs / f"{spec.ident}.jsonl", serialize=True, level=spec.log_level,
+               rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False)
+
+
+def main(spec: StageSpec) -> int:
+    """Run one stage replica; returns the process exit status."""
+    from loguru import logger
+
+    stop_requested = threading.Event()
+    rt: StageRuntime | None = None
+
+    def on_term(signum: int, frame: Any) -> None:
+        stop_requested.set()
+        if rt is not None:
+            rt.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent(spec.supervisor_pid)
+    setup_logging(spec)
+    ctl_ctx = None
+    try:
+        cls = load_class(spec.type, Path(spec.config_dir))
+        stage = cls(**spec.options)
+        stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
+                                     run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
+                                     outputs=tuple(sorted({e.output for e in spec.edges})))
+        rt = StageRuntime(spec, stage)
+        rt.tell("hello")
+        saved = load_state(rt.state_path)
+        if saved is not None:
+            if saved.get("completed") and rt.source:
+                logger.info("stream already completed in an earlier run; nothing to do")
+                rt.tell("completed")
+                rt.close()
+                return EXIT_OK
+            stage.restore(saved.get("state") or {})
+            if rt.source:
+                rt.committed = saved.get("state")
+        rt.bind()
+        stage.setup()
+    except Exception as exc:
+        tb = traceback.format_exc()
+        logger.opt(exception=True).error(f"stage failed to start: {type(exc).__name__}: {exc}")
+        print(tb, file=sys.stderr, flush=True)
+        ctx = zmq.Context.instance() if rt is None else rt.ctx
+        if rt is None:
+            ctl_ctx = ctx.socket(zmq.DEALER)
+            ctl_ctx.setsockopt(zmq.IDENTITY, spec.ident.encode())
+            ctl_ctx.connect(spec.control)
+            ctl_ctx.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}", traceback=tb))
+            ctl_ctx.close(linger=500)
+        else:
+            rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
+            rt.close()
+        return EXIT_START_FAILED
+    if stop_requested.is_set():
+        rt.stopping = True
+    rt.tell("ready")
+    logger.info(f"ready: pid {os.getpid()}, input {spec.input}, outputs {[e.name for e in spec.edges]}")
+    code = EXIT_OK
+    try:
+        rt.run()
+        if rt.finished:
+            logger.info(f"stream completed: {rt.records_out} records sent")
+    except Exception as exc:
+        tb = traceback.format_exc()
+        logger.opt(exception=True).error(f"stage crashed: {type(exc).__name__}: {exc}")
+        print(tb, file=sys.stderr, flush=True)
+        rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
+        code = EXIT_CRASH
+    finally:
+        try:
+            if code == EXIT_OK:
+                stage.teardown()
+                rt.save_state()
+        except Exception as exc:
+            logger.opt(exception=True).error(f"teardown failed: {exc}")
+            code = EXIT_CRASH
+        if rt.finished and rt.eos_confirmed():
+            rt.tell("completed", records_out=rt.records_out)
+        rt.heartbeat()
+        rt.tell("bye", code=code)
+        rt.close()
+    return code

@@ -1,0 +1,61 @@
+"""What the supervisor tells a stage process about itself: its identity, endpoints and limits.
+
+Passed as JSON in the ``STREAMPIPE_SPEC`` environment variable (cold start) or over the fork
+server's pipe (fork-server start). Plain data only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENV_VAR = "STREAMPIPE_SPEC"
+
+
+@dataclass
+class EdgeSpec:
+    name: str                  # "<output>><dest>"
+    output: str                # the stage's output feeding this edge
+    dest: str
+    endpoints: list[str]       # one per replica of dest
+
+
+@dataclass
+class StageSpec:
+    name: str
+    replica: int
+    replicas: int
+    type: str
+    options: dict[str, Any]
+    run_dir: str
+    config_dir: str
+    control: str               # supervisor ROUTER endpoint
+    input: str | None          # PULL endpoint this replica binds (None for a source)
+    ack: str                   # PULL endpoint for acks this replica binds
+    edges: list[EdgeSpec] = field(default_factory=list)
+    supervisor_pid: int = 0
+    delivery: str = "at-least-once"
+    max_batch: int = 100
+    linger_ms: float = 5.0
+    hwm: int = 100
+    max_inflight: int = 32
+    ack_timeout: float = 2.0
+    stop_grace: float = 5.0
+    log_level: str = "INFO"
+    log_rotation: str = "10 MB"
+    log_retention: int = 5
+    incarnation: int = 0       # how many times this replica was started before
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}.{self.replica}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StageSpec:
+        data = json.loads(text)
+        data["edges"] = [EdgeSpec(**e) for e in data.get("edges", [])]
+        return cls(**data)
