@@ -1,0 +1,1 @@
+"""The supervisor side of streampipe: config, spawning, the control socket, the CLI."""

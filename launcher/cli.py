@@ -1,0 +1,421 @@
+"""The ``streampipe`` command line (typer).
+
+    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--metrics-port PORT]
+    streampipe status [--run-dir DIR] [--json] [--watch]
+    streampipe down [--run-dir DIR]
+    streampipe validate [--config PATH]
+    streampipe restart STAGE / scale STAGE N
+    streampipe events [-f] / logs [STAGE] [-f] / graph / report
+
+The run directory defaults to ``.streampipe/`` beside the config, so commands run from the
+config's folder find the pipeline with no flags. Exit status: 0 ok, 1 failure (no pipeline
+running, a stage failed to start), 2 a bad ``services.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from launcher.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from launcher.errors import ConfigError, NotRunning, StreampipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+DETACH_TIMEOUT_S = 180.0    # `up --detach` waits this long for every stage to be READY
+DOWN_MARGIN_S = 30.0        # beyond the stages' grace periods, for `down` to wait
+
+ConfigOpt = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help="The pipeline file.")
+RunDirOpt = typer.Option(None, "--run-dir", "-r", help="Run directory (default: .streampipe beside the config).")
+
+
+def _fail(exc: StreampipeError) -> typer.Exit:
+    err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _config(path: Path) -> PipelineConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _fail(exc) from None
+
+
+def resolve_run_dir(run_dir: Path | None, config: Path = Path(DEFAULT_CONFIG)) -> Path:
+    """``--run-dir``, else ``run_dir:`` of the config, else ``.streampipe`` beside the config."""
+    if run_dir is not None:
+        return run_dir.resolve()
+    if config.exists():
+        try:
+            return load_config(config).default_run_dir()
+        except ConfigError:
+            pass
+    return (config.resolve().parent / ".streampipe").resolve()
+
+
+@app.command()
+def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
+       detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once every stage is READY."),
+       metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+       ) -> None:
+    """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
+    cfg = _config(config)
+    rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
+    if detach:
+        raise typer.Exit(_detach(cfg, rd, metrics_port))
+    from loguru import logger
+
+    from launcher.errors import AlreadyRunning
+    from launcher.supervisor import run_supervisor
+
+    logger.remove()
+    logger.add(sys.stderr, level=cfg.logging.level, colorize=None,
+               format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
+    console.print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
+                  f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
+    try:
+        code = run_supervisor(cfg, rd, metrics_port)
+    except AlreadyRunning as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
+    from launcher.control import request
+    from launcher.rundir import RunDir
+    from launcher.spawn import child_env, spawn_cold
+
+    run = RunDir(rd)
+    if (pid := run.supervisor_pid()) is not None:
+        err.print(f"[red]error:[/] a pipeline is already running in {rd} (supervisor pid {pid})")
+        return 1
+    rd.mkdir(parents=True, exist_ok=True)
+    os.chmod(rd, 0o700)
+    argv = ["-m", "launcher", "up", "--config", str(cfg.path.resolve()), "--run-dir", str(rd)]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
+    log = rd / "supervisor.out"
+    sup_pid = spawn_cold(argv, log, child_env())
+    deadline = time.monotonic() + DETACH_TIMEOUT_S
+    expected = sum(s.replicas for s in cfg.stages.values())
+    with console.status("starting stages ...") as spinner:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                done_pid, _ = os.waitpid(sup_pid, os.WNOHANG)
+            except ChildProcessError:
+                done_pid = sup_pid
+            if done_pid == sup_pid:
+                tail = log.read_text(errors="replace").strip().splitlines()[-15:] if log.exists() else []
+                err.print("[red]error:[/] the supervisor exited during start-up:\n" + "\n".join(tail))
+                return 1
+            try:
+                st = request(rd, "status", timeout=2.0)
+            except StreampipeError:
+                continue
+            rows = st["stages"]
+            failed = [r for r in rows if r["state"] == "failed"]
+            if failed:
+                for r in failed:
+                    err.print(f"[red]failed:[/] {r['name']}.{r['replica']}: {r['last_error'] or r['last_exit']}", highlight=False)
+                err.print(f"the other stages keep running; `streampipe status --run-dir {rd}` and `streampipe logs` show more")
+                return 1
+            ready = [r for r in rows if r["state"] in ("running", "blocked", "completed")]
+            spinner.update(f"starting stages ... {len(ready)}/{expected} ready")
+            if len(ready) >= expected:
+                console.print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
+                              highlight=False)
+                return 0
+    err.print(f"[red]error:[/] not every stage was READY after {DETACH_TIMEOUT_S:g}s; see `streampipe status`")
+    return 1
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f}T"
+
+
+def _fmt_count(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e4:
+        return f"{n / 1e3:.1f}k"
+    return f"{n:.0f}"
+
+
+def _fmt_uptime(s: float) -> str:
+    if s <= 0:
+        return "-"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m{s % 60:02.0f}s"
+    return f"{s // 3600:.0f}h{(s % 3600) // 60:02.0f}m"
+
+
+STATE_STYLE = {"running": "green", "blocked": "yellow", "starting": "cyan", "backoff": "yellow", "stopping": "magenta",
+               "stopped": "dim", "completed": "blue", "failed": "bold red"}
+
+
+def _info(row: dict[str, Any]) -> str:
+    stats = row.get("stats") or {}
+    parts = []
+    if row.get("state") == "backoff":
+        parts.append(f"backoff {row['backoff_s']:.1f}s")
+    if row.get("blocked"):
+        parts.append("blocked")
+    if "model_version" in stats:
+        metric = stats.get("metric")
+        parts.append(f"model v{stats['model_version']}" + (f" {stats.get('metric_name', 'metric')}={metric:.3f}" if isinstance(metric, (int, float)) else ""))
+    for key in ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types"):
+        if stats.get(key):
+            parts.append(f"{key}={stats[key]}")
+    if row.get("dead_letters"):
+        parts.append(f"dead={row['dead_letters']}")
+    return " ".join(parts)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def status_table(st: dict[str, Any]) -> Table:
+    table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
+                        f"delivery {st['delivery']}", title_justify="left", header_style="bold")
+    for col, just in (("stage", "left"), ("r", "right"), ("pid", "right"), ("state", "left"), ("uptime", "right"),
+                      ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("in", "right"), ("out", "right"),
+                      ("rate/s", "right"), ("errors", "right"), ("info", "left"), ("last error", "left")):
+        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=60 if col == "last error" else None)  # type: ignore[arg-type]
+    for r in st["stages"]:
+        style = STATE_STYLE.get(r["state"], "")
+        table.add_row(r["name"], str(r["replica"]), str(r["pid"] or "-"), f"[{style}]{r['state']}[/]",
+                      _fmt_uptime(r["uptime_s"]), str(r["restarts"]), f"{r['cpu_percent']:.0f}",
+                      _fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", _fmt_count(r["records_in"]),
+                      _fmt_count(r["records_out"]), _fmt_count(r["rate"]), str(r["errors"]), _info(r),
+                      _last_line(r["last_error"])[:120])
+    return table
+
+
+@app.command()
+def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+           as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C."),
+           ) -> None:
+    """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors."""
+    from launcher.control import request
+
+    rd = resolve_run_dir(run_dir, config)
+    try:
+        st = request(rd, "status")
+    except NotRunning as exc:
+        err.print(f"no pipeline running ({exc})", highlight=False)
+        raise typer.Exit(1) from None
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    st.pop("ok", None)
+    if as_json:
+        print(json.dumps(st, indent=2, default=str))
+        return
+    if not watch:
+        console.print(status_table(st))
+        return
+    from rich.live import Live
+
+    with Live(status_table(st), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                live.update(status_table(request(rd, "status")))
+        except (KeyboardInterrupt, StreampipeError):
+            pass
+
+
+@app.command()
+def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
+    """Stop the pipeline gracefully (SIGTERM, grace period, SIGKILL); exit 0 once no stage is left."""
+    from launcher.control import request
+    from launcher.rundir import RunDir
+
+    rd = resolve_run_dir(run_dir, config)
+    try:
+        st = request(rd, "status")
+        pids = [r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else [])
+        grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
+        sup_pid = request(rd, "down")["supervisor_pid"]
+    except NotRunning as exc:
+        err.print(f"no pipeline running ({exc})", highlight=False)
+        raise typer.Exit(1) from None
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    deadline = time.monotonic() + grace
+    with console.status(f"stopping {len(pids)} processes ..."):
+        while time.monotonic() < deadline and RunDir(rd).supervisor_pid() == sup_pid and psutil.pid_exists(sup_pid):
+            time.sleep(0.1)
+    left = [p for p in pids if _alive(p)]
+    for pid in left:   # the supervisor is gone or wedged: make sure nothing of ours survives
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        err.print(f"[yellow]warning:[/] killed {len(left)} processes that outlived the supervisor: {left}")
+    console.print(f"pipeline stopped; no stage process left (run dir {rd})", highlight=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@app.command()
+def validate(config: Path = ConfigOpt) -> None:
+    """Check services.yaml without starting anything (exit 2 and the line on an error)."""
+    cfg = _config(config)
+    n = sum(s.replicas for s in cfg.stages.values())
+    console.print(f"[green]ok[/] {cfg.path}: pipeline {cfg.pipeline!r}, {len(cfg.stages)} stages, {n} processes, "
+                  f"{len(cfg.edges())} edges, delivery {cfg.delivery}", highlight=False)
+
+
+@app.command()
+def restart(stage: str = typer.Argument(..., help="The stage to restart, replica by replica."),
+            run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
+    """Rolling restart of a stage (also brings a failed stage back)."""
+    from launcher.control import request
+
+    try:
+        reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    console.print(f"restarted {stage}: {reply['replicas']} replicas")
+
+
+@app.command()
+def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),
+          run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
+    """Change a stage's number of replicas while data flows."""
+    from launcher.control import request
+
+    try:
+        reply = request(resolve_run_dir(run_dir, config), "scale", timeout=300, stage=stage, replicas=replicas)
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    console.print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
+
+
+@app.command()
+def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+           follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the supervisor's events: starts, exits, restarts, backoffs, kills, failures."""
+    path = resolve_run_dir(run_dir, config) / "events.jsonl"
+    if not path.exists() and not follow:
+        err.print(f"no events in {path.parent}")
+        raise typer.Exit(1)
+    offset = 0
+    try:
+        while True:
+            lines: list[str] = []
+            if path.exists():
+                with open(path, encoding="utf-8") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    whole = chunk[: chunk.rfind("\n") + 1]
+                    offset += len(whole.encode())
+                    lines = whole.splitlines()
+            for line in lines:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if as_json:
+                    print(json.dumps(ev), flush=True)
+                    continue
+                who = f"{ev.get('stage') or 'supervisor'}" + (f".{ev['replica']}" if ev.get("replica") is not None else "")
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] * 1000) % 1000:03d}"
+                console.print(f"{stamp} [bold]{ev['event']:<10}[/] {who:<18} pid={ev.get('pid') or '-':<7} {ev.get('reason', '')}",
+                              highlight=False, soft_wrap=True)
+            if not follow:
+                return
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def logs(stage: str | None = typer.Argument(None, help="Only this stage (all replicas)."),
+         run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+         follow: bool = typer.Option(False, "--follow", "-f"),
+         level: str | None = typer.Option(None, "--level", "-l", help="Minimum level, e.g. WARNING."),
+         since: str | None = typer.Option(None, "--since", help="e.g. 30s, 5m, 2h or an ISO time."),
+         as_json: bool = typer.Option(False, "--json"),
+         summary: bool = typer.Option(False, "--summary", help="The log extractor's facts as a table.")) -> None:
+    """Merged, time-ordered logs of every stage, colored by stage (like docker compose logs)."""
+    from launcher.logs import show_logs, show_summary
+
+    rd = resolve_run_dir(run_dir, config)
+    if summary:
+        raise typer.Exit(show_summary(rd, console=console, as_json=as_json))
+    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=console))
+
+
+@app.command()
+def graph(config: Path = ConfigOpt,
+          fmt: str = typer.Option("mermaid", "--format", help="mermaid or dot"),
+          png: Path | None = typer.Option(None, "--png", help="Also render the diagram to this PNG file.")) -> None:
+    """Print the pipeline's topology (stages, replicas, edges) as Mermaid or Graphviz dot."""
+    from launcher.graph import render_png, to_dot, to_mermaid
+
+    cfg = _config(config)
+    if fmt not in ("mermaid", "dot"):
+        err.print("error: --format is mermaid or dot")
+        raise typer.Exit(2)
+    print(to_mermaid(cfg) if fmt == "mermaid" else to_dot(cfg))
+    if png is not None:
+        render_png(cfg, png)
+        err.print(f"wrote {png}")
+
+
+@app.command()
+def report(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+           out: Path = typer.Option(Path("report.png"), "--out", "-o", help="Where to write the figure.")) -> None:
+    """Plot model metrics over time (versions, drift points) and throughput; print a summary."""
+    from launcher.report import make_report
+
+    try:
+        summary = make_report(resolve_run_dir(run_dir, config), out)
+    except FileNotFoundError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(1) from None
+    console.print(summary, highlight=False)
+    console.print(f"wrote {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except StreampipeError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

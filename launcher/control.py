@@ -1,0 +1,107 @@
+"""Control commands: the CLI's requests to a running supervisor, one small object each.
+
+Each :class:`Command` has a ``name``, turns CLI arguments into a message (:meth:`message`) and
+carries it out inside the supervisor (:meth:`execute`). The wire is REQ -> ROUTER on
+``<run dir>/sock/control``, msgpack both ways; the socket file lives in the 0700 run directory,
+so only its owner can talk to it. :func:`request` is the client side, always with a timeout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import zmq
+
+from launcher.errors import ControlError, NotRunning
+from launcher.rundir import RunDir
+from stages import wire
+
+if TYPE_CHECKING:
+    from launcher.supervisor import Supervisor
+
+REQUEST_TIMEOUT_S = 10.0    # a busy supervisor answers status in ms; 10 s means it is wedged
+
+
+class Command:
+    name: ClassVar[str]
+
+    def message(self, **args: Any) -> dict[str, Any]:
+        return {"cmd": self.name, **args}
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Status(Command):
+    """Every stage replica: pid, state, uptime, restarts, CPU, RSS, counters, last error."""
+
+    name = "status"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, **sup.status()}
+
+
+class Down(Command):
+    """Stop the pipeline: sources first, SIGTERM, grace period, SIGKILL; then the supervisor exits."""
+
+    name = "down"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        sup.request_stop()
+        return {"ok": True, "supervisor_pid": sup.status()["supervisor_pid"]}
+
+
+def _stage_of(sup: Supervisor, msg: dict[str, Any]) -> str:
+    stage = msg.get("stage", "")
+    if stage not in sup.replicas:
+        raise ControlError(f"no stage {stage!r} (stages: {', '.join(sup.replicas)})")
+    return stage
+
+
+class Restart(Command):
+    """Rolling restart of one stage: replica by replica, each READY before the next stops."""
+
+    name = "restart"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        return await sup.restart_stage(_stage_of(sup, msg))
+
+
+class Scale(Command):
+    """Set a stage's replica count while data flows; upstream PUSH sockets follow."""
+
+    name = "scale"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        n = int(msg.get("replicas", 0))
+        if not 1 <= n <= 64:
+            raise ControlError("replicas must be between 1 and 64")
+        return await sup.scale(_stage_of(sup, msg), n)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale())}
+
+
+def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, **args: Any) -> dict[str, Any]:
+    """Send one command to the supervisor of ``run_dir`` and return its reply."""
+    rd = RunDir(run_dir)
+    pid = rd.supervisor_pid()
+    if pid is None:
+        raise NotRunning(f"no pipeline is running in {rd.path}")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+    try:
+        sock.connect(rd.control)
+        sock.send(wire.packb(COMMANDS[cmd].message(**args)))
+        reply = wire.unpackb(sock.recv())
+    except zmq.Again:
+        raise ControlError(f"the supervisor (pid {pid}) did not answer {cmd!r} within {timeout:g}s") from None
+    finally:
+        sock.close()
+    if not reply.get("ok", False):
+        raise ControlError(reply.get("error", "the supervisor refused the command"))
+    return reply

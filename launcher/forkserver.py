@@ -1,0 +1,165 @@
+"""The fork server: a process that has imported what stages need, and forks stage processes.
+
+A cold Python start that imports scikit-learn costs ~1.7 s; a fork of a process that already
+has it costs a few milliseconds. The supervisor starts this server once (``python -m
+launcher.forkserver``), which imports the stage runtime, pyzmq, msgpack, numpy, scikit-learn and
+every module named by a ``type:`` in ``services.yaml``, then serves spawn requests.
+
+Why not ``multiprocessing``'s forkserver: it pickles the process object over its socket (we
+keep pickle off every socket), and its children stay the server's, so the supervisor could not
+``waitpid`` them or see their exit status if the server died. Here each stage is a
+*grandchild* that is reparented at once to the supervisor (a child subreaper, ``prctl
+PR_SET_CHILD_SUBREAPER``): the supervisor reaps it, gets SIGCHLD and its exit status exactly as
+for a cold-started stage, and a stage outlives the fork server. No ZeroMQ context, socket or
+thread exists in the server, so none crosses the fork: each stage creates its own.
+
+Protocol over the inherited socket (fd 3), JSON lines, no pickle::
+
+    server -> supervisor  {"ready": true, "pid": n, "modules": {"mod": [path, mtime], ...},
+                           "failed": {"mod": "ImportError: ..."}}
+    supervisor -> server  {"id": k, "spec": "<StageSpec json>", "stderr": "/path/to/stage.stderr"}
+    server -> supervisor  {"id": k, "pid": stage pid} | {"id": k, "error": "..."}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+FD = 3
+ENV_VAR = "STREAMPIPE_FORKSERVER"
+REPARENT_WAIT_S = 2.0           # a grandchild waits at most this long to be adopted by the supervisor
+
+BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "stages.runtime", "stages.generator",
+                "stages.normalizer", "stages.consumer"]
+HEAVY_PRELOAD = ["sklearn", "sklearn.linear_model", "sklearn.metrics", "joblib", "scipy.stats"]
+
+
+def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[str, str]]:
+    """Import the runtime and every stage type; return (module file -> mtime, failures)."""
+    from stages.registry import BUILTINS, target_of
+
+    if config_dir not in sys.path:
+        sys.path.insert(0, config_dir)
+    wanted = list(BASE_PRELOAD)
+    if any(t in ("trainer", "evaluator") for t in types):
+        wanted += HEAVY_PRELOAD
+    wanted += [target_of(t).partition(":")[0] for t in types]
+    mtimes: dict[str, list] = {}
+    failed: dict[str, str] = {}
+    for name in dict.fromkeys(wanted):
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # a broken user module: its stages start cold and show the error
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            sys.modules.pop(name, None)
+            continue
+        path = getattr(module, "__file__", None)
+        if path and (name.startswith("stages.") or name not in BUILTINS):
+            try:
+                mtimes[name] = [path, os.stat(path).st_mtime]
+            except OSError:
+                pass
+    return mtimes, failed
+
+
+def spawn(request: dict, supervisor_pid: int, server_sock: socket.socket) -> int:
+    """Fork a stage (as a grandchild adopted by the supervisor); return its pid."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:                                   # the middle process
+        try:
+            os.close(r)
+            pid = os.fork()
+            if pid == 0:                             # the stage
+                os.close(w)
+                _become_stage(request, supervisor_pid, server_sock)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 32):
+        data += chunk
+    os.close(r)
+    os.waitpid(child, 0)
+    return int(data)
+
+
+def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket) -> None:
+    code = 1
+    try:
+        server_sock.close()
+        os.setsid()                                  # own session and process group
+        deadline = time.monotonic() + REPARENT_WAIT_S
+        while os.getppid() != supervisor_pid and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        fd = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+        _reload_if_changed(request.get("reload", []))
+        from stages.runtime import main
+        from stages.spec import StageSpec
+
+        code = main(StageSpec.from_json(request["spec"]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _reload_if_changed(modules: list[str]) -> None:
+    for name in modules:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+
+
+def serve() -> int:
+    config = json.loads(os.environ.get(ENV_VAR, "{}"))
+    supervisor_pid = int(config.get("supervisor_pid", os.getppid()))
+    from stages.runtime import die_with_parent
+
+    die_with_parent(supervisor_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sock = socket.socket(fileno=FD)
+    sock.setblocking(True)
+    mtimes, failed = preload(config.get("types", []), config.get("config_dir", os.getcwd()))
+    sock.sendall((json.dumps({"ready": True, "pid": os.getpid(), "modules": mtimes, "failed": failed}) + "\n").encode())
+    reader = sock.makefile("rb")
+    for line in reader:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            continue
+        try:
+            reply = {"id": request.get("id"), "pid": spawn(request, supervisor_pid, sock)}
+        except Exception as exc:
+            reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
+        sock.sendall((json.dumps(reply) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -1,0 +1,597 @@
+"""The supervisor: one asyncio program that starts, watches, heals and stops the stage processes.
+
+Tasks of one supervisor::
+
+    control   ROUTER <run dir>/sock/control   CLI requests (status, down, restart, scale)
+    stages    ROUTER <run dir>/sock/stages    hello / ready / heartbeats / errors from stages
+    SIGCHLD   waitpid(-1, WNOHANG)            exits, noticed at once, for every stage
+    health    every poll_interval             psutil readings, limits, hung detection
+    history   every few seconds               <run dir>/status-history.jsonl (for `report`)
+
+Start order is downstream first (a stage's input is bound before its producers connect);
+each stage's replicas must report READY, or fail, or time out, before its producers start.
+Stop order is the reverse: sources first, so everything in flight drains downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from launcher.config import PipelineConfig, StageConfig
+from launcher.errors import StageError
+from launcher.rundir import RunDir
+from launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
+from monitor.events import EventLog
+from monitor.health import Judge, Probe, Reading
+from monitor.policy import RestartPolicy, describe_exit
+from stages import wire
+from stages.registry import target_of
+from stages.spec import EdgeSpec, StageSpec
+
+HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
+STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
+HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
+
+STATES = ("starting", "running", "blocked", "backoff", "stopping", "stopped", "completed", "failed")
+
+
+@dataclass
+class Replica:
+    stage: str
+    index: int
+    cfg: StageConfig
+    policy: RestartPolicy
+    judge: Judge
+    pid: int | None = None
+    state: str = "stopped"
+    started_at: float = 0.0
+    ready_at: float | None = None
+    restarts: int = 0
+    incarnation: int = 0
+    last_exit: str = ""
+    last_error: str = ""
+    last_beat: float | None = None
+    hb: dict[str, Any] = field(default_factory=dict)
+    reading: Reading = field(default_factory=Reading)
+    probe: Probe | None = None
+    kill_reason: str = ""        # why the supervisor is killing it (hung, limit, ...)
+    wanted_down: bool = False    # the supervisor stopped it on purpose: do not restart
+    backoff_until: float = 0.0
+    spawn_mode: str = ""
+    rate: float = 0.0
+    _rate_mark: tuple[float, int] = (0.0, 0)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)   # ready, failed or completed
+
+    @property
+    def ident(self) -> str:
+        return f"{self.stage}.{self.index}"
+
+    def status(self, now: float) -> dict[str, Any]:
+        hb = self.hb
+        return {
+            "name": self.stage, "replica": self.index, "pid": self.pid, "state": self.state,
+            "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
+            "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
+            "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
+            "num_threads": self.reading.num_threads,
+            "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
+            "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
+            "dead_letters": hb.get("dead_letters", 0), "resent": hb.get("resent", 0),
+            "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),
+            "latency_ms": hb.get("latency_ms", 0.0), "latency_buckets": hb.get("latency_buckets", []),
+            "last_error": self.last_error, "last_exit": self.last_exit,
+            "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == "backoff" else 0.0,
+            "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
+        }
+
+
+class Supervisor:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> None:
+        self.cfg = cfg
+        self.rd = RunDir(run_dir or cfg.default_run_dir())
+        self.metrics_port = metrics_port
+        self.replicas: dict[str, list[Replica]] = {}
+        self.by_pid: dict[int, Replica] = {}
+        self.by_ident: dict[str, Replica] = {}
+        self.stop_requested = asyncio.Event()
+        self.stopping = False
+        self.started_at = time.time()
+        self.fork: ForkServer | None = None
+        self.events: EventLog | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.stage_sock: zmq.asyncio.Socket | None = None
+        self.control_sock: zmq.asyncio.Socket | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.started = asyncio.Event()      # every stage was started once (ready or not)
+        from launcher.control import COMMANDS
+
+        self.commands = COMMANDS
+
+    # -- public ------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self.rd.claim()
+        self._setup_logging()
+        self.events = EventLog(self.rd.events)
+        self.events.emit("supervisor", reason=f"up: pipeline {self.cfg.pipeline!r} from {self.cfg.path}", pid=os.getpid())
+        if not become_subreaper():
+            logger.warning("could not become a child subreaper: fork-server stages are watched by pid only")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.request_stop)
+        self.ctx = zmq.asyncio.Context()
+        self.stage_sock = self.ctx.socket(zmq.ROUTER)
+        self.stage_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.stage_sock.setsockopt(zmq.LINGER, 0)
+        self.stage_sock.bind(self.rd.stages)
+        self.control_sock = self.ctx.socket(zmq.ROUTER)
+        self.control_sock.setsockopt(zmq.LINGER, 0)
+        self.control_sock.bind(self.rd.control)
+        for name, sc in self.cfg.stages.items():
+            self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
+        self.tasks = [asyncio.create_task(t) for t in (self._serve_stages(), self._serve_control(), self._health_loop(), self._history_loop())]
+        if self.metrics_port is not None:
+            from launcher.metrics import serve_metrics
+
+            serve_metrics(self, self.metrics_port)
+        code = 0
+        try:
+            if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
+                await self._start_forkserver()
+            await self._start_all()
+            self.started.set()
+            await self.stop_requested.wait()
+        except Exception as exc:
+            logger.opt(exception=True).error(f"supervisor error: {exc}")
+            code = 1
+        finally:
+            await self._shutdown()
+        return code
+
+    def request_stop(self) -> None:
+        if not self.stop_requested.is_set():
+            logger.info("stopping the pipeline (sources first, then downstream)")
+        self.stop_requested.set()
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        rows = [r.status(now) for reps in self.replicas.values() for r in reps]
+        return {"supervisor_pid": os.getpid(), "pipeline": self.cfg.pipeline, "config": str(self.cfg.path),
+                "run_dir": str(self.rd.path), "delivery": self.cfg.delivery, "uptime_s": round(now - self.started_at, 1),
+                "forkserver_pid": self.fork.pid if self.fork else None,
+                "stopping": self.stopping, "stages": rows}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup_logging(self) -> None:
+        logger.add(self.rd.logs / "supervisor.jsonl", serialize=True, level="DEBUG", rotation=self.cfg.logging.rotation,
+                   retention=self.cfg.logging.retention)
+        logger.configure(extra={"stage": "supervisor", "replica": 0})
+
+    def _new_replica(self, name: str, index: int, sc: StageConfig) -> Replica:
+        policy = RestartPolicy(restart=sc.restart, backoff_initial=sc.backoff_initial, backoff_max=sc.backoff_max,
+                               backoff_factor=sc.backoff_factor, min_uptime=sc.min_uptime,
+                               max_restarts=sc.max_restarts, restart_window=sc.restart_window)
+        judge = Judge(heartbeat_timeout=sc.heartbeat_timeout, max_rss_mb=sc.max_rss_mb,
+                      max_cpu_percent=sc.max_cpu_percent, limit_for=sc.limit_for)
+        rep = Replica(stage=name, index=index, cfg=sc, policy=policy, judge=judge)
+        self.by_ident[rep.ident] = rep
+        return rep
+
+    async def _start_forkserver(self) -> None:
+        types = sorted({sc.type for sc in self.cfg.stages.values()})
+        self.fork = ForkServer(types, self.cfg.config_dir, self.rd.logs / "forkserver.stderr")
+        t0 = time.monotonic()
+        try:
+            await self.fork.start()
+        except Exception as exc:
+            logger.warning(f"fork server did not start ({exc}); stages start cold")
+            self.fork = None
+            return
+        assert self.events is not None
+        self.events.emit("forkserver", pid=self.fork.pid, reason=f"preloaded in {time.monotonic() - t0:.2f}s")
+
+    async def _start_all(self) -> None:
+        for name in self.cfg.downstream_first():
+            if self.stop_requested.is_set():
+                return
+            reps = self.replicas[name]
+            for rep in reps:
+                await self.start_replica(rep)
+            timeout = max(r.cfg.ready_timeout for r in reps)
+            waiting = [asyncio.create_task(r.settled.wait()) for r in reps]
+            stop = asyncio.create_task(self.stop_requested.wait())
+            done, pending = await asyncio.wait([asyncio.gather(*waiting), stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            for t in waiting:
+                t.cancel()
+            late = [r.ident for r in reps if not r.settled.is_set()]
+            if late and not self.stop_requested.is_set():
+                logger.warning(f"{', '.join(late)} not READY after {timeout:g}s; starting its producers anyway")
+
+    # -- spawning ----------------------------------------------------------------------------
+    def spec_for(self, rep: Replica) -> StageSpec:
+        cfg, sc = self.cfg, rep.cfg
+        edges = []
+        for e in cfg.edges():
+            if e.src == rep.stage:
+                edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest)))
+        return StageSpec(
+            name=rep.stage, replica=rep.index, replicas=len(self.replicas[rep.stage]), type=sc.type,
+            options=sc.options, run_dir=str(self.rd.path), config_dir=str(cfg.config_dir),
+            control=self.rd.stages, input=self.rd.input_endpoint(rep.stage, rep.index) if sc.inputs else None,
+            ack=self.rd.ack_endpoint(rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
+            delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
+            max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
+            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
+            incarnation=rep.incarnation)
+
+    def endpoints_of(self, stage: str) -> list[str]:
+        return [self.rd.input_endpoint(stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
+
+    async def start_replica(self, rep: Replica) -> None:
+        if self.stopping:
+            return
+        spec = self.spec_for(rep)
+        stderr = self.rd.logs / f"{rep.ident}.stderr"
+        module = target_of(rep.cfg.type).partition(":")[0]
+        mode = "cold"
+        t0 = time.monotonic()
+        try:
+            if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready and not self.fork.changed(module):
+                pid = await self.fork.spawn(spec, stderr)
+                mode = "fork-server"
+            else:
+                if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready and self.fork.changed(module):
+                    logger.info(f"{module} changed since the fork server preloaded it: {rep.ident} starts cold; reloading the fork server")
+                    asyncio.create_task(self._restart_forkserver())
+                pid = spawn_stage_cold(spec, stderr)
+        except Exception as exc:
+            if mode == "cold":
+                raise StageError(f"cannot start {rep.ident}: {exc}") from exc
+            logger.warning(f"fork server spawn failed ({exc}); starting {rep.ident} cold")
+            pid = spawn_stage_cold(spec, stderr)
+        rep.pid, rep.state, rep.started_at = pid, "starting", time.time()
+        rep.ready_at, rep.last_beat, rep.hb, rep.kill_reason, rep.wanted_down = None, None, {}, "", False
+        rep.spawn_mode = mode
+        rep.exited.clear()
+        rep.settled.clear()
+        rep.probe = Probe(pid)
+        rep.incarnation += 1
+        self.by_pid[pid] = rep
+        assert self.events is not None
+        self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",
+                         spawn=mode, t_spawn=time.time())
+
+    async def _restart_forkserver(self) -> None:
+        old = self.fork
+        if old is not None:
+            old.stop()
+        await self._start_forkserver()
+
+    # -- exits -------------------------------------------------------------------------------
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if self.fork is not None and pid == self.fork.pid:
+                self.fork.lost()
+                if not self.stopping:
+                    assert self.events is not None
+                    self.events.emit("forkserver", pid=pid, reason=f"fork server died ({describe_exit(code)}); restarting it")
+                    asyncio.get_running_loop().create_task(self._start_forkserver())
+                continue
+            rep = self.by_pid.pop(pid, None)
+            if rep is not None:
+                self._on_exit(rep, code)
+
+    def _on_exit(self, rep: Replica, code: int) -> None:
+        assert self.events is not None
+        now = time.time()
+        uptime = now - rep.started_at
+        rep.last_exit = describe_exit(code)
+        reason = rep.kill_reason or rep.last_exit
+        if (rep.wanted_down or self.stopping) and not rep.kill_reason:
+            reason = f"stopped ({rep.last_exit})"
+        if code != 0 and not rep.wanted_down:
+            tail = self._stderr_tail(rep)
+            if not rep.last_error or rep.kill_reason:
+                rep.last_error = rep.kill_reason or tail or rep.last_exit
+            elif tail and rep.last_error not in tail:
+                rep.last_error = f"{rep.last_error}\n{tail}"
+        rep.pid = None
+        rep.probe = None
+        rep.exited.set()
+        self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
+        if rep.state == "completed":
+            rep.settled.set()
+            return
+        decision = rep.policy.on_exit(now, code, uptime if rep.ready_at else 0.0, wanted=rep.wanted_down or self.stopping)
+        if decision.action == "stop":
+            rep.state = "stopped"
+            rep.settled.set()
+            if not rep.wanted_down and not self.stopping:
+                self.events.emit("stopped", rep.stage, rep.index, None, reason=decision.reason)
+            return
+        if decision.action == "fail":
+            rep.state = "failed"
+            rep.settled.set()
+            self.events.emit("failed", rep.stage, rep.index, None, reason=decision.reason, last_error=rep.last_error[-2000:])
+            return
+        rep.restarts += 1
+        if decision.delay > 0:
+            rep.state, rep.backoff_until = "backoff", time.time() + decision.delay
+            self.events.emit("backoff", rep.stage, rep.index, None, reason=f"restart in {decision.delay:.2f}s after {reason}")
+        asyncio.get_running_loop().call_later(decision.delay, lambda: asyncio.ensure_future(self._restart(rep, reason)))
+
+    async def _restart(self, rep: Replica, reason: str) -> None:
+        if self.stopping or rep.wanted_down or rep.pid is not None:
+            return
+        assert self.events is not None
+        self.events.emit("restart", rep.stage, rep.index, None, reason=reason, restarts=rep.restarts)
+        try:
+            await self.start_replica(rep)
+        except StageError as exc:
+            rep.state, rep.last_error = "failed", str(exc)
+            rep.settled.set()
+
+    def _stderr_tail(self, rep: Replica) -> str:
+        path = self.rd.logs / f"{rep.ident}.stderr"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 16384))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+    # -- killing -----------------------------------------------------------------------------
+    def signal_replica(self, rep: Replica, sig: int) -> None:
+        if rep.pid is None:
+            return
+        try:
+            os.killpg(rep.pid, sig)      # the stage and any children it started
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(rep.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def stop_replica(self, rep: Replica, grace: float | None = None, wanted: bool = True, reason: str = "") -> None:
+        """SIGTERM, wait up to the grace period, then SIGKILL; returns once it is reaped."""
+        if rep.pid is None:
+            if wanted and rep.state in ("backoff", "starting"):
+                rep.wanted_down = True
+                rep.state = "stopped"
+            return
+        rep.wanted_down = rep.wanted_down or wanted
+        rep.kill_reason = reason
+        if rep.state != "completed":
+            rep.state = "stopping"
+        grace = rep.cfg.stop_grace if grace is None else grace
+        self.signal_replica(rep, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(rep.exited.wait(), grace)
+        except asyncio.TimeoutError:
+            assert self.events is not None
+            self.events.emit("kill", rep.stage, rep.index, rep.pid, reason=f"still running {grace:g}s after SIGTERM: SIGKILL")
+            self.signal_replica(rep, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(rep.exited.wait(), 5.0)
+            except asyncio.TimeoutError:
+                logger.error(f"{rep.ident} (pid {rep.pid}) did not die after SIGKILL")
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        order = list(reversed(self.cfg.downstream_first()))
+        for name in order:
+            await asyncio.gather(*(self.stop_replica(r) for r in self.replicas.get(name, [])))
+        if self.fork is not None:
+            self.fork.stop()
+            pid = self.fork.pid
+            if pid:
+                await asyncio.sleep(0)
+                for _ in range(50):
+                    if self.fork.pid is None:
+                        break
+                    await asyncio.sleep(0.02)
+                if self.fork.pid is not None:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    await asyncio.sleep(0.05)
+        self._reap()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.events is not None:
+            self.events.emit("supervisor", reason="down: every stage stopped", pid=os.getpid())
+            self.events.close()
+        for sock in (self.stage_sock, self.control_sock):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.ctx is not None:
+            self.ctx.term()
+        self.rd.release()
+
+    # -- stage messages ----------------------------------------------------------------------
+    async def _serve_stages(self) -> None:
+        assert self.stage_sock is not None
+        while True:
+            ident, raw = await self.stage_sock.recv_multipart()
+            try:
+                msg = wire.unpackb(raw)
+            except ValueError:
+                continue
+            rep = self.by_ident.get(ident.decode(errors="replace"))
+            if rep is None or (msg.get("pid") and rep.pid != msg.get("pid")):
+                continue   # from a replica that has since been replaced
+            self._on_stage_message(rep, msg)
+
+    def _on_stage_message(self, rep: Replica, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        now = time.time()
+        assert self.events is not None
+        if op == "hb":
+            rep.last_beat = time.monotonic()
+            prev_t, prev_n = rep._rate_mark
+            n = int(msg.get("records_in", 0))
+            if prev_t and now - prev_t >= 1.0:
+                rep.rate = max(0.0, (n - prev_n) / (now - prev_t))
+                rep._rate_mark = (now, n)
+            elif not prev_t:
+                rep._rate_mark = (now, n)
+            rep.hb = msg
+            if rep.state in ("running", "blocked"):
+                rep.state = "blocked" if msg.get("blocked") else "running"
+            if msg.get("last_error"):
+                rep.last_error = msg["last_error"]
+        elif op == "ready":
+            rep.ready_at, rep.last_beat = now, time.monotonic()
+            if rep.state == "starting":
+                rep.state = "running"
+            rep.settled.set()
+            self.events.emit("ready", rep.stage, rep.index, rep.pid, reason=f"ready {now - rep.started_at:.3f}s after start",
+                             t_ready=now, spawn=rep.spawn_mode)
+        elif op == "error":
+            rep.last_error = f"{msg.get('error', '')}\n{msg.get('traceback', '')}".strip()
+        elif op == "completed":
+            rep.state = "completed"
+            rep.settled.set()
+            self.events.emit("completed", rep.stage, rep.index, rep.pid, reason=f"end of stream after {msg.get('records_out', '?')} records")
+
+    def tell(self, rep: Replica, op: str, **fields: Any) -> None:
+        if self.stage_sock is None:
+            return
+        try:
+            self.stage_sock.send_multipart([rep.ident.encode(), wire.control(op, **fields)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # -- CLI requests ------------------------------------------------------------------------
+    async def _serve_control(self) -> None:
+        assert self.control_sock is not None
+        while True:
+            frames = await self.control_sock.recv_multipart()
+            ident, raw = frames[0], frames[-1]
+            try:
+                msg = wire.unpackb(raw)
+                command = self.commands[msg["cmd"]]
+                reply = await command.execute(self, msg)
+            except KeyError:
+                reply = {"ok": False, "error": f"unknown command in {raw[:80]!r}"}
+            except Exception as exc:
+                logger.opt(exception=True).warning(f"control command failed: {exc}")
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            await self.control_sock.send_multipart([ident, b"", wire.packb(reply)])
+
+    # -- runtime changes (used by commands) ------------------------------------------------
+    def upstream_replicas(self, stage: str) -> list[tuple[Replica, str]]:
+        return [(r, e.name) for e in self.cfg.edges() if e.dest == stage for r in self.replicas[e.src]]
+
+    def announce_endpoints(self, stage: str) -> None:
+        endpoints = self.endpoints_of(stage)
+        for rep, edge in self.upstream_replicas(stage):
+            self.tell(rep, "connect", edge=edge, endpoints=endpoints)
+
+    async def scale(self, stage: str, n: int) -> dict[str, Any]:
+        reps = self.replicas[stage]
+        before = len(reps)
+        assert self.events is not None
+        if n > before:
+            new = [self._new_replica(stage, i, reps[0].cfg) for i in range(before, n)]
+            reps.extend(new)
+            for rep in new:
+                await self.start_replica(rep)
+            await asyncio.wait([asyncio.create_task(r.settled.wait()) for r in new], timeout=reps[0].cfg.ready_timeout)
+            self.announce_endpoints(stage)
+        elif n < before:
+            gone = reps[n:]
+            for rep in gone:
+                rep.wanted_down = True
+            self.announce_endpoints(stage)
+            await asyncio.gather(*(self.stop_replica(r) for r in gone))
+            del reps[n:]
+            for rep in gone:
+                self.by_ident.pop(rep.ident, None)
+        self.events.emit("scale", stage, None, None, reason=f"{before} -> {n} replicas")
+        return {"ok": True, "stage": stage, "before": before, "after": n}
+
+    async def restart_stage(self, stage: str) -> dict[str, Any]:
+        """Rolling restart: one replica at a time, each READY before the next goes down."""
+        for rep in list(self.replicas[stage]):
+            rep.policy.reset()
+            if rep.pid is not None:
+                await self.stop_replica(rep, reason="restart requested")
+            rep.wanted_down = False
+            if rep.state != "completed":
+                await self.start_replica(rep)
+                try:
+                    await asyncio.wait_for(rep.settled.wait(), rep.cfg.ready_timeout)
+                except asyncio.TimeoutError:
+                    pass
+        return {"ok": True, "stage": stage, "replicas": len(self.replicas[stage])}
+
+    # -- periodic ----------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        interval = self.cfg.poll_interval
+        while True:
+            await asyncio.sleep(interval)
+            now_m = time.monotonic()
+            for reps in self.replicas.values():
+                for rep in reps:
+                    if rep.probe is None or rep.pid is None or rep.kill_reason:
+                        continue
+                    rep.reading = rep.probe.read()
+                    if rep.reading.zombie:
+                        self._reap()
+                        continue
+                    if rep.state == "starting" and time.time() - rep.started_at > rep.cfg.ready_timeout:
+                        self._kill_unhealthy(rep, f"not READY after ready_timeout {rep.cfg.ready_timeout:g}s", "hung")
+                        continue
+                    if rep.state not in ("running", "blocked"):
+                        continue
+                    verdict = rep.judge.verdict(now_m, rep.last_beat, rep.reading)
+                    if verdict:
+                        self._kill_unhealthy(rep, verdict, "hung" if verdict.startswith("hung") else "limit")
+
+    def _kill_unhealthy(self, rep: Replica, reason: str, event: str) -> None:
+        assert self.events is not None
+        self.events.emit(event, rep.stage, rep.index, rep.pid, reason=reason)
+        rep.last_error = reason
+        asyncio.ensure_future(self.stop_replica(rep, grace=min(HUNG_KILL_GRACE_S, rep.cfg.stop_grace), wanted=False, reason=reason))
+
+    async def _history_loop(self) -> None:
+        path = self.rd.path / "status-history.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            while True:
+                await asyncio.sleep(HISTORY_INTERVAL_S)
+                now = time.time()
+                row = {"time": now, "stages": {r.ident: {"in": r.hb.get("records_in", 0), "out": r.hb.get("records_out", 0),
+                                                         "state": r.state, "rss": r.reading.rss_bytes,
+                                                         "cpu": r.reading.cpu_percent}
+                                                for reps in self.replicas.values() for r in reps}}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+
+def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> int:
+    return asyncio.run(Supervisor(cfg, run_dir, metrics_port).run())

@@ -1,0 +1,57 @@
+"""Supervisor events: every start, exit, restart, backoff, kill and failure, as JSON lines.
+
+``<run dir>/events.jsonl`` holds one object a line: ``{"time", "event", "stage", "replica",
+"pid", "reason", ...}``; ``streampipe events [-f]`` prints it and the log extractor reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO, Any
+
+from loguru import logger
+
+EVENTS = ("start", "ready", "exit", "restart", "backoff", "kill", "hung", "limit", "failed", "completed",
+          "stopped", "scale", "supervisor", "forkserver")
+
+
+class EventLog:
+    def __init__(self, path: Path, keep: int = 200) -> None:
+        self.path = path
+        self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._file: IO[str] = open(path, "a", encoding="utf-8")
+
+    def emit(self, event: str, stage: str = "", replica: int | None = None, pid: int | None = None,
+             reason: str = "", **extra: Any) -> dict[str, Any]:
+        entry = {"time": time.time(), "event": event, "stage": stage, "replica": replica, "pid": pid,
+                 "reason": reason, **extra}
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        self.recent.append(entry)
+        who = f"{stage}.{replica}" if stage and replica is not None else (stage or "supervisor")
+        level = "WARNING" if event in ("hung", "limit", "kill", "backoff") else "ERROR" if event == "failed" else "INFO"
+        if event == "exit" and reason and not reason.startswith("stopped"):
+            level = "WARNING"
+        logger.log(level, f"{event:<9} {who:<18} pid={pid if pid is not None else '-'} {reason}")
+        return entry
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All events of a run directory, oldest first; unreadable lines are skipped."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
