@@ -33,7 +33,7 @@ from launcher.errors import ConfigError, NotRunning, StreampipeError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
 console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DETACH_TIMEOUT_S = 180.0    # `up --detach` waits this long for every stage to be READY
 DOWN_MARGIN_S = 30.0        # beyond the stages' grace periods, for `down` to wait
@@ -225,7 +225,7 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     try:
         st = request(rd, "status")
     except NotRunning as exc:
-        err.print(f"no pipeline running ({exc})", highlight=False)
+        err.print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
     except StreampipeError as exc:
         raise _fail(exc) from None
@@ -260,7 +260,7 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
         sup_pid = request(rd, "down")["supervisor_pid"]
     except NotRunning as exc:
-        err.print(f"no pipeline running ({exc})", highlight=False)
+        err.print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
     except StreampipeError as exc:
         raise _fail(exc) from None

@@ -202,7 +202,8 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> PipelineConfig:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise ConfigError(f"invalid YAML: {exc.problem}", file=path, line=line) from None
+        context = f" ({exc.context} at line {exc.context_mark.line + 1})" if exc.context and exc.context_mark else ""
+        raise ConfigError(f"invalid YAML: {exc.problem}{context}", file=path, line=line) from None
     if not isinstance(data, dict) or node is None:
         raise ConfigError("the file must be a mapping with a 'stages:' key", file=path, line=1)
     index = _line_index(node)

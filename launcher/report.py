@@ -1,0 +1,202 @@
+"""``streampipe report``: one PNG and a few lines of text about how the model did in a run.
+
+Reads ``<run dir>/metrics.jsonl`` (the evaluator's rows), ``<run dir>/status-history.jsonl``
+(the supervisor's samples, if present) and the checkpoints' metadata, and draws:
+
+- top: the hold-out metrics over time (accuracy / F1 / log-loss, or MAE / RMSE / R2), a dotted
+  line where the evaluated model version changes, a red mark at each drift detection;
+- bottom: the trainer's throughput in records/s, from status-history (records in of the
+  trainer's replicas between samples) or, without it, from the checkpoints (records seen
+  between two versions).
+
+>>> import json, tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> rows = [{"time": 100.0 + i, "model_version": 1 + i // 2, "records_evaluated": 500 * (i + 1),
+...          "metrics": {"accuracy": 0.8 + i / 100, "f1": 0.8}, "drift": i == 3,
+...          "trained_records": 5000 * (1 + i // 2), "checkpoint_time": 99.0 + i // 2 * 2} for i in range(6)]
+>>> _ = (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+>>> print(make_report(d, d / "report.png"))  # doctest: +ELLIPSIS
+run .../tmp...: 6 evaluations, 3000 hold-out records scored, model versions 1..3
+accuracy (hold-out): first 0.8, last 0.85, best 0.85 (version 3)
+drift: 1 point: at 3.0 s (version 2, 2000 records evaluated)
+trainer throughput: 2500 records/s mean, 2500 peak (from checkpoint metadata)
+figure: .../report.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PRIMARY = {"accuracy": "higher", "f1": "higher", "r2": "higher", "mae": "lower", "rmse": "lower", "log_loss": "lower"}
+LABEL_VERSIONS_UP_TO = 15   # more version lines than this are drawn unlabelled: the labels would overlap
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, skipping a torn or unreadable line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    from stages import checkpoints
+
+    metas = checkpoints.history(run_dir / "checkpoints")
+    names = [m.get("stage") for m in metas if isinstance(m.get("stage"), str)]
+    return (names[-1] if names else "trainer"), metas
+
+
+def throughput_from_history(rows: list[dict[str, Any]], stage: str) -> list[tuple[float, float]]:
+    """(time, records/s) of ``stage`` (all replicas) between consecutive status-history samples."""
+    points: list[tuple[float, float]] = []
+    prev: tuple[float, dict[str, int]] | None = None
+    for row in rows:
+        t, stages = row.get("time"), row.get("stages")
+        if not isinstance(t, (int, float)) or not isinstance(stages, dict):
+            continue
+        counts = {ident: int(s.get("in", 0)) for ident, s in stages.items()
+                  if isinstance(s, dict) and ident.rsplit(".", 1)[0] == stage}
+        if not counts:
+            continue
+        if prev is not None and t > prev[0]:
+            # a replica restarted (its counter went back) counts from 0 again
+            done = sum(c - prev[1].get(i, 0) if c >= prev[1].get(i, 0) else c for i, c in counts.items())
+            points.append((t, done / (t - prev[0])))
+        prev = (t, counts)
+    return points
+
+
+def throughput_from_checkpoints(marks: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    """(time, records/s) between consecutive (checkpoint time, records seen) marks."""
+    marks = sorted(set(marks))
+    points = []
+    for (t0, n0), (t1, n1) in zip(marks, marks[1:]):  # noqa: B905 - offset pairs
+        if t1 > t0 and n1 >= n0:
+            points.append((t1, (n1 - n0) / (t1 - t0)))
+    return points
+
+
+def make_report(run_dir: Path, out: Path) -> str:
+    """Draw the run's metrics and trainer throughput to ``out`` (PNG); return a text summary."""
+    run_dir, out = Path(run_dir), Path(out)
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [r for r in read_jsonl(metrics_path) if isinstance(r.get("metrics"), dict)] if metrics_path.exists() else []
+    if not rows:
+        raise FileNotFoundError(
+            f"no metrics yet in {metrics_path}: the evaluator writes a row once a checkpoint exists and it has "
+            "scored `every` hold-out records (is an evaluator stage in services.yaml, fed by normalizer.holdout?)")
+    rows.sort(key=lambda r: r.get("time", 0))
+
+    stage, metas = _trainer_stage(run_dir)
+    source = "status-history"
+    history_path = run_dir / "status-history.jsonl"
+    rate = throughput_from_history(read_jsonl(history_path), stage) if history_path.exists() else []
+    if not rate:
+        source = "checkpoint metadata"
+        marks = [(float(m["time"]), int(m["records_seen"])) for m in metas
+                 if isinstance(m.get("time"), (int, float)) and isinstance(m.get("records_seen"), int)]
+        marks += [(float(r["checkpoint_time"]), int(r["trained_records"])) for r in rows
+                  if isinstance(r.get("checkpoint_time"), (int, float)) and isinstance(r.get("trained_records"), int)]
+        rate = throughput_from_checkpoints(marks)
+
+    t0 = min([rows[0]["time"]] + [t for t, _ in rate])
+    names = [k for k in PRIMARY if any(isinstance(r["metrics"].get(k), (int, float)) for r in rows)]
+    names += sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))} - set(names))
+    primary = names[0] if names else None
+    _draw(rows, rate, names, t0, out, title=f"{run_dir.name}: hold-out metrics")
+    return _summary(run_dir, rows, rate, primary, t0, out, source)
+
+
+def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: list[str], t0: float, out: Path,
+          title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, nothing global to close
+
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    ax, ax_rate = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    times = [r["time"] - t0 for r in rows]
+    ax_loss = None
+    for name in names:
+        pts = [(t, r["metrics"][name]) for t, r in zip(times, rows) if isinstance(r["metrics"].get(name), (int, float))]  # noqa: B905
+        if not pts:
+            continue
+        target = ax
+        if name == "log_loss" or (name in ("mae", "rmse") and names[0] not in ("mae", "rmse")):
+            ax_loss = ax_loss or ax.twinx()
+            target = ax_loss
+        target.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", markersize=3, linewidth=1.2, label=name,
+                    linestyle="--" if target is ax_loss else "-")
+    changes = [(times[i], rows[i].get("model_version")) for i in range(len(rows))
+               if i == 0 or rows[i].get("model_version") != rows[i - 1].get("model_version")]
+    for t, version in changes:
+        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
+        if len(changes) <= LABEL_VERSIONS_UP_TO:
+            ax.annotate(f"v{version}", (t, 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
+                        xytext=(2, -10), textcoords="offset points")
+    drifts = [(t, r) for t, r in zip(times, rows) if r.get("drift")]  # noqa: B905
+    for i, (t, _) in enumerate(drifts):
+        ax.axvline(t, color="red", linewidth=1.2, alpha=0.8, label="drift" if i == 0 else None)
+    ax.set_ylabel("hold-out metric")
+    ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    if ax_loss is not None:
+        ax_loss.set_ylabel("loss / error")
+        h2, l2 = ax_loss.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    if rate:
+        ax_rate.plot([t - t0 for t, _ in rate], [v for _, v in rate], color="tab:green", linewidth=1.2, marker=".", markersize=3)
+    else:
+        ax_rate.text(0.5, 0.5, "no throughput data", transform=ax_rate.transAxes, ha="center", va="center", color="grey")
+    for t, _ in drifts:
+        ax_rate.axvline(t, color="red", linewidth=1.0, alpha=0.6)
+    ax_rate.set_ylabel("trainer records/s")
+    ax_rate.set_xlabel("seconds since the first evaluation")
+    ax_rate.grid(alpha=0.3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)
+
+
+def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, float]], primary: str | None,
+             t0: float, out: Path, source: str) -> str:
+    versions = [r["model_version"] for r in rows if isinstance(r.get("model_version"), int)]
+    lines = [f"run {run_dir}: {len(rows)} evaluations, {rows[-1].get('records_evaluated', 0)} hold-out records scored, "
+             f"model versions {min(versions, default=0)}..{max(versions, default=0)}"]
+    if primary:
+        scored = [r for r in rows if isinstance(r["metrics"].get(primary), (int, float))]
+        values = [r["metrics"][primary] for r in scored]
+        best_of = max if PRIMARY.get(primary, "higher") == "higher" else min
+        best = best_of(scored, key=lambda r: r["metrics"][primary])
+        lines.append(f"{primary} (hold-out): first {values[0]:.4g}, last {values[-1]:.4g}, "
+                     f"best {best['metrics'][primary]:.4g} (version {best.get('model_version')})")
+    drifts = [r for r in rows if r.get("drift")]
+    if drifts:
+        shown = ", ".join(f"at {r['time'] - t0:.1f} s (version {r.get('model_version')}, "
+                          f"{r.get('records_evaluated')} records evaluated)" for r in drifts[:5])
+        more = f" and {len(drifts) - 5} more" if len(drifts) > 5 else ""
+        lines.append(f"drift: {len(drifts)} point{'s' if len(drifts) > 1 else ''}: {shown}{more}")
+    else:
+        lines.append("drift: none detected")
+    if rate:
+        values = [v for _, v in rate]
+        lines.append(f"trainer throughput: {sum(values) / len(values):.0f} records/s mean, {max(values):.0f} peak (from {source})")
+    else:
+        lines.append("trainer throughput: no data (no status-history.jsonl and fewer than two checkpoints)")
+    lines.append(f"figure: {out}")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""services.yaml validation: every kind of mistake exits 2 naming the file, line and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launcher.config import load_config
+from launcher.errors import ConfigError
+from tests.conftest import cli
+
+GOOD = """\
+pipeline: t
+stages:
+  gen:
+    type: generator
+    options: {count: 10}
+  norm:
+    type: normalizer
+    inputs: [gen]
+  sink:
+    type: consumer
+    inputs: [norm, norm.holdout]
+"""
+
+# (name, yaml, line the error must name, text the message must contain)
+BROKEN = [
+    ("unknown_top_key", GOOD.replace("pipeline: t", "pipeline: t\nstagez: 1"), 2, "stagez: unknown key"),
+    ("unknown_stage_key", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replica: 2"), 9, "stages.norm.replica: unknown key"),
+    ("wrong_type", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: two"), 9, "stages.norm.replicas"),
+    ("out_of_range", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: 0"), 9, "greater than or equal to 1"),
+    ("bad_restart", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    restart: sometimes"), 9, "stages.norm.restart"),
+    ("unknown_input", GOOD.replace("inputs: [gen]", "inputs: [gen, nope]"), 8, "unknown stage 'nope'"),
+    ("unknown_output", GOOD.replace("norm.holdout", "norm.sideways"), 11, "has no output 'sideways'"),
+    ("missing_type", GOOD.replace("    type: normalizer\n", ""), 6, "stages.norm.type: this key is required"),
+    ("no_implementation", GOOD.replace("type: consumer", "type: consumr"), 10, "unknown stage type 'consumr'"),
+    ("missing_module", GOOD.replace("type: consumer", "type: nosuchmodule:Sink"), 10, "module 'nosuchmodule' not found"),
+    ("yaml_syntax", GOOD.replace("inputs: [gen]", "inputs: [gen"), 9, "invalid YAML"),
+    ("source_with_inputs", GOOD.replace("    options: {count: 10}", "    options: {count: 10}\n    inputs: [sink]"), 6, "is a source"),
+]
+
+CYCLE = """\
+pipeline: t
+stages:
+  gen: {type: generator}
+  a:
+    type: normalizer
+    inputs: [gen, b]
+  b:
+    type: normalizer
+    inputs: [a]
+"""
+
+
+@pytest.mark.parametrize("name,text,line,needle", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_names_line_and_field(tmp_path: Path, name: str, text: str, line: int, needle: str) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"services.yaml:{line}:" in str(info.value), str(info.value)
+    assert needle in str(info.value)
+
+
+def test_cycle_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(CYCLE)
+    with pytest.raises(ConfigError, match=r"cycle in inputs: .*a.*b") as info:
+        load_config(path)
+    assert info.value.line in (6, 9)
+
+
+def test_class_missing_from_user_module(tmp_path: Path) -> None:
+    (tmp_path / "mystages.py").write_text("class Other:\n    pass\n")
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("type: consumer", "type: mystages:Sink"))
+    with pytest.raises(ConfigError, match="defines no 'Sink'"):
+        load_config(path)
+
+
+def test_module_that_fails_at_import_is_not_a_config_error(tmp_path: Path) -> None:
+    # it must start, fail, and show its traceback in status (tests/test_monitor.py)
+    (tmp_path / "broken.py").write_text("import nosuchdependency\nclass Sink:\n    pass\n")
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("type: consumer", "type: broken:Sink"))
+    assert load_config(path).stages["sink"].type == "broken:Sink"
+
+
+def test_defaults_apply_unless_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("stages:", "defaults: {restart: never, max_batch: 7}\nstages:").replace(
+        "    inputs: [gen]", "    inputs: [gen]\n    restart: on-failure"))
+    cfg = load_config(path)
+    assert cfg.stages["gen"].restart == "never" and cfg.stages["norm"].restart == "on-failure"
+    assert all(s.max_batch == 7 for s in cfg.stages.values())
+    assert cfg.downstream_first().index("sink") < cfg.downstream_first().index("norm") < cfg.downstream_first().index("gen")
+
+
+def test_cli_exits_2_and_starts_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(BROKEN[5][1])
+    for command in ("validate", "up"):
+        proc = cli(command, "--config", str(path), cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "services.yaml:8:" in proc.stderr and "stages.norm.inputs[1]" in proc.stderr
+    assert not (tmp_path / ".streampipe").exists()
+
+
+def test_default_services_yaml_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "services.yaml")
+    assert {"generator", "normalizer", "consumer"} <= set(cfg.stages)
+
+
+def test_example_in_readme_is_valid(tmp_path: Path) -> None:
+    """The README's services.yaml reference example loads."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mystages.py").write_text(textwrap.dedent("""
+        from stages import Stage
+        class Enricher(Stage):
+            def process(self, batch):
+                return batch
+    """))
+    (tmp_path / "services.yaml").write_text(block)
+    load_config(tmp_path / "services.yaml")
