@@ -30,7 +30,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-PRIMARY = {"accuracy": "higher", "f1": "higher", "r2": "higher", "mae": "lower", "rmse": "lower", "log_loss": "lower"}
+# metric -> which way is better; the first one a run has is the headline (accuracy, else MAE)
+PRIMARY = {"accuracy": "higher", "mae": "lower", "f1": "higher", "rmse": "lower", "r2": "higher", "log_loss": "lower"}
+SCORES = {"accuracy", "f1", "r2"}          # 0..1, higher is better: they share an axis; losses get the other
+TWIN_COLOURS = {"log_loss": "tab:purple", "r2": "tab:purple", "f1": "tab:brown", "accuracy": "tab:red"}   # apart from the left axis' cycle
 LABEL_VERSIONS_UP_TO = 15   # more version lines than this are drawn unlabelled: the labels would overlap
 
 
@@ -133,11 +136,12 @@ def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: li
         if not pts:
             continue
         target = ax
-        if name == "log_loss" or (name in ("mae", "rmse") and names[0] not in ("mae", "rmse")):
+        if (name in SCORES) != (names[0] in SCORES):
             ax_loss = ax_loss or ax.twinx()
             target = ax_loss
+        twin = target is ax_loss
         target.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", markersize=3, linewidth=1.2, label=name,
-                    linestyle="--" if target is ax_loss else "-")
+                    linestyle="--" if twin else "-", color=TWIN_COLOURS.get(name, "tab:gray") if twin else None)
     changes = [(times[i], rows[i].get("model_version")) for i in range(len(rows))
                if i == 0 or rows[i].get("model_version") != rows[i - 1].get("model_version")]
     for t, version in changes:
@@ -148,11 +152,11 @@ def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: li
     drifts = [(t, r) for t, r in zip(times, rows) if r.get("drift")]  # noqa: B905
     for i, (t, _) in enumerate(drifts):
         ax.axvline(t, color="red", linewidth=1.2, alpha=0.8, label="drift" if i == 0 else None)
-    ax.set_ylabel("hold-out metric")
+    ax.set_ylabel("hold-out score" if names and names[0] in SCORES else "hold-out error")
     ax.set_title(title)
     handles, labels = ax.get_legend_handles_labels()
     if ax_loss is not None:
-        ax_loss.set_ylabel("loss / error")
+        ax_loss.set_ylabel("loss" if names[0] in SCORES else "score")
         h2, l2 = ax_loss.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:

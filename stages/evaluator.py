@@ -57,7 +57,9 @@ import time
 from typing import IO, Any
 
 import numpy as np
+import sklearn
 from loguru import logger
+from sklearn.base import is_classifier
 
 from stages import checkpoints
 from stages.api import Batch, Record, Stage
@@ -163,8 +165,6 @@ class Evaluator(Stage):
             return False
         if self.since_row:
             self.write_row()      # close the outgoing version's figures
-        from sklearn.base import is_classifier
-
         self.model, self.meta, self.version = cp.model, cp.meta, cp.version
         self.classifier = bool(is_classifier(cp.model)) and hasattr(cp.model, "classes_")
         self.has_proba = self.classifier and hasattr(cp.model, "predict_proba")
@@ -189,14 +189,16 @@ class Evaluator(Stage):
         if not n:
             return []
         X, y = arrays.X, arrays.y
-        pred = self.model.predict(X)
+        with sklearn.config_context(assume_finite=True):     # the vectoriser checked X
+            pred = self.model.predict(X)
+            proba = self.model.predict_proba(X) if self.has_proba else None
         if self.classifier:
             classes = self.model.classes_
             true_idx, pred_idx = np.searchsorted(classes, y), np.searchsorted(classes, pred)
             self.truth.push(true_idx)
             self.guess.push(pred_idx)
-            if self.has_proba:
-                self.losses.push(pointwise_log_loss(self.model.predict_proba(X), true_idx))
+            if proba is not None:
+                self.losses.push(pointwise_log_loss(proba, true_idx))
             errors = (true_idx != pred_idx).astype(float)
         else:
             y = y.astype(float)

@@ -112,6 +112,14 @@ def _figures(entry: LogEntry) -> dict[str, float]:
     return out
 
 
+def _cut(tb: str) -> str:
+    """A sample traceback of bounded size: its head (where it starts) and its tail (the error)."""
+    if len(tb) <= SAMPLE_CHARS:
+        return tb
+    head = SAMPLE_CHARS // 8
+    return tb[:head] + "\n  [...]\n" + tb[-(SAMPLE_CHARS - head):]
+
+
 class _Figure:
     __slots__ = ("n", "total", "max", "last")
 
@@ -234,7 +242,7 @@ class Facts:
                 fact = self.exceptions[key] = {"stage": e.stage, "type": etype, "count": 0, "first": e.time,
                                                "sample": {"replica": e.replica, "message": e.message,
                                                           "value": e.exception.get("value"),
-                                                          "traceback": str(e.exception.get("traceback") or "")[-SAMPLE_CHARS:]}}
+                                                          "traceback": _cut(str(e.exception.get("traceback") or ""))}}
             fact["count"] += 1
             fact["first"], fact["last"] = min(fact["first"], e.time), max(fact.get("last", e.time), e.time)
         if e.kind == "log" and e.level_no >= WARNING_NO and "drift" in e.message.lower():
@@ -419,7 +427,7 @@ class _Tracebacks:
         tb = "\n".join(self.lines).rstrip()
         self.lines, self.exc, self.chained = [], None, False
         return LogEntry(self.t or e.time, e.stage, e.replica, "ERROR", f"{etype}: {value}" if value else etype,
-                        {"type": etype.rpartition(".")[2], "value": value, "traceback": tb[-SAMPLE_CHARS:]},
+                        {"type": etype.rpartition(".")[2], "value": value, "traceback": _cut(tb)},
                         kind="traceback")
 
 

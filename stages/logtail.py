@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 READ_CHUNK = 1 << 16          # bytes per read(): 64 KiB is ~500 log lines, few syscalls
+STABLE_LISTING_TRIES = 5      # listings in a row while files rotate under us; then take the last
+MISSING_SCANS = 3             # scans a file may be unlisted (a rename racing glob) before it counts as gone
 IDLE_CLOSE_S = 5.0            # a rotated file untouched this long is closed (loguru never reopens it)
 
 # loguru's rotated name: "<root>.<%Y-%m-%d_%H-%M-%S_%f>[.<n>]<ext>" (loguru/_file_sink.py)
@@ -99,13 +101,15 @@ _births = itertools.count()
 class _Reader:
     """One open file (one inode), read from ``offset``."""
 
-    def __init__(self, path: Path, st: os.stat_result, offset: int = 0) -> None:
+    def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)           # the file opened, which a rename may have swapped since stat()
         self.key = (st.st_dev, st.st_ino)
         self.offset = offset if 0 <= offset <= st.st_size else 0
         self.partial = b""
-        self.gone = False          # no longer listed under any watched name
+        self.gone = False          # deleted, or not listed under any watched name for a while
+        self.missing = 0           # scans in a row that did not list it
         self.birth = next(_births)
         self.mtime = st.st_mtime
         self.truncations = 0
@@ -165,27 +169,20 @@ class LogTail:
         self.idle_close_s = idle_close_s
         self.readers: dict[tuple[int, int], _Reader] = {}
         self.closed: dict[tuple[int, int], int] = {}     # rotated files read to the end: offset
+        self.closed_missing: dict[tuple[int, int], int] = {}
         self.scans = 0
 
     # -- discovery --------------------------------------------------------------------------
     def scan(self) -> None:
         """List the watched files; open new inodes, follow renames, mark vanished files gone."""
         seen: set[tuple[int, int]] = set()
-        names = sorted({p for pattern in self.patterns for p in glob.glob(pattern)},
-                       key=lambda p: (stream_of(p), not rotation_stamp(p), rotation_stamp(p)))
-        for name in names:
+        for name, st in self._listing():
             path = Path(name)
-            if self.exclude is not None and self.exclude(path):
-                continue
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
             key = (st.st_dev, st.st_ino)
             seen.add(key)
             reader = self.readers.get(key)
             if reader is not None:
-                reader.path = path                       # renamed (rotated) or unchanged
+                reader.path, reader.missing = path, 0    # renamed (rotated) or unchanged
                 continue
             offset = 0
             if key in self.closed:
@@ -195,20 +192,65 @@ class LogTail:
                 if st.st_size < offset:
                     offset = 0                           # a new file on a reused inode
                 del self.closed[key]
+                self.closed_missing.pop(key, None)
             elif f"{key[0]}:{key[1]}" in self.resume:
                 offset = self.resume.pop(f"{key[0]}:{key[1]}")
             elif self.from_end and self.scans == 0:
                 offset = st.st_size
             try:
-                self.readers[key] = _Reader(path, st, offset)
+                reader = _Reader(path, offset)
             except FileNotFoundError:
                 continue
+            if reader.key != key:                        # rotated between stat() and open()
+                reader.close()
+                continue                                 # the next scan sees both files as they are
+            self.readers[key] = reader
         for key, reader in self.readers.items():
-            if key not in seen:
+            if key in seen:
+                continue
+            # A rename can fall between glob() and stat(): a file missing from one listing may
+            # still be there. Only a deleted file (no links) or one unlisted for a while is gone.
+            reader.missing += 1
+            try:
+                deleted = os.fstat(reader.fd).st_nlink == 0
+            except OSError:
+                deleted = True
+            if deleted or reader.missing >= MISSING_SCANS:
                 reader.gone = True
         for key in [k for k in self.closed if k not in seen]:
-            del self.closed[key]
+            self.closed_missing[key] = self.closed_missing.get(key, 0) + 1
+            if self.closed_missing[key] >= MISSING_SCANS:
+                del self.closed[key], self.closed_missing[key]
+        for key in seen:
+            self.closed_missing.pop(key, None)
         self.scans += 1
+
+    def _list_names(self) -> list[str]:
+        names = {p for pattern in self.patterns for p in glob.glob(pattern)}
+        if self.exclude is not None:
+            names = {p for p in names if not self.exclude(Path(p))}
+        return sorted(names, key=lambda p: (stream_of(p), not rotation_stamp(p), rotation_stamp(p)))
+
+    def _listing(self) -> list[tuple[str, os.stat_result]]:
+        """Names and stats taken while no file was renamed, created or deleted.
+
+        A rotation between ``glob()`` and ``stat()`` would show the live name with the new
+        file's inode while the old file (renamed) is in no listing yet: read then, the new file
+        would come before the end of the old one. So list, stat, list again until both lists agree.
+        """
+        names = self._list_names()
+        for _ in range(STABLE_LISTING_TRIES):
+            stats = []
+            for name in names:
+                try:
+                    stats.append((name, os.stat(name)))
+                except FileNotFoundError:
+                    pass
+            again = self._list_names()
+            if again == names:
+                break
+            names = again
+        return stats
 
     def ordered(self) -> list[_Reader]:
         """Readers grouped by stream, each stream's files oldest first (rotated before live)."""
@@ -237,8 +279,14 @@ class LogTail:
 
     def _retire(self, reader: _Reader) -> None:
         if reader.gone:
+            try:
+                linked = os.fstat(reader.fd).st_nlink > 0
+            except OSError:
+                linked = False
             reader.close()
             self.readers.pop(reader.key, None)
+            if linked:                                   # moved out of sight: never read it twice
+                self.closed[reader.key] = reader.offset
         elif not reader.live and time.time() - reader.mtime >= self.idle_close_s:
             reader.close()                               # rotated, read to the end, quiet
             self.readers.pop(reader.key, None)
