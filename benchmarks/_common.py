@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ REPO = BENCH_DIR.parent
 PYTHON = sys.executable
 
 CLI_TIMEOUT_S = 240.0         # `up --detach` waits up to 180 s for READY itself; `down` ~30 s + grace
+EXIT_GRACE_S = 2.0            # `down` may return while the supervisor is still exiting: allow it this
 POLL_S = 0.05                 # file / event polling: fine enough for a few-second run, cheap on CPU
 # One BLAS thread per process, as streampipe gives its stages (launcher.spawn.THREAD_ENV).
 THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -166,6 +167,14 @@ def cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProce
     return proc
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "?"
+
+
 class Pipeline:
     """A ``services.yaml`` in a fresh temp folder (``bench_stages.py`` beside it), run detached.
 
@@ -182,6 +191,7 @@ class Pipeline:
         write_yaml(self.config_path, config)
         self.events = EventTail(self.run_dir / "events.jsonl")
         self.supervisor_pid: int | None = None
+        self.late_exits: dict[int, str] = {}    # pids still alive (for a moment) when `down` returned
 
     def __enter__(self) -> Pipeline:
         try:
@@ -210,14 +220,19 @@ class Pipeline:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             if self.supervisor_pid and pid_alive(self.supervisor_pid):
                 err.print(f"[yellow]warning:[/] streampipe down failed ({exc}); killing the supervisor")
-        left = [p for p in [self.supervisor_pid, *stage_pids, *fork] if p and pid_alive(p)]
+        ours = [p for p in [self.supervisor_pid, *stage_pids, *fork] if p]
+        first = {p: _cmdline(p) for p in ours if pid_alive(p)}
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while time.monotonic() < deadline and any(pid_alive(p) for p in ours):
+            time.sleep(0.01)
+        self.late_exits = first
+        if first and not any(pid_alive(p) for p in ours):
+            err.print(f"[dim]note: still exiting when `streampipe down` returned: {first}[/]", highlight=False)
+        left = [p for p in ours if pid_alive(p)]
         if left:
             killed = stop_pids(left, grace=3.0)
-            err.print(f"[yellow]warning:[/] processes outlived `streampipe down`: {left} (SIGKILLed {killed})")
+            err.print(f"[yellow]warning:[/] processes outlived `streampipe down` by {EXIT_GRACE_S:g}s: "
+                      f"{ {p: first.get(p) for p in left} } (SIGKILLed {killed})")
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def iter_repeats(n: int) -> Iterator[int]:
-    yield from range(n)

@@ -126,7 +126,6 @@ def _render_matplotlib(cfg: Any, path: Path) -> None:
     grid = layers(cfg)
     sources = _sources(cfg)
     box_w, box_h, dx, dy = 2.2, 0.9, 3.4, 1.5
-    tallest = max((len(layer) for layer in grid), default=1)
     pos: dict[str, tuple[float, float]] = {}
     for i, layer in enumerate(grid):
         for j, name in enumerate(layer):

@@ -85,11 +85,12 @@ def level_no(level: str | None) -> int:
 class _Printer:
     """Formats entries docker-compose style; remembers a colour per stage."""
 
-    def __init__(self, console: Console, as_json: bool, names: Iterable[str]) -> None:
+    def __init__(self, console: Console, as_json: bool, files: Iterable[Path]) -> None:
         self.console, self.as_json = console, as_json
         self.colours: dict[str, str] = {}
-        self.width = 0
-        for name in sorted(set(names)):
+        idents = {ident_of(p)[:2] for p in files}
+        self.width = max((len(s if r is None else f"{s}.{r}") for s, r in idents), default=0)  # widened as stages appear
+        for name in sorted({s for s, _ in idents}):
             self._colour(name)
 
     def _colour(self, stage: str) -> str:
@@ -161,7 +162,7 @@ def show_logs(run_dir: Path, stage: str | None = None, follow: bool = False, lev
         what = f"for stage {stage!r} " if stage else ""
         err.print(f"streampipe logs: no logs {what}in {logs}", markup=False, highlight=False)
         return 1
-    printer = _Printer(console, as_json, (ident_of(p)[0] for p in files))
+    printer = _Printer(console, as_json, [p for p in files if wanted_file(p)])
     tail = LogTail(patterns, exclude=lambda p: not wanted_file(p))
     try:
         backlog = heapq.merge(*(_entries(src) for src in tail.sources()), key=lambda e: e.time)

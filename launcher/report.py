@@ -19,7 +19,7 @@ Reads ``<run dir>/metrics.jsonl`` (the evaluator's rows), ``<run dir>/status-his
 run .../tmp...: 6 evaluations, 3000 hold-out records scored, model versions 1..3
 accuracy (hold-out): first 0.8, last 0.85, best 0.85 (version 3)
 drift: 1 point: at 3.0 s (version 2, 2000 records evaluated)
-trainer throughput: 2500 records/s mean, 2500 peak (from checkpoint metadata)
+trainer throughput: 2500 records/s mean while busy, 2500 peak (from checkpoint metadata)
 figure: .../report.png
 """
 
@@ -116,7 +116,7 @@ def make_report(run_dir: Path, out: Path) -> str:
     names = [k for k in PRIMARY if any(isinstance(r["metrics"].get(k), (int, float)) for r in rows)]
     names += sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))} - set(names))
     primary = names[0] if names else None
-    _draw(rows, rate, names, t0, out, title=f"{run_dir.name}: hold-out metrics")
+    _draw(rows, rate, names, t0, out, title=f"{run_dir.resolve().parent.name}/{run_dir.name}: hold-out metrics")
     return _summary(run_dir, rows, rate, primary, t0, out, source)
 
 
@@ -198,8 +198,9 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, 
     else:
         lines.append("drift: none detected")
     if rate:
-        values = [v for _, v in rate]
-        lines.append(f"trainer throughput: {sum(values) / len(values):.0f} records/s mean, {max(values):.0f} peak (from {source})")
+        busy = [v for _, v in rate if v > 0] or [0.0]     # idle samples (stream ended, stopped) would drag the mean
+        lines.append(f"trainer throughput: {sum(busy) / len(busy):.0f} records/s mean while busy, {max(busy):.0f} peak "
+                     f"(from {source})")
     else:
         lines.append("trainer throughput: no data (no status-history.jsonl and fewer than two checkpoints)")
     lines.append(f"figure: {out}")

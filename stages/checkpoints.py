@@ -159,9 +159,14 @@ def load_newest(folder: Path, above: int = 0, skip: set[int] | None = None, warn
 
 
 def prune(folder: Path, keep: int) -> list[int]:
-    """Delete every version but the ``keep`` newest (metadata first: a half-pruned one is incomplete)."""
-    versions = sorted(scan(folder), reverse=True)
-    removed = versions[keep:]
+    """Keep the ``keep`` newest complete versions; delete every other one, incomplete leftovers too.
+
+    Only the single writer may call this, after a save (an incomplete version is then never one
+    being written). Metadata goes first, so a version half-pruned by a SIGKILL is incomplete.
+    """
+    found = scan(folder)
+    kept = set(sorted((v for v, kinds in found.items() if "json" in kinds), reverse=True)[:keep])
+    removed = sorted(v for v in found if v not in kept)
     for version in removed:
         for path in (meta_path(folder, version), model_path(folder, version)):
             try:

@@ -477,7 +477,8 @@ class LogExtractor(Source):
         except (OSError, ValueError):
             saved = None
         if isinstance(saved, dict) and saved.get("window_s") == self.window_s:
-            self.positions = {**saved.get("positions", {}), **self.positions}
+            # the cursor file, not the runtime's snapshot: its offsets match the totals saved with it
+            self.positions = dict(saved.get("positions") or {})
             self.facts.load(saved.get("facts") or {})
         logs = self.run_dir / "logs"
         self.tail = LogTail([logs / "*.jsonl", logs / "*.stderr", self.run_dir / "events.jsonl"],

@@ -176,7 +176,8 @@ class LogTail:
     def scan(self) -> None:
         """List the watched files; open new inodes, follow renames, mark vanished files gone."""
         seen: set[tuple[int, int]] = set()
-        for name, st in self._listing():
+        listing, stable = self._listing()
+        for name, st in listing:
             path = Path(name)
             key = (st.st_dev, st.st_ino)
             seen.add(key)
@@ -184,6 +185,8 @@ class LogTail:
             if reader is not None:
                 reader.path, reader.missing = path, 0    # renamed (rotated) or unchanged
                 continue
+            if not stable and not rotation_stamp(path):
+                continue       # files rotate as we look: its predecessor may be unlisted; next scan
             offset = 0
             if key in self.closed:
                 offset = self.closed[key]
@@ -231,12 +234,13 @@ class LogTail:
             names = {p for p in names if not self.exclude(Path(p))}
         return sorted(names, key=lambda p: (stream_of(p), not rotation_stamp(p), rotation_stamp(p)))
 
-    def _listing(self) -> list[tuple[str, os.stat_result]]:
+    def _listing(self) -> tuple[list[tuple[str, os.stat_result]], bool]:
         """Names and stats taken while no file was renamed, created or deleted.
 
         A rotation between ``glob()`` and ``stat()`` would show the live name with the new
         file's inode while the old file (renamed) is in no listing yet: read then, the new file
-        would come before the end of the old one. So list, stat, list again until both lists agree.
+        would come before the end of the old one. So list, stat, list again until both lists agree
+        (``stable``); in a storm of rotations, new live files wait for a calmer scan.
         """
         names = self._list_names()
         for _ in range(STABLE_LISTING_TRIES):
@@ -248,9 +252,9 @@ class LogTail:
                     pass
             again = self._list_names()
             if again == names:
-                break
+                return stats, True
             names = again
-        return stats
+        return stats, False
 
     def ordered(self) -> list[_Reader]:
         """Readers grouped by stream, each stream's files oldest first (rotated before live)."""

@@ -41,7 +41,7 @@ def test_throughput_from_status_history(tmp_path: Path) -> None:
                                                         "metrics": {"mae": 0.5, "rmse": 0.7, "r2": 0.9}, "drift": False}) + "\n")
     summary = make_report(tmp_path, tmp_path / "r.png")
     assert "mae (hold-out): first 0.5, last 0.5, best 0.5" in summary
-    assert "750 records/s mean, 1900 peak (from status-history)" in summary
+    assert "750 records/s mean while busy, 1900 peak (from status-history)" in summary
     assert "drift: none detected" in summary
 
 

@@ -114,6 +114,8 @@ def test_checkpoint_without_metadata_is_not_loaded(tmp_path: Path, warnings_logg
     run_stage(again, [], run_dir=tmp_path, teardown=False)
     assert again.version == 1 and again.next_version == 3
     assert any("incomplete" in m for m in warnings_logged)
+    again.process(train[0])
+    assert again.checkpoint() == 3 and versions(tmp_path) == [1, 3]      # the leftover is pruned
 
 
 def test_bad_records_are_dead_lettered(tmp_path: Path) -> None:

@@ -1,0 +1,438 @@
+"""Throughput and latency of generator -> normalizer -> consumer: streampipe vs raw pyzmq, same run.
+
+    python benchmarks/throughput.py [--count 200000] [--repeat 3] [--latency-seconds 7]
+
+What runs (each variant ``--repeat`` times, interleaved, so every repeat compares like with like):
+
+streampipe (the real CLI: ``streampipe up --detach`` on a temp services.yaml, then ``down``)
+    ``sp-alo`` / ``sp-amo``   generator (rate 0, ``count`` records) -> normalizer -> consumer,
+                              one replica each, ``delivery: at-least-once`` / ``at-most-once``.
+raw (three ``python`` processes wired by hand: PUSH/PULL over ipc, 2 frames per message = a
+small msgpack header + a msgpack list of 100 records, HWM 100 messages, no streampipe runtime)
+    ``raw``              generator = ``stages.generator.Generator().generate()`` (same records),
+                         middle = ``stages.normalizer.Normalizer().process`` per batch (same
+                         per-record work), sink = one ``orjson.dumps`` line per record, one
+                         ``write`` + ``flush`` per batch (how the consumer writes)
+    ``raw-transport``    middle = decode, touch (``r["hop"] = 1``), re-encode: transport only
+    ``raw-stagework``    middle = Normalizer, sink = the built-in ``Consumer.process`` (dedup,
+                         label counts, 1 s checkpoints): all of the stages' own work, none of the
+                         runtime's, so ``sp-alo / raw-stagework`` isolates the runtime's cost.
+
+Throughput is ``count / (mtime of the sink's output file after the last write - t of record 0)``:
+from the moment the generator made the first record to the moment the last one was written, the
+same clock for every variant (start-up is outside it: the generator starts after its downstream is
+READY). Completion is seen by counting the output file's lines (a lost record shows as a shortfall).
+
+Latency: the generator at ``--latency-rate`` records/s for ``--latency-seconds``; the sink
+(``bench_stages:LatencySink`` for streampipe, the same computation in the raw sink) records
+``time.time() - record["t"]`` for every record; the first ``--warmup`` records are dropped.
+Batches flush at 100 records or after 5 ms (streampipe's ``linger_ms`` default; the raw generator
+uses the same rule), so the latency includes that linger.
+
+Each figure is the median over repeats; each ratio is the median of the per-repeat ratios (both
+sides measured back to back). The last stdout line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+THIS = Path(__file__).resolve()
+IDLE_WAIT_S = 0.002      # a paced source that is ahead waits this long: streampipe's IDLE_WAIT_MS
+PARK_S = 300.0           # raw gen / middle stay alive after end-of-stream until stopped (see below)
+SEED = 7
+
+
+# =============================================================================================
+# The raw chain's three roles (run as `python throughput.py --role ...`; only light imports)
+# =============================================================================================
+
+def _ready(endpoint: str, role: str) -> None:
+    import zmq
+
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(endpoint)
+    s.send_string(role)
+    s.close(linger=2000)
+
+
+def _park() -> None:
+    """Stay alive after end-of-stream: closing a PUSH on ipc may drop its tail (DESIGN.md), so the
+    raw gen and middle keep their sockets open until the benchmark has seen the sink finish."""
+    time.sleep(PARK_S)
+    os._exit(0)
+
+
+def role_gen(a: argparse.Namespace) -> None:
+    import msgpack
+    import zmq
+
+    from stages.generator import Generator
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, a.hwm)
+    s.connect(a.out)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    seq, batch, since, linger = 0, [], 0.0, a.linger_ms / 1000.0
+
+    def flush() -> None:
+        nonlocal seq, batch
+        seq += 1
+        s.send_multipart([pack({"k": "d", "src": "gen", "seq": seq, "n": len(batch), "t": time.time()}), pack(batch)])
+        batch = []
+
+    for record in Generator(rate=a.rate, count=a.count, seed=SEED).generate():
+        if record is None:                       # paced source ahead of schedule
+            now = time.monotonic()
+            if batch and now - since >= linger:
+                flush()
+            else:
+                time.sleep(min(IDLE_WAIT_S, since + linger - now) if batch else IDLE_WAIT_S)
+            continue
+        if not batch:
+            since = time.monotonic()
+        batch.append(record)
+        if len(batch) >= a.max_batch:
+            flush()
+    if batch:
+        flush()
+    s.send_multipart([pack({"k": "eos", "src": "gen", "seq": seq})])
+    _park()
+
+
+def role_mid(a: argparse.Namespace) -> None:
+    import msgpack
+    import zmq
+
+    from stages.normalizer import Normalizer
+
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, a.hwm)
+    inp.bind(a.inp)
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, a.hwm)
+    out.connect(a.out)
+    pack = msgpack.Packer(use_bin_type=True).pack
+    norm = Normalizer() if a.kind == "normalize" else None
+    _ready(a.ready, "mid")
+    seq = 0
+    while inp.poll(int(PARK_S * 1000)):
+        frames = inp.recv_multipart()
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+        if header.get("k") == "eos":
+            out.send_multipart([frames[0]])
+            _park()
+        records = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+        if norm is not None:
+            records = norm.process(records)
+            norm.take_rejected()
+        else:
+            for r in records:
+                r["hop"] = 1
+        seq += 1
+        out.send_multipart([pack({"k": "d", "src": "mid", "seq": seq, "n": len(records), "t": time.time()}), pack(records)])
+
+
+def role_sink(a: argparse.Namespace) -> None:
+    import msgpack
+    import orjson
+    import zmq
+
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.RCVHWM, a.hwm)
+    inp.bind(a.inp)
+    out_path = Path(a.out)
+    samples: list[list[float]] = []
+    consumer = None
+    f = None
+    if a.kind == "consumer":
+        from stages.api import StageContext
+        from stages.consumer import Consumer
+
+        consumer = Consumer(output=str(out_path))
+        consumer.context = StageContext(name="consumer", run_dir=out_path.parent)
+        consumer.setup()
+    elif a.kind == "jsonl":
+        f = open(out_path, "ab")
+    _ready(a.ready, "sink")
+    while inp.poll(int(PARK_S * 1000)):
+        frames = inp.recv_multipart()
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+        if header.get("k") == "eos":
+            break
+        records = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+        if f is not None:
+            lines = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in records]
+            lines.append(b"")
+            f.write(b"\n".join(lines))
+            f.flush()
+        elif consumer is not None:
+            consumer.process(records)
+        else:
+            now = time.time()
+            for r in records:
+                samples.append([r.get("id", -1), (now - r["t"]) * 1000.0])
+    if f is not None:
+        f.close()
+    if consumer is not None:
+        consumer.teardown()
+    if a.kind == "latency":
+        out_path.write_text(json.dumps({"samples": samples}))
+    os._exit(0)
+
+
+def role_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--role", choices=["gen", "mid", "sink"], required=True)
+    p.add_argument("--inp")
+    p.add_argument("--out")
+    p.add_argument("--ready")
+    p.add_argument("--kind", default="")
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--max-batch", type=int, default=100)
+    p.add_argument("--linger-ms", type=float, default=5.0)
+    p.add_argument("--hwm", type=int, default=100)
+    a = p.parse_args(argv)
+    {"gen": role_gen, "mid": role_mid, "sink": role_sink}[a.role](a)
+
+
+# =============================================================================================
+# The benchmark
+# =============================================================================================
+
+RUN_TIMEOUT_S = 300.0      # one variant's whole stream (200 k records take ~2-10 s here)
+STALL_S = 5.0              # source completed and the sink file has not grown this long: records lost
+READY_TIMEOUT_S = 60.0
+
+
+def first_t(path: Path) -> float:
+    import orjson
+
+    with open(path, "rb") as f:
+        return float(orjson.loads(f.readline())["t"])
+
+
+def latency_figures(path: Path, warmup: int) -> dict[str, Any]:
+    from _common import percentile
+
+    samples = json.loads(path.read_text())["samples"]
+    ms = [s[1] for s in samples if s[0] >= warmup]
+    return {"n": len(samples), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else float("nan")}
+
+
+def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int = 0) -> dict[str, Any]:
+    """One run of the raw three-process chain; {"rps", "records", ...} or latency figures."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import zmq
+
+    from _common import PYTHON, THREAD_ENV, LineCounter, pid_alive, stop_pids, wait_until
+
+    tmp = Path(tempfile.mkdtemp(prefix="streampipe-raw-"))
+    ep = {k: f"ipc://{tmp}/{k}" for k in ("ready", "mid", "sink")}
+    out = tmp / ("latency.json" if sink_kind == "latency" else "records.jsonl")
+    env = {**os.environ, **THREAD_ENV}
+    procs: list[subprocess.Popen[bytes]] = []
+    ctx = zmq.Context()
+    ready = ctx.socket(zmq.PULL)
+    ready.bind(ep["ready"])
+
+    def start(role: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(tmp / f"{role}.log", "wb")
+        proc = subprocess.Popen([PYTHON, str(THIS), "--role", role, "--ready", ep["ready"], *args],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        procs.append(proc)
+        return proc
+
+    try:
+        sink = start("sink", "--inp", ep["sink"], "--out", str(out), "--kind", sink_kind)
+        start("mid", "--inp", ep["mid"], "--out", ep["sink"], "--kind", mid_kind)
+        for _ in range(2):
+            if not ready.poll(int(READY_TIMEOUT_S * 1000)):
+                raise TimeoutError(f"raw chain not ready; logs in {tmp}")
+            ready.recv()
+        start("gen", "--out", ep["mid"], "--count", str(count), "--rate", str(rate))
+        if sink_kind == "latency":
+            wait_until(lambda: sink.poll() is not None, RUN_TIMEOUT_S, "the raw latency sink")
+            return latency_figures(out, warmup)
+        counter = LineCounter(out)
+        wait_until(lambda: counter.poll() >= count or sink.poll() is not None, RUN_TIMEOUT_S, "the raw sink")
+        wait_until(lambda: sink.poll() is not None, 30.0, "the raw sink to exit")
+        lines = counter.poll()
+        elapsed = os.stat(out).st_mtime - first_t(out)
+        return {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed}
+    finally:
+        left = [p.pid for p in procs if p.poll() is None]
+        stop_pids(left, grace=2.0)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        assert not any(pid_alive(p.pid) for p in procs), "a raw process outlived the benchmark"
+        ready.close(linger=0)
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pipeline_config(delivery: str, count: int, rate: float, sink: str) -> dict[str, Any]:
+    sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl"}} if sink == "consumer"
+                                  else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
+    return {
+        "pipeline": "bench-throughput",
+        "delivery": delivery,
+        "stages": {
+            "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED}},
+            "normalizer": {"type": "normalizer", "inputs": ["generator"]},
+            "consumer": {**sink_stage, "inputs": ["normalizer"]},
+        },
+    }
+
+
+def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0) -> dict[str, Any]:
+    """One run through the real CLI; {"rps", "records", ...} or latency figures."""
+    from _common import LineCounter, Pipeline, wait_until
+
+    pipe = Pipeline(pipeline_config(delivery, count, rate, sink), tag=f"tput-{delivery}")
+    try:
+        with pipe:
+            if sink == "latency":
+                wait_until(lambda: pipe.events.find(event="completed", stage="generator"), RUN_TIMEOUT_S,
+                           "the generator to complete")
+            else:
+                out = pipe.run_dir / "output" / "records.jsonl"
+                counter = LineCounter(out)
+                state = {"n": 0, "since": time.monotonic()}
+
+                def done() -> bool:
+                    n = counter.poll()
+                    if n != state["n"]:
+                        state["n"], state["since"] = n, time.monotonic()
+                    stalled = time.monotonic() - state["since"] > STALL_S and bool(pipe.events.find(event="completed", stage="generator"))
+                    return n >= count or stalled
+
+                wait_until(done, RUN_TIMEOUT_S, f"{count} records in {out}")
+                lines = counter.poll()
+                elapsed = os.stat(out).st_mtime - first_t(out)
+                result = {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed}
+        if sink == "latency":
+            return latency_figures(pipe.run_dir / "latency.json", warmup)
+        return result
+    finally:
+        pipe.cleanup()
+
+
+def main() -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from _common import err, median, out, rnd
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=200_000, help="records per throughput run")
+    p.add_argument("--repeat", type=int, default=3, help="runs of every variant; medians are reported")
+    p.add_argument("--latency-rate", type=float, default=1000.0, help="records/s for the latency runs")
+    p.add_argument("--latency-seconds", type=float, default=7.0, help="length of one latency run")
+    p.add_argument("--warmup", type=int, default=500, help="records dropped at the start of a latency run")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency runs")
+    a = p.parse_args()
+
+    lat_count = int(a.latency_rate * a.latency_seconds)
+    tput_variants = {
+        "sp-alo": lambda: run_streampipe("at-least-once", "consumer", a.count, 0),
+        "sp-amo": lambda: run_streampipe("at-most-once", "consumer", a.count, 0),
+        "raw": lambda: run_raw("normalize", "jsonl", a.count, 0),
+        "raw-transport": lambda: run_raw("transport", "jsonl", a.count, 0),
+        "raw-stagework": lambda: run_raw("normalize", "consumer", a.count, 0),
+    }
+    lat_variants = {} if a.no_latency else {
+        "sp-alo": lambda: run_streampipe("at-least-once", "latency", lat_count, a.latency_rate, a.warmup),
+        "sp-amo": lambda: run_streampipe("at-most-once", "latency", lat_count, a.latency_rate, a.warmup),
+        "raw": lambda: run_raw("normalize", "latency", lat_count, a.latency_rate, a.warmup),
+    }
+    tput: dict[str, list[dict[str, Any]]] = {k: [] for k in tput_variants}
+    lat: dict[str, list[dict[str, Any]]] = {k: [] for k in lat_variants}
+    steps = a.repeat * (len(tput_variants) + len(lat_variants))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        task = progress.add_task("throughput", total=steps)
+        for rep in range(a.repeat):
+            for name, fn in tput_variants.items():
+                progress.update(task, description=f"repeat {rep + 1}/{a.repeat}: {name} throughput ({a.count} records)")
+                r = fn()
+                tput[name].append(r)
+                progress.console.print(f"  repeat {rep + 1} {name:<14} {r['rps']:>10,.0f} records/s  "
+                                       f"({r['records']} records in {r['elapsed_s']:.2f} s)", highlight=False)
+                progress.advance(task)
+            for name, fn in lat_variants.items():
+                progress.update(task, description=f"repeat {rep + 1}/{a.repeat}: {name} latency ({lat_count} records at {a.latency_rate:g}/s)")
+                r = fn()
+                lat[name].append(r)
+                progress.console.print(f"  repeat {rep + 1} {name:<14} latency p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+                                       f"max {r['max_ms']:.1f} ms ({r['n']} records)", highlight=False)
+                progress.advance(task)
+
+    def rps(name: str) -> list[float]:
+        return [r["rps"] for r in tput[name]]
+
+    def ratio(num: str, den: str) -> float:
+        return median([n / d for n, d in zip(rps(num), rps(den))])
+
+    table = Table(title=f"throughput: {a.count} records, generator -> normalizer -> sink, medians of {a.repeat}",
+                  title_justify="left", header_style="bold")
+    for col in ("variant", "records/s (each run)", "median records/s", "vs raw (median of per-run ratios)", "records"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name in tput:
+        table.add_row(name, "  ".join(f"{v:,.0f}" for v in rps(name)), f"{median(rps(name)):,.0f}",
+                      f"{ratio(name, 'raw'):.2f}", "/".join(str(r["records"]) for r in tput[name]))
+    out.print(table)
+    if lat:
+        lt = Table(title=f"end-to-end latency at {a.latency_rate:g} records/s ({lat_count} records, first {a.warmup} dropped), "
+                         f"medians of {a.repeat}", title_justify="left", header_style="bold")
+        for col in ("variant", "p50 ms", "p90 ms", "p99 ms", "max ms", "p99 each run"):
+            lt.add_column(col, justify="left" if col == "variant" else "right")
+        for name, rs in lat.items():
+            lt.add_row(name, *(f"{median([r[k] for r in rs]):.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
+                       "  ".join(f"{r['p99_ms']:.2f}" for r in rs))
+        out.print(lt)
+
+    def lat_med(name: str, key: str) -> float:
+        return median([r[key] for r in lat.get(name, [])])
+
+    alo, amo = median(rps("sp-alo")), median(rps("sp-amo"))
+    figures = {
+        "streampipe_rps": rnd(alo, 0), "raw_rps": rnd(median(rps("raw")), 0), "ratio": rnd(ratio("sp-alo", "raw")),
+        "p50_ms": rnd(lat_med("sp-alo", "p50_ms")), "p99_ms": rnd(lat_med("sp-alo", "p99_ms")),
+        "raw_p50_ms": rnd(lat_med("raw", "p50_ms")), "raw_p99_ms": rnd(lat_med("raw", "p99_ms")),
+        "at_most_once_p99_ms": rnd(lat_med("sp-amo", "p99_ms")),
+        "at_least_once_rps": rnd(alo, 0), "at_most_once_rps": rnd(amo, 0),
+        "at_most_once_ratio": rnd(ratio("sp-amo", "raw")),
+        "ack_cost": rnd(median([1 - x / y for x, y in zip(rps("sp-alo"), rps("sp-amo"))])),
+        "raw_transport_rps": rnd(median(rps("raw-transport")), 0),
+        "raw_stagework_rps": rnd(median(rps("raw-stagework")), 0),
+        "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),
+        "records_short": {k: a.count - min(r["records"] for r in v) for k, v in tput.items()},
+        "count": a.count, "repeat": a.repeat, "latency_rate": a.latency_rate,
+    }
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    if "--role" in sys.argv[1:]:
+        role_main(sys.argv[1:])
+    else:
+        main()
