@@ -239,7 +239,6 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
     import tempfile
 
     import zmq
-
     from _common import PYTHON, THREAD_ENV, LineCounter, pid_alive, stop_pids, wait_until
 
     tmp = Path(tempfile.mkdtemp(prefix="streampipe-raw-"))
@@ -337,10 +336,9 @@ def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: in
 
 
 def main() -> None:
+    from _common import err, median, out, rnd
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from _common import err, median, out, rnd
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=200_000, help="records per throughput run")
@@ -390,7 +388,7 @@ def main() -> None:
         return [r["rps"] for r in tput[name]]
 
     def ratio(num: str, den: str) -> float:
-        return median([n / d for n, d in zip(rps(num), rps(den))])
+        return median([n / d for n, d in zip(rps(num), rps(den), strict=True)])
 
     table = Table(title=f"throughput: {a.count} records, generator -> normalizer -> sink, medians of {a.repeat}",
                   title_justify="left", header_style="bold")
@@ -421,7 +419,7 @@ def main() -> None:
         "at_most_once_p99_ms": rnd(lat_med("sp-amo", "p99_ms")),
         "at_least_once_rps": rnd(alo, 0), "at_most_once_rps": rnd(amo, 0),
         "at_most_once_ratio": rnd(ratio("sp-amo", "raw")),
-        "ack_cost": rnd(median([1 - x / y for x, y in zip(rps("sp-alo"), rps("sp-amo"))])),
+        "ack_cost": rnd(median([1 - x / y for x, y in zip(rps("sp-alo"), rps("sp-amo"), strict=True)])),
         "raw_transport_rps": rnd(median(rps("raw-transport")), 0),
         "raw_stagework_rps": rnd(median(rps("raw-stagework")), 0),
         "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),

@@ -370,9 +370,8 @@ def parse_line(line: Line) -> LogEntry | None:
     except (ValueError, KeyError, TypeError):
         return LogEntry(line.mtime, stage, replica, "INFO", text)   # not loguru's: show it raw
     extra = record.get("extra") or {}
-    stage = str(extra.get("stage") or stage)
-    rep = extra.get("replica", replica)
-    replica = rep if isinstance(rep, int) else replica
+    # identity from the file's name (<stage>.<replica>.jsonl, supervisor.jsonl): a process may
+    # bind other "stage"/"replica" extras (the supervisor's replica 0), the file is its own
     level = (record.get("level") or {}).get("name", "INFO")
     t = (record.get("time") or {}).get("timestamp", line.mtime)
     exception = None
