@@ -109,7 +109,7 @@ def test_regression_with_sgd_regressor(pipeline, tmp_path: Path) -> None:
     p = pipeline("""\
         pipeline: reg
         stages:
-          generator: {type: generator, options: {count: 20000, seed: 2}}
+          generator: {type: generator, options: {count: 20000, rate: 4000, seed: 2}}
           normalizer: {type: normalizer, inputs: [generator], options: {holdout: 0.1, schema: {id: int, x: vector}}}
           target: {type: "regress:Target", inputs: [normalizer]}
           target_holdout: {type: "regress:Target", inputs: [normalizer.holdout]}
