@@ -32,7 +32,7 @@ POLL_S = 0.05                 # file / event polling: fine enough for a few-seco
 # One BLAS thread per process, as streampipe gives its stages (launcher.spawn.THREAD_ENV).
 THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-err = Console(stderr=True)    # progress and notes; stdout keeps the tables and the JSON line
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # progress and notes; stdout keeps the tables and the JSON line
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 

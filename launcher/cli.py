@@ -251,7 +251,6 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
 def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Stop the pipeline gracefully (SIGTERM, grace period, SIGKILL); exit 0 once no stage is left."""
     from launcher.control import request
-    from launcher.rundir import RunDir
 
     rd = resolve_run_dir(run_dir, config)
     try:
@@ -266,7 +265,7 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         raise _fail(exc) from None
     deadline = time.monotonic() + grace
     with console.status(f"stopping {len(pids)} processes ..."):
-        while time.monotonic() < deadline and RunDir(rd).supervisor_pid() == sup_pid and psutil.pid_exists(sup_pid):
+        while time.monotonic() < deadline and _alive(sup_pid):
             time.sleep(0.1)
     left = [p for p in pids if _alive(p)]
     for pid in left:   # the supervisor is gone or wedged: make sure nothing of ours survives

@@ -115,6 +115,7 @@ class Supervisor:
         self.control_sock: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.started = asyncio.Event()      # every stage was started once (ready or not)
+        self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
         from launcher.control import COMMANDS
 
         self.commands = COMMANDS
@@ -572,6 +573,7 @@ class Supervisor:
                     verdict = rep.judge.verdict(now_m, rep.last_beat, rep.reading)
                     if verdict:
                         self._kill_unhealthy(rep, verdict, "hung" if verdict.startswith("hung") else "limit")
+            self.snapshot = self.status()
 
     def _kill_unhealthy(self, rep: Replica, reason: str, event: str) -> None:
         assert self.events is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class Outcome:
 
     records: list[Record] = field(default_factory=list)
     rejected: list[tuple[Record, str, str]] = field(default_factory=list)  # (record, error, traceback)
+    exceptions: list[BaseException] = field(default_factory=list)          # what process raised, per failed record
 
 
 class Processor:
@@ -58,11 +60,13 @@ class Processor:
             if len(batch) <= 1:
                 for record in batch:
                     outcome.rejected.append((record, _error_text(), traceback.format_exc()))
+                    outcome.exceptions.append(sys.exc_info()[1])  # type: ignore[arg-type]
             else:
                 for record in batch:
                     single = self.run([record])
                     outcome.records.extend(single.records)
                     outcome.rejected.extend(single.rejected)
+                    outcome.exceptions.extend(single.exceptions)
         outcome.rejected.extend(self.stage.take_rejected())
         return outcome
 
@@ -72,8 +76,6 @@ class Processor:
 
 
 def _error_text() -> str:
-    import sys
-
     exc = sys.exc_info()[1]
     return f"{type(exc).__name__}: {exc}"
 

@@ -52,6 +52,7 @@ EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent agai
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
 STATE_SAVE_S = 0.2              # a source's committed position is persisted at most this often
 RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
+LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
 LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
 
 EXIT_OK = 0
@@ -173,6 +174,38 @@ class Edge:
         return ob
 
 
+class ErrorLog:
+    """Logs records that failed in ``process``, with their traceback, at most ``LOG_ERRORS_PER_S`` a second.
+
+    A stream of bad records must not turn into a stream of tracebacks: past the limit, failures
+    are counted and summed up in one line a second (the dead-letter file still has every one).
+    """
+
+    def __init__(self) -> None:
+        self.window_start, self.logged, self.suppressed = 0.0, 0, 0
+
+    def report(self, outcome: Any) -> None:
+        from loguru import logger
+
+        now = time.monotonic()
+        if now - self.window_start >= 1.0:
+            if self.suppressed:
+                logger.warning(f"{self.suppressed} more records failed in the last second (see the dead-letter file)")
+            self.window_start, self.logged, self.suppressed = now, 0, 0
+        excs = iter(outcome.exceptions)
+        for record, error, tb in outcome.rejected:
+            exc = next(excs, None) if tb else None
+            if self.logged >= LOG_ERRORS_PER_S:
+                self.suppressed += 1
+                continue
+            self.logged += 1
+            rid = record.get("id") if isinstance(record, dict) else None
+            if exc is not None:
+                logger.opt(exception=exc).error(f"record {rid} failed in process: {error}; sent to the dead-letter file")
+            else:
+                logger.warning(f"record {rid} rejected: {error}; sent to the dead-letter file")
+
+
 class StageRuntime:
     """Runs one stage replica until it is stopped, its stream ends, or it crashes."""
 
@@ -197,6 +230,7 @@ class StageRuntime:
         self.processor = Processor(stage)
         self.routes = type(stage).route is not Stage.route
         self.last_error = ""
+        self.error_log = ErrorLog()
 
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
@@ -368,6 +402,8 @@ class StageRuntime:
             self.dead += 1
             self.last_error = error
             self.dead_letters.write(record, error, tb)
+        if outcome.rejected:
+            self.error_log.report(outcome)
         self.emit(outcome.records, token)
         if token is not None and token.outstanding == 0:
             self.queue_ack(token)
