@@ -45,7 +45,7 @@ class StageSettings(_Strict):
     max_batch: int = Field(100, ge=1, le=100_000)      # records per frame: 100 gives ~20x msg/s
     linger_ms: float = Field(5.0, ge=0, le=60_000)     # flush a partial batch after this long
     hwm: int = Field(100, ge=1)                        # messages (= batches) queued per socket
-    max_inflight: int = Field(32, ge=1)                # unacknowledged batches per edge
+    max_inflight: int = Field(128, ge=1)               # unacknowledged batches per edge: 32 throttled to 0.6x raw
     ack_timeout: float = Field(2.0, gt=0)              # s before an unacked batch is resent (floor)
     # liveness
     heartbeat_timeout: float = Field(10.0, gt=0)       # s without loop progress -> hung

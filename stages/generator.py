@@ -37,6 +37,7 @@ import numpy as np
 
 from stages.api import Record, Source
 
+_END: dict = {}  # sentinel: the wrapped stream is over
 CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10x more
 
 
@@ -134,12 +135,19 @@ class Generator(Source):
         yield from self.paced(synthetic())
 
     def paced(self, records: Iterator[Record | None]) -> Iterator[Record | None]:
-        """Yield at most ``rate`` records a second (None while ahead of schedule)."""
+        """Yield at most ``rate`` records a second (None while ahead of schedule).
+
+        A record is made only once its slot has come, so its event time ``t`` is when it was
+        released, not when it started waiting.
+        """
         start, sent = time.monotonic(), 0
-        for record in records:
+        while True:
             if self.rate > 0:
                 while sent >= (time.monotonic() - start) * self.rate:
                     yield None
+            record = next(records, _END)
+            if record is _END:
+                return
             sent += 1
             self.emitted += 1
             yield record

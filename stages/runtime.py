@@ -46,6 +46,7 @@ from stages.state import DeadLetters, load_state, save_state
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
 RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
 IDLE_WAIT_MS = 2                # a source that yielded None is asked again after this
+ACK_FLUSH_EVERY = 8             # acks sent after this many batches, not only once per loop pass
 MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/heartbeats again
 DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
@@ -228,7 +229,8 @@ class StageRuntime:
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
         self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident)
         self.processor = Processor(stage)
-        self.routes = type(stage).route is not Stage.route
+        # route() is called per record only when a named output is actually consumed
+        self.routes = type(stage).route is not Stage.route and any(e.output != "default" for e in spec.edges)
         self.last_error = ""
         self.error_log = ErrorLog()
 
@@ -328,6 +330,9 @@ class StageRuntime:
                 if gen is None and not self.stopping:
                     self.finished = True
             self.flush_lingering(now)
+            for edge in self.edges:
+                if edge.outq:
+                    edge.send(now)   # a batch the linger timer just cut leaves now, not at the next wake-up
 
             timeout_ms = self.poll_timeout(now, idle and gen is not None, next_hb)
             if self.blocked:
@@ -380,6 +385,8 @@ class StageRuntime:
                 return
             self.handle(frames)
             self.blocked = any(e.full() for e in self.edges)
+            if self.acks_out and sum(len(s) for g in self.acks_out.values() for s in g.values()) >= ACK_FLUSH_EVERY:
+                self.flush_acks()   # upstream's window refills while we work through ours
 
     def handle(self, frames: list[bytes]) -> None:
         try:

@@ -39,7 +39,7 @@ class StageSpec:
     max_batch: int = 100
     linger_ms: float = 5.0
     hwm: int = 100
-    max_inflight: int = 32
+    max_inflight: int = 128
     ack_timeout: float = 2.0
     stop_grace: float = 5.0
     log_level: str = "INFO"

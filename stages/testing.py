@@ -33,7 +33,8 @@ class Run:
 def run_stage(stage: Stage, batches: Iterable[Batch] = (), *, run_dir: Path | None = None,
               limit: int | None = None, setup: bool = True, teardown: bool = True,
               context: dict[str, Any] | None = None) -> Run:
-    """Run ``stage`` over ``batches`` (or, for a source, take up to ``limit`` records).
+    """Run ``stage`` over ``batches`` (or, for a source, take up to ``limit`` records, stopping
+    early at the end of its stream or the first time it is idle, i.e. yields ``None``).
 
     Every record is round-tripped through msgpack as it would be on a socket, so a stage that
     emits something the wire cannot carry fails here too.
@@ -46,7 +47,7 @@ def run_stage(stage: Stage, batches: Iterable[Batch] = (), *, run_dir: Path | No
     if is_source(stage):
         for record in stage.generate():  # type: ignore[attr-defined]
             if record is None:
-                continue
+                break
             _collect(stage, [record], result)
             if limit is not None and len(result.records) >= limit:
                 break

@@ -64,7 +64,7 @@ def run_chaos(p: Pipeline, n: int, kill_every: float, seed: int = 1, max_seconds
             pids = [r["pid"] for r in st["stages"] if r["pid"]]
             os.kill(st["supervisor_pid"], signal.SIGKILL)
             kills.append("supervisor")
-            wait_for(lambda: not any(alive(pid) for pid in pids), timeout=5, interval=0.05, what="stages gone with the supervisor")
+            wait_for(lambda pids=pids: not any(alive(pid) for pid in pids), timeout=5, interval=0.05, what="stages gone with the supervisor")
             p.up()
             continue
         victims = [r for r in st["stages"] if r["name"] == target and r["pid"] and r["state"] in ("running", "blocked", "starting")]
