@@ -29,12 +29,10 @@ import os
 import signal
 import socket
 import sys
-import time
 import traceback
 
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
-REPARENT_WAIT_S = 2.0           # a grandchild waits at most this long to be adopted by the supervisor
 
 BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "stages.runtime", "stages.generator",
                 "stages.normalizer", "stages.consumer"]
@@ -88,8 +86,7 @@ def spawn(request: dict, supervisor_pid: int, server_sock: socket.socket) -> int
     while chunk := os.read(r, 32):
         data += chunk
     os.close(r)
-    os.waitpid(child, 0)
-    return int(data)
+    return int(data)   # the middle process is reaped by the kernel (SIGCHLD ignored): no wait here
 
 
 def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket) -> None:
@@ -97,9 +94,8 @@ def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket
     try:
         server_sock.close()
         os.setsid()                                  # own session and process group
-        deadline = time.monotonic() + REPARENT_WAIT_S
-        while os.getppid() != supervisor_pid and time.monotonic() < deadline:
-            time.sleep(0.0002)
+        # adoption by the supervisor completes while the middle process exits; the runtime
+        # waits for it (die_with_parent) only after its own set-up, so the two overlap
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         fd = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -142,7 +138,7 @@ def serve() -> int:
 
     die_with_parent(supervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # the kernel reaps the short-lived middle processes
     sock = socket.socket(fileno=FD)
     sock.setblocking(True)
     mtimes, failed = preload(config.get("types", []), config.get("config_dir", os.getcwd()))

@@ -105,6 +105,7 @@ class Supervisor:
         self.replicas: dict[str, list[Replica]] = {}
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
+        self.early_exits: dict[int, int] = {}
         self.stop_requested = asyncio.Event()
         self.stopping = False
         self.started_at = time.time()
@@ -273,6 +274,8 @@ class Supervisor:
         rep.incarnation += 1
         self.by_pid[pid] = rep
         assert self.events is not None
+        if pid in self.early_exits:
+            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid))
         self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",
                          spawn=mode, t_spawn=time.time())
 
@@ -302,6 +305,8 @@ class Supervisor:
             rep = self.by_pid.pop(pid, None)
             if rep is not None:
                 self._on_exit(rep, code)
+            else:
+                self.early_exits[pid] = code   # exited before start_replica registered it
 
     def _on_exit(self, rep: Replica, code: int) -> None:
         assert self.events is not None
