@@ -41,6 +41,8 @@ from stages.spec import EdgeSpec, StageSpec
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
+UNCLAIMED_KEEP = 8              # messages kept from a pid start_replica has not registered yet
+UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas' last words)
 HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
 
 STATES = ("starting", "running", "blocked", "backoff", "stopping", "stopped", "completed", "failed")
@@ -106,6 +108,7 @@ class Supervisor:
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
         self.early_exits: dict[int, int] = {}
+        self.unclaimed: dict[int, list[dict[str, Any]]] = {}
         self.stop_requested = asyncio.Event()
         self.stopping = False
         self.started_at = time.time()
@@ -274,10 +277,12 @@ class Supervisor:
         rep.incarnation += 1
         self.by_pid[pid] = rep
         assert self.events is not None
-        if pid in self.early_exits:
-            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid))
         self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",
                          spawn=mode, t_spawn=time.time())
+        for msg in self.unclaimed.pop(pid, []):
+            self._on_stage_message(rep, msg)
+        if pid in self.early_exits:
+            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid))
 
     async def _restart_forkserver(self) -> None:
         old = self.fork
@@ -448,9 +453,18 @@ class Supervisor:
             except ValueError:
                 continue
             rep = self.by_ident.get(ident.decode(errors="replace"))
-            if rep is None or (msg.get("pid") and rep.pid != msg.get("pid")):
-                continue   # from a replica that has since been replaced
-            self._on_stage_message(rep, msg)
+            pid = msg.get("pid")
+            if rep is not None and pid and rep.pid != pid:
+                # from a replica already replaced, or from one so quick that its READY beat the
+                # fork server's reply: keep it until start_replica knows the pid
+                early = self.unclaimed.setdefault(pid, [])
+                if len(early) < UNCLAIMED_KEEP:
+                    early.append(msg)
+                while len(self.unclaimed) > UNCLAIMED_PIDS:
+                    self.unclaimed.pop(next(iter(self.unclaimed)))
+                continue
+            if rep is not None:
+                self._on_stage_message(rep, msg)
 
     def _on_stage_message(self, rep: Replica, msg: dict[str, Any]) -> None:
         op = msg.get("op")
