@@ -65,12 +65,6 @@ class RunDir:
     def stages(self) -> str:
         return self.endpoint("stages")
 
-    def input_endpoint(self, stage: str, replica: int) -> str:
-        return self.endpoint(f"i.{stage}.{replica}")
-
-    def ack_endpoint(self, stage: str, replica: int) -> str:
-        return self.endpoint(f"a.{stage}.{replica}")
-
     # -- lifecycle ---------------------------------------------------------------------------
     def supervisor_pid(self) -> int | None:
         """The pid of the live supervisor owning this directory, or None."""

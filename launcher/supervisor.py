@@ -108,6 +108,7 @@ class Supervisor:
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
         self.early_exits: dict[int, int] = {}
+        self.ports: dict[tuple[str, str, int], int] = {}
         self.unclaimed: dict[int, list[dict[str, Any]]] = {}
         self.stop_requested = asyncio.Event()
         self.stopping = False
@@ -166,8 +167,16 @@ class Supervisor:
         return code
 
     def request_stop(self) -> None:
+        """First Ctrl-C / SIGTERM: graceful stop. A second one while stopping: SIGKILL everything now."""
+        if self.stop_requested.is_set() and self.stopping:
+            logger.warning("second interrupt: killing every stage now (SIGKILL)")
+            for reps in self.replicas.values():
+                for rep in reps:
+                    rep.wanted_down = True
+                    self.signal_replica(rep, signal.SIGKILL)
+            return
         if not self.stop_requested.is_set():
-            logger.info("stopping the pipeline (sources first, then downstream)")
+            logger.info("stopping the pipeline (sources first, then downstream); Ctrl-C again to kill at once")
         self.stop_requested.set()
 
     def status(self) -> dict[str, Any]:
@@ -236,15 +245,25 @@ class Supervisor:
         return StageSpec(
             name=rep.stage, replica=rep.index, replicas=len(self.replicas[rep.stage]), type=sc.type,
             options=sc.options, run_dir=str(self.rd.path), config_dir=str(cfg.config_dir),
-            control=self.rd.stages, input=self.rd.input_endpoint(rep.stage, rep.index) if sc.inputs else None,
-            ack=self.rd.ack_endpoint(rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
+            control=self.rd.stages, input=self.endpoint("i", rep.stage, rep.index) if sc.inputs else None,
+            ack=self.endpoint("a", rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
             delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
             max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
             log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
             incarnation=rep.incarnation)
 
     def endpoints_of(self, stage: str) -> list[str]:
-        return [self.rd.input_endpoint(stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
+        return [self.endpoint("i", stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
+
+    def endpoint(self, kind: str, stage: str, index: int) -> str:
+        """A replica's input ("i") or ack ("a") endpoint; the same one for every incarnation,
+        so that upstream PUSH sockets reconnect to a replacement by themselves."""
+        if self.cfg.transport == "ipc":
+            return self.rd.endpoint(f"{kind}.{stage}.{index}")
+        key = (kind, stage, index)
+        if key not in self.ports:
+            self.ports[key] = free_port(self.cfg.bind_host)
+        return f"tcp://{self.cfg.bind_host}:{self.ports[key]}"
 
     async def start_replica(self, rep: Replica) -> None:
         if self.stopping:
@@ -612,6 +631,15 @@ class Supervisor:
                                                 for reps in self.replicas.values() for r in reps}}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the stage binds it a moment later; ZeroMQ sets SO_REUSEADDR)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> int:

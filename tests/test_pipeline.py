@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import alive, cli, wait_for
 
@@ -115,13 +116,16 @@ def test_user_stage_runs_in_the_pipeline(pipeline, tmp_path: Path) -> None:
     assert line["tag"] == "enriched" and isinstance(line["x_sum"], float)
 
 
-def test_finite_source_completes_and_is_not_restarted(pipeline) -> None:
-    p = pipeline("""\
+@pytest.mark.parametrize("transport,delivery", [("ipc", "at-least-once"), ("tcp", "at-most-once")])
+def test_finite_source_completes_and_is_not_restarted(pipeline, transport: str, delivery: str) -> None:
+    p = pipeline(f"""\
         pipeline: finite
+        transport: {transport}
+        delivery: {delivery}
         stages:
-          generator: {type: generator, options: {count: 3000}}
-          normalizer: {type: normalizer, inputs: [generator]}
-          consumer: {type: consumer, inputs: [normalizer]}
+          generator: {{type: generator, options: {{count: 3000}}}}
+          normalizer: {{type: normalizer, inputs: [generator], replicas: 2}}
+          consumer: {{type: consumer, inputs: [normalizer]}}
     """)
     p.up()
     wait_for(lambda: p.row("generator")["state"] == "completed", timeout=60, what="generator completed")
