@@ -758,10 +758,13 @@ def main(spec: StageSpec) -> int:
             rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
             rt.close()
         return EXIT_START_FAILED
-    die_with_parent(spec.supervisor_pid)          # a forked stage: adopted by now (set-up overlapped it)
     if stop_requested.is_set():
         rt.stopping = True
     rt.tell("ready")
+    # a forked stage is adopted by the supervisor once the fork server's middle process has
+    # exited (set-up overlapped that). READY may go first: if the supervisor died meanwhile,
+    # adoption never comes and die_with_parent exits, so nothing is orphaned.
+    die_with_parent(spec.supervisor_pid)
     logger.info(f"ready: pid {os.getpid()}, input {spec.input}, outputs {[e.name for e in spec.edges]}")
     code = EXIT_OK
     try:
