@@ -200,14 +200,15 @@ def status_table(st: dict[str, Any]) -> Table:
     table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
                         f"delivery {st['delivery']}", title_justify="left", header_style="bold")
     for col, just in (("stage", "left"), ("r", "right"), ("pid", "right"), ("state", "left"), ("uptime", "right"),
-                      ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("in", "right"), ("out", "right"),
+                      ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("fds", "right"), ("thr", "right"), ("in", "right"), ("out", "right"),
                       ("rate/s", "right"), ("errors", "right"), ("info", "left"), ("last error", "left")):
         table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=60 if col == "last error" else None)  # type: ignore[arg-type]
     for r in st["stages"]:
         style = STATE_STYLE.get(r["state"], "")
         table.add_row(r["name"], str(r["replica"]), str(r["pid"] or "-"), f"[{style}]{r['state']}[/]",
                       _fmt_uptime(r["uptime_s"]), str(r["restarts"]), f"{r['cpu_percent']:.0f}",
-                      _fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", _fmt_count(r["records_in"]),
+                      _fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", str(r.get("num_fds") or "-"),
+                      str(r.get("num_threads") or "-"), _fmt_count(r["records_in"]),
                       _fmt_count(r["records_out"]), _fmt_count(r["rate"]), str(r["errors"]), _info(r),
                       _last_line(r["last_error"])[:120])
     return table

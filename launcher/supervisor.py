@@ -329,11 +329,18 @@ class Supervisor:
             rep = self.by_pid.pop(pid, None)
             if rep is not None:
                 self._on_exit(rep, code)
-            else:
-                self.early_exits[pid] = code   # exited before start_replica registered it
+            else:   # a stage that exited before start_replica registered it, or a stage's orphan
+                self.early_exits[pid] = code
+                while len(self.early_exits) > UNCLAIMED_PIDS:
+                    self.early_exits.pop(next(iter(self.early_exits)))
 
     def _on_exit(self, rep: Replica, code: int) -> None:
         assert self.events is not None
+        if rep.pid is not None:
+            try:   # whatever the stage started dies with it (its process group outlives it)
+                os.killpg(rep.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         now = time.time()
         uptime = now - rep.started_at
         rep.last_exit = describe_exit(code)

@@ -112,5 +112,5 @@ def test_chaos_short(pipeline, tmp_path: Path) -> None:
 @pytest.mark.timeout(1800)
 def test_chaos_long(pipeline, tmp_path: Path) -> None:
     n = int(os.environ.get("STREAMPIPE_CHAOS_N", "1000000"))
-    p = pipeline(CHAOS.format(n=n, rate=0))
+    p = pipeline(CHAOS.format(n=n, rate=int(os.environ.get("STREAMPIPE_CHAOS_RATE", "20000"))))   # ~50 s of kills
     check(run_chaos(p, n, kill_every=1.0, max_seconds=1500))

@@ -208,3 +208,21 @@ def test_every_spawn_mode_runs_the_chain(pipeline, kind: str) -> None:
     p.up()
     assert {r["spawn"] for r in p.status()["stages"]} == {kind}
     wait_for(lambda: p.row("consumer")["records_in"] > 100, timeout=30, what="data")
+
+
+def test_a_stage_s_own_children_die_with_it(pipeline, tmp_path: Path) -> None:
+    (tmp_path / "parent.py").write_text(textwrap.dedent("""
+        import subprocess
+        from stages import Stage
+
+        class Parent(Stage):
+            def setup(self):
+                self.child = subprocess.Popen(["sleep", "1000"])
+                (self.context.run_dir / f"child.{self.child.pid}").touch()
+    """))
+    p = pipeline(config("parent:Parent"))
+    p.up()
+    child = int(next(p.run_dir.glob("child.*")).name.split(".")[1])
+    assert alive(child)
+    os.kill(p.row("middle")["pid"], signal.SIGKILL)
+    wait_for(lambda: not alive(child), timeout=10, what="the stage's child to die with it")
