@@ -26,8 +26,8 @@ READY). Completion is seen by counting the output file's lines (a lost record sh
 Latency: the generator at ``--latency-rate`` records/s for ``--latency-seconds``; the sink
 (``bench_stages:LatencySink`` for streampipe, the same computation in the raw sink) records
 ``time.time() - record["t"]`` for every record; the first ``--warmup`` records are dropped.
-Batches flush at 100 records or after 5 ms (streampipe's ``linger_ms`` default; the raw generator
-uses the same rule), so the latency includes that linger.
+Batches flush at 100 records or after ``linger_ms`` (streampipe's default, read from its config
+model; the raw generator is given the same), so the latency includes that linger.
 
 Each figure is the median over repeats; each ratio is the median of the per-repeat ratios (both
 sides measured back to back). The last stdout line is one JSON object with every figure.
@@ -191,6 +191,13 @@ def role_sink(a: argparse.Namespace) -> None:
     os._exit(0)
 
 
+def streampipe_linger_ms() -> float:
+    """streampipe's default ``linger_ms``: the raw generator batches by the same rule."""
+    from launcher.config import StageSettings
+
+    return float(StageSettings.model_fields["linger_ms"].default)
+
+
 def role_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--role", choices=["gen", "mid", "sink"], required=True)
@@ -264,7 +271,7 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
             if not ready.poll(int(READY_TIMEOUT_S * 1000)):
                 raise TimeoutError(f"raw chain not ready; logs in {tmp}")
             ready.recv()
-        start("gen", "--out", ep["mid"], "--count", str(count), "--rate", str(rate))
+        start("gen", "--out", ep["mid"], "--count", str(count), "--rate", str(rate), "--linger-ms", str(streampipe_linger_ms()))
         if sink_kind == "latency":
             wait_until(lambda: sink.poll() is not None, RUN_TIMEOUT_S, "the raw latency sink")
             return latency_figures(out, warmup)

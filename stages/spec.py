@@ -37,7 +37,7 @@ class StageSpec:
     supervisor_pid: int = 0
     delivery: str = "at-least-once"
     max_batch: int = 100
-    linger_ms: float = 5.0
+    linger_ms: float = 1.0
     hwm: int = 100
     max_inflight: int = 128
     ack_timeout: float = 2.0
