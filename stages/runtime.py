@@ -776,6 +776,13 @@ def main(spec: StageSpec) -> int:
     die_with_parent(spec.supervisor_pid)
     logger.info(f"ready: pid {os.getpid()}, input {spec.input}, outputs {[e.name for e in spec.edges]}")
     code = EXIT_OK
+    profile_dir = os.environ.get("STREAMPIPE_PROFILE")   # a folder: each stage writes <stage>.<r>.prof there
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         rt.run()
         if rt.finished:
@@ -787,6 +794,9 @@ def main(spec: StageSpec) -> int:
         rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
         code = EXIT_CRASH
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(profile_dir or ".") / f"{spec.ident}.prof"))
         try:
             if code == EXIT_OK:
                 stage.teardown()
