@@ -133,7 +133,7 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
                     err.print(f"[red]failed:[/] {r['name']}.{r['replica']}: {r['last_error'] or r['last_exit']}", highlight=False)
                 err.print(f"the other stages keep running; `streampipe status --run-dir {rd}` and `streampipe logs` show more")
                 return 1
-            ready = [r for r in rows if r["state"] in ("running", "blocked", "completed")]
+            ready = [r for r in rows if r["state"] in ("running", "blocked", "completed", "stopped")]
             spinner.update(f"starting stages ... {len(ready)}/{expected} ready")
             if len(ready) >= expected:
                 console.print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
@@ -252,8 +252,11 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
 def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Stop the pipeline gracefully (SIGTERM, grace period, SIGKILL); exit 0 once no stage is left."""
     from launcher.control import request
+    from launcher.errors import ControlError
+    from launcher.rundir import RunDir
 
     rd = resolve_run_dir(run_dir, config)
+    pids: list[int] = []
     try:
         st = request(rd, "status")
         pids = [r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else [])
@@ -262,12 +265,22 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     except NotRunning as exc:
         err.print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
-    except StreampipeError as exc:
-        raise _fail(exc) from None
+    except ControlError as exc:
+        # a wedged supervisor: SIGTERM does the same graceful stop; its stages die with it anyway
+        found = RunDir(rd).supervisor_pid()
+        if found is None:
+            raise _fail(exc) from None
+        err.print(f"[yellow]warning:[/] {exc}; sending SIGTERM to the supervisor (pid {found})")
+        sup_pid, grace = found, DOWN_MARGIN_S
+        os.kill(sup_pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    with console.status(f"stopping {len(pids)} processes ..."):
+    with console.status(f"stopping {len(pids) or 'the'} processes ..."):
         while time.monotonic() < deadline and _alive(sup_pid):
             time.sleep(0.1)
+    if _alive(sup_pid):
+        err.print(f"[yellow]warning:[/] the supervisor (pid {sup_pid}) did not stop in {grace:g}s: SIGKILL")
+        os.kill(sup_pid, signal.SIGKILL)   # its stages die with it (PR_SET_PDEATHSIG)
+        time.sleep(0.5)
     left = [p for p in pids if _alive(p)]
     for pid in left:   # the supervisor is gone or wedged: make sure nothing of ours survives
         try:

@@ -169,6 +169,7 @@ def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: li
     for t, _ in drifts:
         ax_rate.axvline(t, color="red", linewidth=1.0, alpha=0.6)
     ax_rate.set_ylabel("trainer records/s")
+    ax_rate.set_ylim(bottom=0)
     ax_rate.set_xlabel("seconds since the first evaluation")
     ax_rate.grid(alpha=0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
