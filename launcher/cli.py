@@ -36,6 +36,7 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 DETACH_TIMEOUT_S = 180.0    # `up --detach` waits this long for every stage to be READY
+DETACH_SETTLE_S = 1.0       # every stage READY and no restart for this long: a crash loop is not "up"
 DOWN_MARGIN_S = 30.0        # beyond the stages' grace periods, for `down` to wait
 
 ConfigOpt = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help="The pipeline file.")
@@ -111,6 +112,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S
     expected = sum(s.replicas for s in cfg.stages.values())
+    stable_picture: list[Any] = []
+    stable_since = 0.0
     with console.status("starting stages ...") as spinner:
         while time.monotonic() < deadline:
             time.sleep(0.1)
@@ -135,7 +138,10 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
                 return 1
             ready = [r for r in rows if r["state"] in ("running", "blocked", "completed", "stopped")]
             spinner.update(f"starting stages ... {len(ready)}/{expected} ready")
-            if len(ready) >= expected:
+            picture = sorted((r["name"], r["replica"], r["pid"], r["restarts"]) for r in rows)
+            if len(ready) < expected or picture != stable_picture:
+                stable_picture, stable_since = picture, time.monotonic()
+            elif time.monotonic() - stable_since >= DETACH_SETTLE_S:   # up, and staying up
                 console.print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
                               highlight=False)
                 return 0

@@ -373,6 +373,7 @@ class Supervisor:
             self.events.emit("failed", rep.stage, rep.index, None, reason=decision.reason, last_error=rep.last_error[-2000:])
             return
         rep.restarts += 1
+        rep.state = "starting"       # about to be started again (or in backoff, below)
         if decision.delay > 0:
             rep.state, rep.backoff_until = "backoff", time.time() + decision.delay
             self.events.emit("backoff", rep.stage, rep.index, None, reason=f"restart in {decision.delay:.2f}s after {reason}")

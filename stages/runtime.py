@@ -231,6 +231,7 @@ class StageRuntime:
         self.committed: dict[str, Any] | None = None
         self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
         self.acks_pending = 0
+        self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
         self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident)
         self.processor = Processor(stage)
@@ -297,8 +298,9 @@ class StageRuntime:
             if (self.finished or self.stopping) and gen is None:
                 quiet = self.inp is None or (drain_quiet_since is not None and now - drain_quiet_since >= DRAIN_IDLE_S)
                 if quiet:
+                    if self.source and any(e.pending for e in self.edges):
+                        self.cut_source_batches()
                     for edge in self.edges:
-                        edge.flush_pending(self._mark_for_flush())
                         edge.send(now)
                     settled = all(not e.outq and not e.unacked for e in self.edges)
                     if self.finished and settled:
@@ -348,17 +350,12 @@ class StageRuntime:
                     edge.send(now)   # a batch the linger timer just cut leaves now, not at the next wake-up
 
             timeout_ms = self.poll_timeout(now, idle and gen is not None, next_hb)
-            if self.blocked:
-                for edge in self.edges:
-                    if edge.outq:
-                        poller.register(edge.sock, zmq.POLLOUT)
+            writable_wait = [e.sock for e in self.edges if e.outq] if self.blocked else []
+            for sock in writable_wait:      # blocked by a full socket: wake when it drains
+                poller.register(sock, zmq.POLLOUT)
             events = dict(poller.poll(timeout_ms))
-            for edge in self.edges:
-                if edge.sock in events or edge.outq:
-                    try:
-                        poller.unregister(edge.sock)
-                    except KeyError:
-                        pass
+            for sock in writable_wait:
+                poller.unregister(sock)
             if self.ctl in events:
                 self.read_control()
             if self.ackp in events:
@@ -459,7 +456,7 @@ class StageRuntime:
     def on_eos(self, header: dict[str, Any]) -> None:
         if header.get("ack"):
             self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
-            self._eos_headers = getattr(self, "_eos_headers", []) + [header]
+            self.eos_headers.append(header)
         logger_info(f"end of stream from {header.get('src')}.{header.get('r')}")
 
     # -- source ------------------------------------------------------------------------------
@@ -545,11 +542,11 @@ class StageRuntime:
                 sock.connect(endpoint)
             for (edge, ep), seqs in groups.items():
                 if edge == "eos":
-                    for header in getattr(self, "_eos_headers", []):
+                    for header in self.eos_headers:
                         if header["ack"] == endpoint:
                             msg = wire.ack_message(wire.EOS_ACK, header["e"], header["ep"], [header["seq"]], self.spec.ident)
                             self._send_ack(sock, msg)
-                    self._eos_headers = [h for h in getattr(self, "_eos_headers", []) if h["ack"] != endpoint]
+                    self.eos_headers = [h for h in self.eos_headers if h["ack"] != endpoint]
                     continue
                 self._send_ack(sock, wire.ack_message(wire.ACK, edge, ep, seqs, self.spec.ident))
         self.acks_out.clear()
