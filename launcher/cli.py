@@ -349,18 +349,12 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     if not path.exists() and not follow:
         err.print(f"no events in {path.parent}")
         raise typer.Exit(1)
-    offset = 0
+    from stages.logtail import follow_file
+
+    tail = follow_file(path)
     try:
         while True:
-            lines: list[str] = []
-            if path.exists():
-                with open(path, encoding="utf-8") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    whole = chunk[: chunk.rfind("\n") + 1]
-                    offset += len(whole.encode())
-                    lines = whole.splitlines()
-            for line in lines:
+            for line in (entry.text for entry in tail.poll()):
                 try:
                     ev = json.loads(line)
                 except ValueError:
@@ -377,6 +371,8 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
+    finally:
+        tail.close()
 
 
 @app.command()

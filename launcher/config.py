@@ -104,8 +104,8 @@ class PipelineConfig(_Strict):
     transport: Literal["ipc", "tcp"] = "ipc"           # tcp: for stages reached over the network
     bind_host: str = "127.0.0.1"                       # tcp only: the address stages bind and are reached at
     poll_interval: float = Field(0.5, gt=0)            # psutil readings
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    defaults: Defaults = Field(default_factory=Defaults)
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
+    defaults: Defaults = Field(default_factory=lambda: Defaults())
     stages: dict[str, StageConfig]
     path: Path = Path(DEFAULT_CONFIG)
 

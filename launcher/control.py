@@ -89,7 +89,7 @@ def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, *
     pid = rd.supervisor_pid()
     if pid is None:
         raise NotRunning(f"no pipeline is running in {rd.path}")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))

@@ -55,7 +55,7 @@ def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
     from stages import checkpoints
 
     metas = checkpoints.history(run_dir / "checkpoints")
-    names = [m.get("stage") for m in metas if isinstance(m.get("stage"), str)]
+    names = [str(m["stage"]) for m in metas if isinstance(m.get("stage"), str)]
     return (names[-1] if names else "trainer"), metas
 
 

@@ -226,7 +226,8 @@ class Supervisor:
             timeout = max(r.cfg.ready_timeout for r in reps)
             waiting = [asyncio.create_task(r.settled.wait()) for r in reps]
             stop = asyncio.create_task(self.stop_requested.wait())
-            done, pending = await asyncio.wait([asyncio.gather(*waiting), stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            everyone: asyncio.Future[Any] = asyncio.gather(*waiting)
+            done, pending = await asyncio.wait([everyone, stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
                 t.cancel()
             for t in waiting:

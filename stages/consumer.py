@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json is the fa
     def _dumps(record: Record) -> bytes:
         return json.dumps(record, default=json_default).encode()
 
-    _loads = json.loads
+    _loads = json.loads  # type: ignore[assignment]
 
 RATE_WINDOW_S = 1.0
 

@@ -82,7 +82,7 @@ class Vectoriser:
         self.n_features = n_features
         self.set_classes(classes)
 
-    def set_classes(self, classes: Sequence[Any] | None) -> None:
+    def set_classes(self, classes: Sequence[Any] | np.ndarray | None) -> None:
         self.classes = None if classes is None else np.asarray(list(classes))
         self._class_set = None if classes is None else set(np.asarray(list(classes)).tolist())
 

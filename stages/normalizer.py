@@ -19,7 +19,7 @@ goes the same way, even when redelivered) to the named output ``holdout`` instea
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -66,13 +66,14 @@ class Normalizer(Stage):
         for field, kind in self.schema.items():
             if field not in record:
                 return f"missing field {field!r}"
-            value = record[field]
+            value: Any = record[field]
             if not isinstance(value, _TYPES[kind]) or (kind in ("int", "float", "number") and isinstance(value, bool)):
                 return f"field {field!r}: expected {kind}, got {type(value).__name__}"
             if kind == "vector":
-                if self.mean is not None and len(value) != len(self.mean):
-                    return f"field {field!r}: expected {len(self.mean)} values, got {len(value)}"
-                if not value:
+                vector = cast(list, value)
+                if self.mean is not None and len(vector) != len(self.mean):
+                    return f"field {field!r}: expected {len(self.mean)} values, got {len(vector)}"
+                if not vector:
                     return f"field {field!r}: empty vector"
         return None
 
@@ -114,7 +115,7 @@ class Normalizer(Stage):
     def _scale_one(self, record: Record) -> bool:
         """Slow path for a batch with a ragged or non-numeric vector: find the culprits."""
         try:
-            x = np.asarray([record[self.scale]], dtype=float)  # type: ignore[index]
+            x = np.asarray([record[self.scale or ""]], dtype=np.float64)
             if self.mean is not None and x.shape[1] != len(self.mean):
                 raise ValueError(f"expected {len(self.mean)} values, got {x.shape[1]}")
         except (ValueError, TypeError) as exc:

@@ -641,9 +641,9 @@ class StageRuntime:
             edge.sock.close(linger=linger)
         for sock in self.ack_socks.values():
             sock.close(linger=200)
-        for sock in (self.inp, self.ackp):
-            if sock is not None:
-                sock.close(linger=0)
+        for maybe in (self.inp, self.ackp):
+            if maybe is not None:
+                maybe.close(linger=0)
         self.ctl.close(linger=500)
         self.ctx.term()
 

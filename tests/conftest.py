@@ -129,6 +129,16 @@ class Pipeline:
         return cli("down", "--config", str(self.config), cwd=self.folder, timeout=120)
 
     # -- teardown ----------------------------------------------------------------------------
+    @staticmethod
+    def assert_no_zombies(supervisor_pid: int) -> None:
+        """Every exited stage has been reaped by the supervisor (allowing it a moment to do so)."""
+        def zombies() -> list[int]:
+            try:
+                return [c.pid for c in psutil.Process(supervisor_pid).children() if c.status() == psutil.STATUS_ZOMBIE]
+            except psutil.Error:
+                return []
+        wait_for(lambda: not zombies(), timeout=5, what=f"the supervisor to reap its zombie children {zombies()}")
+
     def kill_everything(self) -> list[str]:
         """Stop whatever is left; return the pids that had to be killed (should be none)."""
         left = []
@@ -139,8 +149,9 @@ class Pipeline:
             except subprocess.TimeoutExpired:
                 self.foreground.kill()
                 self.foreground.wait(10)
-        elif self.status_or_none() is not None:
+        elif (st := self.status_or_none()) is not None:
             self.remember()
+            self.assert_no_zombies(st["supervisor_pid"])
             self.down()
         if self.foreground is not None and self.foreground.stdout is not None:
             self.foreground.stdout.close()
