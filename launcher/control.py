@@ -100,6 +100,8 @@ def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, *
         reply = wire.unpackb(sock.recv())
     except zmq.Again:
         raise ControlError(f"the supervisor (pid {pid}) did not answer {cmd!r} within {timeout:g}s") from None
+    except zmq.ZMQError as exc:
+        raise ControlError(f"cannot reach the supervisor (pid {pid}) at {rd.control}: {exc}") from None
     finally:
         sock.close()
     if not reply.get("ok", False):

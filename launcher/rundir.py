@@ -55,7 +55,9 @@ class RunDir:
         return self.path / "state"
 
     def endpoint(self, name: str) -> str:
-        return f"ipc://{self.sock / name}"
+        # the real folder, not the symlink: ZeroMQ passes the path to bind() as it is
+        folder = self.sock.resolve() if self.sock.is_symlink() else self.sock
+        return f"ipc://{folder / name}"
 
     @property
     def control(self) -> str:

@@ -44,7 +44,11 @@ class Processor:
     def _call(self, batch: Batch) -> list[Record]:
         if self._loop is None:
             out = self.stage.process(batch)
-            return out if isinstance(out, list) else list(out if out is not None else ())
+            if isinstance(out, list):
+                return out
+            if isinstance(out, dict):       # one record returned bare
+                return [out]
+            return list(out if out is not None else ())
         if self._asyncgen:
             async def collect() -> list[Record]:
                 return [r async for r in self.stage.process(batch)]  # type: ignore[attr-defined]

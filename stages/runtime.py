@@ -136,9 +136,17 @@ class Edge:
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
                   "ack": self.rt.spec.ack if self.rt.acked else None}
+        try:
+            frames = wire.data_frames(header, records)
+        except (TypeError, ValueError, OverflowError):
+            records = self.rt.keep_sendable(records)      # dead-letter what cannot cross the wire
+            if not records:
+                return
+            header["n"] = len(records)
+            frames = wire.data_frames(header, records)
         if parent is not None:
             parent.outstanding += 1
-        self.outq.append(OutBatch(self.seq, wire.data_frames(header, records), len(records), parent))
+        self.outq.append(OutBatch(self.seq, frames, len(records), parent))
 
     def flush_pending(self, parent: InToken | Mark | None = None) -> None:
         if self.pending:
@@ -424,6 +432,23 @@ class StageRuntime:
         self.emit(outcome.records, token)
         if token is not None and token.outstanding == 0:
             self.queue_ack(token)
+
+    def keep_sendable(self, records: list[Any]) -> list[Record]:
+        """The records that are maps msgpack can encode; the others go to the dead-letter file."""
+        good = []
+        for record in records:
+            try:
+                if not isinstance(record, dict):
+                    raise TypeError(f"output is a {type(record).__name__}, not a map")
+                wire.packb(record)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.errors += 1
+                self.dead += 1
+                self.last_error = f"unsendable output: {exc}"
+                self.dead_letters.write(repr(record)[:2000], self.last_error)
+                continue
+            good.append(record)
+        return good
 
     def observe_latency(self, ms: float) -> None:
         self.batches += 1

@@ -39,7 +39,20 @@ EOS = "eos"
 ACK = "a"
 EOS_ACK = "ea"
 
-_packb = msgpack.Packer(use_bin_type=True).pack
+def _to_wire(obj: Any) -> Any:
+    """What msgpack cannot carry as is, as plain data: numpy values, tuples, sets, times, paths."""
+    if hasattr(obj, "tolist"):          # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if hasattr(obj, "isoformat"):       # datetime, date, time
+        return obj.isoformat()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__} (records carry maps, lists, strings, numbers)")
+
+
+_packb = msgpack.Packer(use_bin_type=True, default=_to_wire).pack
 
 
 def packb(obj: Any) -> bytes:

@@ -163,3 +163,41 @@ def test_async_stage_is_driven_on_an_event_loop(tmp_path: Path) -> None:
 
     run = run_stage(Lookup(), [records(10)], run_dir=tmp_path)
     assert len(run.records) == 10 and all(r["looked_up"] for r in run.records)
+
+
+def test_unsendable_output_is_dead_lettered_not_fatal(pipeline, tmp_path: Path) -> None:
+    """numpy values and tuples are converted; a record holding an object is dead-lettered."""
+    import json
+    import textwrap
+
+    from tests.conftest import wait_for
+
+    (tmp_path / "odd.py").write_text(textwrap.dedent("""
+        import numpy as np
+        from stages import Stage
+
+        class Odd(Stage):
+            def process(self, batch):
+                out = []
+                for r in batch:
+                    r = {**r, "n": np.float32(1.5), "pair": (1, 2)}
+                    if r["id"] % 100 == 3:
+                        r["obj"] = object()
+                    out.append(r)
+                return out
+    """))
+    p = pipeline("""\
+        pipeline: odd
+        stages:
+          generator: {type: generator, options: {rate: 2000}}
+          odd: {type: "odd:Odd", inputs: [generator]}
+          consumer: {type: consumer, inputs: [odd]}
+    """)
+    p.up()
+    wait_for(lambda: len(p.output_ids()) > 300, timeout=30, what="records through the odd stage")
+    line = json.loads((p.run_dir / "output" / "records.jsonl").read_text().splitlines()[0])
+    assert line["n"] == 1.5 and line["pair"] == [1, 2]
+    dead = wait_for(lambda: (p.run_dir / "deadletter" / "odd.jsonl").read_text().splitlines(), timeout=30, what="dead letters")
+    assert "unsendable output" in json.loads(dead[0])["error"]
+    assert p.row("odd")["restarts"] == 0 and p.row("odd")["state"] == "running"
+    assert not [i for i in p.output_ids() if i % 100 == 3]

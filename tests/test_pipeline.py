@@ -146,3 +146,18 @@ def test_stage_children_share_its_process_group(pipeline) -> None:
     for r in p.status()["stages"]:
         assert os.getpgid(r["pid"]) == r["pid"], "each stage leads its own process group"
         assert psutil.Process(r["pid"]).ppid() == p.status()["supervisor_pid"]
+
+
+def test_run_dir_too_deep_for_unix_socket_paths(pipeline, tmp_path: Path) -> None:
+    """Regression: socket paths over 107 bytes. Sockets then live in a short folder under /tmp."""
+    deep = tmp_path.joinpath(*["a_rather_long_folder_name_for_sockets"] * 4)
+    deep.mkdir(parents=True)
+    p = pipeline("""\
+        pipeline: deep
+        stages:
+          generator: {type: generator, options: {count: 500}}
+          consumer: {type: consumer, inputs: [generator]}
+    """, folder=deep)
+    p.up()
+    assert (p.run_dir / "sock").is_symlink() and len(str(p.run_dir / "sock")) > 107
+    wait_for(lambda: len(p.output_ids()) == 500, timeout=30, what="records through the deep run dir")
