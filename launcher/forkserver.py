@@ -67,35 +67,65 @@ def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[st
     return mtimes, failed
 
 
-def spawn(request: dict, supervisor_pid: int, server_sock: socket.socket) -> int:
-    """Fork a stage (as a grandchild adopted by the supervisor); return its pid."""
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:                                   # the middle process
-        try:
-            os.close(r)
-            pid = os.fork()
-            if pid == 0:                             # the stage
-                os.close(w)
-                _become_stage(request, supervisor_pid, server_sock)
-            os.write(w, b"%d\n" % pid)
-        finally:
-            os._exit(0)
-    os.close(w)
+def _read_line(fd: int) -> bytes:
+    """Read up to a newline (not to EOF: the writer may live on)."""
     data = b""
-    while not data.endswith(b"\n"):   # not until EOF: that would wait for the middle process's
-        chunk = os.read(r, 32)         # exit, ~5 ms of page-table teardown for a 130 MB image
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
         if not chunk:
             break
         data += chunk
-    os.close(r)
-    return int(data)   # the middle process is reaped by the kernel (SIGCHLD ignored): no wait here
+    return data
 
 
-def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket) -> None:
+class Middle:
+    """A child of the server, forked ahead of time, that forks one stage and exits.
+
+    The stage is its child, so it is adopted by the supervisor (a child subreaper) as soon as
+    the middle process exits. Forking the middle process *before* the request arrives takes one
+    of the two forks (~3.5 ms each for a 130 MB image) off the respawn path.
+    """
+
+    def __init__(self, supervisor_pid: int, server_sock: socket.socket) -> None:
+        req_r, self.req_w = os.pipe()
+        self.pid_r, pid_w = os.pipe()
+        if os.fork() == 0:
+            try:
+                server_sock.close()
+                os.close(self.req_w)
+                os.close(self.pid_r)
+                line = _read_line(req_r)
+                if line:                              # EOF: the server is gone or retired us
+                    request = json.loads(line)
+                    pid = os.fork()
+                    if pid == 0:                      # the stage
+                        os.close(req_r)
+                        os.close(pid_w)
+                        _become_stage(request, supervisor_pid)
+                    os.write(pid_w, b"%d\n" % pid)
+            finally:
+                os._exit(0)
+        os.close(req_r)
+        os.close(pid_w)
+
+    def spawn(self, request: dict) -> int:
+        """Hand the request over; return the stage's pid (not waiting for this process to exit)."""
+        try:
+            data = (json.dumps(request) + "\n").encode()
+            while data:
+                data = data[os.write(self.req_w, data):]
+            pid = _read_line(self.pid_r)
+        finally:
+            os.close(self.req_w)
+            os.close(self.pid_r)
+        if not pid:
+            raise RuntimeError("the middle process died before forking the stage")
+        return int(pid)   # reaped by the kernel (SIGCHLD ignored in the server)
+
+
+def _become_stage(request: dict, supervisor_pid: int) -> None:
     code = 1
     try:
-        server_sock.close()
         os.setsid()                                  # own session and process group
         # adoption by the supervisor completes while the middle process exits; the runtime
         # waits for it (die_with_parent) only after its own set-up, so the two overlap
@@ -110,7 +140,6 @@ def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket
         os.close(null)
         sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
         sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        _reload_if_changed(request.get("reload", []))
         from stages.runtime import main
         from stages.spec import StageSpec
 
@@ -128,12 +157,6 @@ def _become_stage(request: dict, supervisor_pid: int, server_sock: socket.socket
             os._exit(code)
 
 
-def _reload_if_changed(modules: list[str]) -> None:
-    for name in modules:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
-
-
 def serve() -> int:
     config = json.loads(os.environ.get(ENV_VAR, "{}"))
     supervisor_pid = int(config.get("supervisor_pid", os.getppid()))
@@ -147,16 +170,18 @@ def serve() -> int:
     mtimes, failed = preload(config.get("types", []), config.get("config_dir", os.getcwd()))
     sock.sendall((json.dumps({"ready": True, "pid": os.getpid(), "modules": mtimes, "failed": failed}) + "\n").encode())
     reader = sock.makefile("rb")
+    middle = Middle(supervisor_pid, sock)
     for line in reader:
         try:
             request = json.loads(line)
         except ValueError:
             continue
         try:
-            reply = {"id": request.get("id"), "pid": spawn(request, supervisor_pid, sock)}
+            reply = {"id": request.get("id"), "pid": middle.spawn(request)}
         except Exception as exc:
             reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
         sock.sendall((json.dumps(reply) + "\n").encode())
+        middle = Middle(supervisor_pid, sock)         # the next one, while nobody is waiting
     return 0
 
 
