@@ -753,7 +753,6 @@ def main(spec: StageSpec) -> int:
     if os.getppid() == spec.supervisor_pid:      # a cold start: arm the death signal at once
         die_with_parent(spec.supervisor_pid)
     setup_logging(spec)
-    ctl_ctx = None
     try:
         cls = load_class(spec.type, Path(spec.config_dir))
         stage = cls(**spec.options)
@@ -778,13 +777,12 @@ def main(spec: StageSpec) -> int:
         tb = traceback.format_exc()
         logger.opt(exception=True).error(f"stage failed to start: {type(exc).__name__}: {exc}")
         print(tb, file=sys.stderr, flush=True)
-        ctx = zmq.Context.instance() if rt is None else rt.ctx
-        if rt is None:
-            ctl_ctx = ctx.socket(zmq.DEALER)
-            ctl_ctx.setsockopt(zmq.IDENTITY, spec.ident.encode())
-            ctl_ctx.connect(spec.control)
-            ctl_ctx.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}", traceback=tb))
-            ctl_ctx.close(linger=500)
+        if rt is None:   # failed before the runtime existed: tell the supervisor on a socket of our own
+            ctl: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+            ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
+            ctl.connect(spec.control)
+            ctl.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}", traceback=tb))
+            ctl.close(linger=500)
         else:
             rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
             rt.close()
