@@ -77,7 +77,12 @@ class Scale(Command):
         n = int(msg.get("replicas", 0))
         if not 1 <= n <= 64:
             raise ControlError("replicas must be between 1 and 64")
-        return await sup.scale(_stage_of(sup, msg), n)
+        stage = _stage_of(sup, msg)
+        if sup.cfg.is_source(stage):
+            # a source's replicas split one stream by their count (the generator: id % replicas);
+            # changing it under running replicas would emit ids twice
+            raise ControlError(f"{stage} is a source: set its replicas in {sup.cfg.path.name} and `streampipe restart {stage}`")
+        return await sup.scale(stage, n)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale())}

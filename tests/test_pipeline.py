@@ -98,6 +98,12 @@ def test_user_stage_runs_in_the_pipeline(pipeline, tmp_path: Path) -> None:
 
             def process(self, batch):
                 return [{**r, "tag": self.tag, "x_sum": sum(r["x"])} for r in batch]
+
+        class Lookup(Stage):
+            async def process(self, batch):
+                import asyncio
+                await asyncio.sleep(0.001)      # an I/O-bound call, say
+                return [{**r, "looked_up": True} for r in batch]
     """))
     p = pipeline("""\
         pipeline: user
@@ -108,12 +114,15 @@ def test_user_stage_runs_in_the_pipeline(pipeline, tmp_path: Path) -> None:
             type: mystages:Enricher
             inputs: [normalizer]
             options: {tag: enriched}
-          consumer: {type: consumer, inputs: [enricher]}
+          lookup: {type: "mystages:Lookup", inputs: [enricher]}
+          consumer: {type: consumer, inputs: [lookup]}
     """)
     p.up()
     wait_for(lambda: len(p.output_ids()) > 100, timeout=30, what="enriched records")
     line = json.loads((p.run_dir / "output" / "records.jsonl").read_text().splitlines()[0])
-    assert line["tag"] == "enriched" and isinstance(line["x_sum"], float)
+    assert line["tag"] == "enriched" and isinstance(line["x_sum"], float) and line["looked_up"] is True
+    refused = cli("scale", "generator", "2", "--config", str(p.config), cwd=p.folder)
+    assert refused.returncode == 1 and "is a source" in refused.stderr
 
 
 @pytest.mark.parametrize("transport,delivery", [("ipc", "at-least-once"), ("tcp", "at-most-once")])
