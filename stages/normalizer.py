@@ -19,7 +19,7 @@ goes the same way, even when redelivered) to the named output ``holdout`` instea
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -28,14 +28,17 @@ from stages.api import Batch, Record, Stage
 DEFAULT_SCHEMA = {"id": "int", "x": "vector", "y": "int"}
 _GOLDEN = 2654435761          # Knuth's multiplicative hash: spreads consecutive ids evenly
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "number": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-    "vector": (list,),
+# exact types, as msgpack decodes them: ``type(v) in ...`` is ~3x cheaper per field than
+# isinstance() plus a bool guard, and it keeps True out of numbers
+_TYPES: dict[str, frozenset[type]] = {
+    "int": frozenset({int}),
+    "float": frozenset({int, float}),
+    "number": frozenset({int, float}),
+    "str": frozenset({str}),
+    "bool": frozenset({bool}),
+    "vector": frozenset({list}),
 }
+_MISSING = object()
 
 
 class Normalizer(Stage):
@@ -52,6 +55,7 @@ class Normalizer(Stage):
             raise ValueError(f"scale field {scale!r} must be a 'vector' field of the schema")
         if not 0.0 <= holdout <= 1.0:
             raise ValueError("holdout must be a fraction between 0 and 1")
+        self._checks = [(field, _TYPES[kind], kind) for field, kind in self.schema.items()]
         self.scale, self.holdout = scale, float(holdout)
         self._threshold = int(self.holdout * 2**32)
         self.n = 0
@@ -61,20 +65,19 @@ class Normalizer(Stage):
 
     def check(self, record: Any) -> str | None:
         """Why a record is invalid, or None."""
-        if not isinstance(record, dict):
+        if type(record) is not dict:
             return f"record is {type(record).__name__}, not a map"
-        for field, kind in self.schema.items():
-            if field not in record:
+        for field, allowed, kind in self._checks:
+            value = record.get(field, _MISSING)
+            if value is _MISSING:
                 return f"missing field {field!r}"
-            value: Any = record[field]
-            if not isinstance(value, _TYPES[kind]) or (kind in ("int", "float", "number") and isinstance(value, bool)):
+            if type(value) not in allowed:
                 return f"field {field!r}: expected {kind}, got {type(value).__name__}"
             if kind == "vector":
-                vector = cast(list, value)
-                if self.mean is not None and len(vector) != len(self.mean):
-                    return f"field {field!r}: expected {len(self.mean)} values, got {len(vector)}"
-                if not vector:
+                if not value:
                     return f"field {field!r}: empty vector"
+                if self.mean is not None and len(value) != len(self.mean):
+                    return f"field {field!r}: expected {len(self.mean)} values, got {len(value)}"
         return None
 
     def process(self, batch: Batch) -> list[Record]:
