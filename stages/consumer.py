@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
@@ -103,54 +104,61 @@ class Consumer(Stage):
         with open(self.path, "rb+") as f:
             f.seek(offset)
             good = offset
+            written = []
             for line in iter(f.readline, b""):
                 if not line.endswith(b"\n"):
                     break
                 good += len(line)
                 try:
-                    self._account(_loads(line))
+                    written.append(_loads(line))
                 except ValueError:
                     continue
+            self.admit(written)
             if good < size:
                 f.truncate(good)
 
-    def _account(self, record: Record) -> None:
-        rid = record.get("id")
-        if isinstance(rid, int):
-            self._mark(rid)
-        self.count += 1
-        label = record.get(self.label)
-        if label is not None:
-            key = str(label)
-            self.labels[key] = self.labels.get(key, 0) + 1
+    def admit(self, batch: Batch) -> list[Record]:
+        """The records of ``batch`` not written before (all of them without ``dedup``), counted.
 
-    def _mark(self, rid: int) -> None:
-        if rid == self.watermark:
-            self.watermark += 1
-            while self.watermark in self.above:
-                self.above.discard(self.watermark)
-                self.watermark += 1
-        elif rid > self.watermark:
-            self.above.add(rid)
+        One pass, locals only: this is the sink's per-record hot path.
+        """
+        fresh: list[Record] = []
+        wm, above, dedup = self.watermark, self.above, self.dedup
+        for record in batch:
+            rid = record.get("id")
+            if type(rid) is int:
+                if rid < wm or rid in above:
+                    if dedup:
+                        self.duplicates += 1
+                        continue
+                elif rid == wm:
+                    wm += 1
+                    while wm in above:
+                        above.discard(wm)
+                        wm += 1
+                else:
+                    above.add(rid)
+            fresh.append(record)
+        self.watermark = wm
+        self.count += len(fresh)
+        label, labels = self.label, self.labels
+        for value in Counter(r.get(label) for r in fresh).items():
+            if value[0] is not None:
+                key = str(value[0])
+                labels[key] = labels.get(key, 0) + value[1]
+        return fresh
 
     def seen(self, rid: Any) -> bool:
-        return isinstance(rid, int) and (rid < self.watermark or rid in self.above)
+        return type(rid) is int and (rid < self.watermark or rid in self.above)
 
     # -- the sink ----------------------------------------------------------------------------
     def process(self, batch: Batch) -> list[Record]:
         assert self._file is not None, "setup() opens the output"
-        lines = []
-        for record in batch:
-            if self.dedup and self.seen(record.get("id")):
-                self.duplicates += 1
-                continue
-            lines.append(_dumps(record))
-            self._account(record)
-        if lines:
-            lines.append(b"")
-            self._file.write(b"\n".join(lines))
+        fresh = self.admit(batch)
+        if fresh:
+            self._file.write(b"\n".join([_dumps(r) for r in fresh]) + b"\n")
             self._file.flush()
-        self._tick(len(lines) - 1 if lines else 0)
+        self._tick(len(fresh))
         return []
 
     def _tick(self, n: int) -> None:
