@@ -233,9 +233,13 @@ def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
     for name, stage in cfg.stages.items():
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError("stage names use letters, digits, '_' and '-'", file=path, line=index.get(("stages", name)), field=f"stages.{name}")
+        wired: set[tuple[str, str]] = set()
         for i, ref in enumerate(stage.inputs):
             src, _, output = ref.partition(".")
             where = dict(file=path, line=index.get(("stages", name, "inputs", i)), field=f"stages.{name}.inputs[{i}]")
+            if (src, output or "default") in wired:
+                raise ConfigError(f"{ref!r} is already an input of {name!r}", **where)  # type: ignore[arg-type]
+            wired.add((src, output or "default"))
             if src not in cfg.stages:
                 known = ", ".join(sorted(cfg.stages))
                 raise ConfigError(f"unknown stage {src!r} (stages: {known})", **where)  # type: ignore[arg-type]

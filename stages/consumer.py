@@ -5,12 +5,15 @@ is flushed after each batch, so ``tail -f`` sees records as they arrive. Under a
 delivery a batch can arrive twice (it was resent after a crash); the consumer drops records
 whose ``id`` it has already written, so the file holds each record once (effectively-once).
 
-Dedup state is a high-water mark (every id below it was written) plus the set of ids above it,
-saved atomically with the file offset it covers every ``checkpoint_s``. After a crash the
-consumer loads it, cuts a torn last line, and re-reads only the lines written after that
-offset, so restart cost does not grow with the file. Memory is bounded by how far out of order
-ids arrive, not by how many there are. With ``replicas > 1`` each replica writes its own file
-(``records.1.jsonl`` ...) and dedup holds per file. Records without an ``id`` are not deduplicated.
+Dedup state (:class:`stages.seen.SeenIds`) is a high-water mark (every id below it was written)
+plus the ranges of ids seen above it, saved atomically with the file offset it covers every
+``checkpoint_s``. Ids are marked seen only once their records are on disk, so a failed write
+loses nothing. After a crash the consumer loads the state, cuts a torn last line, and re-reads
+only the lines written after that offset, so restart cost does not grow with the file. Memory
+grows with the number of holes in the id sequence, and a hole open longer than
+``dedup_horizon_s`` (300 s) is closed. A record that cannot be written as JSON is dead-lettered.
+With ``replicas > 1`` each replica writes its own file (``records.1.jsonl`` ...) and dedup holds
+per file. Records without an ``id`` are not deduplicated.
 
 >>> import tempfile, pathlib, json
 >>> from stages.api import StageContext
@@ -30,13 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from stages.api import Batch, Record, Stage
+from stages.seen import DEFAULT_HORIZON_S, SeenIds
 from stages.state import json_default, load_state, save_state
 
 try:
     import orjson
 
     def _dumps(record: Record) -> bytes:
-        return orjson.dumps(record, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(record, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
     _loads = orjson.loads
 except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
@@ -52,14 +56,14 @@ RATE_WINDOW_S = 1.0
 
 class Consumer(Stage):
     def __init__(self, output: str = "output/records.jsonl", dedup: bool = True, label: str = "y",
-                 checkpoint_s: float = 1.0, **options: Any) -> None:
+                 checkpoint_s: float = 1.0, dedup_horizon_s: float = DEFAULT_HORIZON_S, **options: Any) -> None:
         super().__init__(**options)
         self.output, self.dedup, self.label, self.checkpoint_s = output, dedup, label, checkpoint_s
+        self.horizon_s = dedup_horizon_s
         self.count = 0
         self.duplicates = 0
         self.labels: dict[str, int] = {}
-        self.watermark = 0
-        self.above: set[int] = set()
+        self.seen = SeenIds(horizon_s=dedup_horizon_s)
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._saved_at = 0.0
@@ -86,8 +90,7 @@ class Consumer(Stage):
         saved = load_state(self.state_path) or {}
         offset = 0
         if saved.get("path") == str(self.path):
-            self.watermark = int(saved.get("watermark", 0))
-            self.above = set(saved.get("above", []))
+            self.seen = SeenIds.from_state(saved.get("seen") or {}, self.horizon_s)
             self.count = int(saved.get("count", 0))
             self.labels = dict(saved.get("labels", {}))
             offset = int(saved.get("offset", 0))
@@ -100,7 +103,7 @@ class Consumer(Stage):
             return
         size = self.path.stat().st_size
         if size < offset:  # the file was replaced or truncated by hand: start over
-            self.watermark, self.above, self.count, self.labels, offset = 0, set(), 0, {}, 0
+            self.seen, self.count, self.labels, offset = SeenIds(horizon_s=self.horizon_s), 0, {}, 0
         with open(self.path, "rb+") as f:
             f.seek(offset)
             good = offset
@@ -113,52 +116,59 @@ class Consumer(Stage):
                     written.append(_loads(line))
                 except ValueError:
                     continue
-            self.admit(written)
+            self.commit(self.fresh(written), written)
             if good < size:
                 f.truncate(good)
 
-    def admit(self, batch: Batch) -> list[Record]:
-        """The records of ``batch`` not written before (all of them without ``dedup``), counted.
+    def fresh(self, batch: Batch) -> list[Record]:
+        """The records of ``batch`` not written before (all of them without ``dedup``).
 
-        One pass, locals only: this is the sink's per-record hot path.
+        Reads the seen-id set but does not change it: ids are committed only once their records
+        are on disk (:meth:`commit`), so a failed write loses nothing.
         """
-        fresh: list[Record] = []
-        wm, above, dedup = self.watermark, self.above, self.dedup
+        if not self.dedup:
+            return list(batch)
+        seen, in_batch, out = self.seen, set(), []
         for record in batch:
             rid = record.get("id")
             if type(rid) is int:
-                if rid < wm or rid in above:
-                    if dedup:
-                        self.duplicates += 1
-                        continue
-                elif rid == wm:
-                    wm += 1
-                    while wm in above:
-                        above.discard(wm)
-                        wm += 1
-                else:
-                    above.add(rid)
-            fresh.append(record)
-        self.watermark = wm
-        self.count += len(fresh)
-        label, labels = self.label, self.labels
-        for value in Counter(r.get(label) for r in fresh).items():
-            if value[0] is not None:
-                key = str(value[0])
-                labels[key] = labels.get(key, 0) + value[1]
-        return fresh
+                if rid in seen or rid in in_batch:
+                    self.duplicates += 1
+                    continue
+                in_batch.add(rid)
+            out.append(record)
+        return out
 
-    def seen(self, rid: Any) -> bool:
-        return type(rid) is int and (rid < self.watermark or rid in self.above)
+    def commit(self, written: list[Record], handled: list[Record]) -> None:
+        """Count ``written`` and mark every id of ``handled`` (written or dead-lettered) as seen."""
+        add = self.seen.add
+        for record in handled:
+            rid = record.get("id")
+            if type(rid) is int:
+                add(rid)
+        self.count += len(written)
+        labels = self.labels
+        for label, n in Counter(r.get(self.label) for r in written).items():
+            if label is not None:
+                key = str(label)
+                labels[key] = labels.get(key, 0) + n
 
     # -- the sink ----------------------------------------------------------------------------
     def process(self, batch: Batch) -> list[Record]:
         assert self._file is not None, "setup() opens the output"
-        fresh = self.admit(batch)
-        if fresh:
-            self._file.write(b"\n".join([_dumps(r) for r in fresh]) + b"\n")
+        fresh = self.fresh(batch)
+        lines, written = [], []
+        for record in fresh:
+            try:
+                lines.append(_dumps(record))
+                written.append(record)
+            except (TypeError, ValueError) as exc:   # orjson: a key or value JSON cannot carry
+                self.reject(record, f"cannot be written as JSON: {exc}")
+        if lines:
+            self._file.write(b"\n".join(lines) + b"\n")
             self._file.flush()
-        self._tick(len(fresh))
+        self.commit(written, fresh)
+        self._tick(len(written))
         return []
 
     def _tick(self, n: int) -> None:
@@ -175,8 +185,8 @@ class Consumer(Stage):
             return
         self._file.flush()
         os.fsync(self._file.fileno())
-        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(),
-                                     "watermark": self.watermark, "above": sorted(self.above),
+        self.seen.close_old_holes()
+        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "seen": self.seen.state(),
                                      "count": self.count, "labels": self.labels})
         self._saved_at = time.monotonic()
 
@@ -188,4 +198,5 @@ class Consumer(Stage):
 
     def stats(self) -> dict[str, Any]:
         return {"written": self.count, "rate": round(self._rate, 1), "duplicates_dropped": self.duplicates,
+                "dedup_holes": len(self.seen.starts),
                 "labels": dict(sorted(self.labels.items()))}

@@ -518,9 +518,8 @@ class StageRuntime:
         mark = self._mark_for_flush()
         for edge in self.edges:
             edge.flush_pending(mark)
-        if mark is not None and mark.outstanding == 0:
-            self.committed = mark.state
-            self.marks.pop()
+        if mark is not None:
+            self.advance_commit()   # never past a mark whose batches are still unacknowledged
 
     def _mark_for_flush(self) -> Mark | None:
         if not (self.source and self.acked):

@@ -33,6 +33,7 @@ BROKEN = [
     ("out_of_range", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: 0"), 9, "greater than or equal to 1"),
     ("bad_restart", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    restart: sometimes"), 9, "stages.norm.restart"),
     ("unknown_input", GOOD.replace("inputs: [gen]", "inputs: [gen, nope]"), 8, "unknown stage 'nope'"),
+    ("duplicate_input", GOOD.replace("inputs: [gen]", "inputs: [gen, gen.default]"), 8, "'gen.default' is already an input of 'norm'"),
     ("unknown_output", GOOD.replace("norm.holdout", "norm.sideways"), 11, "has no output 'sideways'"),
     ("missing_type", GOOD.replace("    type: normalizer\n", ""), 6, "stages.norm.type: this key is required"),
     ("no_implementation", GOOD.replace("type: consumer", "type: consumr"), 10, "unknown stage type 'consumr'"),
