@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError
 from stages.registry import BUILTINS
@@ -80,8 +81,19 @@ class StageConfig(StageSettings):
 
 class LoggingConfig(_Strict):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    rotation: str = "10 MB"
+    rotation: str = "10 MB"          # anything loguru's rotation takes: "10 MB", "1 day", "00:00"
     retention: int = Field(5, ge=1)
+
+    @field_validator("rotation")
+    @classmethod
+    def _loguru_parses(cls, value: str) -> str:
+        from loguru import logger
+
+        try:   # loguru parses the value when a sink is added; delay=True creates no file
+            logger.remove(logger.add(os.devnull + ".rotation-check", rotation=value, delay=True))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class Edge(BaseModel):

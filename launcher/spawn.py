@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -117,11 +118,17 @@ class ForkServer:
             request = {"id": self._next_id, "spec": spec.to_json(), "stderr": str(stderr_path)}
             self._writer.write((json.dumps(request) + "\n").encode())
             await self._writer.drain()
-            line = await asyncio.wait_for(self._reader.readline(), SPAWN_REPLY_TIMEOUT_S)
-        if not line:
-            self.ready = False
-            raise RuntimeError("fork server closed its socket")
-        reply = json.loads(line)
+            reply: dict = {}
+            while reply.get("id") != request["id"]:   # skip a late answer to an earlier request
+                try:
+                    line = await asyncio.wait_for(self._reader.readline(), SPAWN_REPLY_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    self.ready = False
+                    raise RuntimeError(f"no answer in {SPAWN_REPLY_TIMEOUT_S:g}s") from None
+                if not line:
+                    self.ready = False
+                    raise RuntimeError("fork server closed its socket")
+                reply = json.loads(line)
         if "error" in reply:
             raise RuntimeError(f"fork server: {reply['error']}")
         return int(reply["pid"])
@@ -133,6 +140,15 @@ class ForkServer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def kill(self) -> None:
+        """SIGKILL a wedged or broken server (the supervisor reaps it and starts another)."""
+        self.ready = False
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         if self._writer is not None:

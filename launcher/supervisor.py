@@ -29,7 +29,7 @@ import zmq.asyncio
 from loguru import logger
 
 from launcher.config import PipelineConfig, StageConfig
-from launcher.errors import StageError
+from launcher.errors import StageError, StreampipeError
 from launcher.rundir import RunDir
 from launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from monitor.events import EventLog
@@ -38,11 +38,13 @@ from monitor.policy import RestartPolicy, describe_exit
 from stages import wire
 from stages.registry import target_of
 from stages.spec import EdgeSpec, StageSpec
+from stages.state import load_state
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
 UNCLAIMED_KEEP = 8              # messages kept from a pid start_replica has not registered yet
 UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas' last words)
+UNCLAIMED_TTL_S = 10.0          # ... and for this long: a spawn reply takes ms, and pids are reused
 HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
 
 STATES = ("starting", "running", "blocked", "backoff", "stopping", "stopped", "completed", "failed")
@@ -107,9 +109,11 @@ class Supervisor:
         self.replicas: dict[str, list[Replica]] = {}
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
-        self.early_exits: dict[int, int] = {}
+        self.early_exits: dict[int, tuple[float, int]] = {}                  # pid -> (seen at, exit code)
         self.ports: dict[tuple[str, str, int], int] = {}
-        self.unclaimed: dict[int, list[dict[str, Any]]] = {}
+        self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
+        self.command_tasks: set[asyncio.Task[None]] = set()
+        self.fork_starting = False
         self.stop_requested = asyncio.Event()
         self.stopping = False
         self.started_at = time.time()
@@ -148,17 +152,23 @@ class Supervisor:
         for name, sc in self.cfg.stages.items():
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
         self.tasks = [asyncio.create_task(t) for t in (self._serve_stages(), self._serve_control(), self._health_loop(), self._history_loop())]
-        if self.metrics_port is not None:
-            from launcher.metrics import serve_metrics
-
-            serve_metrics(self, self.metrics_port)
         code = 0
         try:
+            if self.metrics_port is not None:
+                from launcher.metrics import serve_metrics
+
+                try:
+                    serve_metrics(self, self.metrics_port)
+                except OSError as exc:
+                    raise StageError(f"cannot serve metrics on 127.0.0.1:{self.metrics_port}: {exc.strerror}") from None
             if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
                 await self._start_forkserver()
             await self._start_all()
             self.started.set()
             await self.stop_requested.wait()
+        except StreampipeError as exc:
+            logger.error(str(exc))
+            code = exc.exit_code
         except Exception as exc:
             logger.opt(exception=True).error(f"supervisor error: {exc}")
             code = 1
@@ -204,17 +214,24 @@ class Supervisor:
         return rep
 
     async def _start_forkserver(self) -> None:
+        if self.fork_starting or self.stopping:
+            return   # one start at a time
+        self.fork_starting = True
         types = sorted({sc.type for sc in self.cfg.stages.values()})
-        self.fork = ForkServer(types, self.cfg.config_dir, self.rd.logs / "forkserver.stderr")
+        fork = self.fork = ForkServer(types, self.cfg.config_dir, self.rd.logs / "forkserver.stderr")
         t0 = time.monotonic()
         try:
-            await self.fork.start()
+            await fork.start()
         except Exception as exc:
             logger.warning(f"fork server did not start ({exc}); stages start cold")
-            self.fork = None
+            fork.kill()
+            if self.fork is fork:
+                self.fork = None
             return
+        finally:
+            self.fork_starting = False
         assert self.events is not None
-        self.events.emit("forkserver", pid=self.fork.pid, reason=f"preloaded in {time.monotonic() - t0:.2f}s")
+        self.events.emit("forkserver", pid=fork.pid, reason=f"preloaded in {time.monotonic() - t0:.2f}s")
 
     async def _start_all(self) -> None:
         for name in self.cfg.downstream_first():
@@ -267,27 +284,33 @@ class Supervisor:
         return f"tcp://{self.cfg.bind_host}:{self.ports[key]}"
 
     async def start_replica(self, rep: Replica) -> None:
-        if self.stopping:
-            return
+        if self.stopping or rep.pid is not None:
+            return   # stopping, or already running (a restart racing the start-up)
         spec = self.spec_for(rep)
         stderr = self.rd.logs / f"{rep.ident}.stderr"
         module = target_of(rep.cfg.type).partition(":")[0]
-        mode = "cold"
         t0 = time.monotonic()
-        try:
-            if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready and not self.fork.changed(module):
-                pid = await self.fork.spawn(spec, stderr)
-                mode = "fork-server"
-            else:
-                if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready and self.fork.changed(module):
-                    logger.info(f"{module} changed since the fork server preloaded it: {rep.ident} starts cold; reloading the fork server")
-                    asyncio.create_task(self._restart_forkserver())
+        fork = self.fork if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready else None
+        if fork is not None and fork.changed(module):
+            if module not in fork.failed:   # edited since the preload: fresh code, and a fresh server
+                logger.info(f"{module} changed since the fork server preloaded it: {rep.ident} starts cold; reloading the fork server")
+                asyncio.create_task(self._restart_forkserver())
+            fork = None
+        pid, mode = None, "cold"
+        if fork is not None:
+            try:
+                pid, mode = await fork.spawn(spec, stderr), "fork-server"
+            except Exception as exc:
+                logger.warning(f"fork server spawn failed ({exc}); starting {rep.ident} cold and replacing the server")
+                fork.kill()   # reaped in _reap, which starts a new one
+        if pid is None:
+            try:
                 pid = spawn_stage_cold(spec, stderr)
-        except Exception as exc:
-            if mode == "cold":
+            except OSError as exc:
                 raise StageError(f"cannot start {rep.ident}: {exc}") from exc
-            logger.warning(f"fork server spawn failed ({exc}); starting {rep.ident} cold")
-            pid = spawn_stage_cold(spec, stderr)
+        if rep.pid is not None or self.stopping:   # raced with another start while we awaited the server
+            os.kill(pid, signal.SIGKILL)
+            return
         rep.pid, rep.state, rep.started_at = pid, "starting", time.time()
         rep.ready_at, rep.last_beat, rep.hb, rep.kill_reason, rep.wanted_down = None, None, {}, "", False
         rep.spawn_mode = mode
@@ -299,10 +322,10 @@ class Supervisor:
         assert self.events is not None
         self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",
                          spawn=mode, t_spawn=time.time())
-        for msg in self.unclaimed.pop(pid, []):
+        for msg in self.unclaimed.pop(pid, (0.0, []))[1]:
             self._on_stage_message(rep, msg)
         if pid in self.early_exits:
-            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid))
+            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid)[1])
 
     async def _restart_forkserver(self) -> None:
         old = self.fork
@@ -328,12 +351,11 @@ class Supervisor:
                     asyncio.get_running_loop().create_task(self._start_forkserver())
                 continue
             rep = self.by_pid.pop(pid, None)
-            if rep is not None:
+            if rep is not None and rep.pid == pid:
                 self._on_exit(rep, code)
-            else:   # a stage that exited before start_replica registered it, or a stage's orphan
-                self.early_exits[pid] = code
-                while len(self.early_exits) > UNCLAIMED_PIDS:
-                    self.early_exits.pop(next(iter(self.early_exits)))
+            elif rep is None:   # a stage that exited before start_replica registered it, or a stage's orphan
+                self.early_exits[pid] = (time.monotonic(), code)
+                expire(self.early_exits)
 
     def _on_exit(self, rep: Replica, code: int) -> None:
         assert self.events is not None
@@ -358,6 +380,10 @@ class Supervisor:
         rep.probe = None
         rep.exited.set()
         self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
+        if code == 0 and rep.state != "completed" and self.cfg.is_source(rep.stage):
+            saved = load_state(self.rd.state / f"{rep.ident}.msgpack") or {}   # its exit beat its last message
+            if saved.get("completed"):
+                rep.state = "completed"
         if rep.state == "completed":
             rep.settled.set()
             return
@@ -485,11 +511,10 @@ class Supervisor:
             if rep is not None and pid and rep.pid != pid:
                 # from a replica already replaced, or from one so quick that its READY beat the
                 # fork server's reply: keep it until start_replica knows the pid
-                early = self.unclaimed.setdefault(pid, [])
+                early = self.unclaimed.setdefault(pid, (time.monotonic(), []))[1]
                 if len(early) < UNCLAIMED_KEEP:
                     early.append(msg)
-                while len(self.unclaimed) > UNCLAIMED_PIDS:
-                    self.unclaimed.pop(next(iter(self.unclaimed)))
+                expire(self.unclaimed)
                 continue
             if rep is not None:
                 self._on_stage_message(rep, msg)
@@ -539,17 +564,24 @@ class Supervisor:
         assert self.control_sock is not None
         while True:
             frames = await self.control_sock.recv_multipart()
-            ident, raw = frames[0], frames[-1]
-            try:
-                msg = wire.unpackb(raw)
-                command = self.commands[msg["cmd"]]
-                reply = await command.execute(self, msg)
-            except KeyError:
-                reply = {"ok": False, "error": f"unknown command in {raw[:80]!r}"}
-            except Exception as exc:
-                logger.opt(exception=True).warning(f"control command failed: {exc}")
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            await self.control_sock.send_multipart([ident, b"", wire.packb(reply)])
+            # each command in its own task: a rolling restart must not hold up `status`
+            self.command_tasks.add(task := asyncio.create_task(self._answer(frames[0], frames[-1])))
+            task.add_done_callback(self.command_tasks.discard)
+
+    async def _answer(self, ident: bytes, raw: bytes) -> None:
+        assert self.control_sock is not None
+        try:
+            msg = wire.unpackb(raw)
+            command = self.commands[msg["cmd"]]
+            reply = await command.execute(self, msg)
+        except KeyError:
+            reply = {"ok": False, "error": f"unknown command in {raw[:80]!r}"}
+        except StreampipeError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            logger.opt(exception=True).warning(f"control command failed: {exc}")
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        await self.control_sock.send_multipart([ident, b"", wire.packb(reply)])
 
     # -- runtime changes (used by commands) ------------------------------------------------
     def upstream_replicas(self, stage: str) -> list[tuple[Replica, str]]:
@@ -640,6 +672,22 @@ class Supervisor:
                                                 for reps in self.replicas.values() for r in reps}}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+
+
+def _pgid_is(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def expire(table: dict[int, Any]) -> None:
+    """Forget pid-keyed entries older than UNCLAIMED_TTL_S (pids get reused) or beyond UNCLAIMED_PIDS."""
+    now = time.monotonic()
+    for pid in [p for p, entry in table.items() if now - entry[0] > UNCLAIMED_TTL_S]:
+        del table[pid]
+    while len(table) > UNCLAIMED_PIDS:
+        table.pop(next(iter(table)))
 
 
 def free_port(host: str) -> int:

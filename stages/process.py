@@ -10,7 +10,6 @@ import asyncio
 import inspect
 import sys
 import traceback
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,23 +42,26 @@ class Processor:
 
     def _call(self, batch: Batch) -> list[Record]:
         if self._loop is None:
-            out = self.stage.process(batch)
-            if isinstance(out, list):
-                return out
-            if isinstance(out, dict):       # one record returned bare
-                return [out]
-            return list(out if out is not None else ())
+            return as_records(self.stage.process(batch))
         if self._asyncgen:
             async def collect() -> list[Record]:
                 return [r async for r in self.stage.process(batch)]  # type: ignore[attr-defined]
             return self._loop.run_until_complete(collect())
         result: Any = self._loop.run_until_complete(self.stage.process(batch))  # type: ignore[arg-type]
-        return list(result) if result is not None else []
+        return as_records(result)
 
     def run(self, batch: Batch) -> Outcome:
         outcome = Outcome()
         try:
             outcome.records = self._call(batch)
+            if any(type(r) is not dict for r in outcome.records):   # a str, None, a number...
+                kept = []
+                for r in outcome.records:
+                    if type(r) is dict:
+                        kept.append(r)
+                    else:
+                        outcome.rejected.append(({"output": repr(r)[:2000]}, f"process() produced a {type(r).__name__}, not a record (a map)", ""))
+                outcome.records = kept
         except Exception:
             if len(batch) <= 1:
                 for record in batch:
@@ -84,5 +86,10 @@ def _error_text() -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def ensure_list(records: Iterable[Record] | None) -> list[Record]:
-    return records if isinstance(records, list) else list(records or ())
+def as_records(out: Any) -> list[Record]:
+    """What ``process`` returned, as a list: a list, any iterable, one bare record, or None."""
+    if isinstance(out, list):
+        return out
+    if isinstance(out, dict):
+        return [out]
+    return list(out) if out is not None else []

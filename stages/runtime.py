@@ -475,7 +475,15 @@ class StageRuntime:
         groups: dict[str, list[Record]] = {}
         route = self.stage.route
         for r in records:
-            groups.setdefault(route(r), []).append(r)
+            try:
+                output = route(r)
+            except Exception as exc:   # a broken route() costs its record, not the stage
+                self.errors += 1
+                self.dead += 1
+                self.last_error = f"route() failed: {type(exc).__name__}: {exc}"
+                self.dead_letters.write(r, self.last_error, traceback.format_exc())
+                continue
+            groups.setdefault(output, []).append(r)
         return groups
 
     def on_eos(self, header: dict[str, Any]) -> None:

@@ -128,3 +128,11 @@ def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     """))
     (tmp_path / "services.yaml").write_text(block)
     load_config(tmp_path / "services.yaml")
+
+
+def test_bad_log_rotation_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("pipeline: t", "pipeline: t\nlogging: {rotation: bogus}"))
+    with pytest.raises(ConfigError, match="logging.rotation") as info:
+        load_config(path)
+    assert info.value.line == 2

@@ -201,3 +201,24 @@ def test_unsendable_output_is_dead_lettered_not_fatal(pipeline, tmp_path: Path) 
     assert "unsendable output" in json.loads(dead[0])["error"]
     assert p.row("odd")["restarts"] == 0 and p.row("odd")["state"] == "running"
     assert not [i for i in p.output_ids() if i % 100 == 3]
+
+
+def test_odd_process_results_are_isolated(tmp_path: Path) -> None:
+    class Odd(Stage):
+        def process(self, batch):
+            return [*batch, "a string", None]
+
+    class Bare(Stage):
+        def process(self, batch):
+            return batch[0]
+
+    class BadRoute(Stage):
+        outputs = ("side",)
+
+        def route(self, record):
+            return "side" if record["id"] % 2 else "default"
+
+    run = run_stage(Odd(), [[{"id": 1}]], run_dir=tmp_path)
+    assert run.records == [{"id": 1}] and len(run.dead_letters) == 2
+    assert run_stage(Bare(), [[{"id": 7}, {"id": 8}]], run_dir=tmp_path).records == [{"id": 7}]
+    assert run_stage(BadRoute(), [[{"id": 1}, {"id": 2}]], run_dir=tmp_path).by_output == {"side": [{"id": 1}], "default": [{"id": 2}]}
