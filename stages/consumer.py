@@ -129,10 +129,11 @@ class Consumer(Stage):
         if not self.dedup:
             return list(batch)
         seen, in_batch, out = self.seen, set(), []
+        top = seen.top
         for record in batch:
             rid = record.get("id")
             if type(rid) is int:
-                if rid in seen or rid in in_batch:
+                if (rid < top and rid in seen) or rid in in_batch:
                     self.duplicates += 1
                     continue
                 in_batch.add(rid)
@@ -141,11 +142,7 @@ class Consumer(Stage):
 
     def commit(self, written: list[Record], handled: list[Record]) -> None:
         """Count ``written`` and mark every id of ``handled`` (written or dead-lettered) as seen."""
-        add = self.seen.add
-        for record in handled:
-            rid = record.get("id")
-            if type(rid) is int:
-                add(rid)
+        self.seen.add_many([rid for r in handled if type(rid := r.get("id")) is int])
         self.count += len(written)
         labels = self.labels
         for label, n in Counter(r.get(self.label) for r in written).items():

@@ -81,6 +81,20 @@ class SeenIds:
             self.born.insert(k + 1, time.monotonic())
         return True
 
+    def add_many(self, ids: list[int]) -> None:
+        """``add`` for each id; the next-in-sequence case inline (the sink's hot path)."""
+        ends = self.ends
+        for i in ids:
+            if ends and ends[-1] == i:   # extends the last range: cannot have been seen
+                ends[-1] = i + 1
+            else:
+                self.add(i)
+
+    @property
+    def top(self) -> int:
+        """Every id at or above this is unseen."""
+        return max(self.ends[-1], self.mark) if self.ends else self.mark
+
     def close_old_holes(self, now: float | None = None) -> int:
         """Give up on holes older than the horizon (or beyond MAX_RANGES); return how many."""
         now = time.monotonic() if now is None else now
