@@ -53,7 +53,7 @@ MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/hea
 DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
-STATE_SAVE_S = 0.2              # a source's committed position is persisted at most this often
+STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
 RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
 LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
 LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
