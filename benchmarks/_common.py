@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from stages.runtime import pid_alive as process_exists
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 PYTHON = sys.executable
@@ -73,12 +75,8 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:   # a zombie child of ours counts as dead
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

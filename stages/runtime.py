@@ -704,18 +704,19 @@ def die_with_parent(supervisor_pid: int, adopt_wait: float = ADOPT_WAIT_S) -> No
         pass
     if os.getppid() == supervisor_pid:
         return
-    if not _pid_alive(supervisor_pid):
+    if not pid_alive(supervisor_pid):
         os._exit(EXIT_CRASH)
 
     def watch() -> None:
-        while _pid_alive(supervisor_pid):
+        while pid_alive(supervisor_pid):
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (a zombie counts: use psutil where that matters)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
