@@ -47,7 +47,6 @@ UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas
 UNCLAIMED_TTL_S = 10.0          # ... and for this long: a spawn reply takes ms, and pids are reused
 HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
 
-STATES = ("starting", "running", "blocked", "backoff", "stopping", "stopped", "completed", "failed")
 
 
 @dataclass
@@ -62,7 +61,6 @@ class Replica:
     started_at: float = 0.0
     ready_at: float | None = None
     restarts: int = 0
-    incarnation: int = 0
     last_exit: str = ""
     last_error: str = ""
     last_beat: float | None = None
@@ -123,7 +121,6 @@ class Supervisor:
         self.stage_sock: zmq.asyncio.Socket | None = None
         self.control_sock: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task[Any]] = []
-        self.started = asyncio.Event()      # every stage was started once (ready or not)
         self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
         from launcher.control import COMMANDS
 
@@ -164,7 +161,6 @@ class Supervisor:
             if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
                 await self._start_forkserver()
             await self._start_all()
-            self.started.set()
             await self.stop_requested.wait()
         except StreampipeError as exc:
             logger.error(str(exc))
@@ -267,8 +263,7 @@ class Supervisor:
             ack=self.endpoint("a", rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
             delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
             max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
-            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
-            incarnation=rep.incarnation)
+            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention)
 
     def endpoints_of(self, stage: str) -> list[str]:
         return [self.endpoint("i", stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
@@ -317,7 +312,6 @@ class Supervisor:
         rep.exited.clear()
         rep.settled.clear()
         rep.probe = Probe(pid)
-        rep.incarnation += 1
         self.by_pid[pid] = rep
         assert self.events is not None
         self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",

@@ -14,9 +14,6 @@ from typing import IO, Any
 
 from loguru import logger
 
-EVENTS = ("start", "ready", "exit", "restart", "backoff", "kill", "hung", "limit", "failed", "completed",
-          "stopped", "scale", "supervisor", "forkserver")
-
 
 class EventLog:
     def __init__(self, path: Path, keep: int = 200) -> None:

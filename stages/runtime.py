@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from loguru import logger
 
 from stages import wire
 from stages.api import Record, Stage, StageContext, is_source
@@ -198,8 +199,6 @@ class ErrorLog:
         self.window_start, self.logged, self.suppressed = 0.0, 0, 0
 
     def report(self, outcome: Any) -> None:
-        from loguru import logger
-
         now = time.monotonic()
         if now - self.window_start >= 1.0:
             if self.suppressed:
@@ -490,7 +489,7 @@ class StageRuntime:
         if header.get("ack"):
             self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
             self.eos_headers.append(header)
-        logger_info(f"end of stream from {header.get('src')}.{header.get('r')}")
+        logger.info(f"end of stream from {header.get('src')}.{header.get('r')}")
 
     # -- source ------------------------------------------------------------------------------
     def pull_source(self, gen: Iterator[Record | None], now: float) -> tuple[bool, Iterator[Record | None] | None]:
@@ -726,15 +725,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def logger_info(message: str) -> None:
-    from loguru import logger
-
-    logger.info(message)
-
-
 def setup_logging(spec: StageSpec) -> None:
-    from loguru import logger
-
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     logger.remove()
@@ -745,8 +736,6 @@ def setup_logging(spec: StageSpec) -> None:
 
 def main(spec: StageSpec) -> int:
     """Run one stage replica; returns the process exit status."""
-    from loguru import logger
-
     stop_requested = threading.Event()
     rt: StageRuntime | None = None
 

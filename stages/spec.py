@@ -45,7 +45,6 @@ class StageSpec:
     log_level: str = "INFO"
     log_rotation: str = "10 MB"
     log_retention: int = 5
-    incarnation: int = 0       # how many times this replica was started before
 
     @property
     def ident(self) -> str:

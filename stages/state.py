@@ -79,7 +79,6 @@ class DeadLetters:
     def __init__(self, path: Path, ident: str) -> None:
         self.path, self.ident = path, ident
         self._file: IO[str] | None = None
-        self.count = 0
 
     def write(self, record: Any, error: str, tb: str = "") -> None:
         if self._file is None:
@@ -90,7 +89,6 @@ class DeadLetters:
             entry["traceback"] = tb
         self._file.write(json.dumps(entry, default=json_default) + "\n")
         self._file.flush()
-        self.count += 1
 
     def close(self) -> None:
         if self._file is not None:

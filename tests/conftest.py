@@ -21,6 +21,8 @@ from typing import Any
 import psutil
 import pytest
 
+from monitor.events import read_events
+
 CLI = [sys.executable, "-m", "launcher"]
 
 
@@ -107,11 +109,7 @@ class Pipeline:
         return next(r for r in self.rows(stage) if r["replica"] == replica)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        path = self.run_dir / "events.jsonl"
-        if not path.exists():
-            return []
-        out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [e for e in out if kind is None or e["event"] == kind]
+        return [e for e in read_events(self.run_dir / "events.jsonl") if kind is None or e["event"] == kind]
 
     def output_ids(self, name: str = "output/records.jsonl") -> list[int]:
         path = self.run_dir / name
