@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from stages.runtime import pid_alive as process_exists
+from streampipe.stages.runtime import pid_alive as process_exists
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -156,10 +156,14 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+# The CLI of the interpreter running the benchmark, as a module: works from an unactivated
+# virtualenv, where `streampipe` is not on PATH (and never picks another install's script).
+CLI = [sys.executable, "-m", "streampipe"]
+
+
 def cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     """Run ``streampipe ARGS``; raise with its output when it fails."""
-    exe = shutil.which("streampipe") or "streampipe"
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"`streampipe {' '.join(args)}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

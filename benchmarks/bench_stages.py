@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from stages.api import Batch, Record, Stage
+from streampipe import Batch, Record, Stage
 
 SAVE_EVERY_S = 1.0     # the samples file is rewritten this often, and at teardown
 

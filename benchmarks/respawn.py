@@ -15,7 +15,7 @@ services.yaml sets ``max_restarts: 1000``, ``backoff_initial: 0`` and ``min_upti
 restart is immediate and what is measured is detection + spawn + start-up.
 
 supervisord (installed with pip into a throwaway venv under /tmp, created on first use), same
-program: ``python -m stages`` with the same stage spec (normalizer, trainer), ``autorestart=true``,
+program: ``python -m streampipe.stages`` with the same stage spec (normalizer, trainer), ``autorestart=true``,
 ``startsecs=0``. The benchmark itself binds the stage's control socket, so the READY signal is the
 very message a stage sends streampipe's supervisor when ``setup()`` has returned. These stages get
 no input records (nothing feeds them), so the comparison is on start-up alone.
@@ -66,12 +66,12 @@ from rich.table import Table
 VENV = Path(tempfile.gettempdir()) / "streampipe-bench-supervisord-venv"
 SUPERVISORD_STOP_S = 20.0     # supervisord stops its programs (stopwaitsecs 5) then exits
 TRAINER_TYPE = "trainer" if (REPO / "stages" / "trainer.py").exists() else "bench_stages:SklearnStage"
-# A cold stage is `python -m stages` with its spec in $STREAMPIPE_SPEC; under supervisord the spec
+# A cold stage is `python -m streampipe.stages` with its spec in $STREAMPIPE_SPEC; under supervisord the spec
 # comes from a file (a JSON value in supervisord's `environment=` would need fragile escaping).
 RUN_STAGE = """import os, runpy, sys
 os.environ["STREAMPIPE_SPEC"] = open(sys.argv[1]).read()
 sys.argv = [sys.argv[0]]
-runpy.run_module("stages", run_name="__main__", alter_sys=True)
+runpy.run_module("streampipe.stages", run_name="__main__", alter_sys=True)
 """
 
 
@@ -132,12 +132,12 @@ def ensure_supervisord(fresh: bool) -> Path:
 
 
 class Supervisord:
-    """supervisord running ``python -m stages`` for a plain stage and a trainer; we hold their control socket."""
+    """supervisord running ``python -m streampipe.stages`` for a plain stage and a trainer; we hold their control socket."""
 
     PROGRAMS = {"plain": "normalizer", "trainer": TRAINER_TYPE}
 
     def __init__(self, exe: Path) -> None:
-        from stages.spec import StageSpec
+        from streampipe.stages.spec import StageSpec
 
         self.exe = exe
         self.dir = Path(tempfile.mkdtemp(prefix="streampipe-supervisord-"))

@@ -74,7 +74,7 @@ def role_gen(a: argparse.Namespace) -> None:
     import msgpack
     import zmq
 
-    from stages.generator import Generator
+    from streampipe.stages.generator import Generator
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
@@ -112,7 +112,7 @@ def role_mid(a: argparse.Namespace) -> None:
     import msgpack
     import zmq
 
-    from stages.normalizer import Normalizer
+    from streampipe.stages.normalizer import Normalizer
 
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -156,8 +156,8 @@ def role_sink(a: argparse.Namespace) -> None:
     consumer = None
     f = None
     if a.kind == "consumer":
-        from stages.api import StageContext
-        from stages.consumer import Consumer
+        from streampipe import StageContext
+        from streampipe.stages.consumer import Consumer
 
         consumer = Consumer(output=str(out_path))
         consumer.context = StageContext(name="consumer", run_dir=out_path.parent)
@@ -193,7 +193,7 @@ def role_sink(a: argparse.Namespace) -> None:
 
 def streampipe_linger_ms() -> float:
     """streampipe's default ``linger_ms``: the raw generator batches by the same rule."""
-    from launcher.config import StageSettings
+    from streampipe.launcher.config import StageSettings
 
     return float(StageSettings.model_fields["linger_ms"].default)
 

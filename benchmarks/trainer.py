@@ -63,8 +63,8 @@ print(json.dumps(out))
 
 
 def build_records(n: int) -> list[dict[str, Any]]:
-    from stages.generator import Generator
-    from stages.normalizer import Normalizer
+    from streampipe.stages.generator import Generator
+    from streampipe.stages.normalizer import Normalizer
 
     norm = Normalizer()
     gen = Generator(seed=11).generate()
@@ -75,8 +75,8 @@ def build_records(n: int) -> list[dict[str, Any]]:
 
 
 def bench_trainer(records: list[dict[str, Any]], batch_size: int, progress: Any) -> dict[str, Any]:
-    from stages.api import StageContext
-    from stages.trainer import Trainer
+    from streampipe import StageContext
+    from streampipe.stages.trainer import Trainer
 
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     task = progress.add_task(f"trainer, batch {batch_size:>4}", total=len(records))

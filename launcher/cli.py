@@ -27,8 +27,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from launcher.config import DEFAULT_CONFIG, PipelineConfig, load_config
-from launcher.errors import ConfigError, NotRunning, StreampipeError
+from streampipe.launcher.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from streampipe.launcher.errors import ConfigError, NotRunning, StreampipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
@@ -79,8 +79,8 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
         raise typer.Exit(_detach(cfg, rd, metrics_port))
     from loguru import logger
 
-    from launcher.errors import AlreadyRunning
-    from launcher.supervisor import run_supervisor
+    from streampipe.launcher.errors import AlreadyRunning
+    from streampipe.launcher.supervisor import run_supervisor
 
     logger.remove()
     logger.add(sys.stderr, level=cfg.logging.level, colorize=None,
@@ -95,9 +95,9 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
 
 
 def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
-    from launcher.control import request
-    from launcher.rundir import RunDir
-    from launcher.spawn import child_env, spawn_cold
+    from streampipe.launcher.control import request
+    from streampipe.launcher.rundir import RunDir
+    from streampipe.launcher.spawn import child_env, spawn_cold
 
     run = RunDir(rd)
     if (pid := run.supervisor_pid()) is not None:
@@ -105,7 +105,7 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
         return 1
     rd.mkdir(parents=True, exist_ok=True)
     os.chmod(rd, 0o700)
-    argv = ["-m", "launcher", "up", "--config", str(cfg.path.resolve()), "--run-dir", str(rd)]
+    argv = ["-m", "streampipe", "up", "--config", str(cfg.path.resolve()), "--run-dir", str(rd)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
     log = rd / "supervisor.out"
@@ -226,7 +226,7 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C."),
            ) -> None:
     """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors."""
-    from launcher.control import request
+    from streampipe.launcher.control import request
 
     rd = resolve_run_dir(run_dir, config)
     try:
@@ -257,9 +257,9 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
 @app.command()
 def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Stop the pipeline gracefully (SIGTERM, grace period, SIGKILL); exit 0 once no stage is left."""
-    from launcher.control import request
-    from launcher.errors import ControlError
-    from launcher.rundir import RunDir
+    from streampipe.launcher.control import request
+    from streampipe.launcher.errors import ControlError
+    from streampipe.launcher.rundir import RunDir
 
     rd = resolve_run_dir(run_dir, config)
     pids: list[int] = []
@@ -318,7 +318,7 @@ def validate(config: Path = ConfigOpt) -> None:
 def restart(stage: str = typer.Argument(..., help="The stage to restart, replica by replica."),
             run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Rolling restart of a stage (also brings a failed stage back)."""
-    from launcher.control import request
+    from streampipe.launcher.control import request
 
     try:
         reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
@@ -331,7 +331,7 @@ def restart(stage: str = typer.Argument(..., help="The stage to restart, replica
 def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),
           run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Change a stage's number of replicas while data flows."""
-    from launcher.control import request
+    from streampipe.launcher.control import request
 
     try:
         reply = request(resolve_run_dir(run_dir, config), "scale", timeout=300, stage=stage, replicas=replicas)
@@ -349,7 +349,7 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     if not path.exists() and not follow:
         err.print(f"no events in {path.parent}")
         raise typer.Exit(1)
-    from stages.logtail import follow_file
+    from streampipe.stages.logtail import follow_file
 
     tail = follow_file(path)
     try:
@@ -384,7 +384,7 @@ def logs(stage: str | None = typer.Argument(None, help="Only this stage (all rep
          as_json: bool = typer.Option(False, "--json"),
          summary: bool = typer.Option(False, "--summary", help="The log extractor's facts as a table.")) -> None:
     """Merged, time-ordered logs of every stage, colored by stage (like docker compose logs)."""
-    from launcher.logs import show_logs, show_summary
+    from streampipe.launcher.logs import show_logs, show_summary
 
     rd = resolve_run_dir(run_dir, config)
     if summary:
@@ -397,7 +397,7 @@ def graph(config: Path = ConfigOpt,
           fmt: str = typer.Option("mermaid", "--format", help="mermaid or dot"),
           png: Path | None = typer.Option(None, "--png", help="Also render the diagram to this PNG file.")) -> None:
     """Print the pipeline's topology (stages, replicas, edges) as Mermaid or Graphviz dot."""
-    from launcher.graph import render_png, to_dot, to_mermaid
+    from streampipe.launcher.graph import render_png, to_dot, to_mermaid
 
     cfg = _config(config)
     if fmt not in ("mermaid", "dot"):
@@ -413,7 +413,7 @@ def graph(config: Path = ConfigOpt,
 def report(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
            out: Path = typer.Option(Path("report.png"), "--out", "-o", help="Where to write the figure.")) -> None:
     """Plot model metrics over time (versions, drift points) and throughput; print a summary."""
-    from launcher.report import make_report
+    from streampipe.launcher.report import make_report
 
     try:
         summary = make_report(resolve_run_dir(run_dir, config), out)

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from launcher.errors import ConfigError
-from stages.registry import BUILTINS
+from streampipe.launcher.errors import ConfigError
+from streampipe.stages.registry import BUILTINS
 
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"

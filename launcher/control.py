@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import zmq
 
-from launcher.errors import ControlError, NotRunning
-from launcher.rundir import RunDir
-from stages import wire
+from streampipe.launcher.errors import ControlError, NotRunning
+from streampipe.launcher.rundir import RunDir
+from streampipe.stages import wire
 
 if TYPE_CHECKING:
-    from launcher.supervisor import Supervisor
+    from streampipe.launcher.supervisor import Supervisor
 
 REQUEST_TIMEOUT_S = 10.0    # a busy supervisor answers status in ms; 10 s means it is wedged
 

@@ -34,14 +34,14 @@ import traceback
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
 
-BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "stages.runtime", "stages.generator",
-                "stages.normalizer", "stages.consumer"]
+BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "streampipe.stages.runtime", "streampipe.stages.generator",
+                "streampipe.stages.normalizer", "streampipe.stages.consumer"]
 HEAVY_PRELOAD = ["sklearn", "sklearn.linear_model", "sklearn.metrics", "joblib", "scipy.stats"]
 
 
 def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[str, str]]:
     """Import the runtime and every stage type; return (module file -> mtime, failures)."""
-    from stages.registry import BUILTINS, target_of
+    from streampipe.stages.registry import BUILTINS, target_of
 
     if config_dir not in sys.path:
         sys.path.insert(0, config_dir)
@@ -59,7 +59,7 @@ def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[st
             sys.modules.pop(name, None)
             continue
         path = getattr(module, "__file__", None)
-        if path and (name.startswith("stages.") or name not in BUILTINS):
+        if path and (name.startswith("streampipe.stages.") or name not in BUILTINS):
             try:
                 mtimes[name] = [path, os.stat(path).st_mtime]
             except OSError:
@@ -140,8 +140,8 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
         os.close(null)
         sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
         sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        from stages.runtime import main
-        from stages.spec import StageSpec
+        from streampipe.stages.runtime import main
+        from streampipe.stages.spec import StageSpec
 
         code = main(StageSpec.from_json(request["spec"]))
     except SystemExit as exc:
@@ -160,7 +160,7 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
 def serve() -> int:
     config = json.loads(os.environ.get(ENV_VAR, "{}"))
     supervisor_pid = int(config.get("supervisor_pid", os.getppid()))
-    from stages.runtime import die_with_parent
+    from streampipe.stages.runtime import die_with_parent
 
     die_with_parent(supervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

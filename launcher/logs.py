@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from stages.logtail import LEVELS, LogEntry, LogTail, ident_of, parse_line
+from streampipe.stages.logtail import LEVELS, LogEntry, LogTail, ident_of, parse_line
 
 FOLLOW_POLL_S = 0.2            # `logs -f` checks the files 5 times a second, as `tail -F` does
 SUMMARY_FILE = "logfacts-summary.json"

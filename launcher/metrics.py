@@ -20,10 +20,10 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from stages.runtime import LATENCY_BUCKETS_MS
+from streampipe.stages.runtime import LATENCY_BUCKETS_MS
 
 if TYPE_CHECKING:
-    from launcher.supervisor import Supervisor
+    from streampipe.launcher.supervisor import Supervisor
 
 LABELS = ["stage", "replica"]
 COUNTERS = (("records_in", "Records received (a source: produced)"), ("records_out", "Records sent downstream"),

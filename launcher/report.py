@@ -52,7 +52,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    from stages import checkpoints
+    from streampipe.stages import checkpoints
 
     metas = checkpoints.history(run_dir / "checkpoints")
     names = [str(m["stage"]) for m in metas if isinstance(m.get("stage"), str)]

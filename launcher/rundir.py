@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from launcher.errors import AlreadyRunning
+from streampipe.launcher.errors import AlreadyRunning
 
 _SUN_PATH_MAX = 100   # 107 bytes minus room for the longest socket name we add
 

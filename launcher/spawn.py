@@ -19,8 +19,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from launcher import forkserver
-from stages.spec import ENV_VAR, StageSpec
+from streampipe.launcher import forkserver
+from streampipe.stages.spec import ENV_VAR, StageSpec
 
 FORKSERVER_READY_TIMEOUT_S = 120.0   # preloading scikit-learn takes ~2 s; a loaded CI box far more
 SPAWN_REPLY_TIMEOUT_S = 10.0
@@ -64,7 +64,7 @@ def spawn_cold(argv: list[str], stderr_path: Path, env: dict[str, str], pass_fds
 
 
 def spawn_stage_cold(spec: StageSpec, stderr_path: Path) -> int:
-    return spawn_cold(["-m", "stages"], stderr_path, child_env({ENV_VAR: spec.to_json()}))
+    return spawn_cold(["-m", "streampipe.stages"], stderr_path, child_env({ENV_VAR: spec.to_json()}))
 
 
 class ForkServer:
@@ -86,7 +86,7 @@ class ForkServer:
         env = child_env({forkserver.ENV_VAR: json.dumps({"types": self.types, "config_dir": str(self.config_dir),
                                                          "supervisor_pid": os.getpid()})})
         try:
-            self.pid = spawn_cold(["-m", "launcher.forkserver"], self.log_path, env, pass_fds=(child.fileno(),))
+            self.pid = spawn_cold(["-m", "streampipe.launcher.forkserver"], self.log_path, env, pass_fds=(child.fileno(),))
         finally:
             child.close()
         self._reader, self._writer = await asyncio.open_unix_connection(sock=parent)

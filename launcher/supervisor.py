@@ -28,17 +28,17 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
-from launcher.config import PipelineConfig, StageConfig
-from launcher.errors import StageError, StreampipeError
-from launcher.rundir import RunDir
-from launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
-from monitor.events import EventLog
-from monitor.health import Judge, Probe, Reading
-from monitor.policy import RestartPolicy, describe_exit
-from stages import wire
-from stages.registry import target_of
-from stages.spec import EdgeSpec, StageSpec
-from stages.state import load_state
+from streampipe.launcher.config import PipelineConfig, StageConfig
+from streampipe.launcher.errors import StageError, StreampipeError
+from streampipe.launcher.rundir import RunDir
+from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
+from streampipe.monitor.events import EventLog
+from streampipe.monitor.health import Judge, Probe, Reading
+from streampipe.monitor.policy import RestartPolicy, describe_exit
+from streampipe.stages import wire
+from streampipe.stages.registry import target_of
+from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.state import load_state
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
@@ -122,7 +122,7 @@ class Supervisor:
         self.control_sock: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
-        from launcher.control import COMMANDS
+        from streampipe.launcher.control import COMMANDS
 
         self.commands = COMMANDS
 
@@ -152,7 +152,7 @@ class Supervisor:
         code = 0
         try:
             if self.metrics_port is not None:
-                from launcher.metrics import serve_metrics
+                from streampipe.launcher.metrics import serve_metrics
 
                 try:
                     serve_metrics(self, self.metrics_port)

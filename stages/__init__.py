@@ -1,8 +1,5 @@
-"""Code that runs inside a stage process: the runtime and the built-in stages.
+"""Code that runs inside a stage process: the runtime and the built-in stages (internal).
 
-Stage code never imports :mod:`launcher` or :mod:`monitor`.
+Installed as :mod:`streampipe.stages`. Stage authors import from :mod:`streampipe`, not from
+here. Stage code never imports :mod:`streampipe.launcher` or :mod:`streampipe.monitor`.
 """
-
-from stages.api import BadRecord, Batch, Record, Source, Stage, StageContext
-
-__all__ = ["BadRecord", "Batch", "Record", "Source", "Stage", "StageContext"]

@@ -1,12 +1,12 @@
-"""``python -m stages``: run one stage replica described by ``$STREAMPIPE_SPEC`` (a cold start)."""
+"""``python -m streampipe.stages``: run one stage replica described by ``$STREAMPIPE_SPEC`` (a cold start)."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from stages.runtime import main
-from stages.spec import ENV_VAR, StageSpec
+from streampipe.stages.runtime import main
+from streampipe.stages.spec import ENV_VAR, StageSpec
 
 if __name__ == "__main__":
     text = os.environ.get(ENV_VAR)

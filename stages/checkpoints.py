@@ -40,7 +40,7 @@ from typing import Any
 import joblib
 from loguru import logger
 
-from stages.state import atomic_write, json_default
+from streampipe.stages.state import atomic_write, json_default
 
 NAME = re.compile(r"^model-(\d+)\.(joblib|json)$")
 WIDTH = 6            # model-000042: sorts by name up to a million versions, and reads easily

@@ -16,7 +16,7 @@ With ``replicas > 1`` each replica writes its own file (``records.1.jsonl`` ...)
 per file. Records without an ``id`` are not deduplicated.
 
 >>> import tempfile, pathlib, json
->>> from stages.api import StageContext
+>>> from streampipe.stages.api import StageContext
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> c = Consumer(output="out.jsonl"); c.context = StageContext(run_dir=d)
 >>> c.setup(); _ = c.process([{"id": 0, "y": 1}, {"id": 1, "y": 0}]); _ = c.process([{"id": 1, "y": 0}])
@@ -32,9 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from stages.api import Batch, Record, Stage
-from stages.seen import DEFAULT_HORIZON_S, SeenIds
-from stages.state import json_default, load_state, save_state
+from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.seen import DEFAULT_HORIZON_S, SeenIds
+from streampipe.stages.state import json_default, load_state, save_state
 
 try:
     import orjson

@@ -31,10 +31,10 @@ Options:
     drift_delta, drift_threshold, drift_min_instances   the Page-Hinkley test's settings
 
 >>> import itertools, json, tempfile, pathlib
->>> from stages.generator import Generator
->>> from stages.normalizer import Normalizer
->>> from stages.testing import run_stage
->>> from stages.trainer import Trainer
+>>> from streampipe.stages.generator import Generator
+>>> from streampipe.stages.normalizer import Normalizer
+>>> from streampipe.testing import run_stage
+>>> from streampipe.stages.trainer import Trainer
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> norm = Normalizer(holdout=0.2)
 >>> records = norm.process(list(itertools.islice(Generator(seed=2).generate(), 6000)))
@@ -61,11 +61,11 @@ import sklearn
 from loguru import logger
 from sklearn.base import is_classifier
 
-from stages import checkpoints
-from stages.api import Batch, Record, Stage
-from stages.drift import PageHinkley
-from stages.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
-from stages.state import json_default
+from streampipe.stages import checkpoints
+from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.drift import PageHinkley
+from streampipe.stages.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
+from streampipe.stages.state import json_default
 
 TAIL_BYTES = 64 * 1024   # enough to hold the last rows of metrics.jsonl when resuming counters
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.api import Record, Source
+from streampipe.stages.api import Record, Source
 
 _END: dict = {}  # sentinel: the wrapped stream is over
 CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10x more

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.api import Batch, Record
+from streampipe.stages.api import Batch, Record
 
 Reject = Callable[[Record, str], None]
 

@@ -33,7 +33,7 @@ Options: ``window_s`` (10), ``poll_s`` (0.5, seconds between scans), ``lateness_
 ``summary_every_s`` (1), ``emit`` (true), ``include_self`` (false), ``samples`` (20 recent
 events / drift facts kept in the summary).
 
->>> from stages.logtail import LogEntry
+>>> from streampipe.stages.logtail import LogEntry
 >>> facts = Facts(window_s=10)
 >>> facts.add(LogEntry(100.0, "trainer", 0, "INFO", "fitted batch latency_ms=12.5"))
 >>> facts.add(LogEntry(101.0, "trainer", 0, "ERROR", "fit failed",
@@ -58,9 +58,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.api import Record, Source
-from stages.logtail import LogEntry, LogTail, ident_of, iso_time, parse_line
-from stages.state import atomic_write, json_default
+from streampipe.stages.api import Record, Source
+from streampipe.stages.logtail import LogEntry, LogTail, ident_of, iso_time, parse_line
+from streampipe.stages.state import atomic_write, json_default
 
 WINDOW_S = 10.0           # seconds of log time per facts record
 POLL_S = 0.5              # between two scans of the log folder: a glob and a stat per file

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.api import Batch, Record, Stage
+from streampipe.stages.api import Batch, Record, Stage
 
 DEFAULT_SCHEMA = {"id": "int", "x": "vector", "y": "int"}
 _GOLDEN = 2654435761          # Knuth's multiplicative hash: spreads consecutive ids evenly

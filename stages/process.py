@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.api import Batch, Record, Stage
+from streampipe.stages.api import Batch, Record, Stage
 
 
 @dataclass

@@ -21,17 +21,17 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "generator": Builtin("stages.generator:Generator", ("default", "holdout"), source=True),
-    "normalizer": Builtin("stages.normalizer:Normalizer", ("default", "holdout")),
-    "consumer": Builtin("stages.consumer:Consumer"),
-    "trainer": Builtin("stages.trainer:Trainer"),
-    "evaluator": Builtin("stages.evaluator:Evaluator"),
-    "log_extractor": Builtin("stages.log_extractor:LogExtractor", source=True),
+    "generator": Builtin("streampipe.stages.generator:Generator", ("default", "holdout"), source=True),
+    "normalizer": Builtin("streampipe.stages.normalizer:Normalizer", ("default", "holdout")),
+    "consumer": Builtin("streampipe.stages.consumer:Consumer"),
+    "trainer": Builtin("streampipe.stages.trainer:Trainer"),
+    "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
+    "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
 }
 
 
 def target_of(type_: str) -> str:
-    """``"generator"`` -> ``"stages.generator:Generator"``; ``"pkg.mod:Cls"`` unchanged."""
+    """``"generator"`` -> ``"streampipe.stages.generator:Generator"``; ``"pkg.mod:Cls"`` unchanged."""
     builtin = BUILTINS.get(type_)
     return builtin.target if builtin else type_
 

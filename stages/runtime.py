@@ -38,12 +38,12 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from stages import wire
-from stages.api import Record, Stage, StageContext, is_source
-from stages.process import Processor
-from stages.registry import load_class
-from stages.spec import EdgeSpec, StageSpec
-from stages.state import DeadLetters, load_state, save_state
+from streampipe.stages import wire
+from streampipe.stages.api import Record, Stage, StageContext, is_source
+from streampipe.stages.process import Processor
+from streampipe.stages.registry import load_class
+from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.state import DeadLetters, load_state, save_state
 
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
 RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from stages import wire
+from streampipe.stages import wire
 
 
 def atomic_write(path: Path, data: bytes) -> None:

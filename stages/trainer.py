@@ -36,9 +36,9 @@ Options:
     predictions         field name for the prediction in passed-on records, or null
 
 >>> import itertools, tempfile, pathlib
->>> from stages.generator import Generator
->>> from stages.normalizer import Normalizer
->>> from stages.testing import run_stage
+>>> from streampipe.stages.generator import Generator
+>>> from streampipe.stages.normalizer import Normalizer
+>>> from streampipe.testing import run_stage
 >>> norm = Normalizer()
 >>> records = list(itertools.islice(Generator(seed=1).generate(), 4000))
 >>> batches = [norm.process(records[i:i + 200]) for i in range(0, 4000, 200)]
@@ -65,9 +65,9 @@ import sklearn
 from loguru import logger
 from sklearn.base import is_classifier
 
-from stages import checkpoints
-from stages.api import Batch, Record, Stage
-from stages.learning import Ring, Vectoriser, import_estimator
+from streampipe.stages import checkpoints
+from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.learning import Ring, Vectoriser, import_estimator
 
 DEFAULT_ESTIMATOR = "sklearn.linear_model.SGDClassifier"
 # log_loss: logistic regression, which has predict_proba (the evaluator's log-loss). A constant

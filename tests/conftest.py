@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
-from monitor.events import read_events
+from streampipe.monitor.events import read_events
 
-CLI = [sys.executable, "-m", "launcher"]
+CLI = [sys.executable, "-m", "streampipe"]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:

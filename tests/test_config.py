@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
-from launcher.errors import ConfigError
+from streampipe.launcher.config import load_config
+from streampipe.launcher.errors import ConfigError
 from tests.conftest import cli
 
 GOOD = """\
@@ -121,7 +121,7 @@ def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     text = (root / "README.md").read_text()
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "mystages.py").write_text(textwrap.dedent("""
-        from stages import Stage
+        from streampipe import Stage
         class Enricher(Stage):
             def process(self, batch):
                 return batch

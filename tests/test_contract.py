@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from stages import wire
-from stages.api import Stage, is_source
-from stages.consumer import Consumer
-from stages.evaluator import Evaluator
-from stages.generator import Generator
-from stages.log_extractor import LogExtractor
-from stages.normalizer import Normalizer
-from stages.registry import BUILTINS, load_class
-from stages.testing import run_stage
-from stages.trainer import Trainer
+from streampipe.stages import wire
+from streampipe.stages.api import Stage, is_source
+from streampipe.stages.consumer import Consumer
+from streampipe.stages.evaluator import Evaluator
+from streampipe.stages.generator import Generator
+from streampipe.stages.log_extractor import LogExtractor
+from streampipe.stages.normalizer import Normalizer
+from streampipe.stages.registry import BUILTINS, load_class
+from streampipe.testing import run_stage
+from streampipe.stages.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def test_unsendable_output_is_dead_lettered_not_fatal(pipeline, tmp_path: Path) 
 
     (tmp_path / "odd.py").write_text(textwrap.dedent("""
         import numpy as np
-        from stages import Stage
+        from streampipe import Stage
 
         class Odd(Stage):
             def process(self, batch):

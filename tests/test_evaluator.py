@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.api import StageContext
-from stages.drift import PageHinkley
-from stages.evaluator import Evaluator
-from stages.testing import run_stage
-from stages.trainer import Trainer
+from streampipe.stages.api import StageContext
+from streampipe.stages.drift import PageHinkley
+from streampipe.stages.evaluator import Evaluator
+from streampipe.testing import run_stage
+from streampipe.stages.trainer import Trainer
 from tests.test_trainer import stream, warnings_logged  # noqa: F401 - the fixture is used by name
 
 

@@ -13,7 +13,7 @@ import psutil
 from tests.conftest import alive, wait_for
 
 STAMPER = """\
-from stages import Stage
+from streampipe import Stage
 
 VERSION = {version}
 

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from launcher.config import load_config
-from launcher.graph import layers, render_png, to_dot, to_mermaid
+from streampipe.launcher.config import load_config
+from streampipe.launcher.graph import layers, render_png, to_dot, to_mermaid
 
 SERVICES = textwrap.dedent("""\
     pipeline: demo

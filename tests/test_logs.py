@@ -12,9 +12,9 @@ from pathlib import Path
 from loguru import logger
 from rich.console import Console
 
-from launcher.logs import parse_since, show_logs, show_summary
-from stages.api import StageContext
-from stages.log_extractor import LogExtractor
+from streampipe.launcher.logs import parse_since, show_logs, show_summary
+from streampipe.stages.api import StageContext
+from streampipe.stages.log_extractor import LogExtractor
 
 DEADLINE_S = 10.0
 T0 = 1_760_000_000.0     # a fixed epoch time for the records, so order and --since are exact

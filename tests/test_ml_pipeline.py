@@ -11,7 +11,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from stages.normalizer import Normalizer
+from streampipe.stages.normalizer import Normalizer
 from tests.conftest import cli, wait_for
 
 ML = """\
@@ -99,7 +99,7 @@ def test_killed_trainer_resumes_from_newest_checkpoint(pipeline) -> None:
 
 def test_regression_with_sgd_regressor(pipeline, tmp_path: Path) -> None:
     (tmp_path / "regress.py").write_text(textwrap.dedent("""
-        from stages import Stage
+        from streampipe import Stage
 
         class Target(Stage):
             '''y becomes a real-valued linear function of x.'''

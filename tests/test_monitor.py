@@ -14,7 +14,7 @@ from tests.conftest import alive, cli, wait_for
 
 USER_STAGES = textwrap.dedent("""
     import os, time
-    from stages import Source, Stage
+    from streampipe import Source, Stage
 
     class Crasher(Source):
         def generate(self):
@@ -213,7 +213,7 @@ def test_every_spawn_mode_runs_the_chain(pipeline, kind: str) -> None:
 def test_a_stage_s_own_children_die_with_it(pipeline, tmp_path: Path) -> None:
     (tmp_path / "parent.py").write_text(textwrap.dedent("""
         import subprocess
-        from stages import Stage
+        from streampipe import Stage
 
         class Parent(Stage):
             def setup(self):

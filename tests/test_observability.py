@@ -8,12 +8,12 @@ import textwrap
 import urllib.request
 from pathlib import Path
 
-from launcher.config import load_config
-from launcher.graph import to_mermaid
+from streampipe.launcher.config import load_config
+from streampipe.launcher.graph import to_mermaid
 from tests.conftest import cli, wait_for
 
 PICKY = textwrap.dedent("""
-    from stages import Stage
+    from streampipe import Stage
 
     class Picky(Stage):
         def process(self, batch):

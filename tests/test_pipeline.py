@@ -89,7 +89,7 @@ def test_supervisor_sigkill_takes_stages_down(pipeline) -> None:
 
 def test_user_stage_runs_in_the_pipeline(pipeline, tmp_path: Path) -> None:
     (tmp_path / "mystages.py").write_text(textwrap.dedent("""
-        from stages import Stage
+        from streampipe import Stage
 
         class Enricher(Stage):
             def __init__(self, tag="hello", **options):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.report import make_report, throughput_from_history
-from stages.evaluator import Evaluator
-from stages.testing import run_stage
-from stages.trainer import Trainer
+from streampipe.launcher.report import make_report, throughput_from_history
+from streampipe.stages.evaluator import Evaluator
+from streampipe.testing import run_stage
+from streampipe.stages.trainer import Trainer
 from tests.test_trainer import stream
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

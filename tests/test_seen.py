@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from stages.seen import SeenIds
+from streampipe.stages.seen import SeenIds
 
 
 def test_matches_a_plain_set_under_shuffled_redelivery() -> None:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from loguru import logger
 
-from stages import checkpoints
-from stages.generator import Generator
-from stages.normalizer import Normalizer
-from stages.testing import run_stage
-from stages.trainer import Trainer
+from streampipe.stages import checkpoints
+from streampipe.stages.generator import Generator
+from streampipe.stages.normalizer import Normalizer
+from streampipe.testing import run_stage
+from streampipe.stages.trainer import Trainer
 
 
 def stream(n: int, seed: int = 5, batch: int = 250, holdout: float = 0.0, drift_at: int | None = None,

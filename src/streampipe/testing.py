@@ -4,7 +4,7 @@ Fast and exact, for unit tests and for trying a stage in a REPL. It calls the st
 same :class:`stages.process.Processor` the runtime uses, so failures isolate and dead-letter
 the same way.
 
->>> from stages.normalizer import Normalizer
+>>> from streampipe.stages.normalizer import Normalizer
 >>> run = run_stage(Normalizer(), [[{"id": 0, "x": [1.0], "y": 0}, {"id": 1, "x": "bad", "y": 0}]])
 >>> len(run.records), [reason for _, reason in run.dead_letters]
 (1, ["field 'x': expected vector, got str"])
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import wire
-from stages.api import Batch, Record, Stage, StageContext, is_source
-from stages.process import Processor
+from streampipe.stages import wire
+from streampipe.stages.api import Batch, Record, Stage, StageContext, is_source
+from streampipe.stages.process import Processor
 
 
 @dataclass

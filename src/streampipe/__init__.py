@@ -1,0 +1,23 @@
+"""streampipe: a local-first stream pipeline supervisor, one OS process per stage.
+
+This module is the public API for stage authors, and the only one they need::
+
+    from streampipe import Stage, Source, BadRecord
+
+Its names are listed in ``__all__`` and kept stable; :mod:`streampipe.testing` (``run_stage``,
+``check_stage``) is public too. Everything under ``streampipe.stages``, ``streampipe.launcher``
+and ``streampipe.monitor`` is internal: the runtime, the built-in stages, the supervisor and the
+monitor may change between releases without notice.
+
+>>> class Upper(Stage):
+...     def process(self, batch):
+...         return [{**r, "name": r["name"].upper()} for r in batch]
+>>> Upper().process([{"name": "ada"}])
+[{'name': 'ADA'}]
+"""
+
+from streampipe.stages.api import BadRecord, Batch, Record, Source, Stage, StageContext
+
+__version__ = "0.2.0"
+
+__all__ = ["BadRecord", "Batch", "Record", "Source", "Stage", "StageContext", "__version__"]
