@@ -225,7 +225,7 @@ def kind_of(target: object) -> Kind:
             raise TypeError(f"a function stage is called with one record, but {name}{signature} "
                             "does not take exactly one positional argument") from None
         return "function"
-    raise TypeError(f"it names a {type(target).__name__}, neither a class nor a function")
+    raise TypeError(f"{type(target).__name__} {target!r:.40} is neither a class nor a function")
 
 
 def as_stage(obj: object) -> Stage:
