@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from streampipe.stages.api import kind_of
-from streampipe.stages.registry import load_target, target_of
+from streampipe.stages.registry import NotDefined, load_target, target_of
 
 
 def describe(type_: str, config_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -49,10 +49,8 @@ def describe(type_: str, config_dir: Path) -> tuple[Any, dict[str, Any]]:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
             return None, {"kind": None, "problem": f"module {module_name!r} not found beside the config or on sys.path"}
         return None, {"kind": None, "skipped": f"{type(exc).__name__}: {exc}"}
-    except ImportError as exc:
-        if str(exc).startswith(f"module {module_name!r} defines no"):   # load_target's own error
-            return None, {"kind": None, "problem": str(exc)}
-        return None, {"kind": None, "skipped": f"{type(exc).__name__}: {exc}"}
+    except NotDefined as exc:
+        return None, {"kind": None, "problem": str(exc)}
     except Exception as exc:   # the module raised while imported: the stage shows it at start
         return None, {"kind": None, "skipped": f"{type(exc).__name__}: {exc}"}
     try:
@@ -121,15 +119,15 @@ def inspect_pipeline(config_dir: Path, stages: dict[str, dict[str, Any]]) -> dic
     return report
 
 
-def main() -> int:
+def main() -> None:
     request = json.load(sys.stdin)
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)        # whatever a user module prints while imported goes to stderr, not into the answer
     report = inspect_pipeline(Path(request["config_dir"]), request["stages"])
     json.dump(report, out)
     out.close()
-    return 0
+    os._exit(0)          # not sys.exit: a thread a user module started at import must not keep us alive
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

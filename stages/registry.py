@@ -39,6 +39,10 @@ def target_of(type_: str) -> str:
     return builtin.target if builtin else type_
 
 
+class NotDefined(ImportError):
+    """The module of a ``type`` was imported but defines no such name."""
+
+
 def load_target(type_: str, config_dir: Path | None = None) -> Any:
     """Import and return what a stage ``type`` names (config folder first on sys.path)."""
     module_name, _, attr = target_of(type_).partition(":")
@@ -48,7 +52,7 @@ def load_target(type_: str, config_dir: Path | None = None) -> Any:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ImportError(f"module {module_name!r} defines no {attr!r}") from None
+        raise NotDefined(f"module {module_name!r} defines no {attr!r}") from None
 
 
 def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = None) -> Stage:
