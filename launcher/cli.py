@@ -48,9 +48,9 @@ def _fail(exc: StreampipeError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-def _config(path: Path) -> PipelineConfig:
+def _config(path: Path, check_stages: bool = True) -> PipelineConfig:
     try:
-        return load_config(path)
+        return load_config(path, check_stages=check_stages)
     except ConfigError as exc:
         raise _fail(exc) from None
 
@@ -61,7 +61,7 @@ def resolve_run_dir(run_dir: Path | None, config: Path = Path(DEFAULT_CONFIG)) -
         return run_dir.resolve()
     if config.exists():
         try:
-            return load_config(config).default_run_dir()
+            return load_config(config, check_stages=False).default_run_dir()
         except ConfigError:
             pass
     return (config.resolve().parent / ".streampipe").resolve()
@@ -399,7 +399,7 @@ def graph(config: Path = ConfigOpt,
     """Print the pipeline's topology (stages, replicas, edges) as Mermaid or Graphviz dot."""
     from streampipe.launcher.graph import render_png, to_dot, to_mermaid
 
-    cfg = _config(config)
+    cfg = _config(config, check_stages=False)   # the topology needs no stage code
     if fmt not in ("mermaid", "dot"):
         err.print("error: --format is mermaid or dot")
         raise typer.Exit(2)

@@ -3,17 +3,24 @@
 Every error names the file, the line and the field (``services.yaml:12: stages.normalizer.replicas:
 Input should be greater than or equal to 1``) and the CLI exits with status 2. Checks: YAML syntax,
 unknown keys, wrong types and ranges, inputs naming a stage (or output) that does not exist,
-cycles, a source with inputs, a stage whose ``type`` has no implementation (a built-in name, or
-a ``module:Class`` whose module is found beside the config or on ``sys.path`` and defines the
-class). A module that exists but fails when imported is *not* a config error: that stage fails
-to start and ``streampipe status`` shows its traceback.
+cycles, and a ``type`` that is neither a built-in name nor ``module:name``.
+
+Then, unless ``check_stages=False`` (commands that only need the run directory), what each
+``type`` names is inspected in a short-lived child process (:mod:`stages.introspect`; user
+modules and scikit-learn are never imported here): a module that is not found, a name it does
+not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
+a function that does not take one record), a source with inputs, and ``options`` that the
+stage's ``__init__`` would refuse (unknown key, with a "did you mean" hint; missing required
+argument; a value of the wrong type where annotated). A module that exists but fails when
+imported is *not* a config error: that stage fails to start and ``streampipe status`` shows
+its traceback.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from streampipe.launcher.errors import ConfigError
 from streampipe.stages.registry import BUILTINS
 
+INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"
 
@@ -205,8 +213,12 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG) -> PipelineConfig:
-    """Read, parse and validate a ``services.yaml``; raise :class:`ConfigError` on any problem."""
+def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True) -> PipelineConfig:
+    """Read, parse and validate a ``services.yaml``; raise :class:`ConfigError` on any problem.
+
+    ``check_stages=False`` skips inspecting the stage code (a child process): for commands that
+    only need the run directory or the graph.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -234,7 +246,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> PipelineConfig:
             msg = "this key is required"
         raise ConfigError(msg, file=path, line=_line_of(index, loc), field=_field(loc)) from None
     _check_graph(cfg, index)
-    _check_implementations(cfg, index)
+    _check_types(cfg, index)
+    if check_stages:
+        _check_stages(cfg, index)
     return cfg
 
 
@@ -262,7 +276,7 @@ def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
                 raise ConfigError(f"stage {src!r} ({cfg.stages[src].type}) has no output {output!r} (outputs: {', '.join(builtin.outputs)})", **where)  # type: ignore[arg-type]
         builtin = BUILTINS.get(stage.type)
         if builtin and builtin.source and stage.inputs:
-            raise ConfigError(f"{stage.type} is a source and takes no inputs", file=path, line=index.get(("stages", name, "inputs")), field=f"stages.{name}.inputs")
+            _source_with_inputs(cfg, name, index)
     # cycles: depth-first search with colours
     colour: dict[str, int] = {}
     graph: dict[str, list[str]] = {n: [ref.partition(".")[0] for ref in s.inputs] for n, s in cfg.stages.items()}
@@ -282,56 +296,56 @@ def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
             visit(n, [])
 
 
-def _check_implementations(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+def _source_with_inputs(cfg: PipelineConfig, name: str, index: dict[tuple[Any, ...], int]) -> None:
+    raise ConfigError(f"{cfg.stages[name].type} is a source and takes no inputs", file=cfg.path,
+                      line=index.get(("stages", name, "inputs")), field=f"stages.{name}.inputs")
+
+
+def _check_types(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """Each ``type`` is a built-in name or ``module:name`` (no import: that is the child's job)."""
     for name, stage in cfg.stages.items():
-        where = dict(file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
-        if stage.type in BUILTINS:
-            continue
-        module_name, sep, class_name = stage.type.partition(":")
-        if not sep or not module_name or not class_name.isidentifier():
-            builtins = ", ".join(BUILTINS)
-            raise ConfigError(f"unknown stage type {stage.type!r}: use a built-in ({builtins}) or 'module:Class'", **where)  # type: ignore[arg-type]
-        origin = find_module(module_name, cfg.config_dir)
-        if origin is None:
-            raise ConfigError(f"module {module_name!r} not found beside {cfg.path.name} or on sys.path", **where)  # type: ignore[arg-type]
-        if origin.suffix == ".py" and not _defines(origin, class_name):
-            raise ConfigError(f"module {module_name!r} ({origin}) defines no {class_name!r}", **where)  # type: ignore[arg-type]
+        module_name, sep, attr = stage.type.partition(":")
+        if stage.type not in BUILTINS and (not sep or not module_name or not attr.isidentifier()):
+            raise ConfigError(f"unknown stage type {stage.type!r}: use a built-in ({', '.join(BUILTINS)}), "
+                              "'module:Class' or 'module:function'",
+                              file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
 
 
-def find_module(module_name: str, config_dir: Path) -> Path | None:
-    """The file a module would be imported from, the config's folder first; None if absent."""
-    candidate = config_dir.joinpath(*module_name.split("."))
-    for p in (candidate.with_suffix(".py"), candidate / "__init__.py"):
-        if p.is_file():
-            return p
-    added = str(config_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(config_dir))
+def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """Raise the first problem :mod:`stages.introspect` finds in the stages' code and options."""
+    report = inspect_stages(cfg)
+    for name, stage in cfg.stages.items():
+        found = report.get(name, {})
+        if found.get("problem"):
+            raise ConfigError(found["problem"], file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
+        if found.get("kind") == "source" and stage.inputs:
+            _source_with_inputs(cfg, name, index)
+        for key, message in found.get("options", []):
+            loc = ("stages", name, "options") + ((key,) if key is not None else ())
+            raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+
+
+def inspect_stages(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Run :mod:`stages.introspect` in a child process; its report, or {} if it could not answer.
+
+    A child that times out or dies (a user module that hangs or kills its interpreter when
+    imported) costs the checks, not the run: the stages then show their problem at start.
+    """
+    from loguru import logger
+
+    request = {"config_dir": str(cfg.config_dir),
+               "stages": {name: {"type": s.type, "options": s.options} for name, s in cfg.stages.items()}}
     try:
-        spec = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        spec = None
-    finally:
-        if added:
-            sys.path.remove(str(config_dir))
-    if spec is None:
-        return None
-    return Path(spec.origin) if spec.origin and spec.origin != "built-in" else Path(module_name)
-
-
-def _defines(path: Path, name: str) -> bool:
-    """Whether a module's source binds ``name`` at top level (without running it)."""
+        proc = subprocess.run([sys.executable, "-m", "streampipe.stages.introspect"], cwd=cfg.config_dir,
+                              input=json.dumps(request, default=str), capture_output=True, text=True,
+                              timeout=INSPECT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logger.warning(f"stage code not checked: importing it took more than {INSPECT_TIMEOUT_S:g} s")
+        return {}
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except (OSError, SyntaxError):
-        return True  # let the stage fail at import, with its traceback in status
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == name:
-            return True
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                return True
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name.split(".")[-1]) == name for a in node.names):
-            return True
-    return False
+        report: dict[str, dict[str, Any]] = json.loads(proc.stdout)
+    except ValueError:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        logger.warning(f"stage code not checked: the inspecting process exited {proc.returncode}\n{tail}")
+        return {}
+    return report

@@ -4,7 +4,13 @@ A stage is a plain class. The runtime (:mod:`stages.runtime`) owns sockets, batc
 heartbeats, signals, acknowledgements and error handling; a stage never touches them.
 
     Stage                     a transform or a sink: ``process(batch) -> iterable of records``
-    └── Source                produces records: ``generate() -> iterator of records``
+    ├── Source                produces records: ``generate() -> iterator of records``
+    ├── Plain                 a user's class that subclasses neither: what it lacks is Stage's
+    └── FunctionStage         a user's function ``f(record) -> record | list | None``, per record
+        └── AsyncFunctionStage    the same for an ``async def`` function
+
+:func:`load_stage` (the one way the runtime, the fork server and :func:`streampipe.testing.run_stage`
+get a stage) puts whatever a ``type:`` names behind this interface with :func:`as_stage`.
 
 Lifecycle, in one stage process::
 
@@ -23,8 +29,8 @@ each failing record to ``<run dir>/deadletter/<stage>.jsonl`` with the error, an
 Example, a complete transform stage:
 
 >>> class Doubler(Stage):
-...     def __init__(self, field: str = "x", **options):
-...         super().__init__(**options)
+...     def __init__(self, field: str = "x"):
+...         super().__init__()
 ...         self.field = field
 ...     def process(self, batch):
 ...         for record in batch:
@@ -35,11 +41,13 @@ Example, a complete transform stage:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 Record = dict[str, Any]
 Batch = list[Record]
@@ -76,8 +84,10 @@ class Stage:
 
     Subclasses override :meth:`process`; every other method is optional.
 
-    - ``__init__(**options)`` receives the stage's ``options`` from ``services.yaml``. It must
-      be cheap and must not open sockets or files: the runtime may build a stage only to check it.
+    - ``__init__`` receives the stage's ``options`` from ``services.yaml`` as keyword arguments.
+      ``streampipe validate`` checks them against its signature (names, and types where
+      annotated); ``**options`` accepts any other key (this base keeps them in ``self.options``).
+      It must be cheap and must not open sockets or files.
     - :meth:`setup` runs once in the stage process before the first batch. Heavy work (loading a
       model, opening an output file) goes here. READY is reported when it returns.
     - :meth:`process` is called with each input batch (a list of records, possibly empty) and
@@ -154,8 +164,8 @@ class Source(Stage):
     restarted source resumes without skipping a record.
 
     >>> class Count(Source):
-    ...     def __init__(self, n: int = 3, **options):
-    ...         super().__init__(**options)
+    ...     def __init__(self, n: int = 3):
+    ...         super().__init__()
     ...         self.n, self.next_id = n, 0
     ...     def generate(self):
     ...         while self.next_id < self.n:
@@ -177,9 +187,132 @@ class Source(Stage):
         raise TypeError(f"{type(self).__name__} is a source: it has no input to process")
 
 
-def is_source(stage: Stage | type[Stage]) -> bool:
+Kind = Literal["source", "transform", "function"]
+
+HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats")
+
+
+def is_source(stage: object) -> bool:
     """True when a stage (class or instance) produces records rather than receiving them."""
-    cls = stage if isinstance(stage, type) else type(stage)
-    return callable(getattr(cls, "generate", None)) and not (
-        issubclass(cls, Source) and cls.generate is Source.generate
-    )
+    generate = getattr(stage, "generate", None)
+    return callable(generate) and getattr(generate, "__func__", generate) is not Source.generate
+
+
+def kind_of(target: object) -> Kind:
+    """What a ``type:`` names: a source or transform class, or a per-record function.
+
+    Raises :class:`TypeError` saying why anything else cannot be a stage: a class with neither
+    ``process`` nor ``generate``, a function that cannot be called with one record, or an object
+    that is neither class nor function.
+    """
+    if isinstance(target, type):
+        if is_source(target):
+            return "source"
+        if issubclass(target, Source):
+            raise TypeError(f"class {target.__name__} is a Source but defines no generate()")
+        if issubclass(target, Stage) or callable(getattr(target, "process", None)):
+            return "transform"
+        raise TypeError(f"class {target.__name__} has neither process(batch) nor generate(): it cannot be a stage")
+    if callable(target):
+        try:
+            signature = inspect.signature(target)
+        except (TypeError, ValueError):   # a builtin without a signature: trust it
+            return "function"
+        try:
+            signature.bind(None)
+        except TypeError:
+            name = getattr(target, "__name__", repr(target))
+            raise TypeError(f"a function stage is called with one record, but {name}{signature} "
+                            "does not take exactly one positional argument") from None
+        return "function"
+    raise TypeError(f"{type(target).__name__} {target!r:.40} is neither a class nor a function")
+
+
+def as_stage(obj: object) -> Stage:
+    """``obj`` behind the :class:`Stage` interface: a Stage as it is, a function (called per
+    record) through :class:`FunctionStage`, any other object with ``process`` or ``generate``
+    through :class:`Plain`. Raises :class:`TypeError` for anything else."""
+    if isinstance(obj, Stage):
+        return obj
+    if isinstance(obj, type):
+        raise TypeError(f"{obj.__name__} is a class: pass an instance")
+    if callable(getattr(obj, "process", None)) or callable(getattr(obj, "generate", None)):
+        return Plain(obj)
+    if kind_of(obj) == "function":
+        return AsyncFunctionStage(obj) if inspect.iscoroutinefunction(obj) else FunctionStage(obj)  # type: ignore[arg-type]
+    raise TypeError(f"{obj!r} is not a stage")  # pragma: no cover - kind_of raised already
+
+
+class Plain(Stage):
+    """A user's object whose class subclasses neither :class:`Stage` nor :class:`Source`.
+
+    Each of ``process``, ``generate``, ``setup``, ``teardown``, ``route``, ``snapshot``,
+    ``restore`` and ``stats`` that the object defines is called; the others are Stage's
+    defaults, and ``outputs`` is the object's if it has one. The object gets ``.context``
+    too, so its methods read ``self.context`` as a Stage's do.
+
+    >>> class Upper:
+    ...     def process(self, batch):
+    ...         return [{**r, "name": r["name"].upper()} for r in batch]
+    >>> stage = as_stage(Upper())
+    >>> list(stage.process([{"name": "ada"}])), stage.route({}), stage.snapshot()
+    ([{'name': 'ADA'}], 'default', {})
+    """
+
+    def __init__(self, user: object) -> None:
+        self.user = user
+        super().__init__()
+        for name in HOOKS:
+            method = getattr(user, name, None)
+            if callable(method):
+                setattr(self, name, method)
+        self.outputs = tuple(getattr(user, "outputs", ()) or ())
+
+    @property  # type: ignore[override]
+    def context(self) -> StageContext:
+        return self._context
+
+    @context.setter
+    def context(self, value: StageContext) -> None:
+        self._context = value
+        self.user.context = value  # type: ignore[attr-defined]
+
+
+class FunctionStage(Stage):
+    """A function as a transform, as bytewax's ``map``: called once per record, it returns a
+    record, a list of records, or ``None`` to drop the record. It takes no options.
+
+    >>> def enrich(record):
+    ...     return None if record["x"] < 0 else {**record, "y": record["x"] * 2}
+    >>> FunctionStage(enrich).process([{"x": 1}, {"x": -1}])
+    [{'x': 1, 'y': 2}]
+    """
+
+    def __init__(self, fn: Callable[[Record], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def process(self, batch: Batch) -> list[Record]:
+        out: list[Record] = []
+        for record in batch:
+            _collect(out, self.fn(record))
+        return out
+
+
+class AsyncFunctionStage(FunctionStage):
+    """An ``async def`` function as a transform: the calls for one batch run concurrently
+    (``asyncio.gather``, order kept), so an I/O-bound function overlaps its waits."""
+
+    async def process(self, batch: Batch) -> list[Record]:  # type: ignore[override]
+        out: list[Record] = []
+        for result in await asyncio.gather(*(self.fn(record) for record in batch)):
+            _collect(out, result)
+        return out
+
+
+def _collect(out: list[Record], result: Any) -> None:
+    """Add what a function stage returned for one record: a record, a list of them, or None."""
+    if isinstance(result, list):
+        out.extend(result)
+    elif result is not None:
+        out.append(result)   # anything but a dict is dead-lettered by the Processor, named

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 from loguru import logger
 
 from streampipe.stages.state import atomic_write, json_default
@@ -92,6 +91,8 @@ def committed_versions(folder: Path) -> list[int]:
 
 def save(folder: Path, version: int, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Write version ``version``: the model file, then its metadata. Returns the metadata written."""
+    import joblib   # here, not at module level, so that importing the trainer stays fast (see there)
+
     buf = io.BytesIO()
     joblib.dump(model, buf)
     data = buf.getvalue()
@@ -130,6 +131,8 @@ def load(folder: Path, version: int) -> Checkpoint:
         raise CheckpointError(f"version {version}: model file has {len(data)} bytes, metadata says {meta['model_bytes']}")
     if "model_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["model_sha256"]:
         raise CheckpointError(f"version {version}: model file does not match its SHA-256")
+    import joblib
+
     try:
         model = joblib.load(io.BytesIO(data))
     except Exception as exc:  # unpickling can fail in any way: all of them mean "not valid"

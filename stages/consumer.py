@@ -56,8 +56,8 @@ RATE_WINDOW_S = 1.0
 
 class Consumer(Stage):
     def __init__(self, output: str = "output/records.jsonl", dedup: bool = True, label: str = "y",
-                 checkpoint_s: float = 1.0, dedup_horizon_s: float = DEFAULT_HORIZON_S, **options: Any) -> None:
-        super().__init__(**options)
+                 checkpoint_s: float = 1.0, dedup_horizon_s: float = DEFAULT_HORIZON_S) -> None:
+        super().__init__()
         self.output, self.dedup, self.label, self.checkpoint_s = output, dedup, label, checkpoint_s
         self.horizon_s = dedup_horizon_s
         self.count = 0

@@ -57,9 +57,7 @@ import time
 from typing import IO, Any
 
 import numpy as np
-import sklearn
 from loguru import logger
-from sklearn.base import is_classifier
 
 from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
@@ -67,6 +65,9 @@ from streampipe.stages.drift import PageHinkley
 from streampipe.stages.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
 from streampipe.stages.state import json_default
 
+# scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports
+# this module to read Evaluator's options, and must stay fast (sklearn costs ~1.7 s; the fork server
+# preloads it for the stages anyway).
 TAIL_BYTES = 64 * 1024   # enough to hold the last rows of metrics.jsonl when resuming counters
 
 
@@ -74,8 +75,8 @@ class Evaluator(Stage):
     def __init__(self, checkpoint_dir: str = "checkpoints", output: str = "metrics.jsonl", every: int = 500,
                  window: int = 1000, features: str | None = None, label: str | None = None,
                  poll_seconds: float = 0.5, drift_delta: float = 0.005, drift_threshold: float = 50.0,
-                 drift_min_instances: int = 30, **options: Any) -> None:
-        super().__init__(**options)
+                 drift_min_instances: int = 30) -> None:
+        super().__init__()
         if every < 1 or window < 1 or poll_seconds < 0:
             raise ValueError("every and window must be >= 1, poll_seconds >= 0")
         self.checkpoint_dir, self.output = checkpoint_dir, output
@@ -166,6 +167,8 @@ class Evaluator(Stage):
         if self.since_row:
             self.write_row()      # close the outgoing version's figures
         self.model, self.meta, self.version = cp.model, cp.meta, cp.version
+        from sklearn.base import is_classifier
+
         self.classifier = bool(is_classifier(cp.model)) and hasattr(cp.model, "classes_")
         self.has_proba = self.classifier and hasattr(cp.model, "predict_proba")
         v = self._vectorise
@@ -189,6 +192,8 @@ class Evaluator(Stage):
         if not n:
             return []
         X, y = arrays.X, arrays.y
+        import sklearn
+
         with sklearn.config_context(assume_finite=True):     # the vectoriser checked X
             pred = self.model.predict(X)
             proba = self.model.predict_proba(X) if self.has_proba else None

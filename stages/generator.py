@@ -44,8 +44,8 @@ CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10
 class Generator(Source):
     def __init__(self, rate: float = 0, count: int | None = None, seed: int = 7, features: int = 8,
                  classes: int = 2, noise: float = 0.05, drift_at: int | None = None,
-                 malformed_every: int = 0, file: str | None = None, loop: bool = False, **options: Any) -> None:
-        super().__init__(**options)
+                 malformed_every: int = 0, file: str | None = None, loop: bool = False) -> None:
+        super().__init__()
         if rate < 0:
             raise ValueError("rate must be >= 0")
         self.rate, self.count, self.seed = float(rate), count, int(seed)

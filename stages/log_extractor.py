@@ -436,8 +436,8 @@ class LogExtractor(Source):
 
     def __init__(self, window_s: float = WINDOW_S, poll_s: float = POLL_S, lateness_s: float = LATENESS_S,
                  summary_every_s: float = SUMMARY_EVERY_S, emit: bool = True, include_self: bool = False,
-                 samples: int = 20, **options: Any) -> None:
-        super().__init__(**options)
+                 samples: int = 20) -> None:
+        super().__init__()
         if window_s <= 0 or poll_s <= 0:
             raise ValueError("window_s and poll_s must be > 0")
         self.window_s, self.poll_s, self.lateness_s = float(window_s), float(poll_s), float(lateness_s)

@@ -45,8 +45,8 @@ class Normalizer(Stage):
     outputs = ("default", "holdout")
 
     def __init__(self, schema: dict[str, str] | None = None, scale: str | None = "x",
-                 holdout: float = 0.0, **options: Any) -> None:
-        super().__init__(**options)
+                 holdout: float = 0.0) -> None:
+        super().__init__()
         self.schema = dict(schema or DEFAULT_SCHEMA)
         for field, kind in self.schema.items():
             if kind not in _TYPES:

@@ -1,4 +1,5 @@
-"""Built-in stage names -> their classes, and the loader for a user's ``module:Class``.
+"""Built-in stage names -> their classes, and the loader for a user's ``module:Class`` or
+``module:function``.
 
 The table is plain data so that the supervisor can validate ``services.yaml`` without
 importing any stage code (scikit-learn alone costs ~1.7 s to import).
@@ -11,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from streampipe.stages.api import Stage, as_stage, kind_of
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,36 @@ def target_of(type_: str) -> str:
     return builtin.target if builtin else type_
 
 
-def load_class(type_: str, config_dir: Path | None = None) -> Any:
-    """Import and return the class a stage ``type`` names (config folder first on sys.path)."""
-    module_name, _, class_name = target_of(type_).partition(":")
+class NotDefined(ImportError):
+    """The module of a ``type`` was imported but defines no such name."""
+
+
+def load_target(type_: str, config_dir: Path | None = None) -> Any:
+    """Import and return what a stage ``type`` names (config folder first on sys.path)."""
+    module_name, _, attr = target_of(type_).partition(":")
     if config_dir is not None and str(config_dir) not in sys.path:
         sys.path.insert(0, str(config_dir))
     module = importlib.import_module(module_name)
     try:
-        return getattr(module, class_name)
+        return getattr(module, attr)
     except AttributeError:
-        raise ImportError(f"module {module_name!r} has no class {class_name!r}") from None
+        raise NotDefined(f"module {module_name!r} defines no {attr!r}") from None
+
+
+def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = None) -> Stage:
+    """The stage a ``type`` names, built with its ``options``, behind the :class:`Stage` interface.
+
+    The one loading path of the runtime, the fork server and the test harness: a class is
+    called with the options, and :func:`~streampipe.stages.api.as_stage` adapts what is not a
+    Stage (a plain class, a function). Raises :class:`TypeError` for what cannot be a stage.
+    """
+    target = load_target(type_, config_dir)
+    try:
+        kind = kind_of(target)
+    except TypeError as exc:
+        raise TypeError(f"{type_}: {exc}") from None
+    if kind == "function":
+        if options:
+            raise TypeError(f"{type_} is a function: it takes no options (got {', '.join(options)})")
+        return as_stage(target)
+    return as_stage(target(**options))

@@ -41,7 +41,7 @@ from loguru import logger
 from streampipe.stages import wire
 from streampipe.stages.api import Record, Stage, StageContext, is_source
 from streampipe.stages.process import Processor
-from streampipe.stages.registry import load_class
+from streampipe.stages.registry import load_stage
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import DeadLetters, load_state, save_state
 
@@ -243,7 +243,7 @@ class StageRuntime:
         self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident)
         self.processor = Processor(stage)
         # route() is called per record only when a named output is actually consumed
-        self.routes = type(stage).route is not Stage.route and any(e.output != "default" for e in spec.edges)
+        self.routes = getattr(stage.route, "__func__", None) is not Stage.route and any(e.output != "default" for e in spec.edges)
         self.last_error = ""
         self.error_log = ErrorLog()
 
@@ -751,8 +751,7 @@ def main(spec: StageSpec) -> int:
         die_with_parent(spec.supervisor_pid)
     setup_logging(spec)
     try:
-        cls = load_class(spec.type, Path(spec.config_dir))
-        stage = cls(**spec.options)
+        stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
         stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
                                      outputs=tuple(sorted({e.output for e in spec.edges})))

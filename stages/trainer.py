@@ -61,14 +61,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
 from loguru import logger
-from sklearn.base import is_classifier
 
 from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.learning import Ring, Vectoriser, import_estimator
 
+# scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports
+# this module to read Trainer's options, and must stay fast (sklearn costs ~1.7 s; the fork server
+# preloads it for the stages anyway).
 DEFAULT_ESTIMATOR = "sklearn.linear_model.SGDClassifier"
 # log_loss: logistic regression, which has predict_proba (the evaluator's log-loss). A constant
 # step keeps adapting forever: on the default stream it holds ~0.96 hold-out accuracy (Bayes
@@ -83,9 +84,8 @@ class Trainer(Stage):
     def __init__(self, estimator: str = DEFAULT_ESTIMATOR, params: dict[str, Any] | None = None,
                  features: str = "x", label: str = "y", classes: list[Any] | None = None,
                  checkpoint_every: int = 5000, checkpoint_seconds: float = 10.0, keep: int = 5,
-                 checkpoint_dir: str = "checkpoints", window: int = 1000, predictions: str | None = "pred",
-                 **options: Any) -> None:
-        super().__init__(**options)
+                 checkpoint_dir: str = "checkpoints", window: int = 1000, predictions: str | None = "pred") -> None:
+        super().__init__()
         if not isinstance(estimator, str) or not estimator.strip():
             raise ValueError("estimator must be a dotted path such as 'sklearn.linear_model.SGDClassifier'")
         if params is not None and not isinstance(params, dict):
@@ -135,6 +135,8 @@ class Trainer(Stage):
         if not callable(getattr(cls, "partial_fit", None)):
             raise TypeError(f"estimator {self.estimator!r} has no partial_fit: the trainer learns online")
         self.model = cls(**self.params)
+        from sklearn.base import is_classifier
+
         self.classifier = bool(is_classifier(self.model))
         if self.classifier:
             self.classes = np.asarray(self.classes_option if self.classes_option is not None else DEFAULT_CLASSES)
@@ -185,6 +187,8 @@ class Trainer(Stage):
         if n:
             X, y = arrays.X, arrays.y
             # The vectoriser let only finite values through: sklearn need not check again (-40 % per call).
+            import sklearn
+
             with sklearn.config_context(assume_finite=True):
                 if self.fitted:
                     pred = self.model.predict(X)

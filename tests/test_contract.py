@@ -22,7 +22,7 @@ from streampipe.stages.evaluator import Evaluator
 from streampipe.stages.generator import Generator
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
-from streampipe.stages.registry import BUILTINS, load_class
+from streampipe.stages.registry import BUILTINS, load_target
 from streampipe.testing import run_stage
 from streampipe.stages.trainer import Trainer
 
@@ -68,7 +68,7 @@ MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}
 def test_every_builtin_is_covered() -> None:
     assert set(BUILTINS) == set(TRANSFORMS) - {"readme:Enricher"} | set(SOURCES)
     for name, builtin in BUILTINS.items():
-        assert is_source(load_class(name)) == builtin.source, name
+        assert is_source(load_target(name)) == builtin.source, name
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)

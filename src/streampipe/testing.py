@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streampipe.stages import wire
-from streampipe.stages.api import Batch, Record, Stage, StageContext, is_source
+from streampipe.stages.api import Batch, Record, Stage, StageContext, as_stage, is_source
 from streampipe.stages.process import Processor
 
 
@@ -30,7 +30,7 @@ class Run:
     dead_letters: list[tuple[Record, str]] = field(default_factory=list)
 
 
-def run_stage(stage: Stage, batches: Iterable[Batch] = (), *, run_dir: Path | None = None,
+def run_stage(stage: Stage | object, batches: Iterable[Batch] = (), *, run_dir: Path | None = None,
               limit: int | None = None, setup: bool = True, teardown: bool = True,
               context: dict[str, Any] | None = None) -> Run:
     """Run ``stage`` over ``batches`` (or, for a source, take up to ``limit`` records, stopping
@@ -39,6 +39,7 @@ def run_stage(stage: Stage, batches: Iterable[Batch] = (), *, run_dir: Path | No
     Every record is round-tripped through msgpack as it would be on a socket, so a stage that
     emits something the wire cannot carry fails here too.
     """
+    stage = as_stage(stage)    # a plain class's instance or a function works as in a pipeline
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="streampipe-test-"))
     stage.context = StageContext(run_dir=run_dir, **(context or {}))
     result = Run()
