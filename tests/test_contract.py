@@ -23,8 +23,8 @@ from streampipe.stages.generator import Generator
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.registry import BUILTINS, load_class
-from streampipe.testing import run_stage
 from streampipe.stages.trainer import Trainer
+from streampipe.testing import run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
