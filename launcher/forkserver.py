@@ -2,7 +2,7 @@
 
 A cold Python start that imports scikit-learn costs ~1.7 s; a fork of a process that already
 has it costs a few milliseconds. The supervisor starts this server once (``python -m
-launcher.forkserver``), which imports the stage runtime, pyzmq, msgpack, numpy, scikit-learn and
+streampipe.launcher.forkserver``), which imports the stage runtime, pyzmq, msgpack, numpy, scikit-learn and
 every module named by a ``type:`` in ``services.yaml``, then serves spawn requests.
 
 Why not ``multiprocessing``'s forkserver: it pickles the process object over its socket (we

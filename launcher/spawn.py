@@ -1,4 +1,4 @@
-"""Starting stage processes: cold (``python -m stages``) or from the preloaded fork server.
+"""Starting stage processes: cold (``python -m streampipe.stages``) or from the preloaded fork server.
 
 Either way the stage is a child of the supervisor (the fork server's grandchildren are adopted
 by the supervisor, a child subreaper), in its own session and process group, with stdout and

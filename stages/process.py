@@ -1,6 +1,6 @@
 """Calling a stage's ``process``: sync or async, with per-record isolation of failures.
 
-Shared by the stage runtime and the in-process test harness (:mod:`stages.testing`), so that
+Shared by the stage runtime and the in-process test harness (:mod:`streampipe.testing`), so that
 what a test sees is exactly what a stage process does.
 """
 
