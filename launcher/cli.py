@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from streampipe.launcher.config import DEFAULT_CONFIG, PipelineConfig, load_config
@@ -44,7 +45,7 @@ RunDirOpt = typer.Option(None, "--run-dir", "-r", help="Run directory (default: 
 
 
 def _fail(exc: StreampipeError) -> typer.Exit:
-    err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -428,7 +429,7 @@ def main() -> None:
     try:
         app()
     except StreampipeError as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False, highlight=False)   # `[plot]` in a message is not markup
         sys.exit(exc.exit_code)
 
 

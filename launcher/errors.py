@@ -5,7 +5,8 @@
     ├── ControlError                the control socket did not answer or refused (exit 1)
     │   └── NotRunning              no supervisor owns this run directory (exit 1)
     ├── AlreadyRunning              a live supervisor already owns this run directory (exit 1)
-    └── StageError                  a stage failed to start or to stop (exit 1)
+    ├── StageError                  a stage failed to start or to stop (exit 1)
+    └── MissingExtra                an optional part is not installed: names the extra (exit 1)
 
 Stage-side failures (a record that cannot be processed) are :class:`stages.api.BadRecord`
 and never reach the supervisor as exceptions: they become dead letters and counters.
@@ -13,7 +14,9 @@ and never reach the supervisor as exceptions: they become dead letters and count
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
 
 
 class StreampipeError(Exception):
@@ -50,3 +53,16 @@ class AlreadyRunning(StreampipeError):
 
 class StageError(StreampipeError):
     """A stage could not be started or stopped."""
+
+
+class MissingExtra(StreampipeError):
+    """An optional feature whose extra is not installed (e.g. matplotlib, for ``report``)."""
+
+
+def import_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` of the optional ``extra``, or say which extra ``feature`` needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{feature} needs {module}, which is not installed: "
+                           f"pip install 'streampipe[{extra}]'") from None

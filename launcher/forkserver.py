@@ -2,7 +2,7 @@
 
 A cold Python start that imports scikit-learn costs ~1.7 s; a fork of a process that already
 has it costs a few milliseconds. The supervisor starts this server once (``python -m
-launcher.forkserver``), which imports the stage runtime, pyzmq, msgpack, numpy, scikit-learn and
+streampipe.launcher.forkserver``), which imports the stage runtime, pyzmq, msgpack, numpy, scikit-learn and
 every module named by a ``type:`` in ``services.yaml``, then serves spawn requests.
 
 Why not ``multiprocessing``'s forkserver: it pickles the process object over its socket (we
@@ -30,6 +30,8 @@ import signal
 import socket
 import sys
 import traceback
+
+from streampipe.stages.proctitle import set_title
 
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
@@ -86,11 +88,12 @@ class Middle:
     of the two forks (~3.5 ms each for a 130 MB image) off the respawn path.
     """
 
-    def __init__(self, supervisor_pid: int, server_sock: socket.socket) -> None:
+    def __init__(self, supervisor_pid: int, server_sock: socket.socket, pipeline: str) -> None:
         req_r, self.req_w = os.pipe()
         self.pid_r, pid_w = os.pipe()
         if os.fork() == 0:
             try:
+                set_title("fork-server (next stage)", pipeline)
                 server_sock.close()
                 os.close(self.req_w)
                 os.close(self.pid_r)
@@ -143,7 +146,9 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
         from streampipe.stages.runtime import main
         from streampipe.stages.spec import StageSpec
 
-        code = main(StageSpec.from_json(request["spec"]))
+        spec = StageSpec.from_json(request["spec"])
+        set_title(spec.ident, spec.pipeline)
+        code = main(spec)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -160,6 +165,8 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
 def serve() -> int:
     config = json.loads(os.environ.get(ENV_VAR, "{}"))
     supervisor_pid = int(config.get("supervisor_pid", os.getppid()))
+    pipeline = str(config.get("pipeline", "pipeline"))
+    set_title("fork-server", pipeline)
     from streampipe.stages.runtime import die_with_parent
 
     die_with_parent(supervisor_pid)
@@ -170,7 +177,7 @@ def serve() -> int:
     mtimes, failed = preload(config.get("types", []), config.get("config_dir", os.getcwd()))
     sock.sendall((json.dumps({"ready": True, "pid": os.getpid(), "modules": mtimes, "failed": failed}) + "\n").encode())
     reader = sock.makefile("rb")
-    middle = Middle(supervisor_pid, sock)
+    middle = Middle(supervisor_pid, sock, pipeline)
     for line in reader:
         try:
             request = json.loads(line)
@@ -181,7 +188,7 @@ def serve() -> int:
         except Exception as exc:
             reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
         sock.sendall((json.dumps(reply) + "\n").encode())
-        middle = Middle(supervisor_pid, sock)         # the next one, while nobody is waiting
+        middle = Middle(supervisor_pid, sock, pipeline)         # the next one, while nobody is waiting
     return 0
 
 

@@ -119,6 +119,9 @@ def render_png(cfg: Any, path: Path, engine: Literal["auto", "dot", "matplotlib"
 
 def _render_matplotlib(cfg: Any, path: Path) -> None:
     # Figure + Agg canvas, not pyplot: no global backend switch, no window, thread-safe enough
+    from streampipe.launcher.errors import import_extra
+
+    import_extra("matplotlib", "plot", "streampipe graph --png (without Graphviz)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch

@@ -122,9 +122,9 @@ def make_report(run_dir: Path, out: Path) -> str:
 
 def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: list[str], t0: float, out: Path,
           title: str) -> None:
-    import matplotlib
+    from streampipe.launcher.errors import import_extra
 
-    matplotlib.use("Agg", force=False)
+    import_extra("matplotlib", "plot", "streampipe report").use("Agg", force=False)
     from matplotlib.figure import Figure  # a bare Figure: no pyplot state, nothing global to close
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")

@@ -1,4 +1,4 @@
-"""Starting stage processes: cold (``python -m stages``) or from the preloaded fork server.
+"""Starting stage processes: cold (``python -m streampipe.stages``) or from the preloaded fork server.
 
 Either way the stage is a child of the supervisor (the fork server's grandchildren are adopted
 by the supervisor, a child subreaper), in its own session and process group, with stdout and
@@ -70,8 +70,8 @@ def spawn_stage_cold(spec: StageSpec, stderr_path: Path) -> int:
 class ForkServer:
     """The supervisor's handle on one fork server process."""
 
-    def __init__(self, types: list[str], config_dir: Path, log_path: Path) -> None:
-        self.types, self.config_dir, self.log_path = types, config_dir, log_path
+    def __init__(self, types: list[str], config_dir: Path, log_path: Path, pipeline: str = "pipeline") -> None:
+        self.types, self.config_dir, self.log_path, self.pipeline = types, config_dir, log_path, pipeline
         self.pid: int | None = None
         self.modules: dict[str, list] = {}
         self.failed: dict[str, str] = {}
@@ -84,7 +84,7 @@ class ForkServer:
     async def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = child_env({forkserver.ENV_VAR: json.dumps({"types": self.types, "config_dir": str(self.config_dir),
-                                                         "supervisor_pid": os.getpid()})})
+                                                         "supervisor_pid": os.getpid(), "pipeline": self.pipeline})})
         try:
             self.pid = spawn_cold(["-m", "streampipe.launcher.forkserver"], self.log_path, env, pass_fds=(child.fileno(),))
         finally:

@@ -36,6 +36,7 @@ from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Judge, Probe, Reading
 from streampipe.monitor.policy import RestartPolicy, describe_exit
 from streampipe.stages import wire
+from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import load_state
@@ -129,6 +130,7 @@ class Supervisor:
     # -- public ------------------------------------------------------------------------------
     async def run(self) -> int:
         self.rd.claim()
+        set_title("supervisor", self.cfg.pipeline)
         self._setup_logging()
         self.events = EventLog(self.rd.events)
         self.events.emit("supervisor", reason=f"up: pipeline {self.cfg.pipeline!r} from {self.cfg.path}", pid=os.getpid())
@@ -214,7 +216,7 @@ class Supervisor:
             return   # one start at a time
         self.fork_starting = True
         types = sorted({sc.type for sc in self.cfg.stages.values()})
-        fork = self.fork = ForkServer(types, self.cfg.config_dir, self.rd.logs / "forkserver.stderr")
+        fork = self.fork = ForkServer(types, self.cfg.config_dir, self.rd.logs / "forkserver.stderr", self.cfg.pipeline)
         t0 = time.monotonic()
         try:
             await fork.start()
@@ -263,7 +265,8 @@ class Supervisor:
             ack=self.endpoint("a", rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
             delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
             max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
-            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention)
+            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
+            pipeline=cfg.pipeline)
 
     def endpoints_of(self, stage: str) -> list[str]:
         return [self.endpoint("i", stage, r.index) for r in self.replicas[stage] if not r.wanted_down]

@@ -3,12 +3,12 @@
 Wire it to the normalizer's ``holdout`` output (records the trainer never learns from). It
 watches the checkpoint folder (an ``os.scandir`` at most every ``poll_seconds``) and switches to
 each new version as it appears; a damaged version is skipped with a warning, as the trainer does
-(:mod:`stages.checkpoints`). Until a first checkpoint exists records are counted, not scored.
+(:mod:`streampipe.stages.checkpoints`). Until a first checkpoint exists records are counted, not scored.
 
 Metrics are over the last ``window`` records scored by the *current* version (the window starts
 empty at each new version): accuracy, F1 (of the second class when binary, macro otherwise) and,
 when the model has ``predict_proba``, log-loss, for a classifier; MAE, RMSE and R2 for a
-regressor. A Page-Hinkley test (:mod:`stages.drift`) watches the error of every scored record
+regressor. A Page-Hinkley test (:mod:`streampipe.stages.drift`) watches the error of every scored record
 (0/1 mistakes, or absolute errors) across versions and logs a warning on drift.
 
 Every ``every`` scored records, and when the version changes (closing the outgoing version's

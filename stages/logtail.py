@@ -1,6 +1,6 @@
 """Follow log files through rotation and truncation, and parse streampipe's log lines.
 
-One implementation shared by the log extractor stage (:mod:`stages.log_extractor`) and
+One implementation shared by the log extractor stage (:mod:`streampipe.stages.log_extractor`) and
 ``streampipe logs -f`` (:mod:`launcher.logs`).
 
 How a :class:`LogTail` follows files (the choices of ``tail -F`` and Fluent Bit's tail input):

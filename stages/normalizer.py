@@ -95,9 +95,12 @@ class Normalizer(Stage):
         try:
             x = np.asarray([r[field] for r in good], dtype=float)
         except (ValueError, TypeError):
-            return [r for r in good if self._scale_one(r)]
-        if x.ndim != 2:
-            return [r for r in good if self._scale_one(r)]
+            x = None
+        if x is None or x.ndim != 2:
+            good = self._usable_vectors(good, field)
+            if not good:
+                return good
+            x = np.asarray([r[field] for r in good], dtype=float)
         finite = np.isfinite(x).all(axis=1)
         if not finite.all():
             for r, ok in zip(good, finite):
@@ -115,18 +118,30 @@ class Normalizer(Stage):
         scaled = ((x - self.mean) / std).round(6).tolist()
         return [{**r, field: s} for r, s in zip(good, scaled)]
 
-    def _scale_one(self, record: Record) -> bool:
-        """Slow path for a batch with a ragged or non-numeric vector: find the culprits."""
-        try:
-            x = np.asarray([record[self.scale or ""]], dtype=np.float64)
-            if self.mean is not None and x.shape[1] != len(self.mean):
-                raise ValueError(f"expected {len(self.mean)} values, got {x.shape[1]}")
-        except (ValueError, TypeError) as exc:
-            self.rejected += 1
-            self.reject(record, f"field {self.scale!r}: {exc}")
-            return False
-        self._update(x)
-        return True
+    def _usable_vectors(self, good: list[Record], field: str) -> list[Record]:
+        """Slow path for a batch with a ragged or non-numeric vector: dead-letter the culprits.
+
+        A non-finite vector is one of them: it must not fix the vector length of a fresh stage
+        (nor poison its statistics), or every good record after it would be rejected.
+        """
+        dim = len(self.mean) if self.mean is not None else None
+        kept = []
+        for record in good:
+            try:
+                v = np.asarray(record[field], dtype=np.float64)
+                if v.ndim != 1:
+                    raise ValueError("expected a flat vector")
+                if dim is not None and len(v) != dim:
+                    raise ValueError(f"expected {dim} values, got {len(v)}")
+                if not np.isfinite(v).all():
+                    raise ValueError("not finite")
+            except (ValueError, TypeError) as exc:
+                self.rejected += 1
+                self.reject(record, f"field {field!r}: {exc}")
+                continue
+            dim = len(v)
+            kept.append(record)
+        return kept
 
     def _update(self, x: np.ndarray) -> None:
         """Merge a batch into the running mean / M2 (Chan, Golub and LeVeque)."""

@@ -1,6 +1,6 @@
 """Calling a stage's ``process``: sync or async, with per-record isolation of failures.
 
-Shared by the stage runtime and the in-process test harness (:mod:`stages.testing`), so that
+Shared by the stage runtime and the in-process test harness (:mod:`streampipe.testing`), so that
 what a test sees is exactly what a stage process does.
 """
 
@@ -63,6 +63,8 @@ class Processor:
                         outcome.rejected.append(({"output": repr(r)[:2000]}, f"process() produced a {type(r).__name__}, not a record (a map)", ""))
                 outcome.records = kept
         except Exception:
+            if not batch:                                   # nothing to dead-letter: keep the error
+                outcome.exceptions.append(sys.exc_info()[1])  # type: ignore[arg-type]
             if len(batch) <= 1:
                 for record in batch:
                     outcome.rejected.append((record, _error_text(), traceback.format_exc()))
@@ -73,7 +75,9 @@ class Processor:
                     outcome.records.extend(single.records)
                     outcome.rejected.extend(single.rejected)
                     outcome.exceptions.extend(single.exceptions)
-        outcome.rejected.extend(self.stage.take_rejected())
+        take_rejected = getattr(self.stage, "take_rejected", None)   # a plain class (no base) has none
+        if take_rejected is not None:
+            outcome.rejected.extend(take_rejected())
         return outcome
 
     def close(self) -> None:

@@ -45,6 +45,7 @@ class StageSpec:
     log_level: str = "INFO"
     log_rotation: str = "10 MB"
     log_retention: int = 5
+    pipeline: str = "pipeline"  # the pipeline's name, for the process title
 
     @property
     def ident(self) -> str:

@@ -8,7 +8,7 @@ non-numeric features, a vector of the wrong length, a label outside ``classes``)
    updated over the last ``window`` records: accuracy for a classifier, MAE for a regressor;
 2. *train*: ``partial_fit`` on the batch (a classifier gets ``classes=`` on its first call).
 
-Checkpoints (see :mod:`stages.checkpoints`): every ``checkpoint_every`` records, every
+Checkpoints (see :mod:`streampipe.stages.checkpoints`): every ``checkpoint_every`` records, every
 ``checkpoint_seconds`` when new records were learned (0 = only by count), and at teardown, the
 model goes to ``<run dir>/<checkpoint_dir>/model-000042.joblib`` with ``model-000042.json``
 beside it; the ``keep`` newest are kept. On setup the newest *valid* checkpoint is loaded (a

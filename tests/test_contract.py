@@ -1,68 +1,81 @@
 """The stage contract, checked against every built-in stage and the README's example stage.
 
-Like river's estimator checks: a handful of generic properties every stage must have, run
-in-process through :mod:`stages.testing` (the same Processor the runtime uses).
+Like river's estimator checks: :func:`streampipe.testing.check_stage` runs the generic
+properties every stage must have (the function a stage author runs on theirs), and the tests
+below show that each of its checks fails on a stage that breaks it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
+import json
+import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streampipe.stages import wire
-from streampipe.stages.api import Stage, is_source
+from streampipe import Source, Stage
+from streampipe.stages.api import is_source
 from streampipe.stages.consumer import Consumer
 from streampipe.stages.evaluator import Evaluator
 from streampipe.stages.generator import Generator
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.registry import BUILTINS, load_target
-from streampipe.testing import run_stage
 from streampipe.stages.trainer import Trainer
+from streampipe.testing import StageContractError, check_stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_stage() -> type[Stage]:
-    """The ``mystages.py`` example of the README, imported as written."""
+def readme_code(marker: str) -> str:
+    """The README's Python block that contains ``marker``."""
     text = (ROOT / "README.md").read_text()
-    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "class Enricher" in block)
-    path = Path(__file__).parent / "_readme_mystages.py"
-    path.write_text(code)
-    spec = importlib.util.spec_from_file_location("_readme_mystages", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_readme_mystages"] = module
-    spec.loader.exec_module(module)
-    path.unlink()
-    return module.Enricher
+    return next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if marker in block)
+
+
+def readme_stage(folder: Path) -> type[Stage]:
+    """The ``mystages.py`` example of the README, imported as written (from ``folder``, not tests/)."""
+    (folder / "mystages.py").write_text(readme_code("class Enricher"))
+    sys.path.insert(0, str(folder))
+    try:
+        sys.modules.pop("mystages", None)
+        import mystages  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("mystages", None)
+    return mystages.Enricher  # type: ignore[no-any-return]
 
 
 def records(n: int = 300) -> list[dict[str, Any]]:
-    norm = Normalizer()
-    return norm.process(list(itertools.islice(Generator(seed=3).generate(), n)))
+    return Normalizer().process(list(itertools.islice(Generator(seed=3).generate(), n)))
 
 
+def batches(n: int = 300, size: int = 100) -> list[list[dict[str, Any]]]:
+    rs = records(n)
+    return [rs[i:i + size] for i in range(0, n, size)]
+
+
+# name -> (folder -> factory of fresh instances)
 TRANSFORMS: dict[str, Any] = {
-    "normalizer": lambda: Normalizer(holdout=0.2),
-    "consumer": lambda: Consumer(output="out.jsonl"),
-    "trainer": lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
-    "evaluator": lambda: Evaluator(every=50),
-    "readme:Enricher": lambda: readme_stage()(),
+    "normalizer": lambda tmp: lambda: Normalizer(holdout=0.2),
+    "consumer": lambda tmp: lambda: Consumer(output="out.jsonl"),
+    "trainer": lambda tmp: lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
+    "evaluator": lambda tmp: lambda: Evaluator(every=50),
+    "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
-    "generator": lambda: Generator(count=500, seed=1),
-    "log_extractor": lambda: LogExtractor(window_s=1),
+    "generator": lambda tmp: lambda: Generator(count=500, seed=1),
+    "log_extractor": lambda tmp: lambda: LogExtractor(window_s=1),
 }
-
-ACCEPTS_ANY_MAP = {"consumer"}   # a sink writes whatever map it gets: nothing is malformed to it
+STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
+ACCEPTS_ANY_MAP = {"consumer"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
+ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
 
 
 def test_every_builtin_is_covered() -> None:
@@ -72,72 +85,216 @@ def test_every_builtin_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_empty_batch(name: str, tmp_path: Path) -> None:
-    run = run_stage(TRANSFORMS[name](), [[]], run_dir=tmp_path)
-    assert run.records == [] and run.dead_letters == []
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_malformed_records_are_dead_lettered_not_fatal(name: str, tmp_path: Path) -> None:
-    good = records(200)
-    if name == "evaluator":   # it scores (and so checks records) once a model exists
-        run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [good], run_dir=tmp_path)
-    run = run_stage(TRANSFORMS[name](), [good[:100], MALFORMED + good[100:150], good[150:]], run_dir=tmp_path)
-    failed_ids = {r.get("id") for r, _ in run.dead_letters}
-    assert failed_ids <= {m["id"] for m in MALFORMED}
-    if name not in ACCEPTS_ANY_MAP:
-        assert 10_000 in failed_ids, f"{name} let a non-vector through"
-    assert all(reason for _, reason in run.dead_letters)
-    # the stage kept processing the records after the bad ones
-    if run.records:
-        assert any(r["id"] >= 150 for r in run.records)
-
-
-@pytest.mark.parametrize("name", TRANSFORMS)
-def test_output_is_msgpack_serialisable(name: str, tmp_path: Path) -> None:
-    run = run_stage(TRANSFORMS[name](), [records(100)], run_dir=tmp_path)
-    assert wire.unpackb(wire.packb(run.records)) == run.records
-
-
-@pytest.mark.parametrize("name", [*TRANSFORMS, *SOURCES])
-def test_snapshot_restore_round_trips(name: str, tmp_path: Path) -> None:
-    make = {**TRANSFORMS, **SOURCES}[name]
-    stage = make()
-    if name in SOURCES:
-        run_stage(stage, run_dir=tmp_path, limit=50, teardown=False)
+def test_transform_passes_the_contract(name: str, tmp_path: Path) -> None:
+    if name == "evaluator":   # it scores (and so checks records) once a model exists in the run directory
+        run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [records(200)], run_dir=tmp_path)
+    report = check_stage(TRANSFORMS[name](tmp_path), batches(), bad_records=MALFORMED, run_dir=tmp_path)
+    assert report.checks == [*ALL_CHECKS, "bad records"]
+    assert report.stateful == (name in STATEFUL), report.snapshot
+    dead = {r.get("id") for r, _ in report.dead_letters}
+    if name in ACCEPTS_ANY_MAP:
+        assert not dead, f"{name} dead-lettered records it should pass on"
     else:
-        run_stage(stage, [records(100)], run_dir=tmp_path, teardown=False)
-    snap = stage.snapshot()
-    assert wire.unpackb(wire.packb(snap)) == snap, "a snapshot must cross msgpack unchanged"
-    again = make()
-    again.restore(wire.unpackb(wire.packb(snap)))
-    assert again.snapshot() == snap
-    stage.teardown()
+        assert 10_000 in dead, f"{name} let a non-vector through"
+        assert dead <= {m["id"] for m in MALFORMED}
+    if name == "consumer":    # a sink: the bad records and the good ones after them reached its file
+        written = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert {10_000, 10_001, 10_002} <= set(written) and set(range(300)) <= set(written)
+    if name in ("normalizer", "readme:Enricher"):
+        assert len(report.records) == 300
 
 
-@pytest.mark.parametrize("name", SOURCES)
-def test_sources_yield_records_with_ids(name: str, tmp_path: Path) -> None:
-    if name == "log_extractor":
-        (tmp_path / "logs").mkdir()
-        (tmp_path / "logs" / "a.0.jsonl").write_text("")
-        run = run_stage(SOURCES[name](), run_dir=tmp_path, limit=10)
-        assert run.records == [], "no log lines: nothing to say yet"
-        return
-    run = run_stage(SOURCES[name](), run_dir=tmp_path, limit=500)
-    ids = [r["id"] for r in run.records]
-    assert ids == list(range(500))
-    assert all(isinstance(r["t"], float) for r in run.records)
+def test_generator_passes_the_contract_and_resumes_exactly(tmp_path: Path) -> None:
+    report = check_stage(SOURCES["generator"](tmp_path), run_dir=tmp_path, limit=120)
+    assert report.checks == ["init", "snapshot", "generate", "restore", "teardown"]
+    assert [r["id"] for r in report.records] == list(range(240))
+    assert report.snapshot == {"next": 120, "offset": 0} and report.stateful
 
 
-def test_generator_resumes_without_skipping(tmp_path: Path) -> None:
-    first = Generator(count=300, seed=9)
-    run_a = run_stage(first, run_dir=tmp_path, limit=120)
-    resumed = Generator(count=300, seed=9)
-    resumed.restore(first.snapshot())
-    run_b = run_stage(resumed, run_dir=tmp_path)
-    full = run_stage(Generator(count=300, seed=9), run_dir=tmp_path)
-    assert [r["id"] for r in run_a.records + run_b.records] == list(range(300))
-    assert [r["x"] for r in run_a.records + run_b.records] == [r["x"] for r in full.records]
+def test_log_extractor_passes_the_contract(tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    lines = [json.dumps({"record": {"level": {"name": "INFO"}, "message": f"line {i}", "time": {"timestamp": 1.0 + i}}})
+             for i in range(5)]
+    (tmp_path / "logs" / "a.0.jsonl").write_text("\n".join(lines) + "\n")
+    report = check_stage(SOURCES["log_extractor"](tmp_path), run_dir=tmp_path)
+    assert report.stateful and report.snapshot["positions"], report.snapshot
+    assert report.records and all(r["kind"] == "logfacts" for r in report.records)
+
+
+def test_readme_check_stage_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme_stage(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mystages", raising=False)
+    namespace: dict[str, Any] = {}
+    exec(compile(readme_code("check_stage("), "README.md", "exec"), namespace)
+    tests = [fn for name, fn in namespace.items() if name.startswith("test_")]
+    assert tests
+    for test in tests:
+        test()
+
+
+# -- check_stage must be able to fail: one broken stage per check ---------------------------------
+class Counter(Stage):
+    """Counts records; its snapshot round-trips. The broken stages below break one thing each."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.n = 0
+
+    def process(self, batch):
+        self.n += len(batch)
+        return [{**r, "n": self.n} for r in batch]
+
+    def snapshot(self):
+        return {"n": self.n}
+
+    def restore(self, state):
+        self.n = state["n"]
+
+
+class ForgetsOnRestore(Counter):
+    def restore(self, state):
+        pass
+
+
+class HalfSnapshot(Counter):
+    """Its snapshot round-trips, but part of its state is not in it: a restart changes its output."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.total = 0
+
+    def process(self, batch):
+        self.total += len(batch)
+        return [{**r, "total": self.total} for r in super().process(batch)]
+
+
+class Unpackable(Counter):
+    def process(self, batch):
+        return [{**r, "obj": object()} for r in batch]
+
+
+class NotAMap(Counter):
+    def process(self, batch):
+        return ["a string" for _ in batch]
+
+
+LEAKED: list[Any] = []   # what the two stages below open in __init__ (closed by the test)
+
+
+class OpensAFile(Counter):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        LEAKED.append(open(os.devnull))   # on purpose: the mistake under test
+
+
+class OpensASocket(Counter):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        LEAKED.append(socket.socket())
+
+
+class FailsOnEmpty(Counter):
+    def process(self, batch):
+        return batch[0]
+
+
+class RejectsGood(Counter):
+    def process(self, batch):
+        if any("x" not in r for r in batch):
+            raise ValueError("a batch with a bad record")   # retried record by record: only the bad one fails
+        return batch
+
+
+class RepeatsAfterRestore(Source):
+    """The classic off-by-one of resume state: the position moves only when the next record is asked for."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.next_id = 0
+
+    def generate(self):
+        while self.next_id < 50:
+            yield {"id": self.next_id}
+            self.next_id += 1
+
+    def snapshot(self):
+        return {"next_id": self.next_id}
+
+    def restore(self, state):
+        self.next_id = state["next_id"]
+
+
+class Plain:
+    """No base class: any object with the stage methods is a stage."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def process(self, batch):
+        return [{**r, "plain": True} for r in batch]
+
+
+SAMPLE = [[{"id": 1, "x": [1.0]}, {"id": 2, "x": [2.0]}], [{"id": 3, "x": [3.0]}]]
+
+
+@pytest.mark.parametrize(("broken", "check", "words"), [
+    (ForgetsOnRestore, "snapshot", "restore(snapshot()) on a fresh instance gives snapshot {'n': 0}"),
+    (HalfSnapshot, "restore", "after restore(snapshot())"),
+    (Unpackable, "outputs", "msgpack cannot carry"),
+    (NotAMap, "outputs", "a str, not a record"),
+    (OpensAFile, "init", os.devnull),
+    (OpensASocket, "init", "socket:["),
+    (FailsOnEmpty, "empty batch", "IndexError"),
+])
+def test_check_stage_fails_on_a_broken_stage(broken: type[Stage], check: str, words: str) -> None:
+    try:
+        with pytest.raises(StageContractError) as caught:
+            check_stage(broken, SAMPLE)
+    finally:
+        while LEAKED:
+            LEAKED.pop().close()
+    assert caught.value.check == check, str(caught.value)
+    assert words in str(caught.value) and str(caught.value).startswith(f"check_stage({broken.__qualname__}): {check}: ")
+
+
+def test_check_stage_fails_when_good_records_beside_bad_ones_are_dead_lettered() -> None:
+    class DropsTheBatch(Counter):
+        def process(self, batch):
+            if any("x" not in r for r in batch):
+                for r in batch:
+                    self.reject(r, "one bad record spoils the batch")
+                return []
+            return batch
+
+    assert check_stage(RejectsGood, SAMPLE, bad_records=[{"id": 9}]).dead_letters[0][0] == {"id": 9}
+    with pytest.raises(StageContractError, match="bad records: a good record beside the bad ones"):
+        check_stage(DropsTheBatch, SAMPLE, bad_records=[{"id": 9}])
+
+
+def test_check_stage_fails_on_a_source_that_repeats_after_restore() -> None:
+    with pytest.raises(StageContractError, match=r"restore: after restore\(snapshot\(\)\) the source went on with ids \[19,"):
+        check_stage(RepeatsAfterRestore, limit=20)
+
+
+def test_check_stage_takes_plain_classes_and_refuses_instances() -> None:
+    assert check_stage(Plain, SAMPLE).records == [{**r, "plain": True} for b in SAMPLE for r in b]
+    with pytest.raises(TypeError, match="the stage class or a factory"):
+        check_stage(Plain(), SAMPLE)  # type: ignore[arg-type]
+
+
+def test_async_stage_is_driven_on_an_event_loop(tmp_path: Path) -> None:
+    import asyncio
+
+    class Lookup(Stage):
+        async def process(self, batch):
+            await asyncio.sleep(0)
+            return [{**r, "looked_up": True} for r in batch]
+
+    run = run_stage(Lookup(), [records(10)], run_dir=tmp_path)
+    assert len(run.records) == 10 and all(r["looked_up"] for r in run.records)
+    assert check_stage(Lookup, batches(20, 10)).checks == ALL_CHECKS
 
 
 def test_generator_replays_csv_and_jsonl(tmp_path: Path) -> None:
@@ -151,18 +308,6 @@ def test_generator_replays_csv_and_jsonl(tmp_path: Path) -> None:
     resumed = Generator(file="data.jsonl")
     resumed.restore({"next": 1, "offset": len('{"id": 7, "v": 1}\n')})
     assert [r["id"] for r in run_stage(resumed, run_dir=tmp_path, context={"config_dir": tmp_path}).records] == [8]
-
-
-def test_async_stage_is_driven_on_an_event_loop(tmp_path: Path) -> None:
-    import asyncio
-
-    class Lookup(Stage):
-        async def process(self, batch):
-            await asyncio.sleep(0)
-            return [{**r, "looked_up": True} for r in batch]
-
-    run = run_stage(Lookup(), [records(10)], run_dir=tmp_path)
-    assert len(run.records) == 10 and all(r["looked_up"] for r in run.records)
 
 
 def test_unsendable_output_is_dead_lettered_not_fatal(pipeline, tmp_path: Path) -> None:

@@ -76,3 +76,22 @@ def test_render_png_auto(cfg, tmp_path):
     out = tmp_path / "sub" / "auto.png"
     render_png(cfg, out)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_the_plot_extra_the_error_names_it(cfg, tmp_path):
+    """matplotlib is the `plot` extra: without it, `graph --png` and `report` say what to install."""
+    import os
+    import subprocess
+    import sys
+
+    blocked = ("import sys; sys.modules['matplotlib'] = None; sys.argv[0] = 'streampipe'; "
+               "from streampipe.launcher.cli import main; main()")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}   # no Graphviz either
+    for args in (["graph", "--png", str(tmp_path / "g.png"), "--config", str(cfg.path)],
+                 ["report", "--run-dir", str(tmp_path), "--out", str(tmp_path / "r.png")]):
+        if args[0] == "report":
+            (tmp_path / "metrics.jsonl").write_text('{"time": 1.0, "version": 1, "records_seen": 10, "metrics": {"accuracy": 0.9}}\n')
+        proc = subprocess.run([sys.executable, "-c", blocked, *args], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "pip install 'streampipe[plot]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not list(tmp_path.glob("*.png"))

@@ -9,8 +9,8 @@ import pytest
 
 from streampipe.launcher.report import make_report, throughput_from_history
 from streampipe.stages.evaluator import Evaluator
-from streampipe.testing import run_stage
 from streampipe.stages.trainer import Trainer
+from streampipe.testing import run_stage
 from tests.test_trainer import stream
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,8 +16,8 @@ from loguru import logger
 from streampipe.stages import checkpoints
 from streampipe.stages.generator import Generator
 from streampipe.stages.normalizer import Normalizer
-from streampipe.testing import run_stage
 from streampipe.stages.trainer import Trainer
+from streampipe.testing import run_stage
 
 
 def stream(n: int, seed: int = 5, batch: int = 250, holdout: float = 0.0, drift_at: int | None = None,
