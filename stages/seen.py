@@ -88,12 +88,15 @@ class SeenIds:
         """``add`` for each id; ids above every range inline (the sink's hot path)."""
         starts, ends = self.starts, self.ends
         for i in ids:
-            if ends and i >= ends[-1]:
-                if i == ends[-1]:        # extends the last range
+            top = ends[-1] if ends else self.mark
+            if i == top:                 # extends the last range, or the mark when no range is open
+                if ends:
                     ends[-1] = i + 1
-                else:                    # above everything: a new last range (a strided partition)
-                    starts.append(i)
-                    ends.append(i + 1)
+                else:
+                    self.mark = i + 1
+            elif i > top:                # above everything: a new last range (a strided partition)
+                starts.append(i)
+                ends.append(i + 1)
             else:
                 self.add(i)
 
