@@ -190,7 +190,8 @@ def _info(row: dict[str, Any]) -> str:
     if "model_version" in stats:
         metric = stats.get("metric")
         parts.append(f"model v{stats['model_version']}" + (f" {stats.get('metric_name', 'metric')}={metric:.3f}" if isinstance(metric, (int, float)) else ""))
-    for key in ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types"):
+    for key in ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types", "ids_out_of_order",
+                "ids_below_watermark"):
         if stats.get(key):
             parts.append(f"{key}={stats[key]}")
     if row.get("dead_letters"):

@@ -5,15 +5,28 @@ is flushed after each batch, so ``tail -f`` sees records as they arrive. Under a
 delivery a batch can arrive twice (it was resent after a crash); the consumer drops records
 whose ``id`` it has already written, so the file holds each record once (effectively-once).
 
-Dedup state (:class:`stages.seen.SeenIds`) is a high-water mark (every id below it was written)
-plus the ranges of ids seen above it, saved atomically with the file offset it covers every
-``checkpoint_s``. Ids are marked seen only once their records are on disk, so a failed write
-loses nothing. After a crash the consumer loads the state, cuts a torn last line, and re-reads
-only the lines written after that offset, so restart cost does not grow with the file. Memory
-grows with the number of holes in the id sequence, and a hole open longer than
-``dedup_horizon_s`` (300 s) is closed. A record that cannot be written as JSON is dead-lettered.
-With ``replicas > 1`` each replica writes its own file (``records.1.jsonl`` ...) and dedup holds
-per file. Records without an ``id`` are not deduplicated.
+Dedup is exact and settled by knowledge, never by age (:mod:`stages.seen`): one seen-id set per
+**origin** (the source replica and id-space generation that made the record, stamped on every
+batch), whose holes are closed only by that origin's **watermark** (every id below it is
+acknowledged end to end). A partition that lags for hours keeps its holes open for hours;
+memory is bounded by the ids in flight, not by a clock. Without acknowledgements
+(``delivery: at-most-once``) no watermark exists: ids are kept exactly and the holes stay.
+
+What is deduplicated: integer ids. A record without an ``id``, or with an id that is not an
+integer (a string, a float), is written every time it arrives, and counted as
+``not_deduplicated`` in ``status``. A source whose integer ids do not increase is handled by the
+runtime (:mod:`stages.runtime`): it stops raising its watermark (this sink then keeps that
+origin's ids exactly) and dead-letters a record whose id is below a watermark it already
+announced, rather than letting it be dropped as a duplicate.
+
+The seen-ids are saved atomically with the file offset they cover every ``checkpoint_s``, and a
+small journal (``state/<stage>.<replica>.sink.journal``) notes the origin of the lines written
+since, so after a crash the consumer cuts a torn last line and re-reads only the lines written
+after the saved offset, each into its own origin's set. A state file of the older single-set
+format is ignored with a warning (dedup restarts empty). Ids are marked seen only once their
+records are on disk, so a failed write loses nothing. A record that cannot be written as JSON is
+dead-lettered. With ``replicas > 1`` each replica writes its own file (``records.1.jsonl`` ...).
+The option ``dedup_horizon_s`` of earlier versions is refused: no clock closes a hole.
 
 >>> import tempfile, pathlib, json
 >>> from streampipe.stages.api import StageContext
@@ -26,14 +39,17 @@ per file. Records without an ``id`` are not deduplicated.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
+from loguru import logger
+
 from streampipe.stages.api import Batch, Record, Stage
-from streampipe.stages.seen import DEFAULT_HORIZON_S, SeenIds
+from streampipe.stages.seen import SeenByOrigin
 from streampipe.stages.state import json_default, load_state, save_state
 
 try:
@@ -52,24 +68,34 @@ except ImportError:  # pragma: no cover - orjson is a dependency; json is the fa
     _loads = json.loads  # type: ignore[assignment]
 
 RATE_WINDOW_S = 1.0
+_NONE = object()   # no journal entry yet since the last checkpoint
 
 
 class Consumer(Stage):
     def __init__(self, output: str = "output/records.jsonl", dedup: bool = True, label: str = "y",
-                 checkpoint_s: float = 1.0, dedup_horizon_s: float = DEFAULT_HORIZON_S) -> None:
+                 checkpoint_s: float = 1.0) -> None:
         super().__init__()
         self.output, self.dedup, self.label, self.checkpoint_s = output, dedup, label, checkpoint_s
-        self.horizon_s = dedup_horizon_s
         self.count = 0
         self.duplicates = 0
+        self.undeduplicated = 0                   # records without an integer id
+        self.below_watermark = 0                  # ids below their own batch's watermark: ids rewritten upstream?
         self.labels: dict[str, int] = {}
-        self.seen = SeenIds(horizon_s=dedup_horizon_s)
+        self.seen = SeenByOrigin()
+        self.origin: str | None = None            # of the batch being processed (set by on_origin)
+        self.watermark: int | None = None
+        self._journal: IO[bytes] | None = None
+        self._journaled: object = _NONE           # the origin of the last journal entry since the checkpoint
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._saved_at = 0.0
         self._rate = 0.0
         self._window_start = time.monotonic()
         self._window_count = 0
+
+    def on_origin(self, origin: str | None, watermark: int | None) -> None:
+        """Called by the runtime before :meth:`process` with the batch's origin and watermark."""
+        self.origin, self.watermark = origin, watermark
 
     # -- files -------------------------------------------------------------------------------
     @property
@@ -85,17 +111,44 @@ class Consumer(Stage):
     def state_path(self) -> Path:
         return self.context.run_dir / "state" / f"{self.context.name}.{self.context.replica}.sink"
 
+    @property
+    def journal_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".journal")
+
     def setup(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         saved = load_state(self.state_path) or {}
         offset = 0
         if saved.get("path") == str(self.path):
-            self.seen = SeenIds.from_state(saved.get("seen") or {}, self.horizon_s)
+            if "origins" in saved:
+                self.seen = SeenByOrigin.from_state(saved["origins"] or {})
+            elif saved.get("seen"):
+                logger.warning(f"{self.state_path}: dedup state of an older format (one set, holes closed by age); "
+                               "starting dedup afresh")
             self.count = int(saved.get("count", 0))
             self.labels = dict(saved.get("labels", {}))
             offset = int(saved.get("offset", 0))
         self._recover(offset)
         self._file = open(self.path, "ab")
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        self._journal = open(self.journal_path, "wb")
+
+    def _journal_entries(self) -> tuple[list[int], list[str | None]]:
+        """(offsets, origins) of the journal: the origin of the lines written from each offset on."""
+        offsets: list[int] = []
+        origins: list[str | None] = []
+        try:
+            lines = self.journal_path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return offsets, origins
+        for line in lines:
+            try:
+                at, origin = _loads(line)
+                offsets.append(int(at))
+                origins.append(origin if isinstance(origin, str) else None)
+            except (ValueError, TypeError):
+                continue   # a torn last entry
+        return offsets, origins
 
     def _recover(self, offset: int) -> None:
         """Cut a torn last line and account for lines written after the saved offset."""
@@ -103,20 +156,26 @@ class Consumer(Stage):
             return
         size = self.path.stat().st_size
         if size < offset:  # the file was replaced or truncated by hand: start over
-            self.seen, self.count, self.labels, offset = SeenIds(horizon_s=self.horizon_s), 0, {}, 0
+            self.seen, self.count, self.labels, offset = SeenByOrigin(), 0, {}, 0
+        offsets, origins = self._journal_entries()
         with open(self.path, "rb+") as f:
             f.seek(offset)
             good = offset
-            written = []
+            by_origin: dict[str | None, list[Record]] = {}
             for line in iter(f.readline, b""):
                 if not line.endswith(b"\n"):
                     break
+                k = bisect.bisect_right(offsets, good) - 1
                 good += len(line)
                 try:
-                    written.append(_loads(line))
+                    record = _loads(line)
                 except ValueError:
                     continue
-            self.commit(self.fresh(written), written)
+                by_origin.setdefault(origins[k] if k >= 0 else None, []).append(record)
+            for origin, written in by_origin.items():
+                self.origin, self.watermark = origin, None
+                self.commit(self.fresh(written), written)
+            self.origin = None
             if good < size:
                 f.truncate(good)
 
@@ -128,21 +187,35 @@ class Consumer(Stage):
         """
         if not self.dedup:
             return list(batch)
-        seen, in_batch, out = self.seen, set(), []
+        seen, in_batch, out = self.seen.of(self.origin), set(), []
         top = seen.top
+        older = self.seen.older.get(self.origin)
         for record in batch:
             rid = record.get("id")
             if type(rid) is int:
-                if (rid < top and rid in seen) or rid in in_batch:
+                if (rid < top and rid in seen) or rid in in_batch or (older and self.seen.older_written(self.origin, rid)):
                     self.duplicates += 1
                     continue
                 in_batch.add(rid)
+            else:
+                self.undeduplicated += 1
             out.append(record)
         return out
 
     def commit(self, written: list[Record], handled: list[Record]) -> None:
-        """Count ``written`` and mark every id of ``handled`` (written or dead-lettered) as seen."""
-        self.seen.add_many([rid for r in handled if type(rid := r.get("id")) is int])
+        """Count ``written``, mark every id of ``handled`` (written or dead-lettered) as seen, then
+        close the origin's holes below the batch's watermark."""
+        ids = [rid for r in handled if type(rid := r.get("id")) is int]
+        seen = self.seen.of(self.origin)
+        seen.add_many(ids)
+        w = self.watermark
+        if w is not None and self.dedup:
+            if ids and min(ids) < w:     # a batch's ids are never below its own watermark unless rewritten
+                if not self.below_watermark:
+                    logger.warning(f"records from {self.origin} carry ids below their batch's watermark {w}: "
+                                   "does a stage upstream change record ids? dedup of such ids is not exact")
+                self.below_watermark += sum(1 for i in ids if i < w)
+            seen.close_below(w)
         self.count += len(written)
         labels = self.labels
         for label, n in Counter(r.get(self.label) for r in written).items():
@@ -162,6 +235,10 @@ class Consumer(Stage):
             except (TypeError, ValueError) as exc:   # orjson: a key or value JSON cannot carry
                 self.reject(record, f"cannot be written as JSON: {exc}")
         if lines:
+            if self.dedup and self._journal is not None and self.origin != self._journaled:
+                self._journal.write(_dumps([self._file.tell(), self.origin]) + b"\n")   # before the lines it names
+                self._journal.flush()
+                self._journaled = self.origin
             self._file.write(b"\n".join(lines) + b"\n")
             self._file.flush()
         self.commit(written, fresh)
@@ -182,9 +259,12 @@ class Consumer(Stage):
             return
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.seen.close_old_holes()
-        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "seen": self.seen.state(),
+        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "origins": self.seen.state(),
                                      "count": self.count, "labels": self.labels})
+        if self._journal is not None:    # the lines it named are covered by the state now
+            self._journal.seek(0)
+            self._journal.truncate()
+            self._journaled = _NONE
         self._saved_at = time.monotonic()
 
     def teardown(self) -> None:
@@ -192,8 +272,14 @@ class Consumer(Stage):
             self.checkpoint()
             self._file.close()
             self._file = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def stats(self) -> dict[str, Any]:
-        return {"written": self.count, "rate": round(self._rate, 1), "duplicates_dropped": self.duplicates,
-                "dedup_holes": len(self.seen.starts),
-                "labels": dict(sorted(self.labels.items()))}
+        stats = {"written": self.count, "rate": round(self._rate, 1), "duplicates_dropped": self.duplicates,
+                 "dedup_holes": self.seen.holes, "dedup_origins": len(self.seen.sets),
+                 "not_deduplicated": self.undeduplicated, "labels": dict(sorted(self.labels.items()))}
+        if self.below_watermark:
+            stats["ids_below_watermark"] = self.below_watermark
+        return stats

@@ -18,6 +18,18 @@ resends it when the ack is late (the receiver died with it queued). A transform 
 input batch only once every batch it produced from it is acknowledged downstream, so an ack at
 the source means the record reached the sink. ``max_inflight`` unacknowledged batches per edge
 bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
+
+Origins and watermarks (what makes the sink's dedup exact without a clock): a source replica
+stamps every DATA header with its origin ``o`` (``"<stage>.<replica>/<generation>"``, the
+generation of its id space kept in its state file) and, under at-least-once, a watermark ``w``:
+one more than the highest id in every batch up to its committed position, so every id of this
+origin below ``w`` is acknowledged end to end. A transform copies ``o`` and ``w`` from an input
+batch onto every batch it cuts from it; a stage that defines ``on_origin(origin, watermark)``
+(the consumer) is told them before each ``process``. This needs integer ids that increase per
+source replica. A source whose ids stop increasing freezes its watermark where it was (the sink
+then keeps that origin's ids exactly; ``ids_out_of_order`` in its stats) and dead-letters a record
+whose id is below the watermark it already announced: a sink would take it for a duplicate.
+Records without an integer id do not take part.
 """
 
 from __future__ import annotations
@@ -77,12 +89,22 @@ class InToken:
 
 
 class Mark:
-    """A source position: committed once every batch cut with it is acknowledged."""
+    """A source position: committed once every batch cut with it is acknowledged.
 
-    __slots__ = ("state", "outstanding")
+    ``top`` is one more than the highest id pulled up to this position: the origin's watermark
+    once the mark is committed.
+    """
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state, self.outstanding = state, 0
+    __slots__ = ("state", "top", "outstanding")
+
+    def __init__(self, state: dict[str, Any], top: int | None) -> None:
+        self.state, self.top, self.outstanding = state, top, 0
+
+
+def stamp_of(header: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The ``(origin, watermark)`` a received batch carries (None for what is absent or mistyped)."""
+    o, w = header.get("o"), header.get("w")
+    return (o if type(o) is str else None), (w if type(w) is int else None)
 
 
 class OutBatch:
@@ -131,12 +153,12 @@ class Edge:
     def full(self) -> bool:
         return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
 
-    def cut(self, records: list[Record], parent: InToken | Mark | None) -> None:
-        """Frame ``records`` as one batch and queue it for sending."""
+    def cut(self, records: list[Record], parent: InToken | Mark | None, stamp: tuple[str | None, int | None]) -> None:
+        """Frame ``records`` as one batch stamped with ``(origin, watermark)`` and queue it for sending."""
         self.seq += 1
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
-                  "ack": self.rt.spec.ack if self.rt.acked else None}
+                  "ack": self.rt.spec.ack if self.rt.acked else None, "o": stamp[0], "w": stamp[1]}
         try:
             frames = wire.data_frames(header, records)
         except (TypeError, ValueError, OverflowError):
@@ -149,10 +171,10 @@ class Edge:
             parent.outstanding += 1
         self.outq.append(OutBatch(self.seq, frames, len(records), parent))
 
-    def flush_pending(self, parent: InToken | Mark | None = None) -> None:
+    def flush_pending(self, parent: Mark | None, stamp: tuple[str | None, int | None]) -> None:
         if self.pending:
             records, self.pending = self.pending, []
-            self.cut(records, parent)
+            self.cut(records, parent, stamp)
 
     def send(self, now: float) -> bool:
         """Send what is queued without blocking; False when the socket pushed back (HWM)."""
@@ -236,6 +258,12 @@ class StageRuntime:
         self.blocked = False
         self.marks: deque[Mark] = deque()
         self.committed: dict[str, Any] | None = None
+        self.generation = 0                       # of the source's id space (bumped when it is repartitioned)
+        self.watermark: int | None = None         # announced: every id of this origin below it is acknowledged
+        self.id_top: int | None = None            # one more than the highest id pulled so far
+        self.ordered = True                       # ids have increased so far: the watermark may rise
+        self.out_of_order = 0                     # ids that did not increase
+        self.on_origin = getattr(stage, "on_origin", None)
         self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
@@ -418,6 +446,9 @@ class StageRuntime:
             return
         self.records_in += len(records)
         token = InToken(header) if header.get("ack") else None
+        stamp = stamp_of(header)
+        if self.on_origin is not None:
+            self.on_origin(*stamp)
         t0 = time.perf_counter()
         outcome = self.processor.run(records)
         self.observe_latency((time.perf_counter() - t0) * 1000.0)
@@ -428,7 +459,7 @@ class StageRuntime:
             self.dead_letters.write(record, error, tb)
         if outcome.rejected:
             self.error_log.report(outcome)
-        self.emit(outcome.records, token)
+        self.emit(outcome.records, token, stamp)
         if token is not None and token.outstanding == 0:
             self.queue_ack(token)
 
@@ -454,7 +485,7 @@ class StageRuntime:
         self.lat_ewma_ms = ms if self.batches == 1 else 0.9 * self.lat_ewma_ms + 0.1 * ms
         self.lat_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
 
-    def emit(self, records: list[Record], token: InToken | None) -> None:
+    def emit(self, records: list[Record], token: InToken | None, stamp: tuple[str | None, int | None]) -> None:
         """Hand a transform's output for one input batch to the edges: one batch per edge, now.
 
         Input batches were already sized by the source's ``max_batch`` / ``linger_ms``; batching
@@ -466,7 +497,7 @@ class StageRuntime:
         for edge in self.edges:
             recs = groups.get(edge.output)
             if recs:
-                edge.cut(recs, token)
+                edge.cut(recs, token, stamp)
 
     def group(self, records: list[Record]) -> dict[str, list[Record]]:
         if not self.routes:
@@ -505,6 +536,8 @@ class StageRuntime:
                 taken.append(r)
         except StopIteration:
             alive = None
+        if taken and self.acked:
+            taken = self.check_ids(taken)
         if taken:
             self.observe_latency((time.perf_counter() - t0) * 1000.0)
             self.records_in += len(taken)
@@ -521,17 +554,62 @@ class StageRuntime:
             self.cut_source_batches()
         return bool(taken), alive
 
+    def check_ids(self, taken: list[Record]) -> list[Record]:
+        """Raise ``id_top`` over the ids of ``taken``; handle ids that do not increase (module docstring).
+
+        Returns the records to send: all of them, unless one has an id below the announced
+        watermark (dead-lettered: the sink would drop it as a duplicate).
+        """
+        top = self.id_top
+        for r in taken:
+            i = r.get("id") if type(r) is dict else None
+            if type(i) is not int:
+                continue
+            if top is None or i >= top:
+                top = i + 1
+            else:
+                break
+        else:
+            self.id_top = top
+            return taken
+        kept: list[Record] = []     # slow path: an id did not increase
+        for r in taken:
+            i = r.get("id") if type(r) is dict else None
+            if type(i) is int and self.id_top is not None and i < self.id_top:
+                if self.ordered:
+                    self.ordered = False
+                    logger.warning(f"source ids stopped increasing (id {i} after {self.id_top - 1}): the watermark of "
+                                   f"{self.origin} stays at {self.watermark}; the sink keeps its ids exactly from now on")
+                self.out_of_order += 1
+                if self.watermark is not None and i < self.watermark:
+                    self.errors += 1
+                    self.dead += 1
+                    self.last_error = (f"id {i} is below watermark {self.watermark} that this source replica already "
+                                       "announced (ids must increase per source replica): a sink would take it "
+                                       "for a duplicate")
+                    self.dead_letters.write(r, self.last_error)
+                    continue
+            elif type(i) is int:
+                self.id_top = i + 1
+            kept.append(r)
+        return kept
+
+    @property
+    def origin(self) -> str:
+        return f"{self.spec.name}.{self.spec.replica}/{self.generation}"
+
     def cut_source_batches(self) -> None:
         mark = self._mark_for_flush()
+        stamp = (self.origin, self.watermark)
         for edge in self.edges:
-            edge.flush_pending(mark)
+            edge.flush_pending(mark, stamp)
         if mark is not None:
             self.advance_commit()   # never past a mark whose batches are still unacknowledged
 
     def _mark_for_flush(self) -> Mark | None:
         if not (self.source and self.acked):
             return None
-        mark = Mark(self.stage.snapshot())
+        mark = Mark(self.stage.snapshot(), self.id_top)
         self.marks.append(mark)
         return mark
 
@@ -622,13 +700,31 @@ class StageRuntime:
 
     def advance_commit(self) -> None:
         while self.marks and self.marks[0].outstanding <= 0:
-            self.committed = self.marks.popleft().state
+            mark = self.marks.popleft()
+            self.committed = mark.state
+            if self.ordered and mark.top is not None:
+                self.watermark = mark.top
 
     def save_state(self) -> None:
         state = self.committed if self.source and self.acked else self.stage.snapshot()
         if state is None:
             return
-        save_state(self.state_path, {"state": state, "completed": self.finished and self.eos_confirmed()})
+        saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed()}
+        if self.source:
+            saved["generation"] = self.generation
+            saved["watermark"] = [self.generation, self.watermark, self.ordered]
+        save_state(self.state_path, saved)
+
+    def restore_origin(self, saved: dict[str, Any]) -> None:
+        """A source's generation and the watermark committed with its position (``save_state``).
+
+        A watermark saved under another generation is dropped: a repartitioned id space starts afresh.
+        """
+        self.generation = int(saved.get("generation") or 0)
+        gen, w, ordered = (list(saved.get("watermark") or []) + [None, None, True])[:3]
+        if gen == self.generation and type(w) is int:
+            self.watermark = self.id_top = w
+            self.ordered = bool(ordered)
 
     @property
     def state_path(self) -> Path:
@@ -658,6 +754,8 @@ class StageRuntime:
             stats = self.stage.stats()
         except Exception as exc:  # a broken stats() must not kill the loop
             stats = {"stats_error": str(exc)}
+        if self.out_of_order:
+            stats = {**stats, "ids_out_of_order": self.out_of_order}
         self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
                   dead_letters=self.dead, resent=self.resent, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
@@ -767,6 +865,7 @@ def main(spec: StageSpec) -> int:
             stage.restore(saved.get("state") or {})
             if rt.source:
                 rt.committed = saved.get("state")
+                rt.restore_origin(saved)
         rt.bind()
         stage.setup()
     except Exception as exc:

@@ -5,7 +5,7 @@ frames. Everything is msgpack; no pickle ever crosses a socket.
 
 Data plane (PUSH -> PULL, one connection per pipeline edge):
 
-    DATA   [header, payload]   header = {"k": "d", "src", "r", "e", "ep", "seq", "n", "t", "ack"}
+    DATA   [header, payload]   header = {"k": "d", "src", "r", "e", "ep", "seq", "n", "t", "ack", "o", "w"}
                                payload = msgpack list of records (plain maps)
     EOS    [header]            header = {"k": "eos", "src", "r", "e", "ep", "seq", "ack"}
 
@@ -13,6 +13,8 @@ Data plane (PUSH -> PULL, one connection per pipeline edge):
     ep     sender incarnation (random)    seq  per-edge sequence number
     n      records in the payload         t    send time (time.time())
     ack    the sender's ack endpoint, or None when delivery is at-most-once
+    o      origin of the records: "<source stage>.<replica>/<generation>" (copied by transforms)
+    w      the origin's watermark: every id of it below w is acknowledged end to end, or None
 
 Ack plane (receiver PUSH -> sender's PULL at ``ack``):
 

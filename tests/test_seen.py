@@ -1,10 +1,17 @@
-"""The sink's seen-id set against a plain Python set, and its memory bound."""
+"""The sink's seen-id sets: exact against a plain set, closed only by watermarks, per origin."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
-from streampipe.stages.seen import SeenIds
+import pytest
+
+from streampipe.stages.api import StageContext
+from streampipe.stages.consumer import Consumer
+from streampipe.stages.seen import NOTHING, SeenByOrigin, SeenIds
+from streampipe.stages.state import save_state
 
 
 def test_matches_a_plain_set_under_shuffled_redelivery() -> None:
@@ -14,21 +21,133 @@ def test_matches_a_plain_set_under_shuffled_redelivery() -> None:
         ids.remove(i)
     stream = ids + rng.sample(ids, 800)   # redeliveries
     rng.shuffle(stream)
-    seen, plain = SeenIds(horizon_s=1e9), set()
+    seen, plain = SeenIds(), set()
     for i in stream:
         assert seen.add(i) == (i not in plain)
         plain.add(i)
     assert all((i in seen) == (i in plain) for i in range(-5, 5100))
-    assert len(seen.starts) <= 53, "memory grows with holes, not ids"
-    again = SeenIds.from_state(seen.state(), horizon_s=1e9)
+    assert seen.holes <= 53, "memory grows with holes, not ids"
+    again = SeenIds.from_state(seen.state())
     assert all((i in again) == (i in plain) for i in range(0, 5100, 7))
 
 
-def test_old_holes_are_closed() -> None:
-    seen = SeenIds(horizon_s=10.0)
+def test_add_many_of_a_strided_partition_matches_add() -> None:
+    a, b = SeenIds(), SeenIds()
+    ids = list(range(1, 400, 2)) + [0, 5, 7, 401, 400, 2]
+    a.add_many(ids)
+    for i in ids:
+        b.add(i)
+    assert a.ranges() == b.ranges() and a.mark == b.mark
+
+
+def test_holes_stay_open_until_a_watermark_closes_them() -> None:
+    seen = SeenIds()
     for i in (0, 1, 3, 4, 6):
         seen.add(i)
-    assert seen.ranges() == [[0, 2], [3, 5], [6, 7]] and 2 not in seen
-    assert seen.close_old_holes(now=seen.born[0] + 5) == 0
-    assert seen.close_old_holes(now=seen.born[-1] + 11) == 3
-    assert seen.mark == 7 and seen.ranges() == [] and 2 in seen
+    assert seen.ranges() == [[0, 2], [3, 5], [6, 7]] and 2 not in seen and 5 not in seen
+    assert seen.close_below(3) == 2                # below 0, and 2
+    assert seen.mark == 5 and seen.floor == 3 and seen.ranges() == [[6, 7]]
+    assert 2 in seen and not seen.written(2) and seen.written(4) and 5 not in seen
+    assert seen.close_below(2) == 0 and seen.mark == 5  # an old watermark changes nothing
+    assert seen.close_below(10) == 2 and seen.mark == 10 and seen.ranges() == []
+
+
+def test_closing_a_million_holes_is_one_pass() -> None:
+    seen = SeenIds()
+    seen.add_many(list(range(0, 4_000_000, 2)))     # every odd id a hole: 2 M ranges
+    assert seen.holes == 2_000_000
+    assert seen.close_below(2_000_001) == 1_000_001
+    assert seen.mark == 2_000_001 and seen.holes == 999_999 and seen.starts[0] == 2_000_002
+    assert 2_000_000 in seen and 2_000_001 not in seen and 2_000_003 not in seen and 3_999_998 in seen
+    assert seen.close_below(4_000_000) == 1_000_000 and seen.holes == 0 and seen.mark == 4_000_000
+
+
+def test_each_origin_has_its_own_holes() -> None:
+    sbo = SeenByOrigin()
+    a, b = sbo.of("gen.0/0"), sbo.of("gen.1/0")
+    a.add_many([0, 2, 4])
+    b.add_many([1, 3])
+    a.close_below(6)                       # gen.0 says: all of mine below 6 is done
+    assert 5 in a and 1 in a
+    assert 5 not in b and 7 not in b       # gen.1's quiet partition keeps its holes
+    again = SeenByOrigin.from_state(json.loads(json.dumps(sbo.state())))
+    assert again.sets["gen.0/0"].mark == 6 and again.sets["gen.1/0"].ranges() == [[1, 2], [3, 4]]
+
+
+def test_a_new_generation_sees_what_an_older_one_wrote() -> None:
+    sbo = SeenByOrigin()
+    old = sbo.of("gen.0/0")
+    old.add_many([0, 2, 4, 6])
+    old.close_below(3)                     # committed up to id 2; 4 and 6 written after it
+    sbo.of("gen.0/1")
+    assert sbo.older_written("gen.0/1", 4) and sbo.older_written("gen.0/1", 6)
+    assert not sbo.older_written("gen.0/1", 1), "below the old floor: another partition's id, not known"
+    assert not sbo.older_written("gen.0/0", 4) and not sbo.older_written("other.0/1", 4)
+
+
+def sink(tmp_path: Path, **options: object) -> Consumer:
+    c = Consumer(output="out.jsonl", **options)
+    c.context = StageContext(run_dir=tmp_path)
+    c.setup()
+    return c
+
+
+def lines(tmp_path: Path) -> list[int]:
+    return [json.loads(x)["id"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+def test_consumer_dedups_per_origin_and_closes_by_watermark(tmp_path: Path) -> None:
+    c = sink(tmp_path)
+    c.on_origin("a.0/0", None)
+    c.process([{"id": 0}, {"id": 2}])
+    c.on_origin("b.0/0", None)
+    c.process([{"id": 0}, {"id": 2}])            # another source's ids: not duplicates
+    c.on_origin("a.0/0", 3)
+    c.process([{"id": 4}, {"id": 2}])            # 2 again: a duplicate
+    assert c.seen.sets["a.0/0"].mark == 3 and c.seen.sets["a.0/0"].ranges() == [[4, 5]]
+    assert c.seen.sets["b.0/0"].holes == 2
+    c.on_origin("a.0/0", 1)
+    c.process([{"id": 1}])                       # resent from before: below the watermark = done
+    c.on_origin("b.0/0", None)
+    c.process([{"id": 1}, {"id": "x"}, {"v": 1}])
+    assert c.stats()["duplicates_dropped"] == 2 and c.stats()["not_deduplicated"] == 2
+    c.teardown()
+    assert lines_or_none(tmp_path) == [0, 2, 0, 2, 4, 1, "x", None]
+
+
+def lines_or_none(tmp_path: Path) -> list[object]:
+    return [json.loads(x).get("id") for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+def test_consumer_recovers_each_origin_after_a_crash(tmp_path: Path) -> None:
+    c = sink(tmp_path, checkpoint_s=1e9)
+    c.on_origin("a.0/0", None)
+    c.process([{"id": 0}, {"id": 1}])
+    c.checkpoint()
+    c.process([{"id": 2}])
+    c.on_origin("b.0/0", None)
+    c.process([{"id": 5}])
+    assert c._file is not None and c._journal is not None
+    c._file.close()                               # a SIGKILL: no checkpoint of ids 2 and 5
+    c._journal.close()
+    again = sink(tmp_path)
+    assert again.seen.sets["a.0/0"].mark == NOTHING and again.seen.sets["a.0/0"].ranges() == [[0, 3]]
+    assert again.seen.sets["b.0/0"].ranges() == [[5, 6]]
+    again.on_origin("a.0/0", None)
+    again.process([{"id": 2}, {"id": 5}])          # 2 was written (dup); a's 5 was not
+    again.teardown()
+    assert lines(tmp_path) == [0, 1, 2, 5, 5]
+
+
+def test_old_format_state_starts_afresh(tmp_path: Path) -> None:
+    c = sink(tmp_path)
+    c.teardown()
+    save_state(c.state_path, {"path": str(c.path), "offset": 0, "seen": {"mark": 10, "ranges": [[12, 13]]}, "count": 0})
+    again = sink(tmp_path)
+    assert again.seen.sets == {}
+    again.teardown()
+
+
+def test_the_horizon_option_is_refused() -> None:
+    with pytest.raises(ValueError, match="dedup_horizon_s was removed"):
+        Consumer(dedup_horizon_s=300)
