@@ -3,7 +3,7 @@
 Every error names the file, the line and the field (``services.yaml:12: stages.normalizer.replicas:
 Input should be greater than or equal to 1``) and the CLI exits with status 2. Checks: YAML syntax,
 unknown keys, wrong types and ranges, inputs naming a stage (or output) that does not exist,
-cycles, a source with inputs, a stage whose ``type`` has no implementation (a built-in name, or
+cycles, a source with inputs, a generator replaying a file with ``replicas > 1``, a stage whose ``type`` has no implementation (a built-in name, or
 a ``module:Class`` whose module is found beside the config or on ``sys.path`` and defines the
 class). A module that exists but fails when imported is *not* a config error: that stage fails
 to start and ``streampipe status`` shows its traceback.
@@ -235,7 +235,17 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> PipelineConfig:
         raise ConfigError(msg, file=path, line=_line_of(index, loc), field=_field(loc)) from None
     _check_graph(cfg, index)
     _check_implementations(cfg, index)
+    _check_replay(cfg, index)
     return cfg
+
+
+def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """A replayed file is one ordered stream: N replicas would each replay all of it."""
+    for name, stage in cfg.stages.items():
+        if stage.type == "generator" and stage.options.get("file") and stage.replicas > 1:
+            line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
+            raise ConfigError(f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} "
+                              f"{stage.replicas} times): set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
 
 
 def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
