@@ -151,6 +151,8 @@ class Supervisor:
         self.control_sock.bind(self.rd.control)
         for name, sc in self.cfg.stages.items():
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
+            for rep in self.replicas[name]:
+                rep.state = "starting"   # not "stopped" while it waits its turn (fork server, repartition): `up --detach` waits
         self.tasks = [asyncio.create_task(t) for t in (self._serve_stages(), self._serve_control(), self._health_loop(), self._history_loop())]
         code = 0
         try:

@@ -97,7 +97,7 @@ def test_an_old_position_is_read_as_the_replica_counter_it_was() -> None:
     # before segments, a replica saved {"next": k}: it had emitted k ids, r, r + n, ...
     # replica 0 of 2 emitted 0, 2, 4 and replica 1 emitted 1, 3: everything from 5 on is left
     assert Generator.repartition([{"next": 3}, {"next": 2}], 1) == [{"segments": [[5, 1, None]]}]
-    assert Generator.repartition([{"next": 1}, {"next": 3}], 1) == [{"segments": [[2, 2, 6], [6, 1, None]]}]
+    assert Generator.repartition([{"next": 1}, {"next": 3}], 1) == [{"segments": [[2, 2, 8], [7, 1, None]]}]
 
 
 # -- the state files -----------------------------------------------------------------------------
