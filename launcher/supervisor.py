@@ -625,7 +625,7 @@ class Supervisor:
         """
         reps = self.replicas[stage]
         layout = read_layout(self.rd.state, stage)
-        if layout is None or layout.replicas == len(reps):
+        if layout is None or not layout.differs(len(reps)):
             return True
         assert self.events is not None
         spec = json.dumps({"name": stage, "type": reps[0].cfg.type, "config_dir": str(self.cfg.config_dir),

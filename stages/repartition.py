@@ -37,7 +37,7 @@ def repartition(name: str, type_: str, config_dir: Path, run_dir: Path, replicas
     """Re-deal ``name``'s saved positions to ``replicas`` replicas; returns what was done."""
     state_dir = run_dir / "state"
     layout = read_layout(state_dir, name)
-    if layout is None or layout.replicas == replicas:
+    if layout is None or not layout.differs(replicas):
         return f"{name}: nothing to repartition"
     generation = layout.generation + 1
     if layout.completed:

@@ -750,7 +750,7 @@ def restore_point(spec: StageSpec) -> dict[str, Any] | None:
     """
     state_dir = Path(spec.run_dir) / "state"
     layout = read_layout(state_dir, spec.name)
-    if layout is not None and layout.replicas != spec.replicas and not layout.completed:
+    if layout is not None and layout.differs(spec.replicas) and not layout.completed:
         raise RuntimeError(f"the saved positions of {spec.name} are for {layout.replicas} replicas, not {spec.replicas}: "
                            f"start it with `streampipe up`, which repartitions them, or set replicas: {layout.replicas}")
     return load_replica_state(state_dir, spec.name, spec.replica)

@@ -83,8 +83,12 @@ class Layout:
     """The positions of every replica of a stage as of now, and the layout they belong to."""
 
     generation: int
-    replicas: int
+    replicas: int | None              # None: files from before the count was saved; taken to match the config
     entries: list[dict[str, Any]]     # per replica: {"state": dict, "completed": bool}
+
+    def differs(self, replicas: int) -> bool:
+        """Whether these positions were taken with another replica count than ``replicas``."""
+        return self.replicas is not None and self.replicas != replicas
 
     @property
     def completed(self) -> bool:
@@ -129,7 +133,8 @@ def read_layout(state_dir: Path, name: str) -> Layout | None:
     """Every replica's current position and the replica count they were taken with (None: nothing saved).
 
     Without a layout file (no repartition yet) the replica count is the ``replicas`` each file
-    recorded; files from before that field existed count as many replicas as there are files.
+    recorded. Files from before that field existed cannot say (a replica that never saved leaves
+    no file): their count is None, taken to be the configured one, as it was then.
     """
     files: dict[int, dict[str, Any]] = {}
     for path in state_dir.glob(f"{glob.escape(name)}.*.msgpack"):
@@ -144,12 +149,12 @@ def read_layout(state_dir: Path, name: str) -> Layout | None:
         generation = max(_generation(f) for f in files.values())
         current = {i: f for i, f in files.items() if _generation(f) == generation}
         recorded = [f["replicas"] for f in current.values() if isinstance(f.get("replicas"), int)]
-        replicas = max(recorded) if recorded else max(current) + 1
+        replicas = max(recorded) if recorded else None
         base = []
     else:
         return None
     entries = []
-    for r in range(replicas):
+    for r in range(max(files, default=-1) + 1 if replicas is None else replicas):
         own = files.get(r)
         if own is not None and _generation(own) >= generation:
             entries.append(_entry(own))
