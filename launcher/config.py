@@ -9,7 +9,7 @@ Then, unless ``check_stages=False`` (commands that only need the run directory),
 ``type`` names is inspected in a short-lived child process (:mod:`stages.introspect`; user
 modules and scikit-learn are never imported here): a module that is not found, a name it does
 not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
-a function that does not take one record), a source with inputs, and ``options`` that the
+a function that does not take one record), a source with inputs, a generator replaying a file with ``replicas > 1``, and ``options`` that the
 stage's ``__init__`` would refuse (unknown key, with a "did you mean" hint; missing required
 argument; a value of the wrong type where annotated). A module that exists but fails when
 imported is *not* a config error: that stage fails to start and ``streampipe status`` shows
@@ -247,9 +247,19 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
         raise ConfigError(msg, file=path, line=_line_of(index, loc), field=_field(loc)) from None
     _check_graph(cfg, index)
     _check_types(cfg, index)
+    _check_replay(cfg, index)
     if check_stages:
         _check_stages(cfg, index)
     return cfg
+
+
+def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """A replayed file is one ordered stream: N replicas would each replay all of it."""
+    for name, stage in cfg.stages.items():
+        if stage.type == "generator" and stage.options.get("file") and stage.replicas > 1:
+            line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
+            raise ConfigError(f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} "
+                              f"{stage.replicas} times): set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
 
 
 def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:

@@ -79,9 +79,11 @@ class Scale(Command):
             raise ControlError("replicas must be between 1 and 64")
         stage = _stage_of(sup, msg)
         if sup.cfg.is_source(stage):
-            # a source's replicas split one stream by their count (the generator: id % replicas);
-            # changing it under running replicas would emit ids twice
-            raise ControlError(f"{stage} is a source: set its replicas in {sup.cfg.path.name} and `streampipe restart {stage}`")
+            # a source's replicas split one stream by their count: their saved positions are
+            # re-dealt while none of them runs, i.e. when the pipeline starts
+            raise ControlError(f"{stage} is a source and cannot be scaled while it runs: set `replicas: {n}` on it in "
+                               f"{sup.cfg.path.name}, then `streampipe down` and `streampipe up`; its saved positions are "
+                               f"repartitioned exactly, so no record is skipped or repeated")
         return await sup.scale(stage, n)
 
 

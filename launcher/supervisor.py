@@ -19,6 +19,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import EdgeSpec, StageSpec
-from streampipe.stages.state import load_state
+from streampipe.stages.state import load_replica_state, read_layout
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
@@ -47,6 +49,7 @@ UNCLAIMED_KEEP = 8              # messages kept from a pid start_replica has not
 UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas' last words)
 UNCLAIMED_TTL_S = 10.0          # ... and for this long: a spawn reply takes ms, and pids are reused
 HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
+REPARTITION_TIMEOUT_S = 120.0   # the repartition child imports the source's module (scikit-learn alone ~2 s cold)
 
 
 
@@ -150,6 +153,8 @@ class Supervisor:
         self.control_sock.bind(self.rd.control)
         for name, sc in self.cfg.stages.items():
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
+            for rep in self.replicas[name]:
+                rep.state = "starting"   # not "stopped" while it waits its turn (fork server, repartition): `up --detach` waits
         self.tasks = [asyncio.create_task(t) for t in (self._serve_stages(), self._serve_control(), self._health_loop(), self._history_loop())]
         code = 0
         try:
@@ -236,6 +241,8 @@ class Supervisor:
             if self.stop_requested.is_set():
                 return
             reps = self.replicas[name]
+            if self.cfg.is_source(name) and not await self.repartition(name):
+                continue
             for rep in reps:
                 await self.start_replica(rep)
             timeout = max(r.cfg.ready_timeout for r in reps)
@@ -378,7 +385,7 @@ class Supervisor:
         rep.exited.set()
         self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
         if code == 0 and rep.state != "completed" and self.cfg.is_source(rep.stage):
-            saved = load_state(self.rd.state / f"{rep.ident}.msgpack") or {}   # its exit beat its last message
+            saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
             if saved.get("completed"):
                 rep.state = "completed"
         if rep.state == "completed":
@@ -612,8 +619,52 @@ class Supervisor:
         self.events.emit("scale", stage, None, None, reason=f"{before} -> {n} replicas")
         return {"ok": True, "stage": stage, "before": before, "after": n}
 
+    async def repartition(self, stage: str) -> bool:
+        """Re-deal a source's saved positions when they were taken with another replica count.
+
+        Runs ``python -m streampipe.stages.repartition`` (the supervisor never imports stage
+        code) and waits for it. False when it refused or failed: the stage's replicas are then
+        ``failed`` with its message as their error, and are not started.
+        """
+        reps = self.replicas[stage]
+        layout = read_layout(self.rd.state, stage)
+        if layout is None or not layout.differs(len(reps)):
+            return True
+        assert self.events is not None
+        spec = json.dumps({"name": stage, "type": reps[0].cfg.type, "config_dir": str(self.cfg.config_dir),
+                           "run_dir": str(self.rd.path), "replicas": len(reps)})
+        cmd = [sys.executable, "-m", "streampipe.stages.repartition", spec]
+
+        def run() -> tuple[str, str]:
+            # the exit status may be reaped by _reap (SIGCHLD) first: the answer is the JSON line on stdout
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+                try:
+                    return proc.communicate(timeout=REPARTITION_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                    return out, f"{err}\nrepartition did not finish in {REPARTITION_TIMEOUT_S:g}s"
+
+        out, err = await asyncio.to_thread(run)
+        try:
+            answer = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            answer = {"ok": False, "error": "\n".join(err.strip().splitlines()[-STDERR_TAIL_LINES:]) or "repartition failed"}
+        if answer.get("ok"):
+            self.events.emit("repartition", stage, None, None, reason=str(answer.get("message", "")))
+            return True
+        error = str(answer.get("error", "repartition failed"))
+        logger.error(error)
+        for rep in reps:
+            rep.state, rep.last_error = "failed", error
+            rep.settled.set()
+        self.events.emit("failed", stage, None, None, reason="cannot repartition its saved positions", last_error=error)
+        return False
+
     async def restart_stage(self, stage: str) -> dict[str, Any]:
         """Rolling restart: one replica at a time, each READY before the next goes down."""
+        if self.cfg.is_source(stage) and not await self.repartition(stage):
+            return {"ok": False, "error": self.replicas[stage][0].last_error}
         for rep in list(self.replicas[stage]):
             rep.policy.reset()
             if rep.pid is not None:

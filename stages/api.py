@@ -163,6 +163,12 @@ class Source(Stage):
     cut once every batch up to it is acknowledged downstream, and restores it on restart, so a
     restarted source resumes without skipping a record.
 
+    A source whose replicas split one stream (by ``context.replica`` of ``context.replicas``)
+    may also implement a classmethod ``repartition(states, replicas) -> list[dict]``: every old
+    replica's saved state in, one state per new replica out, together owning exactly what the
+    old ones had left (see :meth:`stages.generator.Generator.repartition`). The supervisor calls
+    it when ``replicas`` changed between runs; without it such a change is refused.
+
     >>> class Count(Source):
     ...     def __init__(self, n: int = 3):
     ...         super().__init__()

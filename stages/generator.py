@@ -18,11 +18,23 @@ Options:
     file            replay this CSV (header row) or .jsonl file instead (relative to the config)
     loop            replay the file again from the start when it ends (endless)
 
+Partitioning: replica ``r`` of ``n`` owns the ids ``r, r + n, r + 2n, ...`` and emits them in
+increasing order. Its position is the set of ids it has left, as arithmetic progressions
+(:mod:`stages.segments`); :meth:`Generator.repartition` deals the leftovers of every replica to a
+new replica count, so a change of ``replicas`` between runs neither skips nor repeats an id.
+
+A replayed file runs in one replica (``validate`` refuses ``replicas > 1`` with ``file``). A
+line it cannot parse (bad JSON, not an object, undecodable bytes, a CSV row of the wrong width)
+goes to the dead-letter file with the file name, its line number and the reason, and the replay
+goes on.
+
 >>> g = Generator(count=3, seed=1)
 >>> [r["id"] for r in g.generate()]
 [0, 1, 2]
 >>> g2 = Generator(count=3, seed=1); g2.restore({"next": 2}); [r["id"] for r in g2.generate()]
 [2]
+>>> Generator.repartition([{"segments": [[5, 1, None]]}], 2)
+[{'segments': [[5, 2, None]]}, {'segments': [[6, 2, None]]}]
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from streampipe.stages import segments
 from streampipe.stages.api import Record, Source
 
 _END: dict = {}  # sentinel: the wrapped stream is over
@@ -52,8 +65,11 @@ class Generator(Source):
         self.features, self.classes, self.noise = int(features), int(classes), float(noise)
         self.drift_at, self.malformed_every = drift_at, int(malformed_every)
         self.file, self.loop = file, loop
-        self.next = 0            # next record id to emit (replica-local counter k: id = k*n + r)
-        self.offset = 0          # bytes read of the replayed file
+        self.segments: list[segments.Segment] | None = None   # ids left (None: a fresh replica's share)
+        self.last: int | None = None   # the last id emitted from ``segments``
+        self.next = 0            # replay: next record id to give a line without one
+        self.offset = 0          # replay: bytes read of the file
+        self.line = 0            # replay: lines read of the file (for dead letters)
         self.emitted = 0
         concept = np.random.default_rng([self.seed, 1 << 30])
         self.offsets = concept.normal(0, 5, self.features)
@@ -99,15 +115,23 @@ class Generator(Source):
             with open(path, "rb") as f:
                 header: list[str] | None = None
                 if not jsonl:
-                    header = next(csv.reader([f.readline().decode()]))
-                    self.offset = max(self.offset, f.tell())
+                    header = next(csv.reader([f.readline().decode(errors="replace")]), [])
+                    if self.offset < f.tell():
+                        self.offset, self.line = f.tell(), 1
                 f.seek(self.offset)
                 for raw in iter(f.readline, b""):
                     self.offset += len(raw)
-                    line = raw.decode().strip()
-                    if not line:
+                    self.line += 1
+                    try:
+                        record = _parse(raw, header)
+                    except ValueError as exc:
+                        text = raw.decode(errors="replace").rstrip("\r\n")
+                        self.reject({"file": str(path), "line": self.line, "text": text[:2000]},
+                                    f"{path.name}:{self.line}: {exc}")
+                        yield None            # the runtime dead-letters it now and keeps beating
                         continue
-                    record = json.loads(line) if jsonl else _csv_record(header or [], line)
+                    if record is None:
+                        continue
                     record.setdefault("id", self.next)
                     record.setdefault("t", time.time())
                     self.next += 1
@@ -116,20 +140,21 @@ class Generator(Source):
                     yield record
             if not self.loop:
                 return
-            self.offset = 0
+            self.offset = self.line = 0
+            yield None                        # an empty file must not spin without a beat
 
     def generate(self) -> Iterator[Record | None]:
         if self.file:
             yield from self.paced(self.replay())
             return
-        n, r = self.context.replicas, self.context.replica
+        if self.segments is None:
+            self.segments = _own_segments({}, self.context.replica, self.context.replicas)
 
         def synthetic() -> Iterator[Record]:
-            while True:
-                i = self.next * n + r
+            for i in segments.ids(self.segments or []):
                 if self.count is not None and i >= self.count:
                     return
-                self.next += 1
+                self.last = i
                 yield self.synthetic(i)
 
         yield from self.paced(synthetic())
@@ -148,23 +173,78 @@ class Generator(Source):
             record = next(records, _END)
             if record is _END:
                 return
+            if record is None:
+                yield None
+                continue
             sent += 1
             self.emitted += 1
             yield record
 
     def snapshot(self) -> dict[str, Any]:
-        return {"next": self.next, "offset": self.offset}
+        if self.file:
+            return {"next": self.next, "offset": self.offset, "line": self.line}
+        left = segments.after(self.segments, self.last) if self.segments is not None else None
+        return {} if left is None else {"segments": left}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.next = int(state.get("next", 0))
         self.offset = int(state.get("offset", 0))
+        self.line = int(state.get("line", 0))
+        self.segments = _own_segments(state, self.context.replica, self.context.replicas)
+        self.last = None
+
+    @classmethod
+    def repartition(cls, states: list[dict[str, Any]], replicas: int) -> list[dict[str, Any]]:
+        """The states of ``replicas`` new replicas that share exactly the ids ``states`` had left.
+
+        ``states[r]`` is what replica ``r`` of ``len(states)`` saved (``{}``: it never saved, so
+        it still owns its whole share). Called by the supervisor when ``replicas`` changed.
+        """
+        n = len(states)
+        layout = [_own_segments(state, r, n) for r, state in enumerate(states)]
+        return [{"segments": left} for left in segments.deal(layout, replicas)]
 
     def stats(self) -> dict[str, Any]:
-        return {"next_id": self.next * self.context.replicas + self.context.replica, "emitted": self.emitted}
+        if self.file:
+            return {"next_id": self.next, "line": self.line, "emitted": self.emitted}
+        left = segments.after(self.segments or [], self.last)
+        return {"next_id": segments.first(left), "emitted": self.emitted}
+
+
+def _own_segments(state: dict[str, Any], replica: int, replicas: int) -> list[segments.Segment]:
+    """The ids a replica has left, from its saved state: ``segments``, or the position of an
+    earlier version (``next``: a replica-local counter, ids ``next * replicas + replica`` on)."""
+    if "segments" in state:
+        return [segments.check(s) for s in state["segments"]]
+    return [[int(state.get("next", 0)) * replicas + replica, replicas, None]]
+
+
+def _parse(raw: bytes, header: list[str] | None) -> Record | None:
+    """One line of a replayed file as a record (None: a blank line); ValueError says why not."""
+    try:
+        line = raw.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"undecodable bytes at column {exc.start + 1}: {exc.reason}") from None
+    if not line:
+        return None
+    if header is None:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"bad JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        return value
+    return _csv_record(header, line)
 
 
 def _csv_record(header: list[str], line: str) -> Record:
-    values = next(csv.reader([line]))
+    try:
+        values = next(csv.reader([line]))
+    except csv.Error as exc:
+        raise ValueError(f"bad CSV: {exc}") from None
+    if len(values) != len(header):
+        raise ValueError(f"{len(values)} fields where the header has {len(header)}")
     record: Record = {}
     for key, value in zip(header, values):
         record[key] = _number(value)

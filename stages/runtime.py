@@ -55,7 +55,7 @@ from streampipe.stages.api import Record, Stage, StageContext, is_source
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_stage
 from streampipe.stages.spec import EdgeSpec, StageSpec
-from streampipe.stages.state import DeadLetters, load_state, save_state
+from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
 
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
 RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
@@ -538,6 +538,12 @@ class StageRuntime:
             alive = None
         if taken and self.acked:
             taken = self.check_ids(taken)
+        rejected = self.stage.take_rejected()
+        for record, error, tb in rejected:   # lines a replay could not parse
+            self.errors += 1
+            self.dead += 1
+            self.last_error = error
+            self.dead_letters.write(record, error, tb)
         if taken:
             self.observe_latency((time.perf_counter() - t0) * 1000.0)
             self.records_in += len(taken)
@@ -550,8 +556,8 @@ class StageRuntime:
                     edge.pending.extend(recs)
             if any(len(e.pending) >= self.spec.max_batch for e in self.edges) or alive is None:
                 self.cut_source_batches()
-        elif alive is None:
-            self.cut_source_batches()
+        elif alive is None or rejected:
+            self.cut_source_batches()   # a mark with no batch: the position past them commits
         return bool(taken), alive
 
     def check_ids(self, taken: list[Record]) -> list[Record]:
@@ -709,9 +715,9 @@ class StageRuntime:
         state = self.committed if self.source and self.acked else self.stage.snapshot()
         if state is None:
             return
-        saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed()}
+        saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed(),
+                                 "generation": self.generation, "replicas": self.spec.replicas}
         if self.source:
-            saved["generation"] = self.generation
             saved["watermark"] = [self.generation, self.watermark, self.ordered]
         save_state(self.state_path, saved)
 
@@ -832,6 +838,20 @@ def setup_logging(spec: StageSpec) -> None:
                rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False)
 
 
+def restore_point(spec: StageSpec) -> dict[str, Any] | None:
+    """A source replica's saved position, refused if it belongs to another replica count.
+
+    The supervisor repartitions the positions before it starts a source whose ``replicas``
+    changed; a replica started another way must not guess (its share of the ids depends on it).
+    """
+    state_dir = Path(spec.run_dir) / "state"
+    layout = read_layout(state_dir, spec.name)
+    if layout is not None and layout.differs(spec.replicas) and not layout.completed:
+        raise RuntimeError(f"the saved positions of {spec.name} are for {layout.replicas} replicas, not {spec.replicas}: "
+                           f"start it with `streampipe up`, which repartitions them, or set replicas: {layout.replicas}")
+    return load_replica_state(state_dir, spec.name, spec.replica)
+
+
 def main(spec: StageSpec) -> int:
     """Run one stage replica; returns the process exit status."""
     stop_requested = threading.Event()
@@ -855,7 +875,7 @@ def main(spec: StageSpec) -> int:
                                      outputs=tuple(sorted({e.output for e in spec.edges})))
         rt = StageRuntime(spec, stage)
         rt.tell("hello")
-        saved = load_state(rt.state_path)
+        saved = restore_point(spec) if rt.source else load_replica_state(rt.state_path.parent, spec.name, spec.replica)
         if saved is not None:
             if saved.get("completed") and rt.source:
                 logger.info("stream already completed in an earlier run; nothing to do")

@@ -5,16 +5,21 @@
 - :func:`save_state` / :func:`load_state`: a stage's snapshot as msgpack, written atomically; a
   file that does not decode is ignored with a warning (it cannot be half-written, but it can be
   from another version or hand-edited).
+- :func:`load_replica_state` / :func:`read_layout` / :func:`write_layout`: a source's saved
+  positions and the layout they were taken under (its replica count and ``generation``), so that
+  a change of ``replicas`` is repartitioned instead of skipping or repeating ids.
 - :class:`DeadLetters`: ``<run dir>/deadletter/<stage>.jsonl``, one JSON object a line with the
   record, the error and the time, flushed at once.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +65,108 @@ def load_state(path: Path) -> dict[str, Any] | None:
         logger.warning(f"ignoring unreadable state file {path}")
         return None
     return state if isinstance(state, dict) else None
+
+
+# -- a stage's saved state, per replica, and its layout ------------------------------------------
+#
+# <run dir>/state/<stage>.<r>.msgpack     {"state": {...}, "completed": bool, "generation": g, "replicas": n}
+# <run dir>/state/<stage>.layout.msgpack  {"generation": g, "replicas": n, "states": [{"state", "completed"}, ...]}
+#
+# A replica file is what one replica committed; the layout file is written (atomically, all
+# replicas at once) only by a repartition, which bumps ``generation``. A replica file older than
+# the layout file is stale: the replica starts from its entry in the layout file instead. So a
+# crash during a repartition leaves either the old layout or the new one, never a mix.
+
+
+@dataclass
+class Layout:
+    """The positions of every replica of a stage as of now, and the layout they belong to."""
+
+    generation: int
+    replicas: int | None              # None: files from before the count was saved; taken to match the config
+    entries: list[dict[str, Any]]     # per replica: {"state": dict, "completed": bool}
+
+    def differs(self, replicas: int) -> bool:
+        """Whether these positions were taken with another replica count than ``replicas``."""
+        return self.replicas is not None and self.replicas != replicas
+
+    @property
+    def completed(self) -> bool:
+        return bool(self.entries) and all(e["completed"] for e in self.entries)
+
+
+def replica_file(state_dir: Path, name: str, replica: int) -> Path:
+    return state_dir / f"{name}.{replica}.msgpack"
+
+
+def layout_file(state_dir: Path, name: str) -> Path:
+    return state_dir / f"{name}.layout.msgpack"
+
+
+def _generation(saved: dict[str, Any]) -> int:
+    gen = saved.get("generation", 0)
+    return gen if isinstance(gen, int) else 0
+
+
+def _entry(saved: Any) -> dict[str, Any]:
+    saved = saved if isinstance(saved, dict) else {}
+    state = saved.get("state")
+    return {"state": state if isinstance(state, dict) else {}, "completed": bool(saved.get("completed"))}
+
+
+def load_replica_state(state_dir: Path, name: str, replica: int) -> dict[str, Any] | None:
+    """What replica ``replica`` of ``name`` restores: its own file, or its entry in a newer layout.
+
+    None when nothing was saved for it (a fresh start).
+    """
+    own = load_state(replica_file(state_dir, name, replica))
+    doc = load_state(layout_file(state_dir, name))
+    if doc is not None and (own is None or _generation(own) < _generation(doc)):
+        states = doc.get("states") or []
+        if replica >= len(states):
+            return None
+        return {**_entry(states[replica]), "generation": _generation(doc), "replicas": len(states)}
+    return own
+
+
+def read_layout(state_dir: Path, name: str) -> Layout | None:
+    """Every replica's current position and the replica count they were taken with (None: nothing saved).
+
+    Without a layout file (no repartition yet) the replica count is the ``replicas`` each file
+    recorded. Files from before that field existed cannot say (a replica that never saved leaves
+    no file): their count is None, taken to be the configured one, as it was then.
+    """
+    files: dict[int, dict[str, Any]] = {}
+    for path in state_dir.glob(f"{glob.escape(name)}.*.msgpack"):
+        index = path.name[len(name) + 1:-len(".msgpack")]
+        if index.isdigit() and (saved := load_state(path)) is not None:
+            files[int(index)] = saved
+    doc = load_state(layout_file(state_dir, name))
+    if doc is not None:
+        generation, base = _generation(doc), [_entry(e) for e in doc.get("states") or []]
+        replicas = len(base)
+    elif files:
+        generation = max(_generation(f) for f in files.values())
+        current = {i: f for i, f in files.items() if _generation(f) == generation}
+        recorded = [f["replicas"] for f in current.values() if isinstance(f.get("replicas"), int)]
+        replicas = max(recorded) if recorded else None
+        base = []
+    else:
+        return None
+    entries = []
+    for r in range(max(files, default=-1) + 1 if replicas is None else replicas):
+        own = files.get(r)
+        if own is not None and _generation(own) >= generation:
+            entries.append(_entry(own))
+        else:
+            entries.append(base[r] if r < len(base) else _entry(None))
+    return Layout(generation, replicas, entries)
+
+
+def write_layout(state_dir: Path, name: str, generation: int, entries: list[dict[str, Any]]) -> None:
+    """Replace every replica's position at once (one atomic file) under a new ``generation``."""
+    save_state(layout_file(state_dir, name), {"generation": generation, "replicas": len(entries),
+                                              "states": [_entry(e) for e in entries]})
 
 
 def json_default(obj: Any) -> Any:

@@ -1,0 +1,74 @@
+"""``python -m streampipe.stages.repartition SPEC``: re-deal a source's saved positions to a new replica count.
+
+The supervisor runs this in a short child process (it never imports a user's stage code) before
+it starts a source whose saved positions were taken with another ``replicas`` than the config
+now says. ``SPEC`` is a JSON object: ``name``, ``type``, ``config_dir``, ``run_dir``, ``replicas``.
+
+The source's class decides how its positions split: a classmethod
+``repartition(states: list[dict], replicas: int) -> list[dict]`` gets every old replica's saved
+state (``{}`` for a replica that never saved) and returns one state per new replica, which must
+together hold exactly the records the old ones had left (the built-in generator's does, see
+:mod:`stages.segments`). The new states are written at once, as one file under a new
+``generation`` (:func:`stages.state.write_layout`). A source whose every replica completed stays
+completed, whatever its class. A class without ``repartition`` is refused with a message that
+says what to do (on stdout as JSON, see :func:`main`), which the supervisor shows as the
+stage's error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from streampipe.stages.registry import load_class
+from streampipe.stages.state import read_layout, write_layout
+
+EXIT_DONE = 0
+EXIT_REFUSED = 2
+
+
+class Refused(Exception):
+    """The positions cannot be repartitioned; the message says what the user can do."""
+
+
+def repartition(name: str, type_: str, config_dir: Path, run_dir: Path, replicas: int) -> str:
+    """Re-deal ``name``'s saved positions to ``replicas`` replicas; returns what was done."""
+    state_dir = run_dir / "state"
+    layout = read_layout(state_dir, name)
+    if layout is None or not layout.differs(replicas):
+        return f"{name}: nothing to repartition"
+    generation = layout.generation + 1
+    if layout.completed:
+        write_layout(state_dir, name, generation, [{"state": {}, "completed": True}] * replicas)
+        return f"{name}: completed stream, now {replicas} completed replicas (generation {generation})"
+    cls = load_class(type_, config_dir)
+    split = getattr(cls, "repartition", None)
+    if not callable(split):
+        raise Refused(
+            f"{name}: its saved positions are for {layout.replicas} replicas and services.yaml now says {replicas}, "
+            f"but {type_} cannot repartition them (it has no `repartition(states, replicas)` classmethod). "
+            f"Set `replicas: {layout.replicas}` back, or delete {state_dir}/{name}.*.msgpack to start its stream over.")
+    states = split([e["state"] for e in layout.entries], replicas)
+    if not isinstance(states, list) or len(states) != replicas or not all(isinstance(s, dict) for s in states):
+        raise Refused(f"{name}: {type_}.repartition must return a list of {replicas} dicts, got {states!r:.200}")
+    write_layout(state_dir, name, generation, [{"state": s, "completed": False} for s in states])
+    return f"{name}: positions of {layout.replicas} replicas repartitioned to {replicas} (generation {generation})"
+
+
+def main(argv: list[str]) -> int:
+    """Prints one JSON line, ``{"ok": true, "message": ...}`` or ``{"ok": false, "error": ...}``:
+    the supervisor reads the answer there, since its SIGCHLD handler may reap the exit status."""
+    spec: dict[str, Any] = json.loads(argv[1])
+    try:
+        done = repartition(spec["name"], spec["type"], Path(spec["config_dir"]), Path(spec["run_dir"]), int(spec["replicas"]))
+    except Refused as exc:
+        print(json.dumps({"ok": False, "error": str(exc)}), flush=True)
+        return EXIT_REFUSED
+    print(json.dumps({"ok": True, "message": done}), flush=True)
+    return EXIT_DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
