@@ -508,9 +508,7 @@ class Supervisor:
         while True:
             frames = await self.stage_sock.recv_multipart()
             try:   # bad input is counted and dropped: this task must outlive any message
-                if len(frames) != 2:
-                    raise wire.Malformed(f"a message of {len(frames) - 1} frames, expected 1")
-                msg = wire.read_stage_message(frames[1])
+                msg = wire.read_stage_message(wire.single(frames[1:]))
                 rep = self.by_ident.get(frames[0].decode(errors="replace"))
                 if rep is None:
                     raise wire.Malformed(f"from an unknown stage {frames[0][:60]!r}")

@@ -620,11 +620,11 @@ class StageRuntime:
         now = time.monotonic()
         while True:
             try:
-                raw = self.ackp.recv(flags=zmq.NOBLOCK)
+                frames = self.ackp.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                msg = wire.read_ack(raw)
+                msg = wire.read_ack(wire.single(frames))
                 edge = self.edges_by_name.get(msg["e"])
                 if edge is None:
                     raise wire.Malformed(f"ack for an unknown edge {msg['e'][:80]!r}")
@@ -666,11 +666,11 @@ class StageRuntime:
     def read_control(self) -> None:
         while True:
             try:
-                raw = self.ctl.recv(flags=zmq.NOBLOCK)
+                frames = self.ctl.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                msg = wire.read_supervisor_message(raw)
+                msg = wire.read_supervisor_message(wire.single(frames))
             except wire.Malformed as exc:
                 self.rejects.drop("control", str(exc))
                 continue

@@ -141,6 +141,13 @@ def _check(msg: dict[Any, Any], fields: dict[str, tuple[type, ...]], what: str, 
             raise Malformed(f"{what} field {key!r} is not a list of {item.__name__}")
 
 
+def single(frames: list[bytes]) -> bytes:
+    """The one frame of an ack or control message; raises :class:`Malformed` on any other count."""
+    if len(frames) != 1:
+        raise Malformed(f"a message of {len(frames)} frames, expected 1")
+    return frames[0]
+
+
 def _decode(data: bytes, what: str) -> Any:
     try:
         return unpackb(data)
