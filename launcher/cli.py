@@ -196,6 +196,8 @@ def _info(row: dict[str, Any]) -> str:
             parts.append(f"{key}={stats[key]}")
     if row.get("dead_letters"):
         parts.append(f"dead={row['dead_letters']}")
+    if row.get("malformed"):
+        parts.append(f"malformed={row['malformed']}")
     return " ".join(parts)
 
 
@@ -205,8 +207,9 @@ def _last_line(text: str) -> str:
 
 
 def status_table(st: dict[str, Any]) -> Table:
+    malformed = "".join(f"  malformed on {sock}: {n}" for sock, n in sorted((st.get("malformed") or {}).items()))
     table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
-                        f"delivery {st['delivery']}", title_justify="left", header_style="bold")
+                        f"delivery {st['delivery']}{malformed}", title_justify="left", header_style="bold")
     for col, just in (("stage", "left"), ("r", "right"), ("pid", "right"), ("state", "left"), ("uptime", "right"),
                       ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("fds", "right"), ("thr", "right"), ("in", "right"), ("out", "right"),
                       ("rate/s", "right"), ("errors", "right"), ("info", "left"), ("last error", "left")):

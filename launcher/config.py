@@ -124,6 +124,8 @@ class PipelineConfig(_Strict):
     transport: Literal["ipc", "tcp"] = "ipc"           # tcp: for stages reached over the network
     bind_host: str = "127.0.0.1"                       # tcp only: the address stages bind and are reached at
     poll_interval: float = Field(0.5, gt=0)            # psutil readings
+    max_message_mb: float = Field(64.0, gt=0, le=2048)   # a data frame over this is refused by its receiver
+                                                       # (libzmq MAXMSGSIZE, before allocating it); senders split batches under it
     logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
     defaults: Defaults = Field(default_factory=lambda: Defaults())
     stages: dict[str, StageConfig]

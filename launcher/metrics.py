@@ -5,6 +5,8 @@ psutil readings), so scraping costs the stages nothing. Every series is labelled
 and ``replica``:
 
     streampipe_records_in_total / _records_out_total / _dead_letters_total / _errors_total
+    streampipe_malformed_total (malformed messages a replica dropped on its input, ack, control sockets)
+    streampipe_supervisor_malformed_total{socket=stages|control} (the supervisor's, no stage label)
     streampipe_restarts_total, streampipe_up (1 running or blocked), streampipe_blocked
     streampipe_cpu_percent, streampipe_rss_bytes
     streampipe_batch_latency_seconds (histogram of ``process`` time per batch)
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 LABELS = ["stage", "replica"]
 COUNTERS = (("records_in", "Records received (a source: produced)"), ("records_out", "Records sent downstream"),
             ("dead_letters", "Records sent to the dead-letter file"), ("errors", "Records that failed in process"),
-            ("restarts", "Restarts by the supervisor"))
+            ("restarts", "Restarts by the supervisor"), ("malformed", "Malformed messages dropped by the replica"))
 
 
 class PipelineCollector:
@@ -36,7 +38,8 @@ class PipelineCollector:
         self.sup = sup
 
     def collect(self) -> Iterator[Any]:
-        rows = (self.sup.snapshot or {"stages": []})["stages"]   # built on the event loop, read here
+        snapshot = self.sup.snapshot or {"stages": []}   # built on the event loop, read here
+        rows = snapshot["stages"]
         counters = {name: CounterMetricFamily(f"streampipe_{name}", doc, labels=LABELS) for name, doc in COUNTERS}
         up = GaugeMetricFamily("streampipe_up", "1 when the replica is running or blocked", labels=LABELS)
         blocked = GaugeMetricFamily("streampipe_blocked", "1 when waiting on a slow downstream", labels=LABELS)
@@ -66,6 +69,11 @@ class PipelineCollector:
                 version.add_metric(labels, float(stats["model_version"]))
             if isinstance(stats.get("metric"), (int, float)):
                 metric.add_metric(labels + [str(stats.get("metric_name", "metric"))], float(stats["metric"]))
+        sup_malformed = CounterMetricFamily("streampipe_supervisor_malformed", "Malformed messages the supervisor dropped",
+                                            labels=["socket"])
+        for sock in ("stages", "control"):
+            sup_malformed.add_metric([sock], float(snapshot.get("malformed", {}).get(sock, 0)))
+        yield sup_malformed
         yield from counters.values()
         yield from (up, blocked, cpu, rss, latency, version, metric)
 

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -42,6 +42,9 @@ from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import load_replica_state, read_layout
+
+if TYPE_CHECKING:
+    from streampipe.launcher.control import Command
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
@@ -94,7 +97,7 @@ class Replica:
             "num_threads": self.reading.num_threads,
             "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
             "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
-            "dead_letters": hb.get("dead_letters", 0), "resent": hb.get("resent", 0),
+            "dead_letters": hb.get("dead_letters", 0), "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
             "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),
             "latency_ms": hb.get("latency_ms", 0.0), "latency_buckets": hb.get("latency_buckets", []),
             "last_error": self.last_error, "last_exit": self.last_exit,
@@ -126,6 +129,7 @@ class Supervisor:
         self.control_sock: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
+        self.rejects = wire.Rejects()                  # malformed messages dropped on the stages / control sockets
         from streampipe.launcher.control import COMMANDS
 
         self.commands = COMMANDS
@@ -147,9 +151,11 @@ class Supervisor:
         self.stage_sock = self.ctx.socket(zmq.ROUTER)
         self.stage_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.stage_sock.setsockopt(zmq.LINGER, 0)
+        self.stage_sock.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.stage_sock.bind(self.rd.stages)
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)
+        self.control_sock.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.control_sock.bind(self.rd.control)
         for name, sc in self.cfg.stages.items():
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
@@ -198,7 +204,7 @@ class Supervisor:
         return {"supervisor_pid": os.getpid(), "pipeline": self.cfg.pipeline, "config": str(self.cfg.path),
                 "run_dir": str(self.rd.path), "delivery": self.cfg.delivery, "uptime_s": round(now - self.started_at, 1),
                 "forkserver_pid": self.fork.pid if self.fork else None,
-                "stopping": self.stopping, "stages": rows}
+                "stopping": self.stopping, "malformed": dict(self.rejects.counts), "stages": rows}
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -269,11 +275,16 @@ class Supervisor:
             name=rep.stage, replica=rep.index, replicas=len(self.replicas[rep.stage]), type=sc.type,
             options=sc.options, run_dir=str(self.rd.path), config_dir=str(cfg.config_dir),
             control=self.rd.stages, input=self.endpoint("i", rep.stage, rep.index) if sc.inputs else None,
-            ack=self.endpoint("a", rep.stage, rep.index), edges=edges, supervisor_pid=os.getpid(),
+            ack=self.endpoint("a", rep.stage, rep.index), edges=edges, ack_peers=self.ack_peers(rep.stage),
+            supervisor_pid=os.getpid(), max_message_bytes=int(cfg.max_message_mb * (1 << 20)),
             delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
             max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
             log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
             pipeline=cfg.pipeline)
+
+    def ack_peers(self, stage: str) -> list[str]:
+        """The ack endpoints of every replica feeding ``stage``: the only ones its replicas ack to."""
+        return sorted({self.endpoint("a", r.stage, r.index) for r, _ in self.upstream_replicas(stage)})
 
     def endpoints_of(self, stage: str) -> list[str]:
         return [self.endpoint("i", stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
@@ -505,14 +516,17 @@ class Supervisor:
     async def _serve_stages(self) -> None:
         assert self.stage_sock is not None
         while True:
-            ident, raw = await self.stage_sock.recv_multipart()
-            try:
-                msg = wire.unpackb(raw)
-            except ValueError:
+            frames = await self.stage_sock.recv_multipart()
+            try:   # bad input is counted and dropped: this task must outlive any message
+                msg = wire.read_stage_message(wire.single(frames[1:]))
+                rep = self.by_ident.get(frames[0].decode(errors="replace"))
+                if rep is None:
+                    raise wire.Malformed(f"from an unknown stage {frames[0][:60]!r}")
+            except wire.Malformed as exc:
+                self.rejects.drop("stages", str(exc))
                 continue
-            rep = self.by_ident.get(ident.decode(errors="replace"))
-            pid = msg.get("pid")
-            if rep is not None and pid and rep.pid != pid:
+            pid = msg["pid"]
+            if pid and rep.pid != pid:
                 # from a replica already replaced, or from one so quick that its READY beat the
                 # fork server's reply: keep it until start_replica knows the pid
                 early = self.unclaimed.setdefault(pid, (time.monotonic(), []))[1]
@@ -520,8 +534,7 @@ class Supervisor:
                     early.append(msg)
                 expire(self.unclaimed)
                 continue
-            if rep is not None:
-                self._on_stage_message(rep, msg)
+            self._on_stage_message(rep, msg)
 
     def _on_stage_message(self, rep: Replica, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -546,6 +559,8 @@ class Supervisor:
             if rep.state == "starting":
                 rep.state = "running"
             rep.settled.set()
+            if rep.cfg.inputs:   # its spec may predate a scale upstream
+                self.tell(rep, "peers", acks=self.ack_peers(rep.stage))
             self.events.emit("ready", rep.stage, rep.index, rep.pid, reason=f"ready {now - rep.started_at:.3f}s after start",
                              t_ready=now, spawn=rep.spawn_mode)
         elif op == "error":
@@ -568,24 +583,37 @@ class Supervisor:
         assert self.control_sock is not None
         while True:
             frames = await self.control_sock.recv_multipart()
+            try:   # [ident, b"", request] from a REQ; anything else is counted, answered and dropped
+                if len(frames) != 3 or frames[1]:
+                    raise wire.Malformed(f"a request of {len(frames) - 1} frames, expected a REQ envelope")
+                msg = wire.read_command(frames[2])
+                command = self.commands.get(msg["cmd"])
+                if command is None:
+                    raise wire.Malformed(f"unknown command {msg['cmd'][:40]!r}")
+            except wire.Malformed as exc:
+                self.rejects.drop("control", str(exc))
+                await self._reply(frames[0], {"ok": False, "error": f"malformed request: {exc}"})
+                continue
             # each command in its own task: a rolling restart must not hold up `status`
-            self.command_tasks.add(task := asyncio.create_task(self._answer(frames[0], frames[-1])))
+            self.command_tasks.add(task := asyncio.create_task(self._answer(frames[0], command, msg)))
             task.add_done_callback(self.command_tasks.discard)
 
-    async def _answer(self, ident: bytes, raw: bytes) -> None:
+    async def _reply(self, ident: bytes, reply: dict[str, Any]) -> None:
         assert self.control_sock is not None
+        try:   # a ROUTER never blocks: a reply to a requester that is gone is dropped
+            await self.control_sock.send_multipart([ident, b"", wire.packb(reply)])
+        except zmq.ZMQError:
+            pass
+
+    async def _answer(self, ident: bytes, command: Command, msg: dict[str, Any]) -> None:
         try:
-            msg = wire.unpackb(raw)
-            command = self.commands[msg["cmd"]]
             reply = await command.execute(self, msg)
-        except KeyError:
-            reply = {"ok": False, "error": f"unknown command in {raw[:80]!r}"}
         except StreampipeError as exc:
             reply = {"ok": False, "error": str(exc)}
         except Exception as exc:
             logger.opt(exception=True).warning(f"control command failed: {exc}")
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        await self.control_sock.send_multipart([ident, b"", wire.packb(reply)])
+        await self._reply(ident, reply)
 
     # -- runtime changes (used by commands) ------------------------------------------------
     def upstream_replicas(self, stage: str) -> list[tuple[Replica, str]]:
@@ -596,6 +624,13 @@ class Supervisor:
         for rep, edge in self.upstream_replicas(stage):
             self.tell(rep, "connect", edge=edge, endpoints=endpoints)
 
+    def announce_ack_peers(self, stage: str) -> None:
+        """Tell the stages fed by ``stage`` the ack addresses of its replicas, now that they changed."""
+        for dest in {e.dest for e in self.cfg.edges() if e.src == stage}:
+            acks = self.ack_peers(dest)
+            for rep in self.replicas[dest]:
+                self.tell(rep, "peers", acks=acks)
+
     async def scale(self, stage: str, n: int) -> dict[str, Any]:
         reps = self.replicas[stage]
         before = len(reps)
@@ -603,6 +638,7 @@ class Supervisor:
         if n > before:
             new = [self._new_replica(stage, i, reps[0].cfg) for i in range(before, n)]
             reps.extend(new)
+            self.announce_ack_peers(stage)   # before they send: their batches must be acknowledged
             for rep in new:
                 await self.start_replica(rep)
             await asyncio.wait([asyncio.create_task(r.settled.wait()) for r in new], timeout=reps[0].cfg.ready_timeout)
@@ -616,6 +652,7 @@ class Supervisor:
             del reps[n:]
             for rep in gone:
                 self.by_ident.pop(rep.ident, None)
+            self.announce_ack_peers(stage)   # their receivers close the ack sockets towards them
         self.events.emit("scale", stage, None, None, reason=f"{before} -> {n} replicas")
         return {"ok": True, "stage": stage, "before": before, "after": n}
 

@@ -154,7 +154,11 @@ class Edge:
         return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
 
     def cut(self, records: list[Record], parent: InToken | Mark | None, stamp: tuple[str | None, int | None]) -> None:
-        """Frame ``records`` as one batch stamped with ``(origin, watermark)`` and queue it for sending."""
+        """Frame ``records`` as one batch stamped with ``(origin, watermark)`` and queue it for sending.
+
+        A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)
+        is cut in halves; a single record over it goes to the dead-letter file.
+        """
         self.seq += 1
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
@@ -167,6 +171,15 @@ class Edge:
                 return
             header["n"] = len(records)
             frames = wire.data_frames(header, records)
+        if len(frames[1]) > self.rt.spec.max_message_bytes:
+            self.seq -= 1            # nothing was queued under it
+            if len(records) == 1:
+                self.rt.reject_output(records[0], f"a record of {len(frames[1])} bytes is over max_message_mb")
+                return
+            half = len(records) // 2
+            self.cut(records[:half], parent, stamp)
+            self.cut(records[half:], parent, stamp)
+            return
         if parent is not None:
             parent.outstanding += 1
         self.outq.append(OutBatch(self.seq, frames, len(records), parent))
@@ -274,9 +287,13 @@ class StageRuntime:
         self.routes = getattr(stage.route, "__func__", None) is not Stage.route and any(e.output != "default" for e in spec.edges)
         self.last_error = ""
         self.error_log = ErrorLog()
+        self.rejects = wire.Rejects()             # malformed messages dropped, by socket
+        self.ack_peers = frozenset(spec.ack_peers)   # the only addresses acks are sent to
+        self.stats_reported = False               # a stats() problem is reported once
 
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
+        self.ctl.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.ctl.setsockopt(zmq.LINGER, 500)
         self.ctl.setsockopt(zmq.SNDHWM, 100)
         self.ctl.connect(spec.control)
@@ -288,6 +305,7 @@ class StageRuntime:
     def bind(self) -> None:
         self.ackp = self.ctx.socket(zmq.PULL)
         self.ackp.setsockopt(zmq.LINGER, 0)
+        self.ackp.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.ackp.bind(self.spec.ack)
         self.edges = [Edge(self, e) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
@@ -295,9 +313,13 @@ class StageRuntime:
             self.inp = self.ctx.socket(zmq.PULL)
             self.inp.setsockopt(zmq.RCVHWM, self.spec.hwm)
             self.inp.setsockopt(zmq.LINGER, 0)
+            self.inp.setsockopt(zmq.MAXMSGSIZE, self.spec.max_message_bytes)   # libzmq drops bigger frames unallocated
             self.inp.bind(self.spec.input)
 
     def tell(self, op: str, **fields: Any) -> None:
+        for key in ("error", "traceback", "last_error"):    # under the supervisor's CONTROL_MAX_BYTES
+            if key in fields:
+                fields[key] = fields[key][-wire.TEXT_MAX_CHARS:]
         try:
             self.ctl.send(wire.control(op, pid=os.getpid(), **fields), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -435,11 +457,9 @@ class StageRuntime:
 
     def handle(self, frames: list[bytes]) -> None:
         try:
-            header, records = wire.read_message(frames)
-        except (ValueError, KeyError, IndexError) as exc:
-            self.errors += 1
-            self.dead += 1
-            self.dead_letters.write({"frames_hex": [f[:4096].hex() for f in frames]}, f"undecodable message: {exc}")
+            header, records = wire.read_message(frames, self.ack_peers, self.acked)
+        except wire.Malformed as exc:
+            self.rejects.drop("input", str(exc))
             return
         if records is None:
             self.on_eos(header)
@@ -472,13 +492,17 @@ class StageRuntime:
                     raise TypeError(f"output is a {type(record).__name__}, not a map")
                 wire.packb(record)
             except (TypeError, ValueError, OverflowError) as exc:
-                self.errors += 1
-                self.dead += 1
-                self.last_error = f"unsendable output: {exc}"
-                self.dead_letters.write(repr(record)[:2000], self.last_error)
+                self.reject_output(record, str(exc))
                 continue
             good.append(record)
         return good
+
+    def reject_output(self, record: Any, reason: str) -> None:
+        """An output record that cannot be sent: counted and dead-lettered."""
+        self.errors += 1
+        self.dead += 1
+        self.last_error = f"unsendable output: {reason}"
+        self.dead_letters.write(repr(record)[:2000], self.last_error)
 
     def observe_latency(self, ms: float) -> None:
         self.batches += 1
@@ -517,10 +541,9 @@ class StageRuntime:
         return groups
 
     def on_eos(self, header: dict[str, Any]) -> None:
-        if header.get("ack"):
-            self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
-            self.eos_headers.append(header)
-        logger.info(f"end of stream from {header.get('src')}.{header.get('r')}")
+        self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
+        self.eos_headers.append(header)
+        logger.info(f"end of stream from {header['src']}.{header['r']}")
 
     # -- source ------------------------------------------------------------------------------
     def pull_source(self, gen: Iterator[Record | None], now: float) -> tuple[bool, Iterator[Record | None] | None]:
@@ -650,6 +673,8 @@ class StageRuntime:
         for endpoint, groups in self.acks_out.items():
             sock = self.ack_socks.get(endpoint)
             if sock is None:
+                if endpoint not in self.ack_peers:
+                    continue   # its sender is gone (scaled down) since the input arrived
                 sock = self.ack_socks[endpoint] = self.ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 200)
                 sock.setsockopt(zmq.SNDHWM, 10_000)
@@ -679,18 +704,21 @@ class StageRuntime:
         now = time.monotonic()
         while True:
             try:
-                raw = self.ackp.recv(flags=zmq.NOBLOCK)
+                frames = self.ackp.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
-                msg = wire.unpackb(raw)
+                msg = wire.read_ack(wire.single(frames))
                 edge = self.edges_by_name.get(msg["e"])
-            except (ValueError, KeyError, TypeError):
+                if edge is None:
+                    raise wire.Malformed(f"ack for an unknown edge {msg['e'][:80]!r}")
+            except wire.Malformed as exc:
+                self.rejects.drop("ack", str(exc))
                 continue
-            if edge is None or msg.get("ep") != self.epoch:
+            if msg["ep"] != self.epoch:
                 continue  # meant for an earlier incarnation of this replica
             if msg["k"] == wire.EOS_ACK:
-                edge.eos_from.add(msg.get("from", "?"))
+                edge.eos_from.add(msg["from"])
                 continue
             for seq in msg["s"]:
                 ob = edge.acked(seq, now)
@@ -740,33 +768,67 @@ class StageRuntime:
     def read_control(self) -> None:
         while True:
             try:
-                raw = self.ctl.recv(flags=zmq.NOBLOCK)
+                frames = self.ctl.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                msg = wire.unpackb(raw)
-            except ValueError:
+                msg = wire.read_supervisor_message(wire.single(frames))
+            except wire.Malformed as exc:
+                self.rejects.drop("control", str(exc))
                 continue
-            op = msg.get("op")
+            op = msg["op"]
             if op == "stop":
                 self.stopping = True
             elif op == "connect":
                 edge = self.edges_by_name.get(msg.get("edge", ""))
                 if edge is not None:
                     edge.connect(list(msg.get("endpoints", [])))
+            elif op == "peers":
+                self.set_ack_peers(msg.get("acks", []))
+
+    def set_ack_peers(self, endpoints: list[str]) -> None:
+        """The replicas feeding this one changed (a scale upstream): acks go only to these, and
+        the ack sockets of senders that are gone are closed."""
+        self.ack_peers = frozenset(endpoints)
+        for endpoint in [e for e in self.ack_socks if e not in self.ack_peers]:
+            self.ack_socks.pop(endpoint).close(linger=0)
+        self.eos_headers = [h for h in self.eos_headers if h["ack"] in self.ack_peers]
 
     def heartbeat(self) -> None:
+        self.rejects.flush()
+        self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
+                  dead_letters=self.dead, resent=self.resent, malformed=self.rejects.total, blocked=self.blocked,
+                  queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
+                  latency_buckets=self.lat_buckets, batches=self.batches, stats=self.stage_stats(),
+                  last_error=self.last_error, finished=self.finished)
+
+    def stage_stats(self) -> dict[str, Any]:
+        """The stage's ``stats()`` as msgpack can carry it; a problem is reported once, and the
+        heartbeat goes on (a heartbeat that cannot be sent gets the stage killed as hung)."""
         try:
             stats = self.stage.stats()
-        except Exception as exc:  # a broken stats() must not kill the loop
-            stats = {"stats_error": str(exc)}
+            if not isinstance(stats, dict):
+                raise TypeError(f"returned a {type(stats).__name__}, not a dict")
+        except Exception as exc:
+            return self.stats_problem(f"stats() failed: {type(exc).__name__}: {exc}", {"stats_error": str(exc)[:200]})
+        try:
+            size = len(wire.packb(stats))
+        except Exception as exc:
+            stats = {str(k): _packable(v) for k, v in stats.items()}
+            size = len(wire.packb(stats))
+            self.stats_problem(f"stats() returned what msgpack cannot carry ({exc}); its values are sent as text", stats)
+        if size > wire.STATS_MAX_BYTES:
+            return self.stats_problem(f"stats() is {size} bytes packed, over {wire.STATS_MAX_BYTES}: not sent", {})
         if self.out_of_order:
             stats = {**stats, "ids_out_of_order": self.out_of_order}
-        self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
-                  dead_letters=self.dead, resent=self.resent, blocked=self.blocked,
-                  queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
-                  latency_buckets=self.lat_buckets, batches=self.batches, stats=stats,
-                  last_error=self.last_error, finished=self.finished)
+        return stats
+
+    def stats_problem(self, problem: str, stats: dict[str, Any]) -> dict[str, Any]:
+        if not self.stats_reported:
+            self.stats_reported = True
+            self.last_error = problem
+            logger.warning(problem)
+        return stats
 
     def close(self) -> None:
         self.processor.close()
@@ -781,6 +843,18 @@ class StageRuntime:
                 maybe.close(linger=0)
         self.ctl.close(linger=500)
         self.ctx.term()
+
+
+def _packable(value: Any) -> Any:
+    """``value`` if msgpack can carry it, else its repr."""
+    try:
+        wire.packb(value)
+        return value
+    except Exception:
+        try:
+            return repr(value)[:200]
+        except Exception:
+            return f"<unprintable {type(value).__name__}>"
 
 
 # -- process bootstrap ---------------------------------------------------------------------
@@ -896,7 +970,8 @@ def main(spec: StageSpec) -> int:
             ctl: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
             ctl.connect(spec.control)
-            ctl.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}", traceback=tb))
+            ctl.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}"[-wire.TEXT_MAX_CHARS:],
+                                  traceback=tb[-wire.TEXT_MAX_CHARS:]))
             ctl.close(linger=500)
         else:
             rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)

@@ -34,6 +34,7 @@ class StageSpec:
     input: str | None          # PULL endpoint this replica binds (None for a source)
     ack: str                   # PULL endpoint for acks this replica binds
     edges: list[EdgeSpec] = field(default_factory=list)
+    ack_peers: list[str] = field(default_factory=list)   # ack endpoints of the replicas feeding this one
     supervisor_pid: int = 0
     delivery: str = "at-least-once"
     max_batch: int = 100
@@ -41,6 +42,7 @@ class StageSpec:
     hwm: int = 100
     max_inflight: int = 128
     ack_timeout: float = 2.0
+    max_message_bytes: int = 64 << 20   # a data frame larger than this is refused by the receiver (MAXMSGSIZE)
     stop_grace: float = 5.0
     log_level: str = "INFO"
     log_rotation: str = "10 MB"

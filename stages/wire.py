@@ -28,18 +28,36 @@ Stage <-> supervisor (DEALER -> ROUTER at ``<run dir>/sock/stages``), msgpack ma
 
 CLI <-> supervisor (REQ -> ROUTER at ``<run dir>/sock/control``): {"cmd": name, **args}
 answered by {"ok": bool, ...}.
+
+Bad input: every message read from a socket is checked here before anything uses it (frame
+count, the type of every field, ``n`` against the payload, records that are maps, an ack address
+that belongs to a stage feeding the receiver). What fails raises :class:`Malformed`; the reader
+counts it in a :class:`Rejects` (shown by ``status`` and the metrics), and drops it. Receiving
+sockets also carry ``zmq.MAXMSGSIZE``, so libzmq refuses a huge frame (and disconnects its
+sender) before allocating it.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Container
 from typing import Any
 
 import msgpack
+from loguru import logger
 
 DATA = b"d"
 EOS = "eos"
 ACK = "a"
 EOS_ACK = "ea"
+
+CONTROL_MAX_BYTES = 1 << 20     # MAXMSGSIZE of ack and control sockets: a heartbeat is ~1 KB, an ack
+                                # a list of at most a few thousand seqs; a stage caps its stats and texts
+STATS_MAX_BYTES = 256 << 10     # a stage's stats() larger than this packed is not sent (under the above)
+TEXT_MAX_CHARS = 64 << 10       # last_error / traceback sent to the supervisor: their last 64 K characters
+LOG_FIRST = 5                   # malformed frames logged one by one ...
+LOG_EVERY_S = 10.0              # ... then one line per interval with the count (logging only: nothing rests on it)
+
 
 def _to_wire(obj: Any) -> Any:
     """What msgpack cannot carry as is, as plain data: numpy values, tuples, sets, times, paths."""
@@ -84,22 +102,175 @@ def eos_frames(header: dict[str, Any]) -> list[bytes]:
     return [_packb({**header, "k": EOS})]
 
 
-def read_message(frames: list[bytes]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """Split a received data-plane message into (header, records); records is None for EOS.
+class Malformed(ValueError):
+    """A message that is not a streampipe message: the reader counts it, logs it rate-limited, drops it."""
 
-    Raises ``ValueError`` when the frames are not a streampipe message.
+
+_NONE = type(None)
+_NUM = (int, float)
+# exact types (``type(v) in ...``): msgpack yields no subclasses, and a bool is not a count
+DATA_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
+                                            "n": (int,), "t": _NUM, "ack": (str, _NONE),
+                                            "o": (str, _NONE), "w": (int, _NONE)}
+EOS_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
+                                           "ack": (str,)}
+ACK_FIELDS: dict[str, tuple[type, ...]] = {"e": (str,), "ep": (int,), "s": (list,), "from": (str,)}
+# stage -> supervisor: op -> fields that, when present, must have these types (unknown ops are refused)
+STAGE_OPS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {}, "ready": {}, "bye": {"code": (int,)}, "completed": {"records_out": (int,)},
+    "error": {"error": (str,), "traceback": (str,)},
+    "hb": {"records_in": (int,), "records_out": (int,), "errors": (int,), "dead_letters": (int,), "resent": (int,),
+           "malformed": (int,), "blocked": (bool,), "queue": (int,), "latency_ms": _NUM, "latency_buckets": (list,),
+           "batches": (int,), "stats": (dict,), "last_error": (str,), "finished": (bool,)},
+}
+# supervisor -> stage
+SUPERVISOR_OPS: dict[str, dict[str, tuple[type, ...]]] = {
+    "stop": {}, "connect": {"edge": (str,), "endpoints": (list,)}, "peers": {"acks": (list,)},
+}
+_LISTS_OF = {"s": int, "latency_buckets": int, "endpoints": str, "acks": str}   # what a list field holds
+
+
+def _check(msg: dict[Any, Any], fields: dict[str, tuple[type, ...]], what: str, required: bool) -> None:
+    """Raise :class:`Malformed` unless every field of ``fields`` in ``msg`` has one of its types."""
+    for key, types in fields.items():
+        if key not in msg:
+            if required:
+                raise Malformed(f"{what} has no {key!r}")
+            continue
+        value = msg[key]
+        if type(value) not in types:
+            raise Malformed(f"{what} field {key!r} is a {type(value).__name__}")
+        if type(value) is list and (item := _LISTS_OF.get(key)) is not None and not all(type(v) is item for v in value):
+            raise Malformed(f"{what} field {key!r} is not a list of {item.__name__}")
+
+
+def single(frames: list[bytes]) -> bytes:
+    """The one frame of an ack or control message; raises :class:`Malformed` on any other count."""
+    if len(frames) != 1:
+        raise Malformed(f"a message of {len(frames)} frames, expected 1")
+    return frames[0]
+
+
+def _decode(data: bytes, what: str) -> Any:
+    try:
+        return unpackb(data)
+    except ValueError as exc:
+        raise Malformed(f"{what}: {exc}") from None
+
+
+def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """Check and split a received data-plane message into (header, records); records is None for EOS.
+
+    ``peers`` are the ack endpoints of the stage replicas that feed this one: a header naming
+    another address is refused (a receiver opens sockets only towards its known senders). With
+    ``acked`` false (at-most-once) a DATA header carries no ack address. Raises :class:`Malformed`.
     """
-    header = unpackb(frames[0])
-    if not isinstance(header, dict) or "k" not in header:
-        raise ValueError("frame is not a streampipe header")
-    if header["k"] == EOS:
+    if len(frames) not in (1, 2):
+        raise Malformed(f"a message of {len(frames)} frames")
+    header = _decode(frames[0], "header")
+    if type(header) is not dict:
+        raise Malformed(f"header is a {type(header).__name__}, not a map")
+    kind = header.get("k")
+    if kind == EOS:
+        _check(header, EOS_HEADER, "end-of-stream header", True)
+        if len(frames) != 1:
+            raise Malformed(f"end-of-stream message has {len(frames)} frames, expected 1")
+    elif kind == "d":
+        _check(header, DATA_HEADER, "header", True)
+        if len(frames) != 2:
+            raise Malformed(f"data message has {len(frames)} frames, expected 2")
+    else:
+        raise Malformed(f"header kind {kind!r} is not 'd' or 'eos'")
+    ack = header["ack"]
+    if (acked or kind == EOS) and ack not in peers:
+        raise Malformed(f"ack address {str(ack)[:120]!r} is not one of a stage feeding this one")
+    if not acked and kind == "d" and ack is not None:
+        raise Malformed("an ack address in an at-most-once pipeline")
+    if kind == EOS:
         return header, None
-    if len(frames) != 2:
-        raise ValueError(f"data message has {len(frames)} frames, expected 2")
-    records = unpackb(frames[1])
-    if not isinstance(records, list):
-        raise ValueError("payload is not a list of records")
+    records = _decode(frames[1], "payload")
+    if type(records) is not list:
+        raise Malformed(f"payload is a {type(records).__name__}, not a list of records")
+    if len(records) != header["n"]:
+        raise Malformed(f"header says {header['n']} records, payload has {len(records)}")
+    if not all(type(r) is dict for r in records):
+        raise Malformed("payload holds something other than maps")
     return header, records
+
+
+def read_ack(data: bytes) -> dict[str, Any]:
+    """Check a received ACK / EOSACK; raises :class:`Malformed`."""
+    msg = _decode(data, "ack")
+    if type(msg) is not dict or msg.get("k") not in (ACK, EOS_ACK):
+        raise Malformed("not an ack message")
+    _check(msg, ACK_FIELDS, "ack", True)
+    return msg
+
+
+def _read_op(data: bytes, ops: dict[str, dict[str, tuple[type, ...]]], what: str) -> dict[str, Any]:
+    msg = _decode(data, what)
+    if type(msg) is not dict:
+        raise Malformed(f"{what} is a {type(msg).__name__}, not a map")
+    fields = ops.get(msg["op"]) if type(msg.get("op")) is str else None
+    if fields is None:
+        raise Malformed(f"{what} has an unknown op {str(msg.get('op'))[:40]!r}")
+    _check(msg, fields, f"{what} {msg['op']!r}", False)
+    return msg
+
+
+def read_stage_message(data: bytes) -> dict[str, Any]:
+    """Check a stage -> supervisor message: a known op, an int pid, typed fields. Raises :class:`Malformed`."""
+    msg = _read_op(data, STAGE_OPS, "stage message")
+    if type(msg.get("pid")) is not int:
+        raise Malformed("stage message has no int pid")
+    return msg
+
+
+def read_supervisor_message(data: bytes) -> dict[str, Any]:
+    """Check a supervisor -> stage message. Raises :class:`Malformed`."""
+    return _read_op(data, SUPERVISOR_OPS, "supervisor message")
+
+
+def read_command(data: bytes) -> dict[str, Any]:
+    """Check a CLI -> supervisor request: a map with a string ``cmd``. Raises :class:`Malformed`."""
+    msg = _decode(data, "request")
+    if type(msg) is not dict or type(msg.get("cmd")) is not str:
+        raise Malformed("request is not a map with a string 'cmd'")
+    return msg
+
+
+class Rejects:
+    """Messages dropped as malformed: counted per socket, logged at a bounded rate.
+
+    The first ``LOG_FIRST`` are logged one by one; after that one line per ``LOG_EVERY_S`` says how
+    many more were dropped (a flood of junk must not become a flood of log lines). The counts are
+    exact; only the logging looks at the clock.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.total = 0
+        self.unlogged = 0
+        self.last = ""
+        self.next_log = 0.0
+
+    def drop(self, socket: str, reason: str) -> None:
+        self.counts[socket] = self.counts.get(socket, 0) + 1
+        self.total += 1
+        self.last = f"on the {socket} socket: {reason[:200]}"
+        if self.total <= LOG_FIRST:
+            logger.warning(f"dropped a malformed message {self.last}")
+            self.next_log = time.monotonic() + LOG_EVERY_S
+            return
+        self.unlogged += 1
+        self.flush()
+
+    def flush(self) -> None:
+        """Log the count dropped since the last line, if the interval has passed."""
+        if self.unlogged and time.monotonic() >= self.next_log:
+            logger.warning(f"dropped {self.unlogged} more malformed messages ({self.total} in all, "
+                           f"{', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))}); the last {self.last}")
+            self.unlogged, self.next_log = 0, time.monotonic() + LOG_EVERY_S
 
 
 def ack_message(kind: str, edge: str, epoch: int, seqs: list[int], sender: str) -> bytes:

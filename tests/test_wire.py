@@ -1,0 +1,242 @@
+"""The wire checks: every malformed message raises ``Malformed`` (never anything else), every
+well-formed one passes; a stage's runtime counts what it drops and sends its heartbeat whatever
+``stats()`` returns. Seeded, so a failure reproduces."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from loguru import logger
+
+from streampipe.stages import wire
+from streampipe.stages.api import Stage
+from streampipe.stages.runtime import StageRuntime
+from streampipe.stages.spec import EdgeSpec, StageSpec
+
+PEER = "ipc:///run/a.generator.0"
+PEERS = frozenset({PEER})
+HEADER = {"k": "d", "src": "generator", "r": 0, "e": "default>normalizer", "ep": 7, "seq": 1, "n": 2, "t": 1.5, "ack": PEER}
+RECORDS = [{"id": 0, "x": [1.0]}, {"id": 1, "x": [2.0]}]
+WRONG = [None, True, 1, 2.5, "s", b"b", [1], {"a": 1}, 2**63]   # one value of each msgpack type
+
+
+def frames(header: dict[str, Any] = HEADER, records: Any = RECORDS) -> list[bytes]:
+    return [msgpack.packb(header), msgpack.packb(records)]
+
+
+def test_well_formed_messages_pass() -> None:
+    header, records = wire.read_message(frames(), PEERS, acked=True)
+    assert header == HEADER and records == RECORDS
+    eos = {k: v for k, v in HEADER.items() if k not in ("n", "t")} | {"k": "eos"}
+    assert wire.read_message([msgpack.packb(eos)], PEERS, acked=True) == (eos, None)
+    assert wire.read_message(frames({**HEADER, "ack": None}), PEERS, acked=False)[1] == RECORDS
+    assert wire.read_message(frames({**HEADER, "n": 0}, []), PEERS, acked=True)[1] == []
+
+
+@pytest.mark.parametrize("field", ["k", "src", "r", "e", "ep", "seq", "n", "t", "ack"])
+def test_every_header_field_is_typed(field: str) -> None:
+    with pytest.raises(wire.Malformed):
+        wire.read_message(frames({k: v for k, v in HEADER.items() if k != field}), PEERS, acked=True)
+    good = {type(HEADER[field])} | ({int} if field == "t" else set())
+    for value in WRONG:
+        if type(value) in good:
+            continue
+        with pytest.raises(wire.Malformed):
+            wire.read_message(frames({**HEADER, field: value}), PEERS, acked=True)
+
+
+@pytest.mark.parametrize("case", [
+    "not msgpack", "truncated header", "header a list", "payload not msgpack", "payload a map", "records not maps",
+    "n too large", "n too small", "three frames", "one frame", "eos with a payload", "unknown ack", "no ack when acked",
+    "ack when at-most-once", "huge array claim", "bool as count",
+])
+def test_malformed_messages_are_refused(case: str) -> None:
+    good = frames()
+    eos = msgpack.packb({**HEADER, "k": "eos"})
+    bad = {
+        "not msgpack": [b"\xc1\xc1\xc1", good[1]],
+        "truncated header": [good[0][:9], good[1]],
+        "header a list": [msgpack.packb([1, 2]), good[1]],
+        "payload not msgpack": [good[0], b"\xc1"],
+        "payload a map": frames(records={"id": 1}),
+        "records not maps": frames(records=[1, 2]),
+        "n too large": frames({**HEADER, "n": 10**12}),
+        "n too small": frames({**HEADER, "n": 1}),
+        "three frames": [*good, b""],
+        "one frame": good[:1],
+        "eos with a payload": [eos, good[1]],
+        "unknown ack": frames({**HEADER, "ack": "ipc:///tmp/elsewhere"}),
+        "no ack when acked": frames({**HEADER, "ack": None}),
+        "ack when at-most-once": frames(),
+        "huge array claim": [good[0], b"\xdd\xff\xff\xff\xff\x01"],
+        "bool as count": frames({**HEADER, "n": True}, RECORDS[:1]),
+    }[case]
+    with pytest.raises(wire.Malformed):
+        wire.read_message(bad, PEERS, acked=case != "ack when at-most-once")
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    """One random damage: a cut, flipped bytes, inserted or deleted bytes, or noise."""
+    choice = rng.randrange(5)
+    if choice == 0 or not data:
+        return data[: rng.randrange(len(data) + 1)]
+    buf = bytearray(data)
+    if choice == 1:
+        for _ in range(rng.randint(1, 4)):
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+    elif choice == 2:
+        buf[rng.randrange(len(buf) + 1):0] = rng.randbytes(rng.randint(1, 8))
+    elif choice == 3:
+        del buf[rng.randrange(len(buf))]
+    else:
+        return rng.randbytes(rng.randint(0, 64))
+    return bytes(buf)
+
+
+def test_random_damage_raises_only_malformed() -> None:
+    """20,000 damaged messages of every kind: each either raises Malformed or passes typed."""
+    rng = random.Random(11)
+    good = frames()
+    ack = msgpack.packb({"k": "a", "e": "default>normalizer", "ep": 7, "s": [1, 2], "from": "normalizer.0"})
+    hb = wire.control("hb", pid=1, records_in=5, stats={"a": 1}, latency_buckets=[0, 1], blocked=False)
+    connect = wire.control("connect", edge="default>consumer", endpoints=["ipc:///x"])
+    command = msgpack.packb({"cmd": "status"})
+    passed = 0
+    for _ in range(20_000):
+        try:
+            header, records = wire.read_message([mutate(rng, good[0]), mutate(rng, good[1])][: rng.choice((1, 2, 2, 2))],
+                                                PEERS, acked=True)
+            assert header["ack"] == PEER and all(type(r) is dict for r in records or [])
+            passed += 1
+        except wire.Malformed:
+            pass
+        for read, raw in ((wire.read_ack, ack), (wire.read_stage_message, hb), (wire.read_supervisor_message, connect),
+                          (wire.read_command, command)):
+            try:
+                assert type(read(mutate(rng, raw))) is dict
+            except wire.Malformed:
+                pass
+    assert passed < 2_000, "most damage must be caught"
+
+
+def test_acks_and_control_messages_are_typed() -> None:
+    ok = {"k": "a", "e": "x", "ep": 1, "s": [1, 2], "from": "n.0"}
+    assert wire.read_ack(msgpack.packb(ok)) == ok
+    for bad in ({**ok, "s": ["1"]}, {**ok, "s": 3}, {**ok, "k": "d"}, {**ok, "ep": "1"}, [ok]):
+        with pytest.raises(wire.Malformed):
+            wire.read_ack(msgpack.packb(bad))
+    assert wire.read_stage_message(wire.control("hb", pid=3, records_in=1))["op"] == "hb"
+    for bad_msg in ({"op": "hb"}, {"op": "hb", "pid": 3, "records_in": "many"}, {"op": "nope", "pid": 3},
+                    {"op": "hb", "pid": 3, "stats": [1]}, {"op": "hb", "pid": 3, "latency_buckets": [0.5]}, {"pid": 3}):
+        with pytest.raises(wire.Malformed):
+            wire.read_stage_message(msgpack.packb(bad_msg))
+    with pytest.raises(wire.Malformed):
+        wire.read_supervisor_message(wire.control("connect", edge="e", endpoints=[1]))
+    with pytest.raises(wire.Malformed):
+        wire.read_command(msgpack.packb({"cmd": 1}))
+
+
+def test_rejects_count_exactly_and_log_a_bounded_number_of_lines() -> None:
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        rejects = wire.Rejects()
+        for i in range(5_000):
+            rejects.drop("input" if i % 2 else "ack", "bad")
+        rejects.flush()
+    finally:
+        logger.remove(sink)
+    assert rejects.total == 5_000 and rejects.counts == {"input": 2_500, "ack": 2_500}
+    assert wire.LOG_FIRST <= len(lines) <= wire.LOG_FIRST + 2
+
+
+# -- the stage runtime: what it does with what it cannot use ------------------------------------
+
+class Odd(Stage):
+    """A transform whose stats() returns what its test sets."""
+
+    def __init__(self) -> None:
+        self.result: Any = {}
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return batch
+
+    def stats(self) -> Any:
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Any:
+    ctx = zmq.Context.instance()
+    sup = ctx.socket(zmq.ROUTER)
+    sup.bind(f"ipc://{tmp_path}/stages")
+    spec = StageSpec(name="odd", replica=0, replicas=1, type="x:Odd", options={}, run_dir=str(tmp_path),
+                     config_dir=str(tmp_path), control=f"ipc://{tmp_path}/stages", input=f"ipc://{tmp_path}/i",
+                     ack=f"ipc://{tmp_path}/a", edges=[EdgeSpec("default>sink", "default", "sink", [f"ipc://{tmp_path}/s"])],
+                     ack_peers=[PEER], max_message_bytes=4096)
+    rt = StageRuntime(spec, Odd())
+    rt.bind()
+    sup.setsockopt(zmq.RCVTIMEO, 5000)
+
+    def beat() -> dict[str, Any]:
+        rt.heartbeat()
+        return wire.read_stage_message(sup.recv_multipart()[1])
+
+    yield rt, beat
+    rt.close()
+    sup.close(linger=0)
+
+
+def test_unpackable_stats_are_sent_as_text_and_reported_once(runtime: Any) -> None:
+    rt, beat = runtime
+    rt.stage.result = {"fine": 1, "odd": object(), "big": 2**70, (1, 2): "tuple key"}
+    msg = beat()
+    assert msg["stats"]["fine"] == 1 and msg["stats"]["odd"].startswith("<object") and msg["stats"]["big"] == str(2**70)
+    assert "msgpack cannot carry" in msg["last_error"]
+    rt.last_error = "a later record error"
+    for result in ([1, 2], RuntimeError("boom"), {"huge": "x" * (wire.STATS_MAX_BYTES + 1)}):
+        rt.stage.result = result
+        msg = beat()
+        assert msg["last_error"] == "a later record error", "reported once, not on every beat"
+    assert msg["stats"] == {}
+    rt.stage.result = RuntimeError("boom")
+    assert beat()["stats"] == {"stats_error": "boom"}
+
+
+def test_malformed_input_is_counted_and_dropped(runtime: Any) -> None:
+    rt, beat = runtime
+    rt.handle(frames({**HEADER, "ack": "ipc:///tmp/unknown"}))
+    rt.handle([b"\x00junk"])
+    rt.handle(frames())
+    assert rt.rejects.counts == {"input": 2} and rt.records_in == 2
+    assert set(rt.acks_out) <= PEERS and not rt.ack_socks
+    assert beat()["malformed"] == 2
+
+
+def test_ack_sockets_only_towards_peers_and_closed_when_they_go(runtime: Any) -> None:
+    rt, _ = runtime
+    rt.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed at once
+    rt.flush_acks()
+    assert set(rt.ack_socks) == {PEER}
+    rt.set_ack_peers(["ipc:///run/a.generator.1"])
+    assert not rt.ack_socks, "the socket towards a sender that is gone is closed"
+
+
+def test_batches_over_the_size_limit_are_split_and_an_oversized_record_dead_lettered(runtime: Any) -> None:
+    rt, _ = runtime
+    edge = rt.edges[0]
+    records = [{"id": i, "pad": "x" * 300} for i in range(40)]     # ~13 KB, limit 4 KB
+    edge.cut(records, None)
+    sizes = [len(ob.frames[1]) for ob in edge.outq]
+    assert len(sizes) > 1 and max(sizes) <= 4096
+    assert [r["id"] for ob in edge.outq for r in msgpack.unpackb(ob.frames[1])] == list(range(40))
+    assert [ob.seq for ob in edge.outq] == list(range(1, len(sizes) + 1))
+    edge.cut([{"id": 99, "pad": "x" * 5000}], None)
+    assert len(edge.outq) == len(sizes) and rt.dead == 1 and "max_message_mb" in rt.last_error
