@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 from loguru import logger
 
+from streampipe._rotating import watch_stdio
 from streampipe.stages import wire
 from streampipe.stages.api import Record, Stage, StageContext, is_source
 from streampipe.stages.process import Processor
@@ -240,7 +241,8 @@ class StageRuntime:
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
-        self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident)
+        self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
+                                        spec.file_max_bytes, spec.log_retention)
         self.processor = Processor(stage)
         # route() is called per record only when a named output is actually consumed
         self.routes = type(stage).route is not Stage.route and any(e.output != "default" for e in spec.edges)
@@ -659,7 +661,7 @@ class StageRuntime:
         except Exception as exc:  # a broken stats() must not kill the loop
             stats = {"stats_error": str(exc)}
         self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
-                  dead_letters=self.dead, resent=self.resent, blocked=self.blocked,
+                  dead_letters=self.dead, dead_letters_dropped=self.dead_letters.dropped, resent=self.resent, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
                   latency_buckets=self.lat_buckets, batches=self.batches, stats=stats,
                   last_error=self.last_error, finished=self.finished)
@@ -750,6 +752,7 @@ def main(spec: StageSpec) -> int:
     if os.getppid() == spec.supervisor_pid:      # a cold start: arm the death signal at once
         die_with_parent(spec.supervisor_pid)
     setup_logging(spec)
+    watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)
     try:
         cls = load_class(spec.type, Path(spec.config_dir))
         stage = cls(**spec.options)

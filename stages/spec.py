@@ -45,6 +45,7 @@ class StageSpec:
     log_level: str = "INFO"
     log_rotation: str = "10 MB"
     log_retention: int = 5
+    file_max_bytes: int = 10 * 2**20   # dead letters and .stderr rotate at this size
 
     @property
     def ident(self) -> str:
