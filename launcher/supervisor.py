@@ -63,12 +63,14 @@ FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only: "history,stages" makes thos
 
 
 def inject_fault(point: str) -> None:
-    """Raise once at ``point`` when ``$STREAMPIPE_TEST_FAULTS`` names it (a test's fault hook).
+    """Raise at ``point`` when ``$STREAMPIPE_TEST_FAULTS`` names it (a test's fault hook).
 
-    Points: ``stages``, ``control``, ``health``, ``history`` (the supervisor's loops). The tests
-    use it to prove a failing loop is reported and restarted; nothing sets it otherwise.
+    Points: ``stages``, ``control``, ``health``, ``history`` (the supervisor's loops); ``history``
+    raises once, ``history*`` every time. The tests use it to prove that a failing loop is
+    reported and restarted, and that one failing for good stops the supervisor loudly; nothing
+    else sets it.
     """
-    if point in _FAULTS:
+    if point in _FAULTS or point + "*" in _FAULTS:
         _FAULTS.discard(point)
         raise RuntimeError(f"fault injected at {point!r} by ${FAULT_ENV}")
 

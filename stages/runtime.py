@@ -40,6 +40,7 @@ from loguru import logger
 
 from streampipe._rotating import watch_stdio
 from streampipe.stages import wire
+from streampipe.stages.ackpoints import AckPoints
 from streampipe.stages.api import Record, Stage, StageContext, is_source
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_class
@@ -56,6 +57,8 @@ DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
 STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
+ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often; its acks wait up to this long,
+                                # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
 RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
 LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
 LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
@@ -237,6 +240,9 @@ class StageRuntime:
         self.blocked = False
         self.marks: deque[Mark] = deque()
         self.committed: dict[str, Any] | None = None
+        # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
+        stateful = not self.source and self.acked and type(stage).snapshot is not Stage.snapshot
+        self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
         self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
@@ -301,6 +307,8 @@ class StageRuntime:
                 if edge.outq:
                     edge.send(now)
             self.blocked = any(e.full() for e in self.edges)
+            if self.ackpoints is not None:
+                self.save_at_ack_points(now)
             self.flush_acks()
 
             # end of the stream or stop: decide whether we are done
@@ -418,8 +426,13 @@ class StageRuntime:
         if records is None:
             self.on_eos(header)
             return
-        self.records_in += len(records)
         token = InToken(header) if header.get("ack") else None
+        if token is not None and self.ackpoints is not None:
+            if self.ackpoints.applied(token):
+                self.ack_token(token)    # in the restored state already: acknowledge, do not count it twice
+                return
+            self.ackpoints.processed(token)
+        self.records_in += len(records)
         t0 = time.perf_counter()
         outcome = self.processor.run(records)
         self.observe_latency((time.perf_counter() - t0) * 1000.0)
@@ -559,6 +572,12 @@ class StageRuntime:
 
     # -- acks --------------------------------------------------------------------------------
     def queue_ack(self, token: InToken) -> None:
+        if self.ackpoints is not None:
+            self.ackpoints.due(token)    # sent once a saved snapshot covers it: save_at_ack_points()
+            return
+        self.ack_token(token)
+
+    def ack_token(self, token: InToken) -> None:
         self.acks_out.setdefault(token.ack, {}).setdefault((token.edge, token.ep), []).append(token.seq)
         self.acks_pending += 1
 
@@ -626,7 +645,24 @@ class StageRuntime:
         while self.marks and self.marks[0].outstanding <= 0:
             self.committed = self.marks.popleft().state
 
+    def save_at_ack_points(self, now: float, force: bool = False) -> None:
+        """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
+        assert self.ackpoints is not None
+        self.ackpoints.cut(now, self.stage.snapshot, force)
+        ready = self.ackpoints.ready()
+        if ready is None:
+            return
+        state, tokens = ready
+        save_state(self.state_path, {"state": state, "completed": False, "acked": self.ackpoints.keys(tokens)})
+        self.committed = state
+        for token in tokens:
+            self.ack_token(token)
+
     def save_state(self) -> None:
+        if self.ackpoints is not None:    # on a clean stop: whatever is acknowledged by now, and its acks
+            self.save_at_ack_points(time.monotonic(), force=True)
+            self.flush_acks()
+            return
         state = self.committed if self.source and self.acked else self.stage.snapshot()
         if state is None:
             return
@@ -771,6 +807,8 @@ def main(spec: StageSpec) -> int:
             stage.restore(saved.get("state") or {})
             if rt.source:
                 rt.committed = saved.get("state")
+            elif rt.ackpoints is not None:
+                rt.ackpoints.restore(saved.get("acked") or [])
         rt.bind()
         stage.setup()
     except Exception as exc:

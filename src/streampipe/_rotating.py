@@ -15,7 +15,8 @@ and :func:`files_of` lists a stream's files oldest first for readers of whole fi
   ``.stderr``, the detached supervisor's ``supervisor.out``) are inherited descriptors that no
   other process can swap, so the process rotates them itself: rename the file, open a new one,
   ``dup2`` it onto fds 1 and 2. Nothing is lost: every write lands wholly in the old inode or in
-  the new one. :func:`watch_stdio` does that from a daemon thread, once a second.
+  the new one. :func:`watch_stdio` does that from a daemon thread, 5 times a second (so a file
+  outgrows its limit by at most what the process writes in 0.2 s).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STDIO_CHECK_S = 1.0   # how often watch_stdio looks at the size of stderr (one fstat)
+STDIO_CHECK_S = 0.2   # how often watch_stdio looks at the size of stderr: two stat calls, 5 times a second
 
 # loguru's rotated name: "<root>.<%Y-%m-%d_%H-%M-%S_%f>[.<n>]<ext>" (loguru/_file_sink.py)
 ROTATED = re.compile(r"\.\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}(?:\.\d+)?(?=\.[^.]+$)")
@@ -105,56 +106,71 @@ def _key(st: os.stat_result) -> tuple[int, int]:
 
 
 class RotatingFile:
-    """An append-only file of lines, rotated at ``max_bytes``, ``keep`` rotated files kept."""
+    """An append-only file of lines, rotated at ``max_bytes``, ``keep`` rotated files kept.
+
+    Each line is written under a shared ``flock`` of ``.<name>.lock`` beside the file, and a
+    rotation (rename, then deletion of the oldest rotated files) takes it exclusively: no writer
+    can check its file and then write into one that was rotated and deleted meanwhile, so the
+    lines ``on_drop`` counts are exactly the lines lost to retention.
+    """
 
     def __init__(self, path: Path, max_bytes: int, keep: int, on_drop: Callable[[int], None] | None = None) -> None:
         self.path, self.max_bytes, self.keep, self.on_drop = Path(path), max_bytes, keep, on_drop
         self._fd: int | None = None
         self._inode: tuple[int, int] | None = None
+        self._lock: int | None = None
 
     def write(self, line: str) -> None:
         """Append ``line`` (which ends in a newline) in one ``write(2)``."""
-        fd = self._fd_for_next_line()
-        os.write(fd, line.encode())
+        data = line.encode()
+        if self._lock is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            fcntl.flock(self._lock, fcntl.LOCK_SH)
+            try:
+                if self._current_size() < self.max_bytes:
+                    assert self._fd is not None
+                    os.write(self._fd, data)
+                    return
+            finally:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._rotate()
 
-    def _fd_for_next_line(self) -> int:
+    def _current_size(self) -> int:
+        """The size of the file the name leads to, reopened first if another writer rotated it."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
         if self._fd is None or st is None or _key(st) != self._inode:
-            self._open()       # first line, or another writer rotated the file away
+            self._open()
             st = os.fstat(self._fd)  # type: ignore[arg-type]
-        if st.st_size >= self.max_bytes:
-            self._rotate()
-        assert self._fd is not None
-        return self._fd
+        return st.st_size
 
     def _open(self) -> None:
-        self.close()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._inode = _key(os.fstat(self._fd))
 
     def _rotate(self) -> None:
-        lock = self.path.with_name(f".{self.path.name}.lock")
-        with open(lock, "a") as held:
-            fcntl.flock(held, fcntl.LOCK_EX)      # released when closed
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                st = None
-            if st is not None and _key(st) == self._inode and st.st_size >= self.max_bytes:
+        assert self._lock is not None
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            if self._current_size() >= self.max_bytes:    # nobody rotated it while we waited
                 os.rename(self.path, free_rotated_name(self.path))
                 dropped = prune(self.path, self.keep)
                 if dropped and self.on_drop is not None:
                     self.on_drop(dropped)
-            self._open()      # ours, or the one the writer who rotated first made
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = self._inode = None
+        for fd in (self._fd, self._lock):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._inode = self._lock = None
 
 
 def rotate_stdio(path: Path, max_bytes: int, keep: int) -> bool:
