@@ -29,8 +29,8 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -16,7 +16,9 @@ and an fsync); which state is saved is settled by acknowledgements alone.
 
 A crash after the save and before the acks leave (microseconds) would leave batches in the state
 that upstream sends again: the saved file lists them (:meth:`AckPoints.keys`), and the next
-process acknowledges them without processing them (:meth:`AckPoints.applied`).
+process acknowledges them without processing them (:meth:`AckPoints.applied`). A batch resent
+while its first copy waits in a cut (its ack held longer than the sender's ack timeout) is
+dropped (:meth:`AckPoints.held`): the held ack answers both copies.
 
 >>> class Token:
 ...     def __init__(self, seq): self.ack, self.edge, self.ep, self.seq = "a", "e", 1, seq
@@ -63,10 +65,12 @@ class AckPoints:
         self.cut_of: dict[int, _Cut] = {}          # token id -> its cut, while its ack is not due
         self.last_cut = float("-inf")
         self.restored: set[Key] = set()            # batches in the restored state (see applied())
+        self.held_keys: set[Key] = set()           # batches processed whose acks are held
 
     def processed(self, token: Any) -> None:
         """``token``'s batch has just been processed: its effect is in the stage's state."""
         self.uncut.append(token)
+        self.held_keys.add(key_of(token))
 
     def due(self, token: Any) -> None:
         """Everything produced from ``token``'s batch is acknowledged downstream."""
@@ -98,6 +102,7 @@ class AckPoints:
             cut = self.cuts.popleft()
             state = cut.state
             tokens.extend(cut.tokens)
+            self.held_keys.difference_update(key_of(t) for t in cut.tokens)
         return (state, tokens) if state is not None else None
 
     @staticmethod
@@ -111,3 +116,7 @@ class AckPoints:
     def applied(self, token: Any) -> bool:
         """Whether ``token``'s batch is in the restored state already (its ack was lost in a crash)."""
         return bool(self.restored) and key_of(token) in self.restored
+
+    def held(self, token: Any) -> bool:
+        """Whether ``token``'s batch is a copy of one processed whose ack is still held."""
+        return key_of(token) in self.held_keys

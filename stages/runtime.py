@@ -431,6 +431,8 @@ class StageRuntime:
             if self.ackpoints.applied(token):
                 self.ack_token(token)    # in the restored state already: acknowledge, do not count it twice
                 return
+            if self.ackpoints.held(token):
+                return                   # a resent copy: the held ack of the first one answers both
             self.ackpoints.processed(token)
         self.records_in += len(records)
         t0 = time.perf_counter()
