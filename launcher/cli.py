@@ -198,6 +198,8 @@ def _info(row: dict[str, Any]) -> str:
         parts.append(f"dead={row['dead_letters']}")
     if row.get("malformed"):
         parts.append(f"malformed={row['malformed']}")
+    if row.get("dead_letters_dropped"):
+        parts.append(f"dead_dropped={row['dead_letters_dropped']}")
     return " ".join(parts)
 
 
@@ -267,47 +269,66 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     from streampipe.launcher.rundir import RunDir
 
     rd = resolve_run_dir(run_dir, config)
-    pids: list[int] = []
+    stages: list[psutil.Process] = []
+    supervisor = RunDir(rd).supervisor()    # by pid, start time and run dir: never a reused pid
     try:
         st = request(rd, "status")
-        pids = [r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else [])
+        stages = _processes([r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else []))
         grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
-        sup_pid = request(rd, "down")["supervisor_pid"]
+        request(rd, "down")
     except NotRunning as exc:
         err.print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
     except ControlError as exc:
         # a wedged supervisor: SIGTERM does the same graceful stop; its stages die with it anyway
-        found = RunDir(rd).supervisor_pid()
-        if found is None:
+        if supervisor is None or not supervisor.is_running():
             raise _fail(exc) from None
-        err.print(f"[yellow]warning:[/] {exc}; sending SIGTERM to the supervisor (pid {found})")
-        sup_pid, grace = found, DOWN_MARGIN_S
-        os.kill(sup_pid, signal.SIGTERM)
+        err.print(f"[yellow]warning:[/] {exc}; sending SIGTERM to the supervisor (pid {supervisor.pid})")
+        grace = DOWN_MARGIN_S
+        _signal(supervisor, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    with console.status(f"stopping {len(pids) or 'the'} processes ..."):
-        while time.monotonic() < deadline and _alive(sup_pid):
+    with console.status(f"stopping {len(stages) or 'the'} processes ..."):
+        while time.monotonic() < deadline and supervisor is not None and _running(supervisor):
             time.sleep(0.1)
-    if _alive(sup_pid):
-        err.print(f"[yellow]warning:[/] the supervisor (pid {sup_pid}) did not stop in {grace:g}s: SIGKILL")
-        os.kill(sup_pid, signal.SIGKILL)   # its stages die with it (PR_SET_PDEATHSIG)
+    if supervisor is not None and _running(supervisor):
+        err.print(f"[yellow]warning:[/] the supervisor (pid {supervisor.pid}) did not stop in {grace:g}s: SIGKILL")
+        _signal(supervisor, signal.SIGKILL)   # its stages die with it (PR_SET_PDEATHSIG)
         time.sleep(0.5)
-    left = [p for p in pids if _alive(p)]
-    for pid in left:   # the supervisor is gone or wedged: make sure nothing of ours survives
+    left = [p for p in stages if _running(p)]
+    for proc in left:   # the supervisor is gone or wedged: make sure nothing of ours survives
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)   # a stage leads its own process group
         except OSError:
-            pass
+            _signal(proc, signal.SIGKILL)
     if left:
-        err.print(f"[yellow]warning:[/] killed {len(left)} processes that outlived the supervisor: {left}")
+        err.print(f"[yellow]warning:[/] killed {len(left)} processes that outlived the supervisor: {[p.pid for p in left]}")
     console.print(f"pipeline stopped; no stage process left (run dir {rd})", highlight=False)
 
 
-def _alive(pid: int) -> bool:
+def _processes(pids: list[int]) -> list[psutil.Process]:
+    """Handles on live processes; each keeps its start time, so psutil never signals a reused pid."""
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Whether this very process (pid and start time) is alive and not a zombie."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)   # psutil checks the start time first: a reused pid raises, unsignalled
+    except psutil.Error:
+        pass
 
 
 @app.command()

@@ -91,6 +91,13 @@ class LoggingConfig(_Strict):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     rotation: str = "10 MB"          # anything loguru's rotation takes: "10 MB", "1 day", "00:00"
     retention: int = Field(5, ge=1)
+    # dead letters, events.jsonl, status-history.jsonl and .stderr files: several writers, or a
+    # raw file descriptor, so they rotate by size only; ``retention`` rotated files are kept
+    file_max_mb: float = Field(10.0, gt=0)
+
+    @property
+    def file_max_bytes(self) -> int:
+        return max(1, int(self.file_max_mb * 2**20))
 
     @field_validator("rotation")
     @classmethod

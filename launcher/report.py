@@ -25,30 +25,18 @@ figure: .../report.png
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from streampipe._rotating import files_of
+from streampipe._rotating import read_json_lines as read_jsonl   # status history rotates
 
 # metric -> which way is better; the first one a run has is the headline (accuracy, else MAE)
 PRIMARY = {"accuracy": "higher", "mae": "lower", "f1": "higher", "rmse": "lower", "r2": "higher", "log_loss": "lower"}
 SCORES = {"accuracy", "f1", "r2"}          # 0..1, higher is better: they share an axis; losses get the other
 TWIN_COLOURS = {"log_loss": "tab:purple", "r2": "tab:purple", "f1": "tab:brown", "accuracy": "tab:red"}   # apart from the left axis' cycle
 LABEL_VERSIONS_UP_TO = 15   # more version lines than this are drawn unlabelled: the labels would overlap
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file, skipping a torn or unreadable line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
 
 
 def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -103,7 +91,7 @@ def make_report(run_dir: Path, out: Path) -> str:
     stage, metas = _trainer_stage(run_dir)
     source = "status-history"
     history_path = run_dir / "status-history.jsonl"
-    rate = throughput_from_history(read_jsonl(history_path), stage) if history_path.exists() else []
+    rate = throughput_from_history(read_jsonl(history_path), stage) if files_of(history_path) else []
     if not rate:
         source = "checkpoint metadata"
         marks = [(float(m["time"]), int(m["records_seen"])) for m in metas

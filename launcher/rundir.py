@@ -1,7 +1,7 @@
 """The run directory: everything one running pipeline owns, in one folder of mode 0700.
 
     <run dir>/
-      supervisor.pid      the supervisor's pid (a live pid = a running pipeline)
+      supervisor.pid      "<pid> <start time> <run dir>": the supervisor's identity (see supervisor())
       sock/               ipc socket files: control, stages, i.<stage>.<r>, a.<stage>.<r>
       logs/               <stage>.<r>.jsonl (loguru), <stage>.<r>.stderr, supervisor.jsonl
       events.jsonl        supervisor events
@@ -25,8 +25,10 @@ from pathlib import Path
 import psutil
 
 from streampipe.launcher.errors import AlreadyRunning
+from streampipe.stages.state import atomic_write
 
 _SUN_PATH_MAX = 100   # 107 bytes minus room for the longest socket name we add
+START_TIME_TOLERANCE_S = 0.005   # half a kernel clock tick (1/100 s): the start time is counted in ticks
 
 
 class RunDir:
@@ -68,20 +70,35 @@ class RunDir:
         return self.endpoint("stages")
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def supervisor_pid(self) -> int | None:
-        """The pid of the live supervisor owning this directory, or None."""
+    def supervisor(self) -> psutil.Process | None:
+        """The live supervisor owning this directory, or None.
+
+        A pid alone names a process only until it exits: the kernel hands it out again. The pid
+        file records the pid, the process's start time (psutil ``create_time``, from the kernel's
+        start tick) and the run directory; a process counts as the supervisor only if all three
+        match. The returned :class:`psutil.Process` keeps that identity: psutil checks it again
+        before every signal, so a supervisor that exited is never mistaken for its pid's next
+        owner. A pid file of the older format (a bare pid) carries no start time and is stale.
+        """
         try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+            pid_text, started_text, run_dir = self.pid_file.read_text().rstrip("\n").split(" ", 2)
+            pid, started = int(pid_text), float(started_text)
+        except (OSError, ValueError):
+            return None
+        if Path(run_dir) != self.path:
             return None
         try:
             proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if abs(proc.create_time() - started) > START_TIME_TOLERANCE_S or proc.status() == psutil.STATUS_ZOMBIE:
                 return None
-            cmd = " ".join(proc.cmdline())
         except psutil.Error:
             return None
-        return pid if ("streampipe" in cmd or "launcher" in cmd) else None
+        return proc
+
+    def supervisor_pid(self) -> int | None:
+        """The pid of the live supervisor owning this directory, or None (see :meth:`supervisor`)."""
+        proc = self.supervisor()
+        return proc.pid if proc is not None else None
 
     def claim(self) -> None:
         """Create the directory (0700), refuse if a live supervisor owns it, clean stale sockets."""
@@ -94,7 +111,8 @@ class RunDir:
         for sub in (self.logs, self.state):
             sub.mkdir(exist_ok=True)
         self._make_sock_dir()
-        self.pid_file.write_text(f"{os.getpid()}\n")
+        me = psutil.Process()
+        atomic_write(self.pid_file, f"{me.pid} {me.create_time()!r} {self.path}\n".encode())
 
     def _make_sock_dir(self) -> None:
         if self.sock.is_symlink() or self.sock.exists():
@@ -117,11 +135,8 @@ class RunDir:
 
     def release(self) -> None:
         """Remove the pid file and socket files (the rest stays for `status`, `logs`, `report`)."""
-        try:
-            if self.pid_file.read_text().split()[0] == str(os.getpid()):
-                self.pid_file.unlink()
-        except (OSError, IndexError):
-            pass
+        if (me := self.supervisor()) is not None and me.pid == os.getpid():
+            self.pid_file.unlink(missing_ok=True)
         target = self.sock.resolve() if self.sock.exists() else None
         if target is not None and target.is_dir():
             for f in target.iterdir():

@@ -8,6 +8,14 @@ Tasks of one supervisor::
     health    every poll_interval             psutil readings, limits, hung detection
     history   every few seconds               <run dir>/status-history.jsonl (for `report`)
 
+Every task the supervisor starts is owned (:meth:`Supervisor.own`): its failure is an event
+(``task-failed``) and is handled. A replica's task (a respawn, a kill) that fails sends the
+replica through its restart policy (backoff, or ``failed`` with the error in ``status``); one of
+the loops above that fails is started again, and past its restart intensity the supervisor stops
+every stage and exits 1, loudly, instead of running half-blind (without the stage-message loop,
+every stage would be killed as hung). Commands that start or stop the replicas of one stage
+(restart, scale, a respawn) hold that stage's lock, so they never interleave.
+
 Start order is downstream first (a stage's input is bound before its producers connect);
 each stage's replicas must report READY, or fail, or time out, before its producers start.
 Stop order is the reverse: sources first, so everything in flight drains downstream.
@@ -16,12 +24,14 @@ Stop order is the reverse: sources first, so everything in flight drains downstr
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +40,7 @@ import zmq
 import zmq.asyncio
 from loguru import logger
 
+from streampipe._rotating import RotatingFile, rotate_stdio
 from streampipe.launcher.config import PipelineConfig, StageConfig
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.rundir import RunDir
@@ -53,6 +64,25 @@ UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas
 UNCLAIMED_TTL_S = 10.0          # ... and for this long: a spawn reply takes ms, and pids are reused
 HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
 REPARTITION_TIMEOUT_S = 120.0   # the repartition child imports the source's module (scikit-learn alone ~2 s cold)
+LOOP_MAX_RESTARTS = 5           # a supervisor loop failing more often than this ...
+LOOP_RESTART_WINDOW_S = 60.0    # ... in this long is broken, not unlucky: stop everything, exit 1
+FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only: "history,stages" makes those loops raise once
+
+
+def inject_fault(point: str) -> None:
+    """Raise at ``point`` when ``$STREAMPIPE_TEST_FAULTS`` names it (a test's fault hook).
+
+    Points: ``stages``, ``control``, ``health``, ``history`` (the supervisor's loops); ``history``
+    raises once, ``history*`` every time. The tests use it to prove that a failing loop is
+    reported and restarted, and that one failing for good stops the supervisor loudly; nothing
+    else sets it.
+    """
+    if point in _FAULTS or point + "*" in _FAULTS:
+        _FAULTS.discard(point)
+        raise RuntimeError(f"fault injected at {point!r} by ${FAULT_ENV}")
+
+
+_FAULTS = {p.strip() for p in os.environ.get(FAULT_ENV, "").split(",") if p.strip()}
 
 
 
@@ -97,7 +127,8 @@ class Replica:
             "num_threads": self.reading.num_threads,
             "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
             "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
-            "dead_letters": hb.get("dead_letters", 0), "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
+            "dead_letters": hb.get("dead_letters", 0), "dead_letters_dropped": hb.get("dead_letters_dropped", 0),
+            "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
             "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),
             "latency_ms": hb.get("latency_ms", 0.0), "latency_buckets": hb.get("latency_buckets", []),
             "last_error": self.last_error, "last_exit": self.last_exit,
@@ -117,7 +148,9 @@ class Supervisor:
         self.early_exits: dict[int, tuple[float, int]] = {}                  # pid -> (seen at, exit code)
         self.ports: dict[tuple[str, str, int], int] = {}
         self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
-        self.command_tasks: set[asyncio.Task[None]] = set()
+        self.owned: set[asyncio.Task[Any]] = set()         # every task started: see own()
+        self.locks: dict[str, asyncio.Lock] = {}             # stage -> held by restart, scale, respawn
+        self.exit_code = 0                                   # 1 once a loop failed for good
         self.fork_starting = False
         self.stop_requested = asyncio.Event()
         self.stopping = False
@@ -127,7 +160,6 @@ class Supervisor:
         self.ctx: zmq.asyncio.Context | None = None
         self.stage_sock: zmq.asyncio.Socket | None = None
         self.control_sock: zmq.asyncio.Socket | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
         self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
         self.rejects = wire.Rejects()                  # malformed messages dropped on the stages / control sockets
         from streampipe.launcher.control import COMMANDS
@@ -139,7 +171,7 @@ class Supervisor:
         self.rd.claim()
         set_title("supervisor", self.cfg.pipeline)
         self._setup_logging()
-        self.events = EventLog(self.rd.events)
+        self.events = EventLog(self.rd.events, self.cfg.logging.file_max_bytes, self.cfg.logging.retention)
         self.events.emit("supervisor", reason=f"up: pipeline {self.cfg.pipeline!r} from {self.cfg.path}", pid=os.getpid())
         if not become_subreaper():
             logger.warning("could not become a child subreaper: fork-server stages are watched by pid only")
@@ -161,7 +193,10 @@ class Supervisor:
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
             for rep in self.replicas[name]:
                 rep.state = "starting"   # not "stopped" while it waits its turn (fork server, repartition): `up --detach` waits
-        self.tasks = [asyncio.create_task(t) for t in (self._serve_stages(), self._serve_control(), self._health_loop(), self._history_loop())]
+            self.locks[name] = asyncio.Lock()
+        for what, loop_fn in (("stages", self._serve_stages), ("control", self._serve_control),
+                              ("health", self._health_loop), ("history", self._history_loop)):
+            self.own(self._keep(what, loop_fn), what, vital=True)
         code = 0
         try:
             if self.metrics_port is not None:
@@ -175,6 +210,7 @@ class Supervisor:
                 await self._start_forkserver()
             await self._start_all()
             await self.stop_requested.wait()
+            code = self.exit_code
         except StreampipeError as exc:
             logger.error(str(exc))
             code = exc.exit_code
@@ -205,6 +241,93 @@ class Supervisor:
                 "run_dir": str(self.rd.path), "delivery": self.cfg.delivery, "uptime_s": round(now - self.started_at, 1),
                 "forkserver_pid": self.fork.pid if self.fork else None,
                 "stopping": self.stopping, "malformed": dict(self.rejects.counts), "stages": rows}
+
+    # -- owned tasks -------------------------------------------------------------------------
+    def own(self, coro: Coroutine[Any, Any, Any], what: str, rep: Replica | None = None, vital: bool = False) -> asyncio.Task[Any]:
+        """Start ``coro`` as a task the supervisor keeps track of; a failure is handled, never lost.
+
+        ``rep``: the replica the task works for (its failure goes through the replica's restart
+        policy). ``vital``: one of the supervisor's own loops (its failure stops the supervisor).
+        """
+        task = asyncio.get_running_loop().create_task(coro, name=what)
+        self.owned.add(task)
+        task.add_done_callback(functools.partial(self._task_done, what, rep, vital))
+        return task
+
+    def _task_done(self, what: str, rep: Replica | None, vital: bool, task: asyncio.Task[Any]) -> None:
+        self.owned.discard(task)
+        if task.cancelled() or task.exception() is None:
+            if vital and not self.stopping and not task.cancelled():
+                self.fail_loudly(f"the supervisor's {what} loop ended")
+            return
+        exc = task.exception()
+        assert exc is not None
+        try:
+            self.task_failed(what, rep, exc)
+        except Exception as again:   # reporting failed too (a full disk?): nothing is left to trust
+            logger.opt(exception=again).critical(f"cannot handle the failure of {what}: {again}")
+            self.fail_loudly(f"{what} failed and its failure could not be handled")
+        if vital:
+            self.fail_loudly(f"the supervisor's {what} loop failed: {type(exc).__name__}: {exc}")
+
+    def task_failed(self, what: str, rep: Replica | None, exc: BaseException) -> None:
+        """An event for a failed task; a replica's task sends the replica through its policy."""
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        logger.opt(exception=exc).error(f"task failed: {reason}")
+        assert self.events is not None
+        if rep is None:
+            self.events.emit("task-failed", reason=reason)
+            return
+        self.events.emit("task-failed", rep.stage, rep.index, rep.pid, reason=reason)
+        rep.last_error = reason
+        if rep.pid is not None:
+            # its process runs, but the work meant for it broke: kill it, its exit takes the normal path
+            rep.kill_reason = reason
+            self.signal_replica(rep, signal.SIGKILL)
+        elif not (rep.wanted_down or self.stopping or rep.state in ("completed", "failed", "stopped")):
+            self._after_exit(rep, 1, 0.0, reason)
+
+    async def _keep(self, what: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the supervisor's loops for as long as the supervisor runs.
+
+        An unexpected error is a ``task-failed`` event and the loop starts again after a backoff;
+        past ``LOOP_MAX_RESTARTS`` in ``LOOP_RESTART_WINDOW_S`` the supervisor stops every stage
+        and exits 1.
+        """
+        policy = RestartPolicy(backoff_initial=0.05, backoff_max=1.0, max_restarts=LOOP_MAX_RESTARTS,
+                               restart_window=LOOP_RESTART_WINDOW_S)
+        assert self.events is not None
+        while True:
+            started = time.monotonic()
+            try:
+                await loop_fn()
+                return
+            except Exception as exc:
+                decision = policy.on_exit(time.monotonic(), 1, time.monotonic() - started)
+                then = f"restarting it in {decision.delay:.2f}s" if decision.action == "restart" else "giving up"
+                logger.opt(exception=exc).error(f"the {what} loop failed: {exc}")
+                self.events.emit("task-failed", reason=f"{what} loop: {type(exc).__name__}: {exc}; {then}")
+                if decision.action != "restart":
+                    self.fail_loudly(f"the {what} loop failed {LOOP_MAX_RESTARTS} times in {LOOP_RESTART_WINDOW_S:g}s")
+                    return
+                await asyncio.sleep(decision.delay)
+
+    def fail_loudly(self, why: str) -> None:
+        """Stop every stage and exit 1: the supervisor cannot watch them any more."""
+        if self.stopping or self.exit_code:
+            return
+        self.exit_code = 1
+        logger.critical(f"{why}: stopping every stage; the supervisor exits 1")
+        if self.events is not None:
+            self.events.emit("supervisor", reason=f"{why}: stopping", pid=os.getpid())
+        self.request_stop()
+
+    async def _start_guarded(self, rep: Replica, what: str) -> None:
+        """start_replica inside a command or the start-up: a failure is the replica's, not the caller's."""
+        try:
+            await self.start_replica(rep)
+        except Exception as exc:
+            self.task_failed(what, rep, exc)
 
     # -- set-up ------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -247,10 +370,11 @@ class Supervisor:
             if self.stop_requested.is_set():
                 return
             reps = self.replicas[name]
-            if self.cfg.is_source(name) and not await self.repartition(name):
-                continue
-            for rep in reps:
-                await self.start_replica(rep)
+            async with self.locks[name]:
+                if self.cfg.is_source(name) and not await self.repartition(name):
+                    continue
+                for rep in reps:
+                    await self._start_guarded(rep, f"start {rep.ident}")
             timeout = max(r.cfg.ready_timeout for r in reps)
             waiting = [asyncio.create_task(r.settled.wait()) for r in reps]
             stop = asyncio.create_task(self.stop_requested.wait())
@@ -280,7 +404,7 @@ class Supervisor:
             delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
             max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
             log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
-            pipeline=cfg.pipeline)
+            pipeline=cfg.pipeline, file_max_bytes=cfg.logging.file_max_bytes)
 
     def ack_peers(self, stage: str) -> list[str]:
         """The ack endpoints of every replica feeding ``stage``: the only ones its replicas ack to."""
@@ -310,7 +434,7 @@ class Supervisor:
         if fork is not None and fork.changed(module):
             if module not in fork.failed:   # edited since the preload: fresh code, and a fresh server
                 logger.info(f"{module} changed since the fork server preloaded it: {rep.ident} starts cold; reloading the fork server")
-                asyncio.create_task(self._restart_forkserver())
+                self.own(self._restart_forkserver(), "fork server reload")
             fork = None
         pid, mode = None, "cold"
         if fork is not None:
@@ -363,7 +487,7 @@ class Supervisor:
                 if not self.stopping:
                     assert self.events is not None
                     self.events.emit("forkserver", pid=pid, reason=f"fork server died ({describe_exit(code)}); restarting it")
-                    asyncio.get_running_loop().create_task(self._start_forkserver())
+                    self.own(self._start_forkserver(), "fork server start")
                 continue
             rep = self.by_pid.pop(pid, None)
             if rep is not None and rep.pid == pid:
@@ -402,7 +526,12 @@ class Supervisor:
         if rep.state == "completed":
             rep.settled.set()
             return
-        decision = rep.policy.on_exit(now, code, uptime if rep.ready_at else 0.0, wanted=rep.wanted_down or self.stopping)
+        self._after_exit(rep, code, uptime if rep.ready_at else 0.0, reason)
+
+    def _after_exit(self, rep: Replica, code: int, uptime: float, reason: str) -> None:
+        """The replica is down (exited, or never started): stop, fail, or restart after a backoff."""
+        assert self.events is not None
+        decision = rep.policy.on_exit(time.time(), code, uptime, wanted=rep.wanted_down or self.stopping)
         if decision.action == "stop":
             rep.state = "stopped"
             rep.settled.set()
@@ -419,18 +548,16 @@ class Supervisor:
         if decision.delay > 0:
             rep.state, rep.backoff_until = "backoff", time.time() + decision.delay
             self.events.emit("backoff", rep.stage, rep.index, None, reason=f"restart in {decision.delay:.2f}s after {reason}")
-        asyncio.get_running_loop().call_later(decision.delay, lambda: asyncio.ensure_future(self._restart(rep, reason)))
+        asyncio.get_running_loop().call_later(decision.delay, lambda: self.own(self._restart(rep, reason), f"respawn {rep.ident}", rep))
 
     async def _restart(self, rep: Replica, reason: str) -> None:
-        if self.stopping or rep.wanted_down or rep.pid is not None:
-            return
-        assert self.events is not None
-        self.events.emit("restart", rep.stage, rep.index, None, reason=reason, restarts=rep.restarts)
-        try:
+        """A respawn (after an exit and its backoff); any failure goes back through the policy."""
+        async with self.locks[rep.stage]:
+            if self.stopping or rep.wanted_down or rep.pid is not None or rep not in self.replicas[rep.stage]:
+                return    # stopped, scaled away, or started again by a command meanwhile
+            assert self.events is not None
+            self.events.emit("restart", rep.stage, rep.index, None, reason=reason, restarts=rep.restarts)
             await self.start_replica(rep)
-        except StageError as exc:
-            rep.state, rep.last_error = "failed", str(exc)
-            rep.settled.set()
 
     def _stderr_tail(self, rep: Replica) -> str:
         path = self.rd.logs / f"{rep.ident}.stderr"
@@ -499,9 +626,10 @@ class Supervisor:
                         pass
                     await asyncio.sleep(0.05)
         self._reap()
-        for t in self.tasks:
+        owned = list(self.owned)
+        for t in owned:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*owned, return_exceptions=True)
         if self.events is not None:
             self.events.emit("supervisor", reason="down: every stage stopped", pid=os.getpid())
             self.events.close()
@@ -517,6 +645,7 @@ class Supervisor:
         assert self.stage_sock is not None
         while True:
             frames = await self.stage_sock.recv_multipart()
+            inject_fault("stages")
             try:   # bad input is counted and dropped: this task must outlive any message
                 msg = wire.read_stage_message(wire.single(frames[1:]))
                 rep = self.by_ident.get(frames[0].decode(errors="replace"))
@@ -594,9 +723,9 @@ class Supervisor:
                 self.rejects.drop("control", str(exc))
                 await self._reply(frames[0], {"ok": False, "error": f"malformed request: {exc}"})
                 continue
+            inject_fault("control")
             # each command in its own task: a rolling restart must not hold up `status`
-            self.command_tasks.add(task := asyncio.create_task(self._answer(frames[0], command, msg)))
-            task.add_done_callback(self.command_tasks.discard)
+            self.own(self._answer(frames[0], command, msg), "control command")
 
     async def _reply(self, ident: bytes, reply: dict[str, Any]) -> None:
         assert self.control_sock is not None
@@ -632,6 +761,10 @@ class Supervisor:
                 self.tell(rep, "peers", acks=acks)
 
     async def scale(self, stage: str, n: int) -> dict[str, Any]:
+        async with self.locks[stage]:
+            return await self._scale(stage, n)
+
+    async def _scale(self, stage: str, n: int) -> dict[str, Any]:
         reps = self.replicas[stage]
         before = len(reps)
         assert self.events is not None
@@ -640,8 +773,8 @@ class Supervisor:
             reps.extend(new)
             self.announce_ack_peers(stage)   # before they send: their batches must be acknowledged
             for rep in new:
-                await self.start_replica(rep)
-            await asyncio.wait([asyncio.create_task(r.settled.wait()) for r in new], timeout=reps[0].cfg.ready_timeout)
+                await self._start_guarded(rep, f"start {rep.ident}")
+            await settle(new, reps[0].cfg.ready_timeout)
             self.announce_endpoints(stage)
         elif n < before:
             gone = reps[n:]
@@ -700,26 +833,25 @@ class Supervisor:
 
     async def restart_stage(self, stage: str) -> dict[str, Any]:
         """Rolling restart: one replica at a time, each READY before the next goes down."""
-        if self.cfg.is_source(stage) and not await self.repartition(stage):
-            return {"ok": False, "error": self.replicas[stage][0].last_error}
-        for rep in list(self.replicas[stage]):
-            rep.policy.reset()
-            if rep.pid is not None:
-                await self.stop_replica(rep, reason="restart requested")
-            rep.wanted_down = False
-            if rep.state != "completed":
-                await self.start_replica(rep)
-                try:
-                    await asyncio.wait_for(rep.settled.wait(), rep.cfg.ready_timeout)
-                except asyncio.TimeoutError:
-                    pass
-        return {"ok": True, "stage": stage, "replicas": len(self.replicas[stage])}
+        async with self.locks[stage]:
+            if self.cfg.is_source(stage) and not await self.repartition(stage):
+                return {"ok": False, "error": self.replicas[stage][0].last_error}
+            for rep in list(self.replicas[stage]):
+                rep.policy.reset()
+                if rep.pid is not None:
+                    await self.stop_replica(rep, reason="restart requested")
+                rep.wanted_down = False
+                if rep.state != "completed" and not self.stopping:
+                    await self._start_guarded(rep, f"restart {rep.ident}")
+                    await settle([rep], rep.cfg.ready_timeout)
+            return {"ok": True, "stage": stage, "replicas": len(self.replicas[stage])}
 
     # -- periodic ----------------------------------------------------------------------------
     async def _health_loop(self) -> None:
         interval = self.cfg.poll_interval
         while True:
             await asyncio.sleep(interval)
+            inject_fault("health")
             now_m = time.monotonic()
             for reps in self.replicas.values():
                 for rep in reps:
@@ -743,20 +875,37 @@ class Supervisor:
         assert self.events is not None
         self.events.emit(event, rep.stage, rep.index, rep.pid, reason=reason)
         rep.last_error = reason
-        asyncio.ensure_future(self.stop_replica(rep, grace=min(HUNG_KILL_GRACE_S, rep.cfg.stop_grace), wanted=False, reason=reason))
+        # no stage lock: a kill never starts anything, and a hung replica must not wait for a rolling restart
+        self.own(self.stop_replica(rep, grace=min(HUNG_KILL_GRACE_S, rep.cfg.stop_grace), wanted=False, reason=reason),
+                 f"kill {rep.ident}", rep)
 
     async def _history_loop(self) -> None:
-        path = self.rd.path / "status-history.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
+        """status-history.jsonl, and the rotation of this process's own output (``up --detach``)."""
+        limit, keep = self.cfg.logging.file_max_bytes, self.cfg.logging.retention
+        history = RotatingFile(self.rd.path / "status-history.jsonl", limit, keep)
+        try:
             while True:
                 await asyncio.sleep(HISTORY_INTERVAL_S)
+                inject_fault("history")
                 now = time.time()
                 row = {"time": now, "stages": {r.ident: {"in": r.hb.get("records_in", 0), "out": r.hb.get("records_out", 0),
                                                          "state": r.state, "rss": r.reading.rss_bytes,
                                                          "cpu": r.reading.cpu_percent}
                                                 for reps in self.replicas.values() for r in reps}}
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+                history.write(json.dumps(row) + "\n")
+                rotate_stdio(self.rd.path / "supervisor.out", limit, keep)
+        finally:
+            history.close()
+
+
+async def settle(reps: list[Replica], timeout: float) -> None:
+    """Wait until every replica is READY, failed or completed, or ``timeout`` passed."""
+    waits = [asyncio.ensure_future(r.settled.wait()) for r in reps]
+    try:
+        await asyncio.wait(waits, timeout=timeout)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def _pgid_is(pid: int) -> bool:

@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streampipe._rotating import ROTATED as _ROTATED   # loguru's rotated names, ours too
+
 READ_CHUNK = 1 << 16          # bytes per read(): 64 KiB is ~500 log lines, few syscalls
 STABLE_LISTING_TRIES = 5      # listings in a row while files rotate under us; then take the last
 MISSING_SCANS = 3             # scans a file may be unlisted (a rename racing glob) before it counts as gone
 IDLE_CLOSE_S = 5.0            # a rotated file untouched this long is closed (loguru never reopens it)
 
-# loguru's rotated name: "<root>.<%Y-%m-%d_%H-%M-%S_%f>[.<n>]<ext>" (loguru/_file_sink.py)
-_ROTATED = re.compile(r"\.\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d{6}(?:\.\d+)?(?=\.[^.]+$)")
 _IDENT = re.compile(r"^(?P<stage>[^.]+)(?:\.(?P<replica>\d+))?\.(?P<ext>[^.]+)$")
 
 #: loguru's level numbers; ``STDERR`` (raw output of a process) ranks as an error.

@@ -48,6 +48,7 @@ class StageSpec:
     log_rotation: str = "10 MB"
     log_retention: int = 5
     pipeline: str = "pipeline"  # the pipeline's name, for the process title
+    file_max_bytes: int = 10 * 2**20   # dead letters and .stderr rotate at this size
 
     @property
     def ident(self) -> str:

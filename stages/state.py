@@ -9,7 +9,10 @@
   positions and the layout they were taken under (its replica count and ``generation``), so that
   a change of ``replicas`` is repartitioned instead of skipping or repeating ids.
 - :class:`DeadLetters`: ``<run dir>/deadletter/<stage>.jsonl``, one JSON object a line with the
-  record, the error and the time, flushed at once.
+  record, the error and the time, written at once. The replicas of a stage share the file; it
+  rotates at ``logging.file_max_mb`` and keeps ``logging.retention`` rotated files (see
+  :mod:`streampipe._rotating`); the lines in a rotated file deleted by retention are counted as
+  ``dead_letters_dropped`` in ``status``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from loguru import logger
+
+from streampipe._rotating import RotatingFile
 from streampipe.stages import wire
 
 
@@ -60,8 +66,6 @@ def load_state(path: Path) -> dict[str, Any] | None:
     try:
         state = wire.unpackb(data)
     except ValueError:
-        from loguru import logger
-
         logger.warning(f"ignoring unreadable state file {path}")
         return None
     return state if isinstance(state, dict) else None
@@ -181,23 +185,23 @@ def json_default(obj: Any) -> Any:
 
 
 class DeadLetters:
-    """Append-only dead-letter file of one stage; opened on first use."""
+    """The dead-letter file of one stage (shared by its replicas); opened on first use."""
 
-    def __init__(self, path: Path, ident: str) -> None:
+    def __init__(self, path: Path, ident: str, max_bytes: int = 10 * 2**20, keep: int = 5) -> None:
         self.path, self.ident = path, ident
-        self._file: IO[str] | None = None
+        self.dropped = 0      # dead letters deleted with a rotated file beyond retention
+        self._file = RotatingFile(path, max_bytes, keep, on_drop=self._dropped)
 
     def write(self, record: Any, error: str, tb: str = "") -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
         entry = {"time": time.time(), "stage": self.ident, "error": error, "record": record}
         if tb:
             entry["traceback"] = tb
         self._file.write(json.dumps(entry, default=json_default) + "\n")
-        self._file.flush()
+
+    def _dropped(self, lines: int) -> None:
+        self.dropped += lines
+        logger.warning(f"{lines} dead letters deleted with the oldest rotated file of {self.path.name} "
+                       f"(logging.retention); {self.dropped} so far")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._file.close()
