@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from streampipe._rotating import files_of
-from streampipe._rotating import read_json_lines as read_jsonl   # status history rotates
+from streampipe._rotating import read_json_lines as read_jsonl  # status history rotates
 
 # metric -> which way is better; the first one a run has is the headline (accuracy, else MAE)
 PRIMARY = {"accuracy": "higher", "mae": "lower", "f1": "higher", "rmse": "lower", "r2": "higher", "log_loss": "lower"}

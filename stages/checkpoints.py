@@ -91,7 +91,7 @@ def committed_versions(folder: Path) -> list[int]:
 
 def save(folder: Path, version: int, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """Write version ``version``: the model file, then its metadata. Returns the metadata written."""
-    import joblib   # here, not at module level, so that importing the trainer stays fast (see there)
+    import joblib  # here, not at module level, so that importing the trainer stays fast (see there)
 
     buf = io.BytesIO()
     joblib.dump(model, buf)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streampipe._rotating import ROTATED as _ROTATED   # loguru's rotated names, ours too
+from streampipe._rotating import ROTATED as _ROTATED  # loguru's rotated names, ours too
 
 READ_CHUNK = 1 << 16          # bytes per read(): 64 KiB is ~500 log lines, few syscalls
 STABLE_LISTING_TRIES = 5      # listings in a row while files rotate under us; then take the last

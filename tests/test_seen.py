@@ -148,6 +148,14 @@ def test_old_format_state_starts_afresh(tmp_path: Path) -> None:
     again.teardown()
 
 
-def test_the_horizon_option_is_refused() -> None:
-    with pytest.raises(ValueError, match="dedup_horizon_s was removed"):
-        Consumer(dedup_horizon_s=300)
+def test_the_horizon_option_is_refused(tmp_path) -> None:
+    """The old time horizon is gone: naming it is a config error at validate, not silently ignored."""
+    from streampipe.launcher.config import load_config
+    from streampipe.launcher.errors import ConfigError
+
+    cfg = tmp_path / "services.yaml"
+    cfg.write_text("stages:\n  gen: {type: generator, options: {count: 10}}\n"
+                   "  sink:\n    type: consumer\n    inputs: [gen]\n    options: {dedup_horizon_s: 300}\n")
+    with pytest.raises(ConfigError, match="dedup_horizon_s") as err:
+        load_config(cfg)
+    assert "services.yaml:6" in str(err.value) and "stages.sink.options.dedup_horizon_s" in str(err.value)
