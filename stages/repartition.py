@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from streampipe.stages.registry import load_class
+from streampipe.stages.registry import load_target
 from streampipe.stages.state import read_layout, write_layout
 
 EXIT_DONE = 0
@@ -43,7 +43,7 @@ def repartition(name: str, type_: str, config_dir: Path, run_dir: Path, replicas
     if layout.completed:
         write_layout(state_dir, name, generation, [{"state": {}, "completed": True}] * replicas)
         return f"{name}: completed stream, now {replicas} completed replicas (generation {generation})"
-    cls = load_class(type_, config_dir)
+    cls = load_target(type_, config_dir)
     split = getattr(cls, "repartition", None)
     if not callable(split):
         raise Refused(
