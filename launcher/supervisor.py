@@ -869,6 +869,7 @@ class Supervisor:
                     verdict = rep.judge.verdict(now_m, rep.last_beat, rep.reading)
                     if verdict:
                         self._kill_unhealthy(rep, verdict, "hung" if verdict.startswith("hung") else "limit")
+            self.rejects.flush()   # the count of malformed messages not logged yet, if any
             self.snapshot = self.status()
 
     def _kill_unhealthy(self, rep: Replica, reason: str, event: str) -> None:

@@ -15,12 +15,14 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from streampipe.launcher.metrics import PipelineCollector
 from streampipe.launcher.rundir import RunDir
 from tests.conftest import Pipeline, cli, wait_for
 
@@ -226,6 +228,8 @@ def test_fuzzed_sockets_of_a_running_pipeline(pipeline, tmp_path: Path) -> None:
         assert replies == sent["control"], "every malformed request is answered"
         st = p.status()
         assert st["malformed"] == {"stages": sent["stages"], "control": sent["control"]}
+        table = cli("status", "--config", str(p.config), cwd=p.folder)
+        assert table.returncode == 0 and f"malformed on stages: {sent['stages']}" in " ".join(table.stdout.split())
         assert st["supervisor_pid"] == before["supervisor_pid"]
         for r in st["stages"]:
             assert r["restarts"] == 0, r
@@ -256,3 +260,12 @@ def test_acks_follow_a_scale_of_the_stage_upstream(pipeline, tmp_path: Path) -> 
     assert sorted(p.output_ids()) == list(range(N))
     consumer = p.row("consumer")
     assert consumer["malformed"] == 0 and consumer["restarts"] == 0, consumer   # no frame of a new replica refused
+
+
+def test_malformed_counts_are_prometheus_metrics() -> None:
+    row = {"name": "consumer", "replica": 0, "state": "running", "cpu_percent": 1.0, "rss_bytes": 1, "malformed": 7}
+    sup = SimpleNamespace(snapshot={"stages": [row], "malformed": {"stages": 3}})
+    families = {f.name: f for f in PipelineCollector(sup).collect()}   # type: ignore[arg-type]
+    assert [s.value for s in families["streampipe_malformed"].samples if s.name.endswith("_total")] == [7.0]
+    by_socket = {s.labels["socket"]: s.value for s in families["streampipe_supervisor_malformed"].samples if s.name.endswith("_total")}
+    assert by_socket == {"stages": 3.0, "control": 0.0}
