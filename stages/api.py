@@ -41,7 +41,6 @@ Example, a complete transform stage:
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -310,6 +309,8 @@ class AsyncFunctionStage(FunctionStage):
     (``asyncio.gather``, order kept), so an I/O-bound function overlaps its waits."""
 
     async def process(self, batch: Batch) -> list[Record]:  # type: ignore[override]
+        import asyncio   # here: this module is imported by every CLI command, which needs no event loop
+
         out: list[Record] = []
         for result in await asyncio.gather(*(self.fn(record) for record in batch)):
             _collect(out, result)
