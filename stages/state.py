@@ -146,6 +146,7 @@ def read_layout(state_dir: Path, name: str) -> Layout | None:
         if index.isdigit() and (saved := load_state(path)) is not None:
             files[int(index)] = saved
     doc = load_state(layout_file(state_dir, name))
+    replicas: int | None
     if doc is not None:
         generation, base = _generation(doc), [_entry(e) for e in doc.get("states") or []]
         replicas = len(base)
