@@ -42,7 +42,7 @@ def chain(extra_defaults: str = "") -> str:
 @pytest.fixture
 def decoy() -> subprocess.Popen[bytes]:
     """A live process that is not a supervisor, with "streampipe" and "launcher" in its command line."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "streampipe", "launcher"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "streampipe", "launcher"])
     yield proc
     proc.kill()
     proc.wait(10)
