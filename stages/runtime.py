@@ -71,6 +71,7 @@ EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-
 STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
 ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often; its acks wait up to this long,
                                 # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
+ACK_SAVE_SHARE = 0.2            # ... and spends at most this share of its time saving (an fsync: 1-100 ms)
 RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
 LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
 LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
@@ -770,7 +771,9 @@ class StageRuntime:
         if ready is None:
             return
         state, tokens = ready
+        t0 = time.monotonic()
         save_state(self.state_path, {"state": state, "completed": False, "acked": self.ackpoints.keys(tokens)})
+        self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
         self.committed = state
         for token in tokens:
             self.ack_token(token)

@@ -42,12 +42,13 @@ def chain(extra_defaults: str = "") -> str:
 @pytest.fixture
 def decoy() -> subprocess.Popen[bytes]:
     """A live process that is not a supervisor, with "streampipe" and "launcher" in its command line."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "streampipe", "launcher"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "streampipe", "launcher"])
     yield proc
     proc.kill()
     proc.wait(10)
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_stale_pid_file_naming_a_live_unrelated_process(pipeline, decoy: subprocess.Popen[bytes]) -> None:
     p = pipeline(chain())
     p.run_dir.mkdir(mode=0o700)
@@ -99,6 +100,7 @@ def test_restart_racing_scale_leaves_no_stray_replica(pipeline) -> None:
     wait_for(lambda: not any(alive(pid) for pid in everything), timeout=30, what="every process gone after down")
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_respawn_that_fails_is_an_event_and_the_replica_recovers(pipeline) -> None:
     p = pipeline(chain(", spawn: cold, max_restarts: 1000"))
     p.up()
@@ -119,6 +121,7 @@ def test_a_respawn_that_fails_is_an_event_and_the_replica_recovers(pipeline) -> 
     assert p.row("middle", 0)["restarts"] == 0
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_failing_supervisor_loop_is_reported_and_restarted(pipeline, monkeypatch) -> None:
     monkeypatch.setenv("STREAMPIPE_TEST_FAULTS", "stages,control,health,history")
     p = pipeline(chain())
@@ -132,6 +135,7 @@ def test_a_failing_supervisor_loop_is_reported_and_restarted(pipeline, monkeypat
     wait_for(lambda: (p.run_dir / "status-history.jsonl").exists(), timeout=30, what="status history written again")
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_loop_failing_for_good_stops_the_supervisor_loudly(pipeline) -> None:
     p = pipeline(chain())
     env = {**os.environ, "STREAMPIPE_TEST_FAULTS": "history*"}
@@ -168,6 +172,7 @@ COUNTER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_transform_killed_restores_the_state_it_acknowledged(pipeline, tmp_path: Path) -> None:
     (tmp_path / "counting.py").write_text(COUNTER)
     total = 12_000
@@ -193,6 +198,7 @@ def test_a_transform_killed_restores_the_state_it_acknowledged(pipeline, tmp_pat
     assert n == total
 
 
+@pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_files_stay_bounded_and_status_shows_dropped_dead_letters(pipeline, tmp_path: Path) -> None:
     (tmp_path / "chatty.py").write_text(textwrap.dedent("""
         from streampipe import Stage
