@@ -174,8 +174,8 @@ class Source(Stage):
     ...         self.n, self.next_id = n, 0
     ...     def generate(self):
     ...         while self.next_id < self.n:
-    ...             yield {"id": self.next_id}
-    ...             self.next_id += 1
+    ...             self.next_id += 1              # advance first: snapshot() after a yield
+    ...             yield {"id": self.next_id - 1}  # never repeats the record just emitted
     ...     def snapshot(self):
     ...         return {"next_id": self.next_id}
     ...     def restore(self, state):
