@@ -309,7 +309,7 @@ class AsyncFunctionStage(FunctionStage):
     (``asyncio.gather``, order kept), so an I/O-bound function overlaps its waits."""
 
     async def process(self, batch: Batch) -> list[Record]:  # type: ignore[override]
-        import asyncio   # here: this module is imported by every CLI command, which needs no event loop
+        import asyncio  # here: this module is imported by every CLI command, which needs no event loop
 
         out: list[Record] = []
         for result in await asyncio.gather(*(self.fn(record) for record in batch)):

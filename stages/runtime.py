@@ -158,7 +158,7 @@ class Edge:
     def full(self) -> bool:
         return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
 
-    def cut(self, records: list[Record], parent: InToken | Mark | None, stamp: tuple[str | None, int | None]) -> None:
+    def cut(self, records: list[Record], parent: InToken | Mark | None, stamp: tuple[str | None, int | None] = (None, None)) -> None:
         """Frame ``records`` as one batch stamped with ``(origin, watermark)`` and queue it for sending.
 
         A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)

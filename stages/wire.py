@@ -110,8 +110,8 @@ _NONE = type(None)
 _NUM = (int, float)
 # exact types (``type(v) in ...``): msgpack yields no subclasses, and a bool is not a count
 DATA_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
-                                            "n": (int,), "t": _NUM, "ack": (str, _NONE),
-                                            "o": (str, _NONE), "w": (int, _NONE)}
+                                            "n": (int,), "t": _NUM, "ack": (str, _NONE)}
+STAMP: dict[str, tuple[type, ...]] = {"o": (str, _NONE), "w": (int, _NONE)}   # origin, watermark: optional
 EOS_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
                                            "ack": (str,)}
 ACK_FIELDS: dict[str, tuple[type, ...]] = {"e": (str,), "ep": (int,), "s": (list,), "from": (str,)}
@@ -177,6 +177,7 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tup
             raise Malformed(f"end-of-stream message has {len(frames)} frames, expected 1")
     elif kind == "d":
         _check(header, DATA_HEADER, "header", True)
+        _check(header, STAMP, "header", False)
         if len(frames) != 2:
             raise Malformed(f"data message has {len(frames)} frames, expected 2")
     else:

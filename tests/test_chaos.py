@@ -47,8 +47,10 @@ def run_chaos(p: Pipeline, n: int, kill_every: float, seed: int = 1, max_seconds
     rng = random.Random(seed)
     p.up()
     kills: list[str] = []
-    must = ["generator", "normalizer", "consumer"] * 2
+    must = ["normalizer", "consumer"] * 2
     rng.shuffle(must)
+    must[0:0] = ["generator"]           # the source's kills come early, while its stream still flows
+    must.insert(2, "generator")
     must.insert(len(must) // 2, "supervisor")
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline:

@@ -108,7 +108,7 @@ def test_generator_passes_the_contract_and_resumes_exactly(tmp_path: Path) -> No
     report = check_stage(SOURCES["generator"](tmp_path), run_dir=tmp_path, limit=120)
     assert report.checks == ["init", "snapshot", "generate", "restore", "teardown"]
     assert [r["id"] for r in report.records] == list(range(240))
-    assert report.snapshot == {"next": 120, "offset": 0} and report.stateful
+    assert report.snapshot == {"segments": [[120, 1, None]]} and report.stateful
 
 
 def test_log_extractor_passes_the_contract(tmp_path: Path) -> None:

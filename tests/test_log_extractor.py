@@ -157,7 +157,7 @@ def test_generate_yields_none_when_idle_and_window_records(tmp_path):
                 time.sleep(0.01)
             else:
                 got.append(record)
-            if sum(r["lines"] for r in got) >= 2 or time.monotonic() > deadline:
+            if (sum(r["lines"] for r in got) >= 2 and nones) or time.monotonic() > deadline:
                 break
     finally:
         ex.teardown()
