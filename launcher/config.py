@@ -6,7 +6,7 @@ unknown keys, wrong types and ranges, inputs naming a stage (or output) that doe
 cycles, and a ``type`` that is neither a built-in name nor ``module:name``.
 
 Then, unless ``check_stages=False`` (commands that only need the run directory), what each
-``type`` names is inspected in a short-lived child process (:mod:`stages.introspect`; user
+``type`` names is inspected in a short-lived child process (:mod:`streampipe.stages.introspect`; user
 modules and scikit-learn are never imported here): a module that is not found, a name it does
 not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
 a function that does not take one record), a source with inputs, a generator replaying a file with ``replicas > 1``, and ``options`` that the
@@ -331,7 +331,7 @@ def _check_types(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
 
 
 def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
-    """Raise the first problem :mod:`stages.introspect` finds in the stages' code and options."""
+    """Raise the first problem :mod:`streampipe.stages.introspect` finds in the stages' code and options."""
     report = inspect_stages(cfg)
     for name, stage in cfg.stages.items():
         found = report.get(name, {})
@@ -345,7 +345,7 @@ def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
 
 
 def inspect_stages(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Run :mod:`stages.introspect` in a child process; its report, or {} if it could not answer.
+    """Run :mod:`streampipe.stages.introspect` in a child process; its report, or {} if it could not answer.
 
     A child that times out or dies (a user module that hangs or kills its interpreter when
     imported) costs the checks, not the run: the stages then show their problem at start.

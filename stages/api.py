@@ -1,6 +1,6 @@
 """The stage API: what a user implements to put code into a streampipe pipeline.
 
-A stage is a plain class. The runtime (:mod:`stages.runtime`) owns sockets, batching,
+A stage is a plain class. The runtime (:mod:`streampipe.stages.runtime`) owns sockets, batching,
 heartbeats, signals, acknowledgements and error handling; a stage never touches them.
 
     Stage                     a transform or a sink: ``process(batch) -> iterable of records``

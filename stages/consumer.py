@@ -5,7 +5,7 @@ is flushed after each batch, so ``tail -f`` sees records as they arrive. Under a
 delivery a batch can arrive twice (it was resent after a crash); the consumer drops records
 whose ``id`` it has already written, so the file holds each record once (effectively-once).
 
-Dedup is exact and settled by knowledge, never by age (:mod:`stages.seen`): one seen-id set per
+Dedup is exact and settled by knowledge, never by age (:mod:`streampipe.stages.seen`): one seen-id set per
 **origin** (the source replica and id-space generation that made the record, stamped on every
 batch), whose holes are closed only by that origin's **watermark** (every id below it is
 acknowledged end to end). A partition that lags for hours keeps its holes open for hours;
@@ -15,7 +15,7 @@ memory is bounded by the ids in flight, not by a clock. Without acknowledgements
 What is deduplicated: integer ids. A record without an ``id``, or with an id that is not an
 integer (a string, a float), is written every time it arrives, and counted as
 ``not_deduplicated`` in ``status``. A source whose integer ids do not increase is handled by the
-runtime (:mod:`stages.runtime`): it stops raising its watermark (this sink then keeps that
+runtime (:mod:`streampipe.stages.runtime`): it stops raising its watermark (this sink then keeps that
 origin's ids exactly) and dead-letters a record whose id is below a watermark it already
 announced, rather than letting it be dropped as a duplicate.
 

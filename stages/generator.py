@@ -20,7 +20,7 @@ Options:
 
 Partitioning: replica ``r`` of ``n`` owns the ids ``r, r + n, r + 2n, ...`` and emits them in
 increasing order. Its position is the set of ids it has left, as arithmetic progressions
-(:mod:`stages.segments`); :meth:`Generator.repartition` deals the leftovers of every replica to a
+(:mod:`streampipe.stages.segments`); :meth:`Generator.repartition` deals the leftovers of every replica to a
 new replica count, so a change of ``replicas`` between runs neither skips nor repeats an id.
 
 A replayed file runs in one replica (``validate`` refuses ``replicas > 1`` with ``file``). A

@@ -1,7 +1,7 @@
 """Follow log files through rotation and truncation, and parse streampipe's log lines.
 
 One implementation shared by the log extractor stage (:mod:`streampipe.stages.log_extractor`) and
-``streampipe logs -f`` (:mod:`launcher.logs`).
+``streampipe logs -f`` (:mod:`streampipe.launcher.logs`).
 
 How a :class:`LogTail` follows files (the choices of ``tail -F`` and Fluent Bit's tail input):
 

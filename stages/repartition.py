@@ -8,7 +8,7 @@ The source's class decides how its positions split: a classmethod
 ``repartition(states: list[dict], replicas: int) -> list[dict]`` gets every old replica's saved
 state (``{}`` for a replica that never saved) and returns one state per new replica, which must
 together hold exactly the records the old ones had left (the built-in generator's does, see
-:mod:`stages.segments`). The new states are written at once, as one file under a new
+:mod:`streampipe.stages.segments`). The new states are written at once, as one file under a new
 ``generation`` (:func:`stages.state.write_layout`). A source whose every replica completed stays
 completed, whatever its class. A class without ``repartition`` is refused with a message that
 says what to do (on stdout as JSON, see :func:`main`), which the supervisor shows as the
