@@ -55,14 +55,14 @@ from streampipe.stages.state import json_default, load_state, save_state
 try:
     import orjson
 
-    def _dumps(record: Record) -> bytes:
+    def _dumps(record: Record | list[Any]) -> bytes:
         return orjson.dumps(record, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
     _loads = orjson.loads
 except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
     import json
 
-    def _dumps(record: Record) -> bytes:
+    def _dumps(record: Record | list[Any]) -> bytes:
         return json.dumps(record, default=json_default).encode()
 
     _loads = json.loads  # type: ignore[assignment]
