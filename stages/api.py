@@ -273,7 +273,7 @@ class Plain(Stage):
                 setattr(self, name, method)
         self.outputs = tuple(getattr(user, "outputs", ()) or ())
 
-    @property  # type: ignore[override]
+    @property
     def context(self) -> StageContext:
         return self._context
 
