@@ -63,12 +63,18 @@ def exactly_once(p: Pipeline, n: int, timeout: float) -> None:
     assert not dups, f"duplicated: {list(dups.items())[:20]}"
 
 
+def flowing(pipeline, n: int, restart: str, hb: float) -> tuple[Pipeline, int]:
+    """A two-replica generator of ``n`` ids, up and flowing; returns it and replica 1's pid."""
+    p = pipeline(FAST.format(n=n, rate=100, restart=restart, hb=hb))
+    p.up()
+    pid = wait_for(lambda: ready_pid(p, "generator", 1), timeout=30, what="generator replica 1 running")
+    wait_for(lambda: len(p.output_ids()) >= 100, timeout=30, what="the stream flowing")
+    return p, pid
+
+
 def test_a_paused_source_replica_loses_nothing(pipeline, tmp_path) -> None:
     n = 4000
-    p = pipeline(FAST.format(n=n, rate=100, restart="always", hb=120))
-    p.up()
-    slow = wait_for(lambda: ready_pid(p, "generator", 1), timeout=30, what="generator replica 1 running")
-    wait_for(lambda: len(p.output_ids()) >= 100, timeout=30, what="the stream flowing")
+    p, slow = flowing(pipeline, n, restart="always", hb=120)
     os.kill(slow, signal.SIGSTOP)            # replica 1's ids stop; replica 0's go on past them
     try:
         before = len(p.output_ids())
@@ -82,10 +88,7 @@ def test_a_paused_source_replica_loses_nothing(pipeline, tmp_path) -> None:
 
 def test_a_source_replica_down_then_restarted_loses_nothing(pipeline, tmp_path) -> None:
     n = 4000
-    p = pipeline(FAST.format(n=n, rate=100, restart="never", hb=1))
-    p.up()
-    victim = wait_for(lambda: ready_pid(p, "generator", 1), timeout=30, what="generator replica 1 running")
-    wait_for(lambda: len(p.output_ids()) >= 100, timeout=30, what="the stream flowing")
+    p, victim = flowing(pipeline, n, restart="never", hb=1)
     os.kill(victim, signal.SIGKILL)    # its unacked batches are replayed after the restart
     time.sleep(8)
     assert p.row("generator", 1)["state"] in ("stopped", "failed"), "restart: never kept it down"
