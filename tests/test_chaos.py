@@ -1,10 +1,18 @@
 """Chaos: SIGKILL stages and the supervisor while a finite stream flows; every record must land once.
 
-CI runs the short version. The long one (1,000,000 records, a kill every second) runs by hand:
+One run, in three phases, on a two-replica source:
 
-    python3 -m pytest -m slow tests/test_chaos.py -s
+1. SIGKILLs, one a second, of every stage (source replicas included) and once of the supervisor;
+2. source replica 1 kept down (SIGSTOP: its ids stop while replica 0 runs on past them, its
+   position and watermark frozen) for ``down_s`` seconds while the kills go on elsewhere: no
+   clock may close the holes it leaves at the sink;
+3. ``down``, the source's replica count changed in ``services.yaml`` (2 -> 3, or 2 -> 1), ``up``
+   on the same run dir, and kills again until the stream is complete.
 
-Each prints the kills it made and the lost and duplicated record counts.
+CI runs it small. The long version (four runs of 1,000,000 records, the replica down for
+minutes) runs by hand and prints a line per run:
+
+    python3 -m pytest -m slow tests/test_chaos.py -s -p no:xdist
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,10 +37,13 @@ defaults:
   max_restarts: 1000          # chaos is not a crash loop: never give up on a stage
   backoff_initial: 0.05
   backoff_max: 0.2
-  ack_timeout: 1.0
+  ack_timeout: 0.2            # every timer low: none of them may close a hole
+  min_uptime: 0.1
 stages:
   generator:
     type: generator
+    replicas: {gen_replicas}
+    heartbeat_timeout: 100000 # a replica paused on purpose is down, not hung
     options: {{count: {n}, rate: {rate}, seed: 5}}
   normalizer:
     type: normalizer
@@ -40,59 +52,91 @@ stages:
   consumer:
     type: consumer
     inputs: [normalizer]
+    options: {{checkpoint_s: 0.05}}
 """
 
 
-def run_chaos(p: Pipeline, n: int, kill_every: float, seed: int = 1, max_seconds: float = 600) -> dict[str, object]:
-    rng = random.Random(seed)
-    p.up()
-    kills: list[str] = []
-    must = ["normalizer", "consumer"] * 2
-    rng.shuffle(must)
-    must[0:0] = ["generator"]           # the source's kills come early, while its stream still flows
-    must.insert(2, "generator")
-    must.insert(len(must) // 2, "supervisor")
-    deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        time.sleep(kill_every)
-        st = p.status_or_none()
+class Chaos:
+    def __init__(self, p: Pipeline, seed: int) -> None:
+        self.p, self.rng, self.kills = p, random.Random(seed), []   # type: ignore[var-annotated]
+
+    def victims(self, st: dict[str, Any], target: str, spare: tuple[str, int] | None) -> list[dict[str, Any]]:
+        return [r for r in st["stages"] if r["name"] == target and r["pid"] and (r["name"], r["replica"]) != spare
+                and r["state"] in ("running", "blocked", "starting")]
+
+    def kill(self, target: str, spare: tuple[str, int] | None = None) -> bool:
+        """SIGKILL one live replica of ``target`` (or the supervisor, then ``up`` again)."""
+        st = self.p.status_or_none()
         if st is None:
-            continue
-        gen = next(r for r in st["stages"] if r["name"] == "generator")
-        if gen["state"] == "completed" and not must:
-            break
-        target = must.pop(0) if must else rng.choice(["generator", "normalizer", "consumer", "normalizer", "consumer"])
+            return False
         if target == "supervisor":
             pids = [r["pid"] for r in st["stages"] if r["pid"]]
             os.kill(st["supervisor_pid"], signal.SIGKILL)
-            kills.append("supervisor")
-            wait_for(lambda pids=pids: not any(alive(pid) for pid in pids), timeout=5, interval=0.05, what="stages gone with the supervisor")
-            p.up()
-            continue
-        victims = [r for r in st["stages"] if r["name"] == target and r["pid"] and r["state"] in ("running", "blocked", "starting")]
+            self.kills.append("supervisor")
+            wait_for(lambda: not any(alive(pid) for pid in pids), timeout=10, interval=0.05, what="stages gone with the supervisor")
+            self.p.up()
+            return True
+        victims = self.victims(st, target, spare)
         if not victims:
-            if gen["state"] == "completed" and target == "generator":
-                continue           # nothing left to kill there: the stream is complete
-            must.insert(0, target)  # try again at the next tick
-            continue
-        victim = rng.choice(victims)
+            return False
+        victim = self.rng.choice(victims)
         try:
             os.kill(victim["pid"], signal.SIGKILL)
         except ProcessLookupError:
-            must.insert(0, target)
-            continue
-        kills.append(f"{target}.{victim['replica']}")
-    # let the stream finish and drain
-    wait_for(lambda: p.row("generator")["state"] == "completed", timeout=max_seconds, interval=0.5, what="the stream to complete")
-    wait_for(lambda: len(set(p.output_ids())) >= n, timeout=120, interval=0.5, what=f"{n} distinct records at the sink")
+            return False
+        self.kills.append(f"{target}.{victim['replica']}")
+        return True
+
+    def random_kills(self, seconds: float, spare: tuple[str, int] | None = None) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            self.kill(self.rng.choice(["generator", "normalizer", "consumer", "normalizer", "consumer"]), spare)
+
+
+def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) -> dict[str, object]:
+    chaos = Chaos(p, seed)
+    started = time.monotonic()
+    p.up()
+    wait_for(lambda: len(p.output_ids()) >= 100, timeout=60, what="the stream flowing")
+    # 1: every stage and the supervisor, while both source replicas still flow
+    must = ["generator", "normalizer", "consumer"] * 2
+    chaos.rng.shuffle(must)
+    must.insert(len(must) // 2, "supervisor")
+    for target in must:
+        time.sleep(1.0)
+        wait_for(lambda t=target: chaos.kill(t), timeout=30, interval=0.2, what=f"a {target} to kill")
+    # 2: source replica 1 down for down_s, kills elsewhere
+    paused = wait_for(lambda: next((r["pid"] for r in p.rows("generator") if r["replica"] == 1 and r["state"] == "running"), None),
+                      timeout=30, what="generator replica 1 running")
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        at_pause = len(p.output_ids())
+        chaos.random_kills(down_s, spare=("generator", 1))
+        during_pause = len(p.output_ids()) - at_pause
+        assert p.row("generator", 1)["pid"] == paused, "the paused replica was down, not replaced"
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    chaos.random_kills(3)
+    left = sum(1 for r in p.rows("generator") if r["state"] != "completed")
+    assert left, "the stream must still flow when the replica count changes: raise n or lower the rate"
+    # 3: down, a new replica count for the source, up on the same run dir
+    assert p.down().returncode == 0
+    p.config.write_text(p.config.read_text().replace("replicas: 2\n    heartbeat_timeout", f"replicas: {new_replicas}\n    heartbeat_timeout"))
+    p.up()
+    assert len(p.rows("generator")) == new_replicas
+    while not all(r["state"] == "completed" for r in p.rows("generator")):
+        chaos.random_kills(1)
+    wait_for(lambda: len(set(p.output_ids())) >= n, timeout=300, interval=0.5, what=f"{n} distinct records at the sink")
     time.sleep(1.0)   # anything still being redelivered would show up as a duplicate now
     ids = p.output_ids()
     counts = collections.Counter(ids)
-    lost = n - len(set(ids) & set(range(n)))
-    duplicated = sum(c - 1 for c in counts.values() if c > 1)
-    summary = {"records": n, "kills": len(kills), "lost": lost, "duplicated": duplicated,
-               "killed": dict(collections.Counter(k.split(".")[0] for k in kills))}
-    print(f"\nchaos: {summary}\nkill order: {' '.join(kills)}")
+    summary = {"records": n, "seconds": round(time.monotonic() - started), "replica_down_s": down_s, "arrived_while_down": during_pause,
+               "source_replicas": f"2->{new_replicas}", "kills": len(chaos.kills),
+               "lost": n - len(set(ids) & set(range(n))), "duplicated": sum(c - 1 for c in counts.values() if c > 1),
+               "unexpected": len(set(ids) - set(range(n))),
+               "killed": dict(collections.Counter(k.split(".")[0] for k in chaos.kills))}
+    print(f"\nchaos: {summary}\nkill order: {' '.join(chaos.kills)}")
     return summary
 
 
@@ -101,18 +145,22 @@ def check(summary: dict[str, object]) -> None:
     assert isinstance(killed, dict)
     assert all(killed.get(s, 0) >= 2 for s in ("generator", "normalizer", "consumer")), killed
     assert killed.get("supervisor") == 1
-    assert summary["lost"] == 0 and summary["duplicated"] == 0, summary
+    assert summary["lost"] == 0 and summary["duplicated"] == 0 and summary["unexpected"] == 0, summary
 
 
 def test_chaos_short(pipeline, tmp_path: Path) -> None:
     n = 30_000
-    p = pipeline(CHAOS.format(n=n, rate=2_500))
-    check(run_chaos(p, n, kill_every=1.0))
+    p = pipeline(CHAOS.format(n=n, rate=300, gen_replicas=2))     # 50 s a replica: still flowing in phase 3
+    check(run_chaos(p, n, down_s=6, seed=1, new_replicas=3))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_chaos_long(pipeline, tmp_path: Path) -> None:
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_chaos_long(pipeline, tmp_path: Path, seed: int) -> None:
+    """1,000,000 records; source replica 1 down for 150 s; the source goes 2 -> 3 (odd seeds) or 2 -> 1 replicas."""
     n = int(os.environ.get("STREAMPIPE_CHAOS_N", "1000000"))
-    p = pipeline(CHAOS.format(n=n, rate=int(os.environ.get("STREAMPIPE_CHAOS_RATE", "20000"))))   # ~50 s of kills
-    check(run_chaos(p, n, kill_every=1.0, max_seconds=1500))
+    rate = int(os.environ.get("STREAMPIPE_CHAOS_RATE", "5000"))          # per source replica
+    down_s = float(os.environ.get("STREAMPIPE_CHAOS_DOWN_S", "150"))
+    p = pipeline(CHAOS.format(n=n, rate=rate, gen_replicas=2))
+    check(run_chaos(p, n, down_s=down_s, seed=seed, new_replicas=3 if seed % 2 else 1))
