@@ -85,6 +85,16 @@ class StageConfig(StageSettings):
     type: str
     inputs: list[str] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
+    # across machines (transport: tcp; see streampipe.stages.network). Used by ``run-stage``: a
+    # local ``up`` knows every endpoint itself and picks free ports on ``bind_host``.
+    address: str | list[str] | None = None             # the name(s) producers resolve to reach its replicas
+    port: int | None = Field(None, ge=1, le=65535)     # the input port every replica binds
+    ack_port: int = Field(0, ge=0, le=65535)           # acknowledgements; 0 = any free port (it is advertised)
+    bind_host: str | None = None                       # default: the pipeline's bind_host
+
+    @property
+    def addresses(self) -> list[str]:
+        return [self.address] if isinstance(self.address, str) else list(self.address or [])
 
 
 class LoggingConfig(_Strict):
@@ -129,7 +139,12 @@ class PipelineConfig(_Strict):
     delivery: Delivery = "at-least-once"
     run_dir: str | None = None
     transport: Literal["ipc", "tcp"] = "ipc"           # tcp: for stages reached over the network
-    bind_host: str = "127.0.0.1"                       # tcp only: the address stages bind and are reached at
+    bind_host: str = "127.0.0.1"                       # tcp only: the address stages bind (0.0.0.0 allowed)
+    advertise_host: str | None = None                  # tcp: the host receivers send acks to ($VARS expanded;
+                                                       # default: the bind host, or the interface towards them)
+    resolve_interval: float = Field(5.0, gt=0)         # s between re-resolutions of a stage's address
+    security: Literal["none", "curve"] = "none"        # curve: CURVE on every tcp data and ack socket
+    keys: str | None = None                            # the key folder (streampipe keys generate), beside the config
     poll_interval: float = Field(0.5, gt=0)            # psutil readings
     max_message_mb: float = Field(64.0, gt=0, le=2048)   # a data frame over this is refused by its receiver
                                                        # (libzmq MAXMSGSIZE, before allocating it); senders split batches under it
@@ -157,6 +172,10 @@ class PipelineConfig(_Strict):
     @property
     def config_dir(self) -> Path:
         return self.path.resolve().parent
+
+    @property
+    def keys_dir(self) -> Path | None:
+        return (self.config_dir / os.path.expandvars(self.keys)).resolve() if self.keys else None
 
     def default_run_dir(self) -> Path:
         return (self.config_dir / (self.run_dir or DEFAULT_RUN_DIR)).resolve()
@@ -257,6 +276,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     _check_graph(cfg, index)
     _check_types(cfg, index)
     _check_replay(cfg, index)
+    _check_network(cfg, index)
     if check_stages:
         _check_stages(cfg, index)
     return cfg
@@ -269,6 +289,21 @@ def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
             line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
             raise ConfigError(f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} "
                               f"{stage.replicas} times): set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
+
+
+def _check_network(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    def fail(message: str, *loc: Any) -> None:
+        raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+
+    if cfg.security == "curve" and cfg.transport != "tcp":
+        fail("curve secures tcp sockets: set transport: tcp (ipc sockets stay in the 0700 run directory)", "security")
+    if cfg.security == "curve" and not cfg.keys:
+        fail("security: curve needs keys: a folder made by `streampipe keys generate DIR`", "security")
+    for name, stage in cfg.stages.items():
+        if stage.address is not None and stage.port is None and stage.inputs:
+            fail("a stage reached by address also needs the port its replicas bind (port: N)", "stages", name, "address")
+        if stage.address is not None and not stage.inputs:
+            fail("a source has no input: nothing reaches it by address", "stages", name, "address")
 
 
 def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
