@@ -6,6 +6,8 @@
     streampipe validate [--config PATH]
     streampipe restart STAGE / scale STAGE N
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
+    streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
+    streampipe keys generate DIR                                 CURVE keys for security: curve
 
 The run directory defaults to ``.streampipe/`` beside the config, so commands run from the
 config's folder find the pipeline with no flags. Exit status: 0 ok, 1 failure (no pipeline
@@ -200,6 +202,12 @@ def _info(row: dict[str, Any]) -> str:
         parts.append(f"malformed={row['malformed']}")
     if row.get("dead_letters_dropped"):
         parts.append(f"dead_dropped={row['dead_letters_dropped']}")
+    if row.get("unreachable"):
+        parts.append(f"unreachable={','.join(row['unreachable'])}")
+    if row.get("denied"):
+        parts.append(f"curve_denied={row['denied']}")
+    if row.get("insecure"):
+        parts.append("INSECURE: tcp without CURVE")
     return " ".join(parts)
 
 
@@ -448,6 +456,48 @@ def report(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
         raise typer.Exit(1) from None
     console.print(summary, highlight=False)
     console.print(f"wrote {out}")
+
+
+@app.command("run-stage")
+def run_stage(stage: str = typer.Argument(..., help="The stage to run."),
+              replica: int | None = typer.Option(None, "--replica", help="Replica index (default: the ordinal "
+                                                 "ending the host name, as in consumer-3, else 0)."),
+              config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
+              health_port: int | None = typer.Option(None, "--health-port", help="Serve /healthz, /readyz, /metrics here."),
+              health_host: str = typer.Option("0.0.0.0", "--health-host", help="Address the health server binds."),
+              bind_host: str | None = typer.Option(None, "--bind-host", help="Address its sockets bind (default: bind_host)."),
+              advertise_host: str | None = typer.Option(None, "--advertise-host", help="Host receivers send acks to "
+                                                        "(default: $STREAMPIPE_ADVERTISE_HOST, advertise_host:, the bind host "
+                                                        "or the interface towards them)."),
+              keys: Path | None = typer.Option(None, "--keys", help="CURVE key folder (default: keys: of the config)."),
+              ) -> None:
+    """Run one stage replica in the foreground with no supervisor (a container's or a systemd unit's
+    entrypoint): endpoints from the config and name resolution, JSON logs on stdout, SIGTERM drains."""
+    from streampipe.launcher.runstage import run_stage as run
+    from streampipe.launcher.runstage import run_stage_spec
+
+    cfg = _config(config)
+    rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
+    spec = run_stage_spec(cfg, stage, replica, rd, bind_host=bind_host, advertise_host=advertise_host,
+                          keys=keys.resolve() if keys else None)
+    raise typer.Exit(run(spec, health_port, health_host))
+
+
+keys_app = typer.Typer(help="CURVE keys for security: curve.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(folder: Path = typer.Argument(..., help="Where to write the key pairs (a Secret's contents).")) -> None:
+    """Write the pipeline's server and client key pairs: every stage loads the folder; the
+    ``*.key`` public keys in it are the clients admitted."""
+    from streampipe.stages.network import generate_keys
+
+    if (folder / "server.key_secret").exists():
+        err.print(f"error: {folder} already holds keys; remove them first to make new ones")
+        raise typer.Exit(1)
+    for path in generate_keys(folder):
+        console.print(f"wrote {path}", highlight=False)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ and ``replica``:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
@@ -34,11 +34,13 @@ COUNTERS = (("records_in", "Records received (a source: produced)"), ("records_o
 
 
 class PipelineCollector:
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    """The metrics of a status snapshot: the supervisor's (``up``), or one replica's (``run-stage``)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Any]:
-        snapshot = self.sup.snapshot or {"stages": []}   # built on the event loop, read here
+        snapshot = self.snapshot() or {"stages": []}
         rows = snapshot["stages"]
         counters = {name: CounterMetricFamily(f"streampipe_{name}", doc, labels=LABELS) for name, doc in COUNTERS}
         up = GaugeMetricFamily("streampipe_up", "1 when the replica is running or blocked", labels=LABELS)
@@ -48,6 +50,9 @@ class PipelineCollector:
         latency = HistogramMetricFamily("streampipe_batch_latency_seconds", "Time in process() per batch", labels=LABELS)
         version = GaugeMetricFamily("streampipe_model_version", "Model version (trainer, evaluator)", labels=LABELS)
         metric = GaugeMetricFamily("streampipe_model_metric", "Latest model metric", labels=LABELS + ["metric"])
+        unreachable = GaugeMetricFamily("streampipe_edge_unreachable", "1 when an output edge has had no connected "
+                                        "receiver for heartbeat_timeout", labels=LABELS + ["edge"])
+        denied = CounterMetricFamily("streampipe_curve_denied", "Connections refused by CURVE authentication", labels=LABELS)
         for r in rows:
             labels = [r["name"], str(r["replica"])]
             for name, family in counters.items():
@@ -64,6 +69,9 @@ class PipelineCollector:
                     cumulative.append((str(bound / 1000.0) if bound != float("inf") else "+Inf", float(total)))
                 approx_sum = total * float(r.get("latency_ms") or 0.0) / 1000.0
                 latency.add_metric(labels, cumulative, approx_sum)
+            for edge in r.get("unreachable") or []:
+                unreachable.add_metric(labels + [str(edge)], 1.0)
+            denied.add_metric(labels, float(r.get("denied", 0) or 0))
             stats = r.get("stats") or {}
             if isinstance(stats.get("model_version"), (int, float)):
                 version.add_metric(labels, float(stats["model_version"]))
@@ -75,11 +83,11 @@ class PipelineCollector:
             sup_malformed.add_metric([sock], float(snapshot.get("malformed", {}).get(sock, 0)))
         yield sup_malformed
         yield from counters.values()
-        yield from (up, blocked, cpu, rss, latency, version, metric)
+        yield from (up, blocked, cpu, rss, latency, version, metric, unreachable, denied)
 
 
 def serve_metrics(sup: Supervisor, port: int) -> None:
     """Serve /metrics on 127.0.0.1:port from a daemon thread."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PipelineCollector(sup))  # type: ignore[arg-type]
+    registry.register(PipelineCollector(lambda: sup.snapshot))  # type: ignore[arg-type]
     start_http_server(port, addr="127.0.0.1", registry=registry)

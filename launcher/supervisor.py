@@ -45,6 +45,7 @@ from streampipe.launcher.config import PipelineConfig, StageConfig
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.rundir import RunDir
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
+from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Judge, Probe, Reading
 from streampipe.monitor.policy import RestartPolicy, describe_exit
@@ -134,6 +135,7 @@ class Replica:
             "last_error": self.last_error, "last_exit": self.last_exit,
             "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == "backoff" else 0.0,
             "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
+            "unreachable": hb.get("unreachable", []), "insecure": hb.get("insecure", ""), "denied": hb.get("denied", 0),
         }
 
 
@@ -395,16 +397,13 @@ class Supervisor:
         for e in cfg.edges():
             if e.src == rep.stage:
                 edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest)))
-        return StageSpec(
-            name=rep.stage, replica=rep.index, replicas=len(self.replicas[rep.stage]), type=sc.type,
-            options=sc.options, run_dir=str(self.rd.path), config_dir=str(cfg.config_dir),
-            control=self.rd.stages, input=self.endpoint("i", rep.stage, rep.index) if sc.inputs else None,
+        tcp = cfg.transport == "tcp"
+        return stage_spec(
+            cfg, sc, rep.index, len(self.replicas[rep.stage]), self.rd.path, control=self.rd.stages,
+            input=self.endpoint("i", rep.stage, rep.index) if sc.inputs else None,
             ack=self.endpoint("a", rep.stage, rep.index), edges=edges, ack_peers=self.ack_peers(rep.stage),
-            supervisor_pid=os.getpid(), max_message_bytes=int(cfg.max_message_mb * (1 << 20)),
-            delivery=cfg.delivery, max_batch=sc.max_batch, linger_ms=sc.linger_ms, hwm=sc.hwm,
-            max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout, stop_grace=sc.stop_grace,
-            log_level=cfg.logging.level, log_rotation=cfg.logging.rotation, log_retention=cfg.logging.retention,
-            pipeline=cfg.pipeline, file_max_bytes=cfg.logging.file_max_bytes)
+            supervisor_pid=os.getpid(), bind_host=cfg.bind_host if tcp else "",
+            curve_keys=str(cfg.keys_dir) if tcp and cfg.security == "curve" and cfg.keys_dir else None)
 
     def ack_peers(self, stage: str) -> list[str]:
         """The ack endpoints of every replica feeding ``stage``: the only ones its replicas ack to."""

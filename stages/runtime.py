@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import zmq
 from loguru import logger
 
 from streampipe._rotating import watch_stdio
-from streampipe.stages import wire
+from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import AckPoints
 from streampipe.stages.api import Record, Stage, StageContext, is_source
 from streampipe.stages.process import Processor
@@ -73,6 +73,7 @@ ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often;
                                 # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
 ACK_SAVE_SHARE = 0.2            # ... and spends at most this share of its time saving (an fsync: 1-100 ms)
 RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
+MAX_SENDERS = 512               # run-stage: ack endpoints remembered (and ack sockets kept open)
 LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
 LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
 
@@ -129,7 +130,11 @@ class Edge:
         self.sock.setsockopt(zmq.SNDHWM, rt.spec.hwm)
         self.sock.setsockopt(zmq.LINGER, -1 if not rt.acked else 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        if rt.curve is not None:
+            rt.curve.client(self.sock)
+        self.reach = network.Reach(self.sock)
         self.endpoints: list[str] = []
+        self.ack_endpoint = rt.spec.ack           # what its headers name (run-stage: the advertised one)
         self.connect(spec.endpoints)
         self.seq = 0
         self.pending: list[Record] = []
@@ -140,13 +145,17 @@ class Edge:
         self.eos_from: set[str] = set()
 
     def connect(self, endpoints: list[str]) -> None:
+        """Connect to the replicas at ``endpoints`` and drop the others. Batches in flight to a
+        dropped one are never acknowledged: they are resent to the others."""
+        bind_host = self.rt.spec.bind_host
         for ep in endpoints:
             if ep not in self.endpoints:
-                self.sock.connect(ep)
+                self.sock.connect(network.connect_from(ep, bind_host))
         for ep in self.endpoints:
             if ep not in endpoints:
+                self.reach.forget(network.connect_from(ep, bind_host))
                 try:
-                    self.sock.disconnect(ep)
+                    self.sock.disconnect(network.connect_from(ep, bind_host))
                 except zmq.ZMQError:
                     pass
         self.endpoints = list(endpoints)
@@ -167,7 +176,7 @@ class Edge:
         self.seq += 1
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
-                  "ack": self.rt.spec.ack if self.rt.acked else None, "o": stamp[0], "w": stamp[1]}
+                  "ack": self.ack_endpoint if self.rt.acked else None, "o": stamp[0], "w": stamp[1]}
         try:
             frames = wire.data_frames(header, records)
         except (TypeError, ValueError, OverflowError):
@@ -297,15 +306,29 @@ class StageRuntime:
         self.last_error = ""
         self.error_log = ErrorLog()
         self.rejects = wire.Rejects()             # malformed messages dropped, by socket
-        self.ack_peers = frozenset(spec.ack_peers)   # the only addresses acks are sent to
+        # the only addresses acks are sent to: the senders the supervisor names, or (run-stage,
+        # no supervisor) those a batch arrived from, checked against the connection's peer address
+        self.ack_peers: frozenset[str] | dict[str, None] = frozenset(spec.ack_peers)
+        self.standalone = not spec.control
+        if self.standalone:
+            self.ack_peers = {}
         self.stats_reported = False               # a stats() problem is reported once
+        self.on_tell: Callable[[str, dict[str, Any]], None] | None = None   # run-stage: health and metrics
+        self.curve = network.Curve(Path(spec.curve_keys)) if spec.curve_keys else None
+        if self.curve is not None:
+            self.curve.start_authenticator(self.ctx)
+        self.insecure = ""                        # why a tcp bind is open to the network, if it is
+        self.resolver: network.Resolver | None = None
+        self.resolved_version = 0
 
-        self.ctl = self.ctx.socket(zmq.DEALER)
-        self.ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
-        self.ctl.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
-        self.ctl.setsockopt(zmq.LINGER, 500)
-        self.ctl.setsockopt(zmq.SNDHWM, 100)
-        self.ctl.connect(spec.control)
+        self.ctl: zmq.Socket[bytes] | None = None
+        if spec.control:
+            self.ctl = self.ctx.socket(zmq.DEALER)
+            self.ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
+            self.ctl.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
+            self.ctl.setsockopt(zmq.LINGER, 500)
+            self.ctl.setsockopt(zmq.SNDHWM, 100)
+            self.ctl.connect(spec.control)
         self.inp: zmq.Socket[bytes] | None = None
         self.ackp: zmq.Socket[bytes] | None = None
         self.edges: list[Edge] = []
@@ -315,20 +338,55 @@ class StageRuntime:
         self.ackp = self.ctx.socket(zmq.PULL)
         self.ackp.setsockopt(zmq.LINGER, 0)
         self.ackp.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
+        self.secure(self.ackp, self.spec.ack)
         self.ackp.bind(self.spec.ack)
+        bound_ack = self.ackp.getsockopt(zmq.LAST_ENDPOINT).decode()     # run-stage may bind port 0
         self.edges = [Edge(self, e) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
+        targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
+        if targets:
+            self.ack_port = int(bound_ack.rsplit(":", 1)[1])
+            self.resolver = network.Resolver(targets, self.spec.resolve_interval)
+            self.apply_resolved()
         if self.spec.input:
             self.inp = self.ctx.socket(zmq.PULL)
             self.inp.setsockopt(zmq.RCVHWM, self.spec.hwm)
             self.inp.setsockopt(zmq.LINGER, 0)
             self.inp.setsockopt(zmq.MAXMSGSIZE, self.spec.max_message_bytes)   # libzmq drops bigger frames unallocated
+            self.secure(self.inp, self.spec.input)
             self.inp.bind(self.spec.input)
+
+    def secure(self, sock: zmq.Socket[bytes], endpoint: str) -> None:
+        """CURVE on a tcp socket this replica binds; without it, a bind open to the network is loud."""
+        if not endpoint.startswith("tcp://"):
+            return
+        if self.curve is not None:
+            self.curve.serve(sock)
+            return
+        host = network.host_of(endpoint)
+        if not network.is_loopback(host) and not self.insecure:
+            self.insecure = f"tcp bind on {host} without CURVE: anyone who reaches it can send data and acks"
+            logger.warning(f"INSECURE: {self.insecure} (set security: curve and keys:)")
+
+    def apply_resolved(self) -> None:
+        """Connect the edges to what their names resolve to now (run-stage)."""
+        assert self.resolver is not None
+        self.resolved_version = self.resolver.version
+        for name, endpoints in self.resolver.endpoints.items():
+            edge = self.edges_by_name[name]
+            if endpoints != edge.endpoints:
+                edge.connect(endpoints)
+            host = network.advertised_host(self.spec.advertise_host, self.spec.bind_host, endpoints)
+            edge.ack_endpoint = f"tcp://{host}:{self.ack_port}"
 
     def tell(self, op: str, **fields: Any) -> None:
         for key in ("error", "traceback", "last_error"):    # under the supervisor's CONTROL_MAX_BYTES
             if key in fields:
                 fields[key] = fields[key][-wire.TEXT_MAX_CHARS:]
+        if self.on_tell is not None:
+            self.on_tell(op, fields)
+        if self.ctl is None:
+            return
         try:
             self.ctl.send(wire.control(op, pid=os.getpid(), **fields), flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -339,7 +397,8 @@ class StageRuntime:
         poller = zmq.Poller()
         assert self.ackp is not None
         poller.register(self.ackp, zmq.POLLIN)
-        poller.register(self.ctl, zmq.POLLIN)
+        if self.ctl is not None:
+            poller.register(self.ctl, zmq.POLLIN)
         if self.inp is not None:
             poller.register(self.inp, zmq.POLLIN)
         gen: Iterator[Record | None] | None = self.stage.generate() if self.source and not self.finished else None  # type: ignore[attr-defined]
@@ -354,6 +413,8 @@ class StageRuntime:
             if self.stopping and deadline == float("inf"):
                 deadline = now + max(0.5, self.spec.stop_grace - 0.75)
                 gen = None
+            if self.resolver is not None and self.resolver.version != self.resolved_version:
+                self.apply_resolved()
             for edge in self.edges:
                 if edge.outq:
                     edge.send(now)
@@ -424,7 +485,7 @@ class StageRuntime:
             events = dict(poller.poll(timeout_ms))
             for sock in writable_wait:
                 poller.unregister(sock)
-            if self.ctl in events:
+            if self.ctl is not None and self.ctl in events:
                 self.read_control()
             if self.ackp in events:
                 self.read_acks()
@@ -458,6 +519,10 @@ class StageRuntime:
             if self.blocked:
                 return
             try:
+                if self.standalone:    # the peer address checks the ack address a header names
+                    got = self.inp.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    self.handle([f.bytes for f in got], network.SenderCheck(self.peer_address(got[0])))
+                    continue
                 frames = self.inp.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
@@ -466,12 +531,21 @@ class StageRuntime:
             if self.acks_pending >= ACK_FLUSH_EVERY:
                 self.flush_acks()   # upstream's window refills while we work through ours
 
-    def handle(self, frames: list[bytes]) -> None:
+    @staticmethod
+    def peer_address(frame: zmq.Frame) -> str | None:
         try:
-            header, records = wire.read_message(frames, self.ack_peers, self.acked)
+            return str(frame.get("Peer-Address"))
+        except zmq.ZMQError:
+            return None     # not a tcp connection
+
+    def handle(self, frames: list[bytes], peers: Container[str] | None = None) -> None:
+        try:
+            header, records = wire.read_message(frames, self.ack_peers if peers is None else peers, self.acked)
         except wire.Malformed as exc:
             self.rejects.drop("input", str(exc))
             return
+        if peers is not None and header.get("ack"):
+            self.learn_sender(header["ack"])
         if records is None:
             self.on_eos(header)
             return
@@ -669,7 +743,7 @@ class StageRuntime:
     def send_eos(self) -> None:
         for edge in self.edges:
             header = {"src": self.spec.name, "r": self.spec.replica, "e": edge.name, "ep": self.epoch,
-                      "seq": edge.seq, "ack": self.spec.ack}
+                      "seq": edge.seq, "ack": edge.ack_endpoint}
             missing = max(1, len(edge.endpoints) - len(edge.eos_from))
             for _ in range(missing):
                 try:
@@ -700,10 +774,12 @@ class StageRuntime:
                 if endpoint not in self.ack_peers:
                     continue   # its sender is gone (scaled down) since the input arrived
                 sock = self.ack_socks[endpoint] = self.ctx.socket(zmq.PUSH)
+                if self.curve is not None and endpoint.startswith("tcp://"):
+                    self.curve.client(sock)
                 sock.setsockopt(zmq.LINGER, 200)
                 sock.setsockopt(zmq.SNDHWM, 10_000)
                 sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-                sock.connect(endpoint)
+                sock.connect(network.connect_from(endpoint, self.spec.bind_host))
             for (edge, ep), seqs in groups.items():
                 if edge == "eos":
                     for header in self.eos_headers:
@@ -829,6 +905,19 @@ class StageRuntime:
             elif op == "peers":
                 self.set_ack_peers(msg.get("acks", []))
 
+    def learn_sender(self, endpoint: str) -> None:
+        """A sender checked against its connection (run-stage): acks may go to it. The newest
+        ``MAX_SENDERS`` are kept; the ack socket of one forgotten is closed."""
+        assert isinstance(self.ack_peers, dict)
+        self.ack_peers.pop(endpoint, None)
+        self.ack_peers[endpoint] = None
+        while len(self.ack_peers) > MAX_SENDERS:
+            old = next(iter(self.ack_peers))
+            del self.ack_peers[old]
+            sock = self.ack_socks.pop(old, None)
+            if sock is not None:
+                sock.close(linger=0)
+
     def set_ack_peers(self, endpoints: list[str]) -> None:
         """The replicas feeding this one changed (a scale upstream): acks go only to these, and
         the ack sockets of senders that are gone are closed."""
@@ -837,9 +926,18 @@ class StageRuntime:
             self.ack_socks.pop(endpoint).close(linger=0)
         self.eos_headers = [h for h in self.eos_headers if h["ack"] in self.ack_peers]
 
+    def unreachable(self) -> list[str]:
+        """The edges that have had no connected receiver for ``heartbeat_timeout``."""
+        now = time.monotonic()
+        for edge in self.edges:
+            edge.reach.update(now)
+        return [e.name for e in self.edges if e.reach.unreachable(now, self.spec.heartbeat_timeout)]
+
     def heartbeat(self) -> None:
         self.rejects.flush()
         self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
+                  unreachable=self.unreachable(), insecure=self.insecure,
+                  denied=self.curve.log.denied if self.curve is not None else 0,
                   dead_letters=self.dead, dead_letters_dropped=self.dead_letters.dropped, resent=self.resent,
                   malformed=self.rejects.total, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
@@ -877,15 +975,21 @@ class StageRuntime:
     def close(self) -> None:
         self.processor.close()
         self.dead_letters.close()
+        if self.resolver is not None:
+            self.resolver.stop()
         linger = 0 if self.acked else 1000
         for edge in self.edges:
+            edge.reach.close()
             edge.sock.close(linger=linger)
         for sock in self.ack_socks.values():
             sock.close(linger=200)
         for maybe in (self.inp, self.ackp):
             if maybe is not None:
                 maybe.close(linger=0)
-        self.ctl.close(linger=500)
+        if self.ctl is not None:
+            self.ctl.close(linger=500)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
 
 
@@ -947,13 +1051,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def setup_logging(spec: StageSpec) -> None:
-    logs = Path(spec.run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def setup_logging(spec: StageSpec, stdout: bool = False) -> None:
+    """JSON lines into ``logs/<stage>.<r>.jsonl`` (rotated), or to stdout (run-stage: a container's log)."""
     logger.remove()
     logger.configure(extra={"stage": spec.name, "replica": spec.replica})
+    if stdout:
+        logger.add(sys.stdout, serialize=True, level=spec.log_level, enqueue=False, backtrace=False)
+        return
+    logs = Path(spec.run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     logger.add(logs / f"{spec.ident}.jsonl", serialize=True, level=spec.log_level,
                rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False)
+
+
+class Host:
+    """What runs a replica without a supervisor (``streampipe run-stage``) hooks into: it hears
+    everything the replica would tell a supervisor, and keeps a finished source up until stopped
+    (a container that exits after its stream would be restarted for ever)."""
+
+    def on_tell(self, op: str, fields: dict[str, Any]) -> None:
+        pass
+
+    def idle(self, stop: threading.Event) -> None:
+        logger.info("stream completed; idle until stopped")
+        stop.wait()
 
 
 def restore_point(spec: StageSpec) -> dict[str, Any] | None:
@@ -970,8 +1091,8 @@ def restore_point(spec: StageSpec) -> dict[str, Any] | None:
     return load_replica_state(state_dir, spec.name, spec.replica)
 
 
-def main(spec: StageSpec) -> int:
-    """Run one stage replica; returns the process exit status."""
+def main(spec: StageSpec, host: Host | None = None) -> int:
+    """Run one stage replica; returns the process exit status. ``host``: run without a supervisor."""
     stop_requested = threading.Event()
     rt: StageRuntime | None = None
 
@@ -981,24 +1102,30 @@ def main(spec: StageSpec) -> int:
             rt.stopping = True
 
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the supervisor's to handle
+    # Ctrl-C is the supervisor's to handle; a replica in the foreground drains on it
+    signal.signal(signal.SIGINT, on_term if host is not None else signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.getppid() == spec.supervisor_pid:      # a cold start: arm the death signal at once
         die_with_parent(spec.supervisor_pid)
-    setup_logging(spec)
-    watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)
+    setup_logging(spec, stdout=host is not None)
+    if host is None:
+        watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)
     try:
         stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
         stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
                                      outputs=tuple(sorted({e.output for e in spec.edges})))
         rt = StageRuntime(spec, stage)
+        if host is not None:
+            rt.on_tell = host.on_tell
         rt.tell("hello")
         saved = restore_point(spec) if rt.source else load_replica_state(rt.state_path.parent, spec.name, spec.replica)
         if saved is not None:
             if saved.get("completed") and rt.source:
                 logger.info("stream already completed in an earlier run; nothing to do")
                 rt.tell("completed")
+                if host is not None:
+                    host.idle(stop_requested)
                 rt.close()
                 return EXIT_OK
             stage.restore(saved.get("state") or {})
@@ -1013,14 +1140,14 @@ def main(spec: StageSpec) -> int:
         tb = traceback.format_exc()
         logger.opt(exception=True).error(f"stage failed to start: {type(exc).__name__}: {exc}")
         print(tb, file=sys.stderr, flush=True)
-        if rt is None:   # failed before the runtime existed: tell the supervisor on a socket of our own
+        if rt is None and spec.control:   # failed before the runtime existed: tell the supervisor on a socket of our own
             ctl: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
             ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
             ctl.connect(spec.control)
             ctl.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}"[-wire.TEXT_MAX_CHARS:],
                                   traceback=tb[-wire.TEXT_MAX_CHARS:]))
             ctl.close(linger=500)
-        else:
+        elif rt is not None:
             rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
             rt.close()
         return EXIT_START_FAILED
@@ -1044,6 +1171,9 @@ def main(spec: StageSpec) -> int:
         rt.run()
         if rt.finished:
             logger.info(f"stream completed: {rt.records_out} records sent")
+            if host is not None and not stop_requested.is_set():
+                rt.save_state()
+                host.idle(stop_requested)
     except Exception as exc:
         tb = traceback.format_exc()
         logger.opt(exception=True).error(f"stage crashed: {type(exc).__name__}: {exc}")

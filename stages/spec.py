@@ -19,6 +19,8 @@ class EdgeSpec:
     output: str                # the stage's output feeding this edge
     dest: str
     endpoints: list[str]       # one per replica of dest
+    addresses: list[str] = field(default_factory=list)   # or: names resolved to the replicas (run-stage)
+    port: int = 0              # ... and the port they bind
 
 
 @dataclass
@@ -30,7 +32,7 @@ class StageSpec:
     options: dict[str, Any]
     run_dir: str
     config_dir: str
-    control: str               # supervisor ROUTER endpoint
+    control: str               # supervisor ROUTER endpoint ("" for run-stage: no supervisor)
     input: str | None          # PULL endpoint this replica binds (None for a source)
     ack: str                   # PULL endpoint for acks this replica binds
     edges: list[EdgeSpec] = field(default_factory=list)
@@ -49,6 +51,12 @@ class StageSpec:
     log_retention: int = 5
     pipeline: str = "pipeline"  # the pipeline's name, for the process title
     file_max_bytes: int = 10 * 2**20   # dead letters and .stderr rotate at this size
+    # across machines (streampipe.stages.network)
+    bind_host: str = ""                # tcp: the host its sockets bind; a PUSH connects from it too
+    advertise_host: str | None = None  # tcp: the host written into headers for acks
+    resolve_interval: float = 5.0
+    curve_keys: str | None = None      # the key folder: CURVE on every tcp socket
+    heartbeat_timeout: float = 10.0    # an edge without a receiver this long is unreachable
 
     @property
     def ident(self) -> str:

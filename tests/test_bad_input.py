@@ -15,7 +15,6 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -264,8 +263,8 @@ def test_acks_follow_a_scale_of_the_stage_upstream(pipeline, tmp_path: Path) -> 
 
 def test_malformed_counts_are_prometheus_metrics() -> None:
     row = {"name": "consumer", "replica": 0, "state": "running", "cpu_percent": 1.0, "rss_bytes": 1, "malformed": 7}
-    sup = SimpleNamespace(snapshot={"stages": [row], "malformed": {"stages": 3}})
-    families = {f.name: f for f in PipelineCollector(sup).collect()}   # type: ignore[arg-type]
+    snapshot = {"stages": [row], "malformed": {"stages": 3}}
+    families = {f.name: f for f in PipelineCollector(lambda: snapshot).collect()}
     assert [s.value for s in families["streampipe_malformed"].samples if s.name.endswith("_total")] == [7.0]
     by_socket = {s.labels["socket"]: s.value for s in families["streampipe_supervisor_malformed"].samples if s.name.endswith("_total")}
     assert by_socket == {"stages": 3.0, "control": 0.0}
