@@ -62,9 +62,13 @@ def run_stage_spec(cfg: PipelineConfig, stage: str, replica: int | None, run_dir
     if replica is None:
         replica = replica_from_hostname(socket.gethostname())
         replica = 0 if replica is None else replica
-    if not 0 <= replica < sc.replicas:
-        raise ConfigError(f"replica {replica} of {stage!r}, which has replicas: {sc.replicas} (indexes 0..{sc.replicas - 1})",
-                          file=cfg.path, field=f"stages.{stage}.replicas")
+    replicas = sc.replicas
+    if sc.inputs:
+        replicas = max(replicas, replica + 1)    # scaled out by its orchestrator (kubectl scale): welcome
+    elif not 0 <= replica < sc.replicas:         # a source's ids are split by its replica count
+        raise ConfigError(f"replica {replica} of the source {stage!r}, which has replicas: {sc.replicas} "
+                          f"(indexes 0..{sc.replicas - 1}): a source's ids are split by its replica count; "
+                          f"change replicas: in the config to scale it", file=cfg.path, field=f"stages.{stage}.replicas")
     host = bind_host or sc.bind_host or cfg.bind_host
     edges = []
     for e in cfg.edges():
@@ -83,7 +87,7 @@ def run_stage_spec(cfg: PipelineConfig, stage: str, replica: int | None, run_dir
     zhost = "*" if host in ("0.0.0.0", "*", "") else host
     advertise = advertise_host or os.environ.get(ADVERTISE_ENV) or (os.path.expandvars(cfg.advertise_host) if cfg.advertise_host else None)
     keys_dir = keys or (cfg.keys_dir if cfg.security == "curve" else None)
-    return stage_spec(cfg, sc, replica, sc.replicas, run_dir, control="",
+    return stage_spec(cfg, sc, replica, replicas, run_dir, control="",
                       input=f"tcp://{zhost}:{sc.port}" if sc.inputs else None,
                       ack=f"tcp://{zhost}:{sc.ack_port or '*'}", edges=edges, ack_peers=[], supervisor_pid=0,
                       bind_host=host, advertise_host=advertise or None,

@@ -254,9 +254,10 @@ class _ZapLog:
         self.denied = 0
 
     def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        if msg.startswith("DENIED"):
+        text = msg % args if args else msg
+        if text.startswith("DENIED"):
             self.denied += 1
-            self.warning(msg, *args)
+            self.warning(text)
 
     info = debug
 

@@ -344,6 +344,9 @@ class StageRuntime:
         self.edges = [Edge(self, e) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
         targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
+        for edge in self.edges:
+            if edge.name in targets:   # a replica that is down takes nothing: its share goes to the live ones
+                edge.sock.setsockopt(zmq.IMMEDIATE, 1)
         if targets:
             self.ack_port = int(bound_ack.rsplit(":", 1)[1])
             self.resolver = network.Resolver(targets, self.spec.resolve_interval)
@@ -363,7 +366,7 @@ class StageRuntime:
         if self.curve is not None:
             self.curve.serve(sock)
             return
-        host = network.host_of(endpoint)
+        host = network.host_of(endpoint).replace("*", "0.0.0.0")
         if not network.is_loopback(host) and not self.insecure:
             self.insecure = f"tcp bind on {host} without CURVE: anyone who reaches it can send data and acks"
             logger.warning(f"INSECURE: {self.insecure} (set security: curve and keys:)")
