@@ -147,7 +147,9 @@ class _Source:
         self.path = cfg.path
         self.text = cfg.path.read_text()
         self.raw: dict[str, Any] = yaml.safe_load(self.text)
-        self.index = _line_index(yaml.compose(self.text, Loader=yaml.SafeLoader))
+        node = yaml.compose(self.text, Loader=yaml.SafeLoader)
+        assert node is not None, "load_config read this file as a mapping"
+        self.index = _line_index(node)
 
     def fail(self, message: str, *loc: Any) -> ConfigError:
         return ConfigError(message, file=self.path, line=_line_of(self.index, loc), field=".".join(map(str, loc)))
@@ -278,9 +280,10 @@ def _refuse(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan]) -> N
     for name in plans:
         stage = cfg.stages[name]
         if stage.restart != "always":
-            raise src.fail(f"restart: {stage.restart} cannot hold on Kubernetes: a StatefulSet's pods are always restarted "
-                           "(restartPolicy: Always). Use restart: always (a finite source stays up, idle, once its "
-                           "stream is complete), or run this stage as a Kubernetes Job of your own", *src.stage_key(name, "restart"))
+            raise src.fail(f"restart: {stage.restart} cannot hold on Kubernetes: the kubelet restarts every container of a "
+                           "StatefulSet that exits (restartPolicy: Always). Use restart: always (a completed finite source "
+                           "stays up, idle, so its stream is not sent twice), or keep this pipeline on `streampipe up`, "
+                           "whose supervisor honours it", *src.stage_key(name, "restart"))
         if stage.type == "log_extractor":
             raise src.fail("the log extractor reads the log files of a run directory; on Kubernetes each stage logs to its "
                            "pod's stdout (kubectl logs, the cluster's log collector) and has a volume of its own, so it "
@@ -352,7 +355,7 @@ def _pod_config(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan], 
 def _network_first(data: dict[str, Any]) -> dict[str, Any]:
     """The top-level network keys right after ``pipeline`` and ``delivery``, where a reader looks."""
     head = [k for k in ("pipeline", "delivery") if k in data]
-    out = {k: data.pop(k) for k in head}
+    out: dict[str, Any] = {k: data.pop(k) for k in head}
     out.update({"transport": data.pop("transport", "ipc"), "bind_host": data.pop("bind_host", "127.0.0.1")})
     out.update(data)
     return out
