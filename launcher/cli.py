@@ -486,7 +486,9 @@ def export_kubernetes(config: Path = ConfigOpt,
     if output is None:
         sys.stdout.write(manifest_stream(result.objects))
         return
-    paths = write_manifests(result.objects, output)
+    paths, stale = write_manifests(result.objects, output)
+    if stale:
+        err.print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
     err.print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
 
 

@@ -555,12 +555,20 @@ def file_name(index: int, obj: dict[str, Any]) -> str:
     return f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
 
 
-def write_manifests(objects: list[dict[str, Any]], folder: Path) -> list[Path]:
-    """One file per object in ``folder`` (created); returns the paths written."""
+MANAGED = "app.kubernetes.io/managed-by: streampipe"   # in every file written, so an earlier export's are known
+
+
+def write_manifests(objects: list[dict[str, Any]], folder: Path) -> tuple[list[Path], list[Path]]:
+    """One file per object in ``folder`` (created); returns the paths written and the stale ones removed.
+
+    A file an earlier export wrote there and this one does not (a stage renamed or left out) is
+    removed, so that ``kubectl apply -f DIR`` does not bring it back; other files are left alone.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, obj in enumerate(objects):
-        path = folder / file_name(i, obj)
+    paths = [folder / file_name(i, obj) for i, obj in enumerate(objects)]
+    stale = [p for p in sorted(folder.glob("[0-9][0-9]-*.yaml")) if p not in paths and MANAGED in p.read_text(errors="replace")]
+    for path in stale:
+        path.unlink()
+    for path, obj in zip(paths, objects):
         path.write_text(to_yaml(obj))
-        paths.append(path)
-    return paths
+    return paths, stale

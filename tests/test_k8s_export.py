@@ -437,3 +437,15 @@ def test_dockerfile_builds_what_the_manifests_expect() -> None:
     folder = REPO / arg.partition("=")[2]
     assert (folder / "services.yaml").is_file()
     assert [c.value for c in final if c.cmd == "COPY"] == [("${PIPELINE}/", f"{k8s.PIPELINE_DIR}/")]
+
+
+def test_output_folder_drops_an_earlier_exports_stale_files(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SMALL + "  extra: {type: consumer, inputs: [gen]}\n"), check_stages=False)
+    out = tmp_path / "k8s"
+    out.mkdir()
+    (out / "kustomization.yaml").write_text("resources: []\n")   # not ours: kept
+    first, _ = k8s.write_manifests(k8s.export(cfg, image="i").objects, out)
+    second, stale = k8s.write_manifests(k8s.export(cfg, image="i", without=["extra"]).objects, out)
+    assert {p.name for p in stale} == {p.name for p in first} - {p.name for p in second}
+    assert any("p-extra" in p.name for p in stale)
+    assert sorted(out.iterdir()) == sorted([*second, out / "kustomization.yaml"])
