@@ -193,8 +193,9 @@ def export(cfg: PipelineConfig, *, image: str, namespace: str | None = None, ser
 # -- checks and plan -------------------------------------------------------------------------------
 
 def _kept_stages(cfg: PipelineConfig, src: _Source, without: set[str], notes: list[str]) -> list[str]:
-    for name in sorted(without - set(cfg.stages)):
-        raise ConfigError(f"--without {name}: no such stage (stages: {', '.join(cfg.stages)})", file=cfg.path)
+    unknown = sorted(without - set(cfg.stages))
+    if unknown:
+        raise ConfigError(f"--without {unknown[0]}: no such stage (stages: {', '.join(cfg.stages)})", file=cfg.path)
     for name in cfg.stages:
         for ref in cfg.stages[name].inputs if name not in without else ():
             if ref.partition(".")[0] in without:
@@ -465,8 +466,9 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
         container["resources"] = {"limits": limits}   # requests default to the limits
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": math.ceil(stage.stop_grace),
+        # fsGroup makes the claim writable by the non-root user; OnRootMismatch skips the recursive chown on restarts
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
     }

@@ -250,9 +250,8 @@ def test_pod_config_is_valid_and_names_the_services(big: k8s.Export, tmp_path: P
     cm = by_kind(big.objects, "ConfigMap")["fraud-scoring"]
     assert cm["data"]["services.yaml"] == big.pod_config
     assert big.pod_config.startswith("# services.yaml of pipeline 'fraud_scoring'")
-    path = tmp_path / "services.yaml"
-    path.write_text(big.pod_config)
-    cfg = load_config(path, check_stages=False)   # the stage modules live in the image, not here
+    path = write(tmp_path, big.pod_config, **{"mystages.py": MYSTAGES})   # as in the image's /pipeline
+    cfg = load_config(path)   # as `run-stage` will: the stages' code and options checked too
     assert (cfg.transport, cfg.bind_host, cfg.advertise_host, cfg.keys) == ("tcp", "0.0.0.0", None, k8s.KEYS_DIR)
     services = by_kind(big.objects, "Service")
     sets = by_kind(big.objects, "StatefulSet")
@@ -364,12 +363,13 @@ REFUSED = [
     ("name_too_long", SMALL.replace("sink", "s" * 60), (), 5, "stages." + "s" * 60, "shorten"),
     ("pipeline_digit", SMALL.replace("pipeline: p", "pipeline: 9lives"), (), 1, "pipeline", "start with a letter"),
     ("without_read_stage", SMALL, ("gen",), 7, "stages.sink.inputs", "--without leaves out"),
+    ("without_unknown", SMALL, ("nope",), None, None, "--without nope: no such stage"),
 ]
 
 
 @pytest.mark.parametrize("name,text,without,line,field,needle", REFUSED, ids=[r[0] for r in REFUSED])
-def test_refused_with_line_and_field(tmp_path: Path, name: str, text: str, without: tuple[str, ...], line: int,
-                                     field: str, needle: str) -> None:
+def test_refused_with_line_and_field(tmp_path: Path, name: str, text: str, without: tuple[str, ...], line: int | None,
+                                     field: str | None, needle: str) -> None:
     cfg = load_config(write(tmp_path, text), check_stages=False)
     with pytest.raises(ConfigError) as exc:
         k8s.export(cfg, image="i", without=without)
