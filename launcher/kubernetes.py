@@ -67,7 +67,10 @@ from streampipe.launcher.errors import ConfigError
 # -- where things are inside a pod (the Dockerfile at the repository's root lays the image out so) --
 PIPELINE_DIR = "/pipeline"                 # the image's pipeline folder: services.yaml and the stage modules
 CONFIG_PATH = f"{PIPELINE_DIR}/services.yaml"
-RUN_DIR = "/var/lib/streampipe"            # the pod's volume claim: its run directory
+CLAIM_DIR = "/var/lib/streampipe"          # the pod's volume claim
+# the run directory one level down: a claim's root belongs to root (the pod's user writes there
+# through fsGroup only), and the run directory is the stage's own, to create and chmod 0700
+RUN_DIR = f"{CLAIM_DIR}/run"
 PEERS_DIR = "/var/lib/streampipe-peers"    # another stage's volume, read-only (the evaluator reads the trainer's)
 KEYS_DIR = "/etc/streampipe/keys"          # the CURVE key Secret
 RUN_AS = 10001                             # the image's non-root user and group (Dockerfile: USER 10001:10001)
@@ -343,7 +346,8 @@ def _pod_config(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan], 
             put(spec, "ack_port", plan.ack_port, f"{where}.ack_port", "fixed, for its NetworkPolicy")
         if plan.reads_checkpoints_of is not None:
             trainer = plans[plan.reads_checkpoints_of]
-            folder = f"{PEERS_DIR}/{trainer.object_name}/{_option(cfg, trainer.name, 'checkpoint_dir')}"
+            run_dir = Path(RUN_DIR).relative_to(CLAIM_DIR)   # where the trainer's run directory sits in its claim
+            folder = f"{PEERS_DIR}/{trainer.object_name}/{run_dir}/{_option(cfg, trainer.name, 'checkpoint_dir')}"
             put(spec.setdefault("options", {}), "checkpoint_dir", folder, f"{where}.options.checkpoint_dir",
                 f"the volume of {trainer.name!r}, read-only")
     header = [f"# services.yaml of pipeline {cfg.pipeline!r} for its pods, written by `streampipe export kubernetes`",
@@ -415,7 +419,7 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
     stage = cfg.stages[plan.name]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_PATH, "subPath": "services.yaml", "readOnly": True},
-        {"name": "data", "mountPath": RUN_DIR},
+        {"name": "data", "mountPath": CLAIM_DIR},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes: list[dict[str, Any]] = [

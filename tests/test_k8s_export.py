@@ -213,7 +213,8 @@ def test_statefulsets_run_each_stage_with_probes_env_and_a_volume(big: k8s.Expor
         assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
         assert claim["metadata"]["labels"] == spec["selector"]["matchLabels"]   # immutable: no version in it
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-        assert mounts[k8s.RUN_DIR]["name"] == claim["metadata"]["name"]
+        assert mounts[k8s.CLAIM_DIR]["name"] == claim["metadata"]["name"]
+        assert k8s.RUN_DIR.startswith(k8s.CLAIM_DIR + "/")
         assert mounts[k8s.CONFIG_PATH] == {"name": "config", "mountPath": k8s.CONFIG_PATH, "subPath": "services.yaml", "readOnly": True}
         assert mounts[k8s.KEYS_DIR]["readOnly"] is True
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -241,7 +242,8 @@ def test_evaluator_reads_the_trainers_volume_beside_it(big: k8s.Export) -> None:
     assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
     assert term["topologyKey"] == "kubernetes.io/hostname"
     cfg = yaml.safe_load(big.pod_config)
-    assert cfg["stages"]["evaluator"]["options"]["checkpoint_dir"] == mounts["trainer"]["mountPath"] + "/checkpoints"
+    # the trainer writes <its run dir>/checkpoints; its claim is mounted here whole
+    assert cfg["stages"]["evaluator"]["options"]["checkpoint_dir"] == mounts["trainer"]["mountPath"] + "/run/checkpoints"
 
 
 # -- the pods' services.yaml and the network -------------------------------------------------------
@@ -423,7 +425,7 @@ def test_dockerfile_builds_what_the_manifests_expect() -> None:
     exposed = {int(p) for c in final if c.cmd == "EXPOSE" for p in c.value}
     assert {k8s.DATA_PORT, k8s.ACK_PORT, k8s.HEALTH_PORT} <= exposed
     run = " ".join(" ".join(c.value) for c in final if c.cmd == "RUN")
-    assert f"--uid {k8s.RUN_AS}" in run and f"install -d -o {k8s.RUN_AS} -g {k8s.RUN_AS} -m 0700 {k8s.RUN_DIR}" in run
+    assert f"--uid {k8s.RUN_AS}" in run and f"install -d -o {k8s.RUN_AS} -g {k8s.RUN_AS} -m 0700 {k8s.CLAIM_DIR}" in run
     assert "streampipe validate" in run   # a broken pipeline fails the build, not the pods
     # what the build stage copies exists and is not left out of the context by .dockerignore
     ignored = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
