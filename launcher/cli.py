@@ -462,20 +462,22 @@ def export_kubernetes(config: Path = ConfigOpt,
                       namespace: str | None = typer.Option(None, "--namespace", "-n", help="Put every object in this namespace (default: kubectl's current one)."),
                       service_monitor: bool = typer.Option(False, "--service-monitor", help="Also write a ServiceMonitor (Prometheus Operator)."),
                       without: list[str] = typer.Option([], "--without", help="Leave this stage out (repeatable), e.g. the log extractor."),
-                      storage: str = typer.Option("1Gi", "--storage", help="Each pod's volume for its run directory."),
+                      storage: str = typer.Option("1Gi", "--storage", help="Size of each pod's volume claim (its run directory), e.g. 10Gi."),
                       ) -> None:
     """Kubernetes manifests for the pipeline: a StatefulSet, headless Service and NetworkPolicy per stage.
 
     Exit 2, naming the file, line and field, for a bad config or a setting that cannot hold on
     Kubernetes (README, "Running on Kubernetes").
     """
-    from streampipe.launcher.kubernetes import dns_label, export, manifest_stream, write_manifests
+    from streampipe.launcher.kubernetes import STORAGE_SIZE, dns_label, export, manifest_stream, write_manifests
 
     if namespace is not None and (dns_label(namespace) != namespace or len(namespace) > 63):
         raise typer.BadParameter(f"{namespace!r} is not a Kubernetes namespace name (lower-case letters, digits, '-')",
                                  param_hint="--namespace")
     if not image.strip() or any(c.isspace() for c in image):
         raise typer.BadParameter("an image reference such as registry.example/team/pipeline:1.0", param_hint="--image")
+    if not STORAGE_SIZE.match(storage):
+        raise typer.BadParameter(f"{storage!r} is not a size such as 500Mi, 10Gi or 1T", param_hint="--storage")
     cfg = _config(config)
     try:
         result = export(cfg, image=image, namespace=namespace, service_monitor=service_monitor, without=without, storage=storage)

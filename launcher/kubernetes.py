@@ -98,6 +98,7 @@ SERVICE_MONITOR_INTERVAL = "15s"           # Prometheus Operator's usual scrape 
 # its name plus 11 characters, which must fit in 63 too
 MAX_NAME = 52
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+STORAGE_SIZE = re.compile(r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?$")   # a Kubernetes quantity, as a volume size is written
 
 # restart and liveness settings the kubelet replaces with its own (noted when a user changed them)
 KUBELET_OWNS = {

@@ -396,9 +396,11 @@ def test_bad_config_exits_2_as_validate_does(tmp_path: Path) -> None:
     assert export.stderr == validate.stderr
 
 
-def test_bad_namespace_is_a_usage_error(tmp_path: Path) -> None:
-    proc = cli("export", "kubernetes", "--config", str(write(tmp_path, SMALL)), "--image", "i", "--namespace", "Not_OK")
-    assert proc.returncode == 2 and "--namespace" in proc.stderr
+@pytest.mark.parametrize("option,value", [("--namespace", "Not_OK"), ("--storage", "lots"), ("--image", "two words")])
+def test_bad_option_is_a_usage_error(tmp_path: Path, option: str, value: str) -> None:
+    args = {"--image": "i", option: value}
+    proc = cli("export", "kubernetes", "--config", str(write(tmp_path, SMALL)), *[x for kv in args.items() for x in kv])
+    assert proc.returncode == 2 and option in proc.stderr and proc.stdout == ""
 
 
 # -- the image -------------------------------------------------------------------------------------
