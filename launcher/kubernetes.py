@@ -362,7 +362,7 @@ def _network_first(data: dict[str, Any]) -> dict[str, Any]:
     """The top-level network keys right after ``pipeline`` and ``delivery``, where a reader looks."""
     head = [k for k in ("pipeline", "delivery") if k in data]
     out: dict[str, Any] = {k: data.pop(k) for k in head}
-    out.update({"transport": data.pop("transport", "ipc"), "bind_host": data.pop("bind_host", "127.0.0.1")})
+    out.update({key: data.pop(key, PipelineConfig.model_fields[key].default) for key in ("transport", "bind_host")})
     out.update(data)
     return out
 
