@@ -8,6 +8,7 @@
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
+    streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
 
 The run directory defaults to ``.streampipe/`` beside the config, so commands run from the
 config's folder find the pipeline with no flags. Exit status: 0 ok, 1 failure (no pipeline
@@ -498,6 +499,49 @@ def keys_generate(folder: Path = typer.Argument(..., help="Where to write the ke
         raise typer.Exit(1)
     for path in generate_keys(folder):
         console.print(f"wrote {path}", highlight=False)
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests).")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("kubernetes")
+def export_kubernetes(config: Path = ConfigOpt,
+                      image: str = typer.Option(..., "--image", help="The image the pods run: the repository's Dockerfile built with your pipeline folder."),
+                      output: Path | None = typer.Option(None, "--output", "-o", help="Write one file per object here (default: one YAML stream on stdout)."),
+                      namespace: str | None = typer.Option(None, "--namespace", "-n", help="Put every object in this namespace (default: kubectl's current one)."),
+                      service_monitor: bool = typer.Option(False, "--service-monitor", help="Also write a ServiceMonitor (Prometheus Operator)."),
+                      without: list[str] = typer.Option([], "--without", help="Leave this stage out (repeatable), e.g. the log extractor."),
+                      storage: str = typer.Option("1Gi", "--storage", help="Size of each pod's volume claim (its run directory), e.g. 10Gi."),
+                      ) -> None:
+    """Kubernetes manifests for the pipeline: a StatefulSet, headless Service and NetworkPolicy per stage.
+
+    Exit 2, naming the file, line and field, for a bad config or a setting that cannot hold on
+    Kubernetes (README, "Running on Kubernetes").
+    """
+    from streampipe.launcher.kubernetes import STORAGE_SIZE, dns_label, export, manifest_stream, write_manifests
+
+    if namespace is not None and (dns_label(namespace) != namespace or len(namespace) > 63):
+        raise typer.BadParameter(f"{namespace!r} is not a Kubernetes namespace name (lower-case letters, digits, '-')",
+                                 param_hint="--namespace")
+    if not image.strip() or any(c.isspace() for c in image):
+        raise typer.BadParameter("an image reference such as registry.example/team/pipeline:1.0", param_hint="--image")
+    if not STORAGE_SIZE.match(storage):
+        raise typer.BadParameter(f"{storage!r} is not a size such as 500Mi, 10Gi or 1T", param_hint="--storage")
+    cfg = _config(config)
+    try:
+        result = export(cfg, image=image, namespace=namespace, service_monitor=service_monitor, without=without, storage=storage)
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    if output is None:
+        sys.stdout.write(manifest_stream(result.objects))
+        return
+    paths, stale = write_manifests(result.objects, output)
+    if stale:
+        err.print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
+    err.print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
 
 
 def main() -> None:
