@@ -93,6 +93,10 @@ class Hosts:
         self.procs.append(proc)
         return proc   # ip netns exec execs argv: proc.pid is the command's own pid
 
+    def run(self, host: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on ``host`` to completion (e.g. an HTTP probe from inside its network)."""
+        return subprocess.run(["ip", "netns", "exec", self.hosts[host][0], *argv], capture_output=True, text=True, timeout=timeout)
+
     def pids(self, host: str) -> list[int]:
         return self.pids_of(self.hosts[host][0])
 
