@@ -1,6 +1,7 @@
 """Throughput and latency of generator -> normalizer -> consumer: streampipe vs raw pyzmq, same run.
 
     python benchmarks/throughput.py [--count 200000] [--repeat 3] [--latency-seconds 7]
+    python benchmarks/throughput.py --transport tcp [--curve] --no-latency    # ipc vs tcp vs tcp+CURVE
 
 What runs (each variant ``--repeat`` times, interleaved, so every repeat compares like with like):
 
@@ -17,6 +18,10 @@ small msgpack header + a msgpack list of 100 records, HWM 100 messages, no strea
     ``raw-stagework``    middle = Normalizer, sink = the built-in ``Consumer.process`` (dedup,
                          label counts, 1 s checkpoints): all of the stages' own work, none of the
                          runtime's, so ``sp-alo / raw-stagework`` isolates the runtime's cost.
+
+``--transport tcp`` adds ``sp-tcp`` (``transport: tcp`` on 127.0.0.1) and ``raw-tcp`` (the raw
+chain over tcp), and ``--curve`` adds ``sp-tcp-curve`` (``security: curve``: every data and ack
+socket encrypted and authenticated), all in the same run as the ipc variants.
 
 Throughput is ``count / (mtime of the sink's output file after the last write - t of record 0)``:
 from the moment the generator made the first record to the moment the last one was written, the
@@ -239,7 +244,7 @@ def latency_figures(path: Path, warmup: int) -> dict[str, Any]:
             "p99_ms": percentile(ms, 99), "max_ms": max(ms) if ms else float("nan")}
 
 
-def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int = 0) -> dict[str, Any]:
+def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int = 0, tcp: bool = False) -> dict[str, Any]:
     """One run of the raw three-process chain; {"rps", "records", ...} or latency figures."""
     import shutil
     import subprocess
@@ -250,6 +255,10 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
 
     tmp = Path(tempfile.mkdtemp(prefix="streampipe-raw-"))
     ep = {k: f"ipc://{tmp}/{k}" for k in ("ready", "mid", "sink")}
+    if tcp:
+        from streampipe.launcher.supervisor import free_port
+
+        ep.update({k: f"tcp://127.0.0.1:{free_port('127.0.0.1')}" for k in ("mid", "sink")})
     out = tmp / ("latency.json" if sink_kind == "latency" else "records.jsonl")
     env = {**os.environ, **THREAD_ENV}
     procs: list[subprocess.Popen[bytes]] = []
@@ -295,12 +304,13 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_config(delivery: str, count: int, rate: float, sink: str) -> dict[str, Any]:
+def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None) -> dict[str, Any]:
     sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl"}} if sink == "consumer"
                                   else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
     return {
         "pipeline": "bench-throughput",
         "delivery": delivery,
+        **(network or {}),
         "stages": {
             "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED}},
             "normalizer": {"type": "normalizer", "inputs": ["generator"]},
@@ -309,11 +319,12 @@ def pipeline_config(delivery: str, count: int, rate: float, sink: str) -> dict[s
     }
 
 
-def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0) -> dict[str, Any]:
+def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0,
+                   network: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run through the real CLI; {"rps", "records", ...} or latency figures."""
     from _common import LineCounter, Pipeline, wait_until
 
-    pipe = Pipeline(pipeline_config(delivery, count, rate, sink), tag=f"tput-{delivery}")
+    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network), tag=f"tput-{delivery}")
     try:
         with pipe:
             if sink == "latency":
@@ -354,6 +365,8 @@ def main() -> None:
     p.add_argument("--latency-seconds", type=float, default=7.0, help="length of one latency run")
     p.add_argument("--warmup", type=int, default=500, help="records dropped at the start of a latency run")
     p.add_argument("--no-latency", action="store_true", help="skip the latency runs")
+    p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="tcp: also run streampipe and raw over tcp")
+    p.add_argument("--curve", action="store_true", help="with --transport tcp: also streampipe with security: curve")
     a = p.parse_args()
 
     lat_count = int(a.latency_rate * a.latency_seconds)
@@ -364,6 +377,19 @@ def main() -> None:
         "raw-transport": lambda: run_raw("transport", "jsonl", a.count, 0),
         "raw-stagework": lambda: run_raw("normalize", "consumer", a.count, 0),
     }
+    if a.transport == "tcp":
+        tcp = {"transport": "tcp", "bind_host": "127.0.0.1"}
+        tput_variants["sp-tcp"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, network=tcp)
+        tput_variants["raw-tcp"] = lambda: run_raw("normalize", "jsonl", a.count, 0, tcp=True)
+        if a.curve:
+            import tempfile
+
+            from streampipe.stages.network import generate_keys
+
+            keys = Path(tempfile.mkdtemp(prefix="streampipe-keys-")) / "keys"
+            generate_keys(keys)
+            curve = {**tcp, "security": "curve", "keys": str(keys)}
+            tput_variants["sp-tcp-curve"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, network=curve)
     lat_variants = {} if a.no_latency else {
         "sp-alo": lambda: run_streampipe("at-least-once", "latency", lat_count, a.latency_rate, a.warmup),
         "sp-amo": lambda: run_streampipe("at-most-once", "latency", lat_count, a.latency_rate, a.warmup),
@@ -430,6 +456,9 @@ def main() -> None:
         "raw_transport_rps": rnd(median(rps("raw-transport")), 0),
         "raw_stagework_rps": rnd(median(rps("raw-stagework")), 0),
         "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),
+        **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp") if k in tput},
+        **({"tcp_vs_ipc": rnd(ratio("sp-tcp", "sp-alo"))} if "sp-tcp" in tput else {}),
+        **({"curve_vs_tcp": rnd(ratio("sp-tcp-curve", "sp-tcp"))} if "sp-tcp-curve" in tput else {}),
         "records_short": {k: a.count - min(r["records"] for r in v) for k, v in tput.items()},
         "count": a.count, "repeat": a.repeat, "latency_rate": a.latency_rate,
     }
