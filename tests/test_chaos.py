@@ -108,7 +108,7 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) 
         wait_for(lambda t=target: chaos.kill(t), timeout=30, interval=0.2, what=f"a {target} to kill")
     # 2: source replica 1 down for down_s, kills elsewhere
     paused = wait_for(lambda: next((r["pid"] for r in p.rows("generator") if r["replica"] == 1 and r["state"] == "running"), None),
-                      timeout=30, what="generator replica 1 running")
+                      timeout=120, what="generator replica 1 running")
     os.kill(paused, signal.SIGSTOP)
     try:
         at_pause = len(p.output_ids())
@@ -160,7 +160,7 @@ def test_chaos_short(pipeline, tmp_path: Path) -> None:
 def test_chaos_long(pipeline, tmp_path: Path, seed: int) -> None:
     """1,000,000 records; source replica 1 down for 150 s; the source goes 2 -> 3 (odd seeds) or 2 -> 1 replicas."""
     n = int(os.environ.get("STREAMPIPE_CHAOS_N", "1000000"))
-    rate = int(os.environ.get("STREAMPIPE_CHAOS_RATE", "5000"))          # per source replica
+    rate = int(os.environ.get("STREAMPIPE_CHAOS_RATE", "3000"))          # per source replica: 167 s of stream each
     down_s = float(os.environ.get("STREAMPIPE_CHAOS_DOWN_S", "150"))
     p = pipeline(CHAOS.format(n=n, rate=rate, gen_replicas=2))
     check(run_chaos(p, n, down_s=down_s, seed=seed, new_replicas=3 if seed % 2 else 1))
