@@ -150,7 +150,7 @@ def check(summary: dict[str, object]) -> None:
 
 def test_chaos_short(pipeline, tmp_path: Path) -> None:
     n = 30_000
-    p = pipeline(CHAOS.format(n=n, rate=300, gen_replicas=2))     # 50 s a replica: still flowing in phase 3
+    p = pipeline(CHAOS.format(n=n, rate=200, gen_replicas=2))     # 75 s a replica: still flowing in phase 3
     check(run_chaos(p, n, down_s=6, seed=1, new_replicas=3))
 
 
