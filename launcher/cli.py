@@ -1,6 +1,6 @@
 """The ``streampipe`` command line (typer).
 
-    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--metrics-port PORT]
+    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--metrics-port PORT]
     streampipe status [--run-dir DIR] [--json] [--watch]
     streampipe down [--run-dir DIR]
     streampipe validate [--config PATH]
@@ -76,12 +76,13 @@ def resolve_run_dir(run_dir: Path | None, config: Path = Path(DEFAULT_CONFIG)) -
 def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
        detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once every stage is READY."),
        metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+       watch: bool = typer.Option(False, "--watch", "-w", help="Apply edits of the config; restart a stage whose module is edited."),
        ) -> None:
     """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
     cfg = _config(config)
     rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
     if detach:
-        raise typer.Exit(_detach(cfg, rd, metrics_port))
+        raise typer.Exit(_detach(cfg, rd, metrics_port, watch))
     from loguru import logger
 
     from streampipe.launcher.errors import AlreadyRunning
@@ -93,13 +94,13 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     console.print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
     try:
-        code = run_supervisor(cfg, rd, metrics_port)
+        code = run_supervisor(cfg, rd, metrics_port, watch)
     except AlreadyRunning as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
 
 
-def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False) -> int:
     from streampipe.launcher.control import request
     from streampipe.launcher.rundir import RunDir
     from streampipe.launcher.spawn import child_env, spawn_cold
@@ -113,6 +114,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
     argv = ["-m", "streampipe", "up", "--config", str(cfg.path.resolve()), "--run-dir", str(rd)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
+    if watch:
+        argv.append("--watch")
     log = rd / "supervisor.out"
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -120,6 +121,11 @@ class Replica:
     def ident(self) -> str:
         return f"{self.stage}.{self.index}"
 
+    @property
+    def config_digest(self) -> str:
+        """Eight hex digits of the stage config this replica runs under (``status``: what an apply changed)."""
+        return hashlib.sha1(self.cfg.model_dump_json().encode()).hexdigest()[:8]
+
     def status(self, now: float) -> dict[str, Any]:
         hb = self.hb
         return {
@@ -138,12 +144,15 @@ class Replica:
             "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == "backoff" else 0.0,
             "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
             "unreachable": hb.get("unreachable", []), "insecure": hb.get("insecure", ""), "denied": hb.get("denied", 0),
+            "config": self.config_digest,
         }
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
+                 watch: bool = False) -> None:
         self.cfg = cfg
+        self.watch = watch                                   # up --watch: launcher/watch.py
         self.rd = RunDir(run_dir or cfg.default_run_dir())
         self.metrics_port = metrics_port
         self.replicas: dict[str, list[Replica]] = {}
@@ -217,6 +226,10 @@ class Supervisor:
             if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
                 await self._start_forkserver()
             await self._start_all()
+            if self.watch:
+                from streampipe.launcher.watch import watch
+
+                self.own(watch(self), "watch")
             await self.stop_requested.wait()
             code = self.exit_code
         except StreampipeError as exc:
@@ -981,5 +994,6 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> int:
-    return asyncio.run(Supervisor(cfg, run_dir, metrics_port).run())
+def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
+                   watch: bool = False) -> int:
+    return asyncio.run(Supervisor(cfg, run_dir, metrics_port, watch).run())

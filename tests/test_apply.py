@@ -61,6 +61,10 @@ def pids(p) -> dict[str, int | str | None]:
             for r in p.status()["stages"]}
 
 
+def digests(p) -> dict[str, str]:
+    return {r["name"]: r["config"] for r in p.status()["stages"]}
+
+
 def unchanged(before: dict[str, int | str | None], now: dict[str, int | str | None]) -> bool:
     return set(before) == set(now) and all(now[k] in (before[k], "completed") for k in before)
 
@@ -85,7 +89,7 @@ def test_apply_changes_a_running_pipeline_and_loses_nothing(pipeline, tmp_path: 
     p = pipeline(BEFORE)
     p.up()
     wait_for(lambda: len(p.output_ids()) > 400, timeout=60, what="records at the sink")
-    before = pids(p)
+    before, first = pids(p), digests(p)
 
     # --dry-run prints the plan, nothing changes
     write(p.config, AFTER)
@@ -103,6 +107,7 @@ def test_apply_changes_a_running_pipeline_and_loses_nothing(pipeline, tmp_path: 
     for same in ("gen.0", "norm.0", "norm.1", "sink.0"):      # unchanged: never restarted
         assert after[same] == before[same], same              # (and the source still ran: the stream flowed)
     assert after["mark.0"] != before["mark.0"]
+    assert digests(p)["mark"] != first["mark"] and digests(p)["gen"] == first["gen"]    # status: what each runs
     assert all(r["state"] in ("running", "blocked", "completed") for r in p.status()["stages"])
 
     # after it, a bad file: exit 2 with file:line: field, nothing changes
@@ -152,3 +157,38 @@ def test_sighup_applies_the_config_file_and_a_bad_one_changes_nothing(pipeline, 
     after = pids(p)
     assert after["gen.0"] == before["gen.0"] and after["sink.0"] == before["sink.0"] and after["mark.0"] != before["mark.0"]
     wait_for(lambda: records(p)[-1]["tag"] == "b", timeout=30, what="records of the new options")
+
+
+def test_up_watch_restarts_a_stage_whose_module_changed_and_applies_the_config(pipeline, tmp_path: Path) -> None:
+    count = 30000
+    write(tmp_path / "mystages.py", MODULE)
+    p = pipeline(f"""\
+        pipeline: watch
+        stages:
+          gen: {{type: generator, options: {{rate: 400, count: {count}}}}}
+          mark: {{type: "mystages:Tag", inputs: [gen], replicas: 2, options: {{tag: a}}}}
+          sink: {{type: consumer, inputs: [mark]}}
+    """)
+    up = cli("up", "--detach", "--watch", "--config", str(p.config), cwd=tmp_path, timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+    p.remember()
+    wait_for(lambda: len(p.output_ids()) > 200, timeout=60, what="records at the sink")
+    before = pids(p)
+
+    # the stage's code changes: its replicas restart one by one with it; nothing else restarts
+    write(tmp_path / "mystages.py", MODULE.replace('"tag": self.tag}', '"tag": self.tag, "code": 2}'))
+    wait_for(lambda: all(pids(p)[f"mark.{i}"] != before[f"mark.{i}"] for i in (0, 1)), timeout=120,
+             what="both mark replicas restarted")
+    wait_for(lambda: any(r.get("code") == 2 for r in records(p)), timeout=60, what="records made by the new code")
+    after = pids(p)
+    assert after["gen.0"] == before["gen.0"] and after["sink.0"] == before["sink.0"]
+    assert any("mystages.py changed" in e["reason"] for e in p.events("apply"))
+
+    # the config changes: applied as by `streampipe apply` (the source runs at full speed from its committed position)
+    write(p.config, p.config.read_text().replace("tag: a", "tag: b").replace("rate: 400", "rate: 0"))
+    wait_for(lambda: any(e["reason"].startswith("applied") for e in p.events("apply")), timeout=120, what="the apply")
+    wait_for(lambda: p.row("gen")["state"] == "completed", timeout=120, what="the stream to end")
+    wait_for(lambda: len(set(p.output_ids())) >= count, timeout=60, what="every record at the sink")
+    assert sorted(p.output_ids()) == list(range(count))      # every id, exactly once
+    rows = records(p)
+    assert rows[-1]["tag"] == "b" and rows[-1]["code"] == 2
