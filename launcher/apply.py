@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from streampipe.launcher.config import PipelineConfig
+from streampipe.launcher.errors import ControlError
 from streampipe.launcher.plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ async def apply_config(sup: Supervisor, new: PipelineConfig, dry_run: bool = Fal
 
     The reply carries the plan; ``refused`` lists what cannot change live (then nothing changes).
     """
+    if not sup.started:
+        raise ControlError("the pipeline is still starting: apply once `up` has started every stage")
     async with sup.apply_lock:
         plan = make_plan(sup.cfg, new)
         reply: dict[str, Any] = {"ok": True, "plan": plan.to_dict(), "refused": plan.refusals, "applied": False}

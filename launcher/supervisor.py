@@ -163,7 +163,8 @@ class Supervisor:
         self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
         self.owned: set[asyncio.Task[Any]] = set()         # every task started: see own()
         self.locks: dict[str, asyncio.Lock] = {}             # stage -> held by restart, scale, respawn
-        self.apply_lock = asyncio.Lock()                     # one `apply` at a time
+        self.apply_lock = asyncio.Lock()                     # one `apply` at a time, once the start-up is done
+        self.started = False
         self.retired: PipelineConfig | None = None           # during an apply: the config being replaced ...
         self.draining: list[Edge] = []                       # ... and its edges that may still carry data
         self.exit_code = 0                                   # 1 once a loop failed for good
@@ -226,6 +227,7 @@ class Supervisor:
             if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
                 await self._start_forkserver()
             await self._start_all()
+            self.started = True
             if self.watch:
                 from streampipe.launcher.watch import watch
 
@@ -796,7 +798,12 @@ class Supervisor:
             logger.error(f"SIGHUP: {exc}; nothing changed")
             self.events.emit("apply", reason=f"SIGHUP: refused: {exc}; nothing changed")
             return
-        reply = await apply_config(self, new)
+        try:
+            reply = await apply_config(self, new)
+        except StreampipeError as exc:
+            logger.error(f"SIGHUP: {exc}")
+            self.events.emit("apply", reason=f"SIGHUP: refused: {exc}; nothing changed")
+            return
         if reply.get("refused"):
             logger.error("SIGHUP: " + "; ".join(reply["refused"]))
 
