@@ -85,6 +85,7 @@ def pod_report(cluster: Cluster) -> str:
                      f"{p.logs()[-1500:]}" for p in cluster.pods.values())
 
 
+@pytest.mark.slow           # ~50 s alone; run by hand: python3 -m pytest -m slow tests/test_k8s_run.py -n0
 @pytest.mark.timeout(300)   # every wait below is bounded by its own timeout; this only backs them up
 def test_exported_manifests_run_as_a_kubelet_would(hosts: netns.Hosts, tmp_path: Path) -> None:
     objects, folder, keys = exported(tmp_path)
