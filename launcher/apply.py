@@ -64,7 +64,7 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
 
     def step(stage: str | None, reason: str) -> None:
         logger.info(f"apply: {stage or 'pipeline'}: {reason}")
-        events.emit("apply", stage, None, None, reason=reason)
+        events.emit("apply", stage or "", None, None, reason=reason)
 
     old = sup.cfg
     step(None, f"applying {new.path}: {len(plan.steps())} steps")

@@ -340,7 +340,7 @@ class StageRuntime:
         self.ackp.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.secure(self.ackp, self.spec.ack)
         self.ackp.bind(self.spec.ack)
-        bound_ack = self.ackp.getsockopt(zmq.LAST_ENDPOINT).decode()     # run-stage may bind port 0
+        bound_ack = self.ackp.get_string(zmq.LAST_ENDPOINT)     # run-stage may bind port 0
         self.edges = [Edge(self, e) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
         targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
@@ -888,6 +888,7 @@ class StageRuntime:
 
     # -- control -----------------------------------------------------------------------------
     def read_control(self) -> None:
+        assert self.ctl is not None
         while True:
             try:
                 frames = self.ctl.recv_multipart(flags=zmq.NOBLOCK)
