@@ -99,10 +99,21 @@ class Stage:
       ``restore(snapshot())`` on a fresh instance must give an equivalent stage.
     - :meth:`stats` returns a small dict of figures that ``streampipe status`` shows.
     - :meth:`teardown` runs once after the last batch, on a clean stop.
+
+    Columns: a stage that sets ``columnar = True`` receives each batch as a
+    :class:`~streampipe.stages.columns.Columns` (numpy arrays by field) instead of a list of
+    records, and returns a ``Columns`` (or a list of records). The runtime converts only where
+    two neighbouring stages want different forms, so a per-record stage between two columnar
+    ones costs only its own conversions. A columnar source yields ``Columns`` batches from
+    ``generate_columns()``. A columnar stage that raises is retried one row at a time, as a
+    per-record stage is, and each failing row is dead-lettered as a record.
     """
 
     #: Named outputs besides ``"default"``, e.g. ``("holdout",)``.
     outputs: tuple[str, ...] = ()
+
+    #: True: ``process`` receives :class:`~streampipe.stages.columns.Columns`, not a list of records.
+    columnar: bool = False
 
     context: StageContext
 
@@ -272,6 +283,9 @@ class Plain(Stage):
             if callable(method):
                 setattr(self, name, method)
         self.outputs = tuple(getattr(user, "outputs", ()) or ())
+        self.columnar = bool(getattr(user, "columnar", False))
+        if callable(getattr(user, "generate_columns", None)):
+            self.generate_columns = user.generate_columns  # type: ignore[attr-defined]
 
     @property
     def context(self) -> StageContext:
