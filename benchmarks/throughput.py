@@ -7,7 +7,11 @@ What runs (each variant ``--repeat`` times, interleaved, so every repeat compare
 
 streampipe (the real CLI: ``streampipe up --detach`` on a temp services.yaml, then ``down``)
     ``sp-alo`` / ``sp-amo``   generator (rate 0, ``count`` records) -> normalizer -> consumer,
-                              one replica each, ``delivery: at-least-once`` / ``at-most-once``.
+                              one replica each, ``delivery: at-least-once`` / ``at-most-once``;
+                              the built-ins are columnar (their default): batches cross as numpy
+                              columns.
+    ``sp-alo-records``        ``sp-alo`` with ``columnar: false`` on every stage: lists of records
+                              in msgpack, as before columnar batches.
 raw (three ``python`` processes wired by hand: PUSH/PULL over ipc, 2 frames per message = a
 small msgpack header + a msgpack list of 100 records, HWM 100 messages, no streampipe runtime)
     ``raw``              generator = ``stages.generator.Generator().generate()`` (same records),
@@ -304,27 +308,28 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None) -> dict[str, Any]:
-    sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl"}} if sink == "consumer"
-                                  else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
+def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None,
+                    columnar: bool = True) -> dict[str, Any]:
+    sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl", "columnar": columnar}}
+                                  if sink == "consumer" else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
     return {
         "pipeline": "bench-throughput",
         "delivery": delivery,
         **(network or {}),
         "stages": {
-            "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED}},
-            "normalizer": {"type": "normalizer", "inputs": ["generator"]},
+            "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED, "columnar": columnar}},
+            "normalizer": {"type": "normalizer", "inputs": ["generator"], "options": {"columnar": columnar}},
             "consumer": {**sink_stage, "inputs": ["normalizer"]},
         },
     }
 
 
 def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0,
-                   network: dict[str, Any] | None = None) -> dict[str, Any]:
+                   network: dict[str, Any] | None = None, columnar: bool = True) -> dict[str, Any]:
     """One run through the real CLI; {"rps", "records", ...} or latency figures."""
     from _common import LineCounter, Pipeline, wait_until
 
-    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network), tag=f"tput-{delivery}")
+    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network, columnar), tag=f"tput-{delivery}")
     try:
         with pipe:
             if sink == "latency":
@@ -373,6 +378,7 @@ def main() -> None:
     tput_variants = {
         "sp-alo": lambda: run_streampipe("at-least-once", "consumer", a.count, 0),
         "sp-amo": lambda: run_streampipe("at-most-once", "consumer", a.count, 0),
+        "sp-alo-records": lambda: run_streampipe("at-least-once", "consumer", a.count, 0, columnar=False),
         "raw": lambda: run_raw("normalize", "jsonl", a.count, 0),
         "raw-transport": lambda: run_raw("transport", "jsonl", a.count, 0),
         "raw-stagework": lambda: run_raw("normalize", "consumer", a.count, 0),
@@ -456,6 +462,8 @@ def main() -> None:
         "raw_transport_rps": rnd(median(rps("raw-transport")), 0),
         "raw_stagework_rps": rnd(median(rps("raw-stagework")), 0),
         "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),
+        "records_path_rps": rnd(median(rps("sp-alo-records")), 0),
+        "columnar_vs_records": rnd(ratio("sp-alo", "sp-alo-records")),
         **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp") if k in tput},
         **({"tcp_vs_ipc": rnd(ratio("sp-tcp", "sp-alo"))} if "sp-tcp" in tput else {}),
         **({"curve_vs_tcp": rnd(ratio("sp-tcp-curve", "sp-tcp"))} if "sp-tcp-curve" in tput else {}),

@@ -65,7 +65,7 @@ from streampipe.stages.state import json_default, load_state, save_state
 try:
     import orjson
 
-    def _dumps(record: Record | list[Any]) -> bytes:
+    def _dumps(record: Any) -> bytes:
         return orjson.dumps(record, default=json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
     def _dumps_array(column: np.ndarray) -> bytes:
@@ -75,7 +75,7 @@ try:
 except ImportError:  # pragma: no cover - orjson is a dependency; json is the fallback
     import json
 
-    def _dumps(record: Record | list[Any]) -> bytes:
+    def _dumps(record: Any) -> bytes:
         return json.dumps(record, default=json_default).encode()
 
     def _dumps_array(column: np.ndarray) -> bytes:

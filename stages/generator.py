@@ -18,7 +18,7 @@ Options:
     file            replay this CSV (header row) or .jsonl file instead (relative to the config)
     loop            replay the file again from the start when it ends (endless)
     columnar        send the synthetic stream as columns (:mod:`streampipe.stages.columns`):
-                    batches of up to 1,024 records drawn in one numpy pass, the same records as
+                    batches of ``max_batch`` records made in one numpy pass, the same records as
                     ``generate()`` gives except that ``t`` is taken once per batch (default true;
                     a replayed file is always sent as records)
 
@@ -117,15 +117,16 @@ class Generator(Source):
         return record
 
     def generate_columns(self) -> Iterator[Columns | None]:
-        """The synthetic stream as :class:`Columns` batches of up to ``CHUNK`` records (None while
-        ``rate`` says wait): the records of :meth:`generate`, ``t`` taken once per batch."""
+        """The synthetic stream as :class:`Columns` batches of ``context.max_batch`` records (fewer
+        when ``rate`` holds them back; None while it says wait): the records of :meth:`generate`,
+        ``t`` taken once per batch, cut where the runtime cuts batches of records."""
         if self.file:
             raise TypeError("a replayed file is sent as records: use generate()")
         if self.segments is None:
             self.segments = _own_segments({}, self.context.replica, self.context.replicas)
         start, sent = time.monotonic(), 0
         while True:
-            k = CHUNK
+            k = max(1, self.context.max_batch)
             if self.rate > 0:
                 k = min(k, int((time.monotonic() - start) * self.rate) - sent + 1)
                 if k <= 0:
@@ -165,9 +166,10 @@ class Generator(Source):
         if self.malformed_every:
             bad = np.flatnonzero((ids + 1) % self.malformed_every == 0)
             if len(bad):
-                xs = x.tolist()
+                listed: list[Any] = x.tolist()
                 for i in bad.tolist():
-                    xs[i] = "not-a-vector"
+                    listed[i] = "not-a-vector"
+                xs = listed
         return Columns({"id": ids, "t": np.full(len(ids), time.time()), "x": xs, "y": y}, len(ids))
 
     # -- replay of a file -----------------------------------------------------------------

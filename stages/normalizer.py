@@ -125,7 +125,7 @@ class Normalizer(Stage):
             return batch
         field = self.scale
         x = np.asarray(batch[field], dtype=np.float64)
-        finite = np.isfinite(x).all(axis=1)
+        finite = np.asarray(np.isfinite(x).all(axis=1))
         if not finite.all():
             for r in batch.take(~finite).to_records():
                 self.rejected += 1

@@ -51,7 +51,7 @@ class Processor:
             return as_records(self.stage.process(batch))  # type: ignore[arg-type]
         if self._asyncgen:
             async def collect() -> list[Record]:
-                return [r async for r in self.stage.process(batch)]  # type: ignore[attr-defined]
+                return [r async for r in self.stage.process(batch)]  # type: ignore[attr-defined,arg-type]
             return self._loop.run_until_complete(collect())
         result: Any = self._loop.run_until_complete(self.stage.process(batch))  # type: ignore[arg-type]
         return as_records(result)
@@ -157,7 +157,8 @@ def _error_text() -> str:
 
 
 def _joined(parts: list[list[Record] | Columns]) -> list[Record] | Columns:
-    """The outputs of a columnar batch retried row by row, as one."""
+    """The outputs of a columnar batch retried row by row, as one (a failed row's output is an empty list)."""
+    parts = [p for p in parts if len(p)]
     if all(isinstance(p, Columns) for p in parts):
         return Columns.concat(parts)  # type: ignore[arg-type]
     out: list[Record] = []

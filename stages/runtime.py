@@ -1225,7 +1225,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
         stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
-                                     outputs=tuple(sorted({e.output for e in spec.edges})))
+                                     outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch)
         rt = StageRuntime(spec, stage)
         if host is not None:
             rt.on_tell = host.on_tell

@@ -80,10 +80,9 @@ def run_stage(stage: Any, batches: Iterable[Batch] = (), *, run_dir: Path | None
     return result
 
 
-def _collect(stage: Any, records: list[Record] | Columns, result: Run) -> None:
-    if isinstance(records, Columns):       # a columnar stage's output, as the next record stage would see it
-        records = records.to_records()
-    records = wire.unpackb(wire.packb(records))
+def _collect(stage: Any, out: list[Record] | Columns, result: Run) -> None:
+    # a columnar stage's output as the next record stage would see it
+    records: list[Record] = wire.unpackb(wire.packb(out.to_records() if isinstance(out, Columns) else out))
     result.records.extend(records)
     for r in records:
         result.by_output.setdefault(_route(stage, r), []).append(r)
