@@ -12,6 +12,8 @@ streampipe (the real CLI: ``streampipe up --detach`` on a temp services.yaml, th
                               columns.
     ``sp-alo-records``        ``sp-alo`` with ``columnar: false`` on every stage: lists of records
                               in msgpack, as before columnar batches.
+    ``sp-alo-b1000``          ``sp-alo`` with ``max_batch: 1000`` (``--big-batch``): a column
+                              batch's fixed numpy cost spread over 10 x the records.
 raw (three ``python`` processes wired by hand: PUSH/PULL over ipc, 2 frames per message = a
 small msgpack header + a msgpack list of 100 records, HWM 100 messages, no streampipe runtime)
     ``raw``              generator = ``stages.generator.Generator().generate()`` (same records),
@@ -309,12 +311,13 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
 
 
 def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None,
-                    columnar: bool = True) -> dict[str, Any]:
+                    columnar: bool = True, max_batch: int | None = None) -> dict[str, Any]:
     sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl", "columnar": columnar}}
                                   if sink == "consumer" else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
     return {
         "pipeline": "bench-throughput",
         "delivery": delivery,
+        **({"defaults": {"max_batch": max_batch}} if max_batch else {}),
         **(network or {}),
         "stages": {
             "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED, "columnar": columnar}},
@@ -325,11 +328,11 @@ def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: 
 
 
 def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0,
-                   network: dict[str, Any] | None = None, columnar: bool = True) -> dict[str, Any]:
+                   network: dict[str, Any] | None = None, columnar: bool = True, max_batch: int | None = None) -> dict[str, Any]:
     """One run through the real CLI; {"rps", "records", ...} or latency figures."""
     from _common import LineCounter, Pipeline, wait_until
 
-    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network, columnar), tag=f"tput-{delivery}")
+    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network, columnar, max_batch), tag=f"tput-{delivery}")
     try:
         with pipe:
             if sink == "latency":
@@ -372,6 +375,7 @@ def main() -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="tcp: also run streampipe and raw over tcp")
     p.add_argument("--curve", action="store_true", help="with --transport tcp: also streampipe with security: curve")
+    p.add_argument("--big-batch", action="store_true", help="also sp-alo with max_batch: 1000 (sp-alo-b1000)")
     a = p.parse_args()
 
     lat_count = int(a.latency_rate * a.latency_seconds)
@@ -383,6 +387,8 @@ def main() -> None:
         "raw-transport": lambda: run_raw("transport", "jsonl", a.count, 0),
         "raw-stagework": lambda: run_raw("normalize", "consumer", a.count, 0),
     }
+    if a.big_batch:
+        tput_variants["sp-alo-b1000"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, max_batch=1000)
     if a.transport == "tcp":
         tcp = {"transport": "tcp", "bind_host": "127.0.0.1"}
         tput_variants["sp-tcp"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, network=tcp)
@@ -464,7 +470,8 @@ def main() -> None:
         "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),
         "records_path_rps": rnd(median(rps("sp-alo-records")), 0),
         "columnar_vs_records": rnd(ratio("sp-alo", "sp-alo-records")),
-        **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp") if k in tput},
+        **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp", "sp-alo-b1000") if k in tput},
+        **({"b1000_vs_raw": rnd(ratio("sp-alo-b1000", "raw"))} if "sp-alo-b1000" in tput else {}),
         **({"tcp_vs_ipc": rnd(ratio("sp-tcp", "sp-alo"))} if "sp-tcp" in tput else {}),
         **({"curve_vs_tcp": rnd(ratio("sp-tcp-curve", "sp-tcp"))} if "sp-tcp-curve" in tput else {}),
         "records_short": {k: a.count - min(r["records"] for r in v) for k, v in tput.items()},
