@@ -215,6 +215,18 @@ def is_source(stage: object) -> bool:
     return callable(generate) and getattr(generate, "__func__", generate) is not Source.generate
 
 
+def columnar_source(stage: object) -> bool:
+    """True when a source's batches come from ``generate_columns()``: it is ``columnar`` and no
+    subclass overrode ``generate()`` below the class that defines ``generate_columns()`` (a
+    subclass of the built-in generator that wraps ``generate()`` keeps getting records)."""
+    if not getattr(stage, "columnar", False) or not callable(getattr(stage, "generate_columns", None)):
+        return False
+    mro = type(stage).__mro__
+    records = next((k for k in mro if "generate" in vars(k)), None)
+    columns = next((k for k in mro if "generate_columns" in vars(k)), None)
+    return records is None or columns is None or issubclass(columns, records)
+
+
 def kind_of(target: object) -> Kind:
     """What a ``type:`` names: a source or transform class, or a per-record function.
 

@@ -54,7 +54,7 @@ from loguru import logger
 from streampipe._rotating import watch_stdio
 from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import AckPoints
-from streampipe.stages.api import Record, Stage, StageContext, is_source
+from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_stage
@@ -298,7 +298,7 @@ class StageRuntime:
         self.epoch = int.from_bytes(os.urandom(4), "little")
         self.source = is_source(stage)
         # a columnar source yields Columns batches from generate_columns() instead of records
-        self.columnar_source = self.source and bool(getattr(stage, "columnar", False)) and callable(getattr(stage, "generate_columns", None))
+        self.columnar_source = self.source and columnar_source(stage)
         self.ctx = zmq.Context()
         self.stopping = False
         self.finished = False                     # a source's stream ended

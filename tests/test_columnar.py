@@ -217,3 +217,20 @@ def test_columnar_and_per_record_stages_mixed_give_the_all_record_output(pipelin
         assert a["y"] == b["y"]
         # running statistics over other batch boundaries: equal to the last printed digit or so
         assert np.allclose(a["x"], b["x"], atol=1e-5) and abs(a["norm"] - b["norm"]) < 1e-3 * max(1.0, b["norm"]), (a, b)
+
+
+def test_a_generator_subclass_that_wraps_generate_keeps_getting_records() -> None:
+    """Regression (tests/test_bad_input.py's Gated source): a columnar built-in's subclass that
+    overrides ``generate()`` only must be driven through it, not around it by ``generate_columns()``."""
+    from streampipe.stages.api import columnar_source
+
+    class Gated(Generator):
+        def generate(self):  # type: ignore[no-untyped-def]
+            yield from super().generate()
+
+    class Wider(Generator):
+        def generate_columns(self):  # type: ignore[no-untyped-def]
+            yield from super().generate_columns()
+
+    assert columnar_source(Generator()) and columnar_source(Wider())
+    assert not columnar_source(Gated()) and not columnar_source(Generator(columnar=False))
