@@ -215,6 +215,18 @@ def is_source(stage: object) -> bool:
     return callable(generate) and getattr(generate, "__func__", generate) is not Source.generate
 
 
+def columnar_transform(stage: object) -> bool:
+    """True when a transform's ``process`` is given columns: it is ``columnar`` and ``process`` was not
+    overridden below the class that declares ``columnar`` (a subclass of the built-in normalizer
+    whose own ``process`` expects records keeps getting records)."""
+    if not getattr(stage, "columnar", False):
+        return False
+    mro = type(stage).__mro__
+    process = next((k for k in mro if "process" in vars(k)), None)
+    declared = next((k for k in mro if "columnar" in vars(k)), None)
+    return process is None or declared is None or issubclass(declared, process)
+
+
 def columnar_source(stage: object) -> bool:
     """True when a source's batches come from ``generate_columns()``: it is ``columnar`` and no
     subclass overrode ``generate()`` below the class that defines ``generate_columns()`` (a

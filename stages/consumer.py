@@ -88,6 +88,7 @@ _NONE = object()   # no journal entry yet since the last checkpoint
 
 
 class Consumer(Stage):
+    columnar = True
     def __init__(self, output: str = "output/records.jsonl", dedup: bool = True, label: str = "y",
                  checkpoint_s: float = 1.0, columnar: bool = True) -> None:
         super().__init__()

@@ -63,6 +63,7 @@ CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10
 
 
 class Generator(Source):
+    columnar = True
     def __init__(self, rate: float = 0, count: int | None = None, seed: int = 7, features: int = 8,
                  classes: int = 2, noise: float = 0.05, drift_at: int | None = None,
                  malformed_every: int = 0, file: str | None = None, loop: bool = False, columnar: bool = True) -> None:

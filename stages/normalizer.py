@@ -57,6 +57,7 @@ _ARRAY_KINDS: dict[str, str] = {"int": "iu", "float": "iuf", "number": "iuf", "b
 
 class Normalizer(Stage):
     outputs = ("default", "holdout")
+    columnar = True
 
     def __init__(self, schema: dict[str, str] | None = None, scale: str | None = "x",
                  holdout: float = 0.0, columnar: bool = True) -> None:

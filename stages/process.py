@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.api import Batch, Record, Stage, columnar_transform
 from streampipe.stages.columns import Columns
 
 
@@ -40,7 +40,7 @@ class Processor:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
-        self.columnar = bool(getattr(stage, "columnar", False))
+        self.columnar = columnar_transform(stage)
         fn = stage.process
         self._asyncgen = inspect.isasyncgenfunction(fn)
         self._async = self._asyncgen or inspect.iscoroutinefunction(fn)

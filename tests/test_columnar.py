@@ -234,3 +234,21 @@ def test_a_generator_subclass_that_wraps_generate_keeps_getting_records() -> Non
 
     assert columnar_source(Generator()) and columnar_source(Wider())
     assert not columnar_source(Gated()) and not columnar_source(Generator(columnar=False))
+
+
+def test_a_normalizer_subclass_whose_process_takes_records_keeps_getting_records() -> None:
+    class Tagged(Normalizer):
+        def process(self, batch):  # type: ignore[no-untyped-def]
+            return [{**r, "tag": 1} for r in super().process(batch)]
+
+    class Faster(Normalizer):
+        columnar = True
+
+        def process(self, batch):  # type: ignore[no-untyped-def]
+            return super().process(batch)
+
+    records = [{"id": i, "x": [float(i), 1.0], "y": 0} for i in range(3)]
+    assert Processor(Tagged()).run(records).records[0]["tag"] == 1   # type: ignore[index]
+    assert isinstance(Processor(Faster()).run(records).records, Columns)
+    assert isinstance(Processor(Normalizer()).run(records).records, Columns)
+    assert isinstance(Processor(Normalizer(columnar=False)).run(records).records, list)
