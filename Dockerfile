@@ -6,7 +6,7 @@
 #   docker build --build-arg PIPELINE=pipelines/mine -t registry.example/team/mine:1 .   # a folder of yours
 #
 # PIPELINE is a folder inside this build context; all of it is copied to /pipeline (.dockerignore
-# leaves out caches, run directories and virtualenvs), so stage modules, packages and input files
+# leaves out caches, run directories, virtualenvs and CURVE secret keys), so stage modules, packages and input files
 # beside services.yaml resolve as they do on your machine. The build fails if the pipeline does not
 # pass `streampipe validate`. The pods mount their services.yaml (a ConfigMap) over the copy.
 ARG PYTHON=3.12

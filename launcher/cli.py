@@ -1,10 +1,11 @@
 """The ``streampipe`` command line (typer).
 
-    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--metrics-port PORT]
+    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--metrics-port PORT]
     streampipe status [--run-dir DIR] [--json] [--watch]
     streampipe down [--run-dir DIR]
     streampipe validate [--config PATH]
     streampipe restart STAGE / scale STAGE N
+    streampipe apply [--config services.yaml] [--dry-run]        a changed config, live (also SIGHUP)
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
@@ -75,12 +76,13 @@ def resolve_run_dir(run_dir: Path | None, config: Path = Path(DEFAULT_CONFIG)) -
 def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
        detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once every stage is READY."),
        metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+       watch: bool = typer.Option(False, "--watch", "-w", help="Apply edits of the config; restart a stage whose module is edited."),
        ) -> None:
     """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
     cfg = _config(config)
     rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
     if detach:
-        raise typer.Exit(_detach(cfg, rd, metrics_port))
+        raise typer.Exit(_detach(cfg, rd, metrics_port, watch))
     from loguru import logger
 
     from streampipe.launcher.errors import AlreadyRunning
@@ -92,13 +94,13 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     console.print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
     try:
-        code = run_supervisor(cfg, rd, metrics_port)
+        code = run_supervisor(cfg, rd, metrics_port, watch)
     except AlreadyRunning as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
 
 
-def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False) -> int:
     from streampipe.launcher.control import request
     from streampipe.launcher.rundir import RunDir
     from streampipe.launcher.spawn import child_env, spawn_cold
@@ -112,6 +114,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None) -> int:
     argv = ["-m", "streampipe", "up", "--config", str(cfg.path.resolve()), "--run-dir", str(rd)]
     if metrics_port is not None:
         argv += ["--metrics-port", str(metrics_port)]
+    if watch:
+        argv.append("--watch")
     log = rd / "supervisor.out"
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S
@@ -373,6 +377,55 @@ def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., 
     except StreampipeError as exc:
         raise _fail(exc) from None
     console.print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
+
+
+APPLY_TIMEOUT_S = 900.0     # rolling restarts wait for READY replica by replica (ready_timeout each)
+
+
+@app.command()
+def apply(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing.")) -> None:
+    """Apply a changed services.yaml to the running pipeline: added, removed and changed stages,
+    in an order that loses nothing (README, "Changing a running pipeline"). Exit 2 for a bad file
+    or a change that cannot be made live; nothing is changed then."""
+    from streampipe.launcher.control import request
+
+    cfg = _config(config)
+    rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
+    path = str(cfg.path.resolve())
+    try:
+        plan = request(rd, "apply", config=path, dry_run=True)
+        show_plan(plan, path)
+        if plan["refused"]:
+            raise typer.Exit(2)
+        if dry_run or not plan["plan"]["steps"]:
+            return
+        reply = request(rd, "apply", timeout=APPLY_TIMEOUT_S, config=path, dry_run=False)
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    if reply["refused"]:
+        show_plan(reply, path)
+        raise typer.Exit(2)
+    console.print(f"[green]applied[/] {path}: {len(reply['plan']['steps'])} steps; `streampipe events` shows each", highlight=False)
+
+
+def show_plan(reply: dict[str, Any], path: str) -> None:
+    """The plan of an ``apply`` reply as a table (refusals on stderr)."""
+    steps = reply["plan"]["steps"]
+    for refusal in reply["refused"]:
+        err.print(f"[red]refused:[/] {escape(refusal)}", highlight=False)
+    if reply["refused"]:
+        err.print(f"nothing changed; {path} cannot be applied to the running pipeline")
+        return
+    if not steps:
+        console.print(f"nothing to change: the pipeline already runs {path}", highlight=False)
+        return
+    table = Table(title=f"plan for {path}", title_justify="left", header_style="bold")
+    for col in ("#", "step", "stage", "what"):
+        table.add_column(col, overflow="fold")
+    for i, (kind, stage, what) in enumerate(steps, 1):
+        table.add_row(str(i), kind, stage or "-", escape(what))
+    console.print(table)
 
 
 @app.command()

@@ -78,7 +78,7 @@ class Scale(Command):
         if not 1 <= n <= 64:
             raise ControlError("replicas must be between 1 and 64")
         stage = _stage_of(sup, msg)
-        if sup.cfg.is_source(stage):
+        if sup.is_source(stage):
             # a source's replicas split one stream by their count: their saved positions are
             # re-dealt while none of them runs, i.e. when the pipeline starts
             raise ControlError(f"{stage} is a source and cannot be scaled while it runs: set `replicas: {n}` on it in "
@@ -87,7 +87,30 @@ class Scale(Command):
         return await sup.scale(stage, n)
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale())}
+class Apply(Command):
+    """Apply a changed services.yaml to the running pipeline (``dry_run``: only plan it).
+
+    The CLI has validated the file (exit 2 on an error); the supervisor reads it again (the
+    file may have changed since) without inspecting the stage code, plans, and carries the plan
+    out (:mod:`streampipe.launcher.apply`). The reply is the plan and what was refused.
+    """
+
+    name = "apply"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+
+        from streampipe.launcher.apply import apply_config
+        from streampipe.launcher.config import load_config
+
+        path = msg.get("config")
+        if not isinstance(path, str) or not path:
+            raise ControlError("apply needs the config file's path")
+        new = await asyncio.to_thread(load_config, path, check_stages=False)
+        return await apply_config(sup, new, dry_run=bool(msg.get("dry_run", False)))
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale(), Apply())}
 
 
 def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, **args: Any) -> dict[str, Any]:

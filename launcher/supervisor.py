@@ -2,7 +2,7 @@
 
 Tasks of one supervisor::
 
-    control   ROUTER <run dir>/sock/control   CLI requests (status, down, restart, scale)
+    control   ROUTER <run dir>/sock/control   CLI requests (status, down, restart, scale, apply)
     stages    ROUTER <run dir>/sock/stages    hello / ready / heartbeats / errors from stages
     SIGCHLD   waitpid(-1, WNOHANG)            exits, noticed at once, for every stage
     health    every poll_interval             psutil readings, limits, hung detection
@@ -14,7 +14,9 @@ replica through its restart policy (backoff, or ``failed`` with the error in ``s
 the loops above that fails is started again, and past its restart intensity the supervisor stops
 every stage and exits 1, loudly, instead of running half-blind (without the stage-message loop,
 every stage would be killed as hung). Commands that start or stop the replicas of one stage
-(restart, scale, a respawn) hold that stage's lock, so they never interleave.
+(restart, scale, a respawn) hold that stage's lock, so they never interleave; ``apply`` (a changed
+``services.yaml``, also on SIGHUP) runs one at a time and takes each stage's lock for its steps
+(:mod:`streampipe.launcher.apply`).
 
 Start order is downstream first (a stage's input is bound before its producers connect);
 each stage's replicas must report READY, or fail, or time out, before its producers start.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -41,7 +44,7 @@ import zmq.asyncio
 from loguru import logger
 
 from streampipe._rotating import RotatingFile, rotate_stdio
-from streampipe.launcher.config import PipelineConfig, StageConfig
+from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.rundir import RunDir
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
@@ -118,6 +121,11 @@ class Replica:
     def ident(self) -> str:
         return f"{self.stage}.{self.index}"
 
+    @property
+    def config_digest(self) -> str:
+        """Eight hex digits of the stage config this replica runs under (``status``: what an apply changed)."""
+        return hashlib.sha1(self.cfg.model_dump_json().encode()).hexdigest()[:8]
+
     def status(self, now: float) -> dict[str, Any]:
         hb = self.hb
         return {
@@ -136,12 +144,15 @@ class Replica:
             "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == "backoff" else 0.0,
             "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
             "unreachable": hb.get("unreachable", []), "insecure": hb.get("insecure", ""), "denied": hb.get("denied", 0),
+            "config": self.config_digest,
         }
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
+                 watch: bool = False) -> None:
         self.cfg = cfg
+        self.watch = watch                                   # up --watch: launcher/watch.py
         self.rd = RunDir(run_dir or cfg.default_run_dir())
         self.metrics_port = metrics_port
         self.replicas: dict[str, list[Replica]] = {}
@@ -152,6 +163,10 @@ class Supervisor:
         self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
         self.owned: set[asyncio.Task[Any]] = set()         # every task started: see own()
         self.locks: dict[str, asyncio.Lock] = {}             # stage -> held by restart, scale, respawn
+        self.apply_lock = asyncio.Lock()                     # one `apply` at a time, once the start-up is done
+        self.started = False
+        self.retired: PipelineConfig | None = None           # during an apply: the config being replaced ...
+        self.draining: list[Edge] = []                       # ... and its edges that may still carry data
         self.exit_code = 0                                   # 1 once a loop failed for good
         self.fork_starting = False
         self.stop_requested = asyncio.Event()
@@ -179,8 +194,9 @@ class Supervisor:
             logger.warning("could not become a child subreaper: fork-server stages are watched by pid only")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.own(self.reload(), "reload (SIGHUP)"))
         self.ctx = zmq.asyncio.Context()
         self.stage_sock = self.ctx.socket(zmq.ROUTER)
         self.stage_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -211,6 +227,11 @@ class Supervisor:
             if any(sc.spawn == "fork-server" for sc in self.cfg.stages.values()):
                 await self._start_forkserver()
             await self._start_all()
+            self.started = True
+            if self.watch:
+                from streampipe.launcher.watch import watch
+
+                self.own(watch(self), "watch")
             await self.stop_requested.wait()
             code = self.exit_code
         except StreampipeError as exc:
@@ -394,6 +415,8 @@ class Supervisor:
     def spec_for(self, rep: Replica) -> StageSpec:
         cfg, sc = self.cfg, rep.cfg
         edges = []
+        if rep.stage not in cfg.stages and self.retired is not None:
+            cfg = self.retired    # a stage an apply is removing keeps its old edges until it stops
         for e in cfg.edges():
             if e.src == rep.stage:
                 edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest)))
@@ -518,7 +541,7 @@ class Supervisor:
         rep.probe = None
         rep.exited.set()
         self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
-        if code == 0 and rep.state != "completed" and self.cfg.is_source(rep.stage):
+        if code == 0 and rep.state != "completed" and self.is_source(rep.stage):
             saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
             if saved.get("completed"):
                 rep.state = "completed"
@@ -551,9 +574,9 @@ class Supervisor:
 
     async def _restart(self, rep: Replica, reason: str) -> None:
         """A respawn (after an exit and its backoff); any failure goes back through the policy."""
-        async with self.locks[rep.stage]:
-            if self.stopping or rep.wanted_down or rep.pid is not None or rep not in self.replicas[rep.stage]:
-                return    # stopped, scaled away, or started again by a command meanwhile
+        async with self.locks.setdefault(rep.stage, asyncio.Lock()):
+            if self.stopping or rep.wanted_down or rep.pid is not None or rep not in self.replicas.get(rep.stage, []):
+                return    # stopped, scaled or applied away, or started again by a command meanwhile
             assert self.events is not None
             self.events.emit("restart", rep.stage, rep.index, None, reason=reason, restarts=rep.restarts)
             await self.start_replica(rep)
@@ -607,6 +630,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self.stopping = True
         order = list(reversed(self.cfg.downstream_first()))
+        order = [n for n in self.replicas if n not in order] + order   # a stage an apply was removing: first
         for name in order:
             await asyncio.gather(*(self.stop_replica(r) for r in self.replicas.get(name, [])))
         if self.fork is not None:
@@ -745,7 +769,43 @@ class Supervisor:
 
     # -- runtime changes (used by commands) ------------------------------------------------
     def upstream_replicas(self, stage: str) -> list[tuple[Replica, str]]:
-        return [(r, e.name) for e in self.cfg.edges() if e.dest == stage for r in self.replicas[e.src]]
+        """The replicas sending to ``stage`` (during an apply, also on the old edges still draining)."""
+        edges = self.cfg.edges() + [e for e in self.draining if e.src in self.replicas]
+        return [(r, e.name) for e in edges if e.dest == stage for r in self.replicas.get(e.src, [])]
+
+    def is_source(self, stage: str) -> bool:
+        """Whether ``stage`` is a source (also for a stage an apply is removing)."""
+        reps = self.replicas.get(stage)
+        return not reps[0].cfg.inputs if reps else self.cfg.is_source(stage)
+
+    def retune(self, rep: Replica) -> None:
+        """Apply ``rep.cfg``'s supervisor settings to its restart policy and health judge, in place."""
+        sc, policy, judge = rep.cfg, rep.policy, rep.judge
+        policy.restart, policy.backoff_initial, policy.backoff_max = sc.restart, sc.backoff_initial, sc.backoff_max
+        policy.backoff_factor, policy.min_uptime = sc.backoff_factor, sc.min_uptime
+        policy.max_restarts, policy.restart_window = sc.max_restarts, sc.restart_window
+        judge.heartbeat_timeout, judge.max_rss_mb = sc.heartbeat_timeout, sc.max_rss_mb
+        judge.max_cpu_percent, judge.limit_for = sc.max_cpu_percent, sc.limit_for
+
+    async def reload(self) -> None:
+        """SIGHUP: read the config file again and apply it; a bad file changes nothing (an event says why)."""
+        from streampipe.launcher.apply import apply_config
+
+        assert self.events is not None
+        try:
+            new = await asyncio.to_thread(load_config, self.cfg.path)
+        except StreampipeError as exc:
+            logger.error(f"SIGHUP: {exc}; nothing changed")
+            self.events.emit("apply", reason=f"SIGHUP: refused: {exc}; nothing changed")
+            return
+        try:
+            reply = await apply_config(self, new)
+        except StreampipeError as exc:
+            logger.error(f"SIGHUP: {exc}")
+            self.events.emit("apply", reason=f"SIGHUP: refused: {exc}; nothing changed")
+            return
+        if reply.get("refused"):
+            logger.error("SIGHUP: " + "; ".join(reply["refused"]))
 
     def announce_endpoints(self, stage: str) -> None:
         endpoints = self.endpoints_of(stage)
@@ -759,16 +819,17 @@ class Supervisor:
             for rep in self.replicas[dest]:
                 self.tell(rep, "peers", acks=acks)
 
-    async def scale(self, stage: str, n: int) -> dict[str, Any]:
+    async def scale(self, stage: str, n: int, cfg: StageConfig | None = None) -> dict[str, Any]:
+        """Set the replica count of ``stage``; new replicas start with ``cfg`` (default: the others')."""
         async with self.locks[stage]:
-            return await self._scale(stage, n)
+            return await self._scale(stage, n, cfg)
 
-    async def _scale(self, stage: str, n: int) -> dict[str, Any]:
+    async def _scale(self, stage: str, n: int, cfg: StageConfig | None = None) -> dict[str, Any]:
         reps = self.replicas[stage]
         before = len(reps)
         assert self.events is not None
         if n > before:
-            new = [self._new_replica(stage, i, reps[0].cfg) for i in range(before, n)]
+            new = [self._new_replica(stage, i, cfg or reps[0].cfg) for i in range(before, n)]
             reps.extend(new)
             self.announce_ack_peers(stage)   # before they send: their batches must be acknowledged
             for rep in new:
@@ -830,12 +891,20 @@ class Supervisor:
         self.events.emit("failed", stage, None, None, reason="cannot repartition its saved positions", last_error=error)
         return False
 
-    async def restart_stage(self, stage: str) -> dict[str, Any]:
-        """Rolling restart: one replica at a time, each READY before the next goes down."""
+    async def restart_stage(self, stage: str, cfg: StageConfig | None = None) -> dict[str, Any]:
+        """Rolling restart: one replica at a time, each READY before the next goes down.
+
+        ``cfg`` (apply): each replica restarts with this config; one that runs it already is left alone.
+        """
         async with self.locks[stage]:
-            if self.cfg.is_source(stage) and not await self.repartition(stage):
+            if self.is_source(stage) and not await self.repartition(stage):
                 return {"ok": False, "error": self.replicas[stage][0].last_error}
             for rep in list(self.replicas[stage]):
+                if cfg is not None:
+                    if rep.cfg is cfg:
+                        continue
+                    rep.cfg = cfg
+                    self.retune(rep)
                 rep.policy.reset()
                 if rep.pid is not None:
                     await self.stop_replica(rep, reason="restart requested")
@@ -847,9 +916,8 @@ class Supervisor:
 
     # -- periodic ----------------------------------------------------------------------------
     async def _health_loop(self) -> None:
-        interval = self.cfg.poll_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.cfg.poll_interval)   # read each tick: `apply` may change it
             inject_fault("health")
             now_m = time.monotonic()
             for reps in self.replicas.values():
@@ -933,5 +1001,6 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None) -> int:
-    return asyncio.run(Supervisor(cfg, run_dir, metrics_port).run())
+def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
+                   watch: bool = False) -> int:
+    return asyncio.run(Supervisor(cfg, run_dir, metrics_port, watch).run())

@@ -22,8 +22,11 @@ bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
 Origins and watermarks (what makes the sink's dedup exact without a clock): a source replica
 stamps every DATA header with its origin ``o`` (``"<stage>.<replica>/<generation>"``, the
 generation of its id space kept in its state file) and, under at-least-once, a watermark ``w``:
-one more than the highest id in every batch up to its committed position, so every id of this
-origin below ``w`` is acknowledged end to end. A transform copies ``o`` and ``w`` from an input
+one more than the highest id in every batch up to its committed position *as saved in its state
+file*, so every id of this origin below ``w`` is acknowledged end to end and a restarted or
+repartitioned replica never emits an id below a watermark it announced (a watermark ahead of the
+saved position would let a new generation re-emit ids the sink can no longer tell from another
+partition's, see :mod:`streampipe.stages.seen`). A transform copies ``o`` and ``w`` from an input
 batch onto every batch it cuts from it; a stage that defines ``on_origin(origin, watermark)``
 (the consumer) is told them before each ``process``. This needs integer ids that increase per
 source replica. A source whose ids stop increasing freezes its watermark where it was (the sink
@@ -311,6 +314,7 @@ class StageRuntime:
         self.committed: dict[str, Any] | None = None
         self.generation = 0                       # of the source's id space (bumped when it is repartitioned)
         self.watermark: int | None = None         # announced: every id of this origin below it is acknowledged
+        self.committed_top: int | None = None     # the watermark of ``committed``: announced once it is saved
         self.id_top: int | None = None            # one more than the highest id pulled so far
         self.ordered = True                       # ids have increased so far: the watermark may rise
         self.out_of_order = 0                     # ids that did not increase
@@ -364,7 +368,7 @@ class StageRuntime:
         self.ackp.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.secure(self.ackp, self.spec.ack)
         self.ackp.bind(self.spec.ack)
-        bound_ack = self.ackp.getsockopt(zmq.LAST_ENDPOINT).decode()     # run-stage may bind port 0
+        bound_ack = self.ackp.get_string(zmq.LAST_ENDPOINT)     # run-stage may bind port 0
         self.edges = [Edge(self, e) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
         targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
@@ -947,8 +951,8 @@ class StageRuntime:
         while self.marks and self.marks[0].outstanding <= 0:
             mark = self.marks.popleft()
             self.committed = mark.state
-            if self.ordered and mark.top is not None:
-                self.watermark = mark.top
+            if mark.top is not None:
+                self.committed_top = mark.top
 
     def save_at_ack_points(self, now: float, force: bool = False) -> None:
         """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
@@ -976,8 +980,11 @@ class StageRuntime:
         saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed(),
                                  "generation": self.generation, "replicas": self.spec.replicas}
         if self.source:
-            saved["watermark"] = [self.generation, self.watermark, self.ordered]
+            top = self.committed_top if self.ordered and self.committed_top is not None else self.watermark
+            saved["watermark"] = [self.generation, top, self.ordered]
         save_state(self.state_path, saved)
+        if self.source:
+            self.watermark = top    # only now: it never runs ahead of the position a restart resumes at
 
     def restore_origin(self, saved: dict[str, Any]) -> None:
         """A source's generation and the watermark committed with its position (``save_state``).
@@ -996,6 +1003,7 @@ class StageRuntime:
 
     # -- control -----------------------------------------------------------------------------
     def read_control(self) -> None:
+        assert self.ctl is not None
         while True:
             try:
                 frames = self.ctl.recv_multipart(flags=zmq.NOBLOCK)

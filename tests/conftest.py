@@ -21,6 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
+from streampipe.launcher.cli import resolve_run_dir
+from streampipe.launcher.control import request
+from streampipe.launcher.errors import StreampipeError
 from streampipe.monitor.events import read_events
 
 CLI = [sys.executable, "-m", "streampipe"]
@@ -83,8 +86,14 @@ class Pipeline:
         return self.foreground
 
     def status_or_none(self) -> dict[str, Any] | None:
-        proc = cli("status", "--json", "--config", str(self.config), cwd=self.folder, timeout=30)
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
+        """What ``streampipe status --json`` prints, asked in-process over the control socket: tests
+        poll it, and a CLI process per poll (~1 CPU-second of imports) starved the stages under test."""
+        try:
+            st = request(resolve_run_dir(None, self.config), "status", timeout=30)
+        except StreampipeError:
+            return None
+        st.pop("ok", None)
+        return json.loads(json.dumps(st, default=str))
 
     def status(self) -> dict[str, Any]:
         st = self.status_or_none()

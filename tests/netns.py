@@ -12,13 +12,18 @@ Needs root (CI runs as root); :func:`skip_reason` says why not otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 NETNS_ETC = Path("/etc/netns")
+NETNS_RUN = Path("/run/netns")       # where `ip netns add` keeps a namespace's handle
+CLONE_NEWNET = 0x40000000            # setns(2): join a network namespace
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -75,7 +80,12 @@ class Hosts:
 
     def set_name(self, name: str, addresses: list[str]) -> None:
         """Point ``name`` at ``addresses`` in every host's hosts file (several A records)."""
-        self.names[name] = list(addresses)
+        self.set_names({name: addresses})
+
+    def set_names(self, names: dict[str, list[str]]) -> None:
+        """Several names at once, in one rewrite of the hosts files; a name with no address is gone."""
+        for name, addresses in names.items():
+            self.names[name] = list(addresses)
         self.write_hosts()
 
     def write_hosts(self) -> None:
@@ -96,6 +106,23 @@ class Hosts:
     def run(self, host: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` on ``host`` to completion (e.g. an HTTP probe from inside its network)."""
         return subprocess.run(["ip", "netns", "exec", self.hosts[host][0], *argv], capture_output=True, text=True, timeout=timeout)
+
+    @contextlib.contextmanager
+    def inside(self, host: str) -> Iterator[None]:
+        """The calling thread joins ``host``'s network while inside: sockets it makes there are the
+        host's (a network namespace is per thread: the process's other threads stay where they are).
+
+        A socket keeps its namespace for life, so one made inside may be used after leaving.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/thread-self/ns/net") as home, open(NETNS_RUN / self.hosts[host][0]) as there:
+            if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {host}: {os.strerror(ctypes.get_errno())}")
+            try:
+                yield
+            finally:
+                if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns back from {host}: {os.strerror(ctypes.get_errno())}")
 
     def pids(self, host: str) -> list[int]:
         return self.pids_of(self.hosts[host][0])

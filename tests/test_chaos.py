@@ -125,8 +125,8 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) 
     p.config.write_text(p.config.read_text().replace("replicas: 2\n    heartbeat_timeout", f"replicas: {new_replicas}\n    heartbeat_timeout"))
     p.up()
     assert len(p.rows("generator")) == new_replicas
-    while not all(r["state"] == "completed" for r in p.rows("generator")):
-        chaos.random_kills(1)
+    wait_for(lambda: chaos.random_kills(1) or all(r["state"] == "completed" for r in p.rows("generator")),
+             timeout=1200, interval=0, what="the source to complete under kills")
     wait_for(lambda: len(set(p.output_ids())) >= n, timeout=300, interval=0.5, what=f"{n} distinct records at the sink")
     time.sleep(1.0)   # anything still being redelivered would show up as a duplicate now
     ids = p.output_ids()
@@ -150,7 +150,7 @@ def check(summary: dict[str, object]) -> None:
 
 def test_chaos_short(pipeline, tmp_path: Path) -> None:
     n = 30_000
-    p = pipeline(CHAOS.format(n=n, rate=300, gen_replicas=2))     # 50 s a replica: still flowing in phase 3
+    p = pipeline(CHAOS.format(n=n, rate=200, gen_replicas=2))     # 75 s a replica: still flowing in phase 3
     check(run_chaos(p, n, down_s=6, seed=1, new_replicas=3))
 
 

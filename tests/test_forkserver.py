@@ -69,7 +69,9 @@ def test_fork_server_death_is_survived(pipeline, tmp_path: Path) -> None:
                           timeout=30, what="a new fork server")
     assert alive(new_server) and not alive(old_server)
     assert {r["pid"] for r in p.status()["stages"]} == stage_pids, "stages outlive the fork server"
-    # and new stages come from the new server
+    # and once it has preloaded (until then a respawn starts cold: nothing waits for it), new stages come from it
+    wait_for(lambda: any(e["pid"] == new_server for e in p.events("forkserver")), timeout=60,
+             what="the new fork server preloaded")
     old = p.row("stamper")["pid"]
     os.kill(old, signal.SIGKILL)
     row = wait_for(lambda: (r := p.row("stamper"))["pid"] not in (None, old) and r["state"] == "running" and r,

@@ -436,6 +436,8 @@ def test_dockerfile_builds_what_the_manifests_expect() -> None:
             for source in c.value[:-1]:
                 assert (REPO / source).exists(), source
                 assert not any(fnmatch.fnmatch(source, p) for p in ignored), source
+    # the README makes the keys beside services.yaml (keys/): their secret halves stay out of the image
+    assert any(fnmatch.fnmatch("keys/server.key_secret", p) for p in ignored)
     # the default pipeline folder (ARG PIPELINE=.) has a services.yaml for /pipeline
     [arg] = [c.value[0] for c in final if c.cmd == "ARG" and c.value[0].startswith("PIPELINE=")]
     folder = REPO / arg.partition("=")[2]

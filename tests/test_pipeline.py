@@ -45,6 +45,9 @@ def test_up_status_down(pipeline) -> None:
     # the table renders too
     table = cli("status", "--config", str(p.config), cwd=p.folder)
     assert table.returncode == 0 and "normalizer" in table.stdout and "running" in table.stdout
+    # and so does --json, what the tests otherwise ask in-process
+    as_json = json.loads(cli("status", "--json", "--config", str(p.config), cwd=p.folder, check=True).stdout)
+    assert {(r["name"], r["replica"]) for r in as_json["stages"]} == {(r["name"], r["replica"]) for r in p.status()["stages"]}
     # malformed records went to the dead-letter file and the normalizer kept running
     dead = wait_for(lambda: (p.run_dir / "deadletter" / "normalizer.jsonl").exists() and
                     (p.run_dir / "deadletter" / "normalizer.jsonl").read_text().splitlines(), timeout=30, what="dead letters")
