@@ -149,7 +149,10 @@ class Consumer(Stage):
         self._recover(offset)
         self._file = open(self.path, "ab")
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        self._journal = open(self.journal_path, "wb")
+        self._journal = open(self.journal_path, "ab")
+        # what _recover read from the journal goes into the state before the journal is cleared:
+        # a crash before the next checkpoint must find those lines' origins again
+        self.checkpoint()
 
     def _journal_entries(self) -> tuple[list[int], list[str | None]]:
         """(offsets, origins) of the journal: the origin of the lines written from each offset on."""
