@@ -252,3 +252,34 @@ def test_a_normalizer_subclass_whose_process_takes_records_keeps_getting_records
     assert isinstance(Processor(Faster()).run(records).records, Columns)
     assert isinstance(Processor(Normalizer()).run(records).records, Columns)
     assert isinstance(Processor(Normalizer(columnar=False)).run(records).records, list)
+
+
+def test_the_trainer_learns_the_same_from_columns_as_from_records(tmp_path: Path) -> None:
+    """scikit-learn gets the feature column as it is: the same model as from records, and a bad
+    row in a columnar batch is dead-lettered alone with its reason."""
+    from streampipe.stages.trainer import Trainer
+
+    gen, norm = Generator(seed=9).generate(), Normalizer(columnar=False)
+    batches = [norm.process([next(gen) for _ in range(200)]) for _ in range(10)]
+    bad = [dict(r) for r in batches[3]]
+    bad[7] = {**bad[7], "x": [float("nan")] * 8}
+    batches[3] = bad
+    runs = {}
+    for columnar in (True, False):
+        trainer = Trainer(columnar=columnar, checkpoint_seconds=0, params={"random_state": 0})
+        processor = Processor(trainer)
+        trainer.context = StageContext(name="trainer", run_dir=tmp_path / str(columnar), outputs=("default",))
+        trainer.setup()
+        outs, dead = [], []
+        for b in batches:
+            outcome = processor.run(Columns.from_records(b) if columnar else b)
+            dead.extend(reason for _, reason, _ in outcome.rejected)
+            outs.append(outcome.records)
+        runs[columnar] = (trainer.model.coef_.copy(), dead, outs)
+    (coef_c, dead_c, outs_c), (coef_r, dead_r, outs_r) = runs[True], runs[False]
+    assert isinstance(outs_c[-1], Columns) and outs_c[-1]["pred"].shape == (200,)   # a column out, too
+    assert isinstance(outs_c[3], list) and len(outs_c[3]) == 199                     # the bad batch: by record
+    np.testing.assert_allclose(coef_c, coef_r)
+    assert len(dead_c) == len(dead_r) == 1 and "finite" in dead_c[0], dead_c
+    preds_c = [r for o in outs_c for r in (o.to_records() if isinstance(o, Columns) else o)]
+    assert [r.get("pred") for r in preds_c] == [r.get("pred") for o in outs_r for r in o]
