@@ -4,7 +4,6 @@ crashes at every step of a checkpoint, in-process and with a real SIGKILL."""
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from streampipe.stages.api import StageContext  # noqa: E402
 from streampipe.stages.columns import Columns  # noqa: E402
 from streampipe.stages.consumer import Consumer  # noqa: E402
 from streampipe.stages.introspect import option_errors  # noqa: E402
-from tests.conftest import Pipeline, wait_for  # noqa: E402
+from tests.conftest import Pipeline, ready_pid, wait_for  # noqa: E402
 
 
 def sink(tmp_path: Path, **options: Any) -> Consumer:
@@ -87,20 +86,13 @@ def test_parts_hold_every_record_once(tmp_path: Path) -> None:
     assert stats["dedup_origins"] == 2
 
 
-def test_pandas_sees_the_columns(tmp_path: Path) -> None:
+def test_pandas_reads_the_folder(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
     c = sink(tmp_path)
-    c.on_origin("a.0/0", None)
     c.process(batch("a", [0, 1]))
     c.teardown()
-    df = table(tmp_path).to_pandas() if _has("pandas") else None
-    if df is not None:
-        assert list(df.columns) == ["id", "x", "y", "t", "src"] and df["id"].tolist() == [0, 1]
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    df = pd.read_parquet(tmp_path / "out")
+    assert list(df.columns) == ["id", "x", "y", "t", "src"] and df["id"].tolist() == [0, 1] and list(df["x"][1]) == [1.0] * 8
 
 
 class Crashed(Exception):
@@ -184,6 +176,15 @@ def test_a_new_schema_starts_a_new_part(tmp_path: Path) -> None:
     assert first.column("id").to_pylist() == [0] and second.to_pylist() == [{"id": 1, "y": 2.5}, {"id": 2, "y": None}]
 
 
+def test_validate_accepts_parquet(tmp_path: Path) -> None:
+    from streampipe.launcher.config import load_config
+
+    cfg = tmp_path / "services.yaml"
+    cfg.write_text("stages:\n  gen: {type: generator, options: {count: 10}}\n"
+                   "  sink: {type: consumer, inputs: [gen], options: {format: parquet}}\n")
+    assert load_config(cfg).stages["sink"].options == {"format": "parquet"}
+
+
 def test_validate_refuses_parquet_without_pyarrow(monkeypatch: pytest.MonkeyPatch) -> None:
     assert option_errors(Consumer, {"format": "parquet"}) == []
     real = consumer_module.importlib.util.find_spec
@@ -205,23 +206,13 @@ defaults:
   min_uptime: 0.1
   linger_ms: 5
 stages:
-  generator:
-    type: generator
-    options: {count: 3000, rate: 500, seed: 3}
-  normalizer:
-    type: normalizer
-    inputs: [generator]
-  consumer:
+  generator: {type: generator, options: {count: 3000, rate: 500, seed: 3}}
+  normalizer: {type: normalizer, inputs: [generator]}
+  consumer:                  # a part file every 0.2 s
     type: consumer
     inputs: [normalizer]
     options: {format: parquet, output: output/records, checkpoint_s: 0.2}
 """
-
-
-def consumer_pid(p: Pipeline) -> int | None:
-    path = p.run_dir / "logs" / "consumer.0.jsonl"
-    pids = [json.loads(x)["record"]["process"]["id"] for x in path.read_text().splitlines() if '"ready: pid' in x]
-    return pids[-1] if pids else None
 
 
 def folder_ids(p: Pipeline) -> list[int]:
@@ -235,10 +226,10 @@ def test_a_killed_parquet_sink_writes_every_record_once(pipeline: Any) -> None:
     n = 3000
     p = pipeline(PIPELINE)
     p.up()
-    victim = wait_for(lambda: consumer_pid(p), timeout=60, what="the consumer running")
+    victim = wait_for(lambda: ready_pid(p, "consumer"), timeout=60, what="the consumer running")
     wait_for(lambda: len(folder_ids(p)) >= 300, timeout=60, what="parts in the folder")
     os.kill(victim, signal.SIGKILL)      # mid-stream: staged rows, maybe a part half written
-    wait_for(lambda: (pid := consumer_pid(p)) and pid != victim, timeout=60, what="the consumer restarted")
+    wait_for(lambda: (pid := ready_pid(p, "consumer")) and pid != victim, timeout=60, what="the consumer restarted")
     wait_for(lambda: p.row("generator")["state"] == "completed", timeout=90, what="the generator completed")
     wait_for(lambda: (p.row("consumer")["stats"] or {}).get("written", 0) >= n, timeout=60, what=f"{n} records written")
     time.sleep(0.5)                      # a resend still in flight would land now
