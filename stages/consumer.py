@@ -379,6 +379,8 @@ class Consumer(Stage):
         if self._parts is not None:
             from streampipe.stages.parquet_parts import to_arrow
 
+            if not len(fresh):
+                return True         # all duplicates: no empty batch in the part
             try:
                 table = to_arrow(fresh)
             except Exception:       # pyarrow raises several kinds: the records path sorts out which row

@@ -69,6 +69,8 @@ def test_parts_hold_every_record_once(tmp_path: Path) -> None:
     c.process(batch("a", [2, 3, 4]))                    # redelivered in part: 2 and 3 are duplicates
     c.on_origin("b.0/0", None)
     c.process(batch("b", [0, 1, 2]))                    # another origin's ids: not duplicates
+    c.process(batch("b", [1, 2]))                       # all duplicates: nothing staged
+    assert c._parts is not None and len(parquet_parts.read_staging(c._parts.staging_path(0))) == 3
     c.checkpoint()
     c.process(records("b", [2, 3]) + [{"id": 9, "src": "b", "x": "no vector", "y": 0, "t": 0.0}])
     c.on_origin("a.0/0", None)
@@ -82,7 +84,7 @@ def test_parts_hold_every_record_once(tmp_path: Path) -> None:
     assert t.schema.field("x").type == pa.list_(pa.float64(), 8) and t.schema.field("id").type == pa.int64()
     assert t.column("x").to_pylist()[4] == [4.0] * 8
     stats = c.stats()
-    assert stats["written"] == 10 and stats["duplicates_dropped"] == 4 and stats["labels"] == {"0": 5, "1": 5}
+    assert stats["written"] == 10 and stats["duplicates_dropped"] == 6 and stats["labels"] == {"0": 5, "1": 5}
     assert stats["dedup_origins"] == 2
 
 
