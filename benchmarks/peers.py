@@ -68,13 +68,15 @@ def _run(commands: list[list[str]], count: int, env: dict[str, str] | None = Non
     from _common import THREAD_ENV, children_cpu_s, stop_pids
 
     folder = Path(tempfile.mkdtemp(prefix="streampipe-peer-"))
-    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": os.pathsep.join([str(THIS.parent), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    path = [str(THIS.parent), *filter(None, [os.environ.get("PYTHONPATH")])]    # bytewax_flow importable
+    env = {**os.environ, **THREAD_ENV, "PYTHONPATH": os.pathsep.join(path), **(env or {})}
     procs: list[subprocess.Popen[bytes]] = []
+    logs = []
     try:
         before = children_cpu_s()
         for i, cmd in enumerate(commands):
-            log = open(folder / f"{i}.log", "wb")
-            procs.append(subprocess.Popen([c.format(out=folder) for c in cmd], cwd=folder, stdout=log,
+            logs.append(open(folder / f"{i}.log", "wb"))
+            procs.append(subprocess.Popen([c.format(out=folder) for c in cmd], cwd=folder, stdout=logs[-1],
                                           stderr=subprocess.STDOUT, env=env))
         for p in procs:
             p.wait(timeout=RUN_TIMEOUT_S)
@@ -83,6 +85,8 @@ def _run(commands: list[list[str]], count: int, env: dict[str, str] | None = Non
         stop_pids([p.pid for p in procs if p.poll() is None], grace=2.0)
         for p in procs:
             p.wait()
+        for log in logs:
+            log.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
