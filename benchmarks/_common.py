@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -101,6 +102,85 @@ def stop_pids(pids: list[int], grace: float = 5.0) -> list[int]:
         except ProcessLookupError:
             pass
     return killed
+
+
+# -- CPU time ----------------------------------------------------------------------------------
+
+def children_cpu_s() -> float:
+    """User + system CPU of every child this process has waited for (and of theirs, recursively):
+    the difference around a run whose processes are all our children and all reaped is that
+    run's CPU, start-up included."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """User + system CPU so far of the live processes ``pids`` and all their descendants, each
+    counted once, plus what they have reaped (``children_*``: a restarted stage's earlier life)."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs[root.pid] = root
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    total = 0.0
+    for proc in procs.values():
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+# -- output files -------------------------------------------------------------------------------
+
+def exactly_once(paths: list[Path], count: int) -> dict[str, Any]:
+    """Whether the JSON-lines files ``paths`` hold every id ``0 .. count-1`` exactly once.
+
+    ``lost``: ids missing; ``duplicated``: lines beyond the first for an id; ``unexpected``:
+    lines whose id is out of range or missing.
+    """
+    import numpy as np
+    import orjson
+
+    ids: list[int] = []
+    unexpected = 0
+    for path in paths:
+        if not path.exists():
+            continue
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                i = orjson.loads(line).get("id")
+                if type(i) is int and 0 <= i < count:
+                    ids.append(i)
+                else:
+                    unexpected += 1
+    seen = np.bincount(np.asarray(ids, dtype=np.int64), minlength=count)
+    lost = int((seen == 0).sum())
+    duplicated = int((seen[seen > 1] - 1).sum())
+    return {"ok": lost == 0 and duplicated == 0 and unexpected == 0, "lost": lost,
+            "duplicated": duplicated, "unexpected": unexpected}
+
+
+def output_span(paths: list[Path]) -> float:
+    """Seconds from the ``t`` of the earliest first record to the last write of any of ``paths``
+    (their mtime): the throughput clock of every variant."""
+    import orjson
+
+    firsts, lasts = [], []
+    for path in paths:
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb") as f:
+                firsts.append(float(orjson.loads(f.readline())["t"]))
+            lasts.append(os.stat(path).st_mtime)
+    return max(lasts) - min(firsts)
 
 
 # -- files written by running processes ---------------------------------------------------------
@@ -213,6 +293,15 @@ class Pipeline:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def pids(self) -> list[int]:
+        """The supervisor, the fork server(s) and every stage process started so far."""
+        events = self.events.find(event="start") + self.events.find(event="forkserver")
+        return [p for p in dict.fromkeys([self.supervisor_pid, *(e.get("pid") for e in events)]) if p]
+
+    def cpu_s(self) -> float:
+        """User + system CPU so far of the supervisor and all its processes (call it before ``down``)."""
+        return tree_cpu_s(self.pids())
 
     def close(self) -> None:
         stage_pids = {e["pid"] for e in self.events.find(event="start") if e.get("pid")}

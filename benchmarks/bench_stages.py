@@ -70,3 +70,10 @@ class SklearnStage(Stage):
         if good:
             self.model.partial_fit(np.asarray([r["x"] for r in good], float), [int(r["y"]) for r in good])
         return []
+
+
+def touch(record: Record) -> Record:
+    """A plain function as a stage (``type: bench_stages:touch``): per-record Python work, the
+    least a user's stage does."""
+    record["hop"] = 1
+    return record

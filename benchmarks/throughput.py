@@ -2,12 +2,19 @@
 
     python benchmarks/throughput.py [--count 200000] [--repeat 3] [--latency-seconds 7]
     python benchmarks/throughput.py --transport tcp [--curve] --no-latency    # ipc vs tcp vs tcp+CURVE
+    python benchmarks/throughput.py --peers [--count N] [--repeat 3]          # vs bytewax, multiprocessing (pip install -e '.[bench]')
 
 What runs (each variant ``--repeat`` times, interleaved, so every repeat compares like with like):
 
 streampipe (the real CLI: ``streampipe up --detach`` on a temp services.yaml, then ``down``)
     ``sp-alo`` / ``sp-amo``   generator (rate 0, ``count`` records) -> normalizer -> consumer,
-                              one replica each, ``delivery: at-least-once`` / ``at-most-once``.
+                              one replica each, ``delivery: at-least-once`` / ``at-most-once``;
+                              the built-ins are columnar (their default): batches cross as numpy
+                              columns.
+    ``sp-alo-records``        ``sp-alo`` with ``columnar: false`` on every stage: lists of records
+                              in msgpack, as before columnar batches.
+    ``sp-alo-b1000``          ``sp-alo`` with ``max_batch: 1000`` (``--big-batch``): a column
+                              batch's fixed numpy cost spread over 10 x the records.
 raw (three ``python`` processes wired by hand: PUSH/PULL over ipc, 2 frames per message = a
 small msgpack header + a msgpack list of 100 records, HWM 100 messages, no streampipe runtime)
     ``raw``              generator = ``stages.generator.Generator().generate()`` (same records),
@@ -19,6 +26,28 @@ small msgpack header + a msgpack list of 100 records, HWM 100 messages, no strea
                          label counts, 1 s checkpoints): all of the stages' own work, none of the
                          runtime's, so ``sp-alo / raw-stagework`` isolates the runtime's cost.
 
+``--peers`` adds (and skips the latency runs):
+
+    ``sp-alo-userstage``  ``sp-alo`` with a plain function stage after the normalizer
+                          (``type: bench_stages:touch``: ``record["hop"] = 1`` per record; the
+                          columnar batch becomes records for it and columns again after it)
+    ``sp-alo-r2``         ``sp-alo`` with ``replicas: 2`` on every stage (the consumer's replicas
+                          write ``records.jsonl`` and ``records.1.jsonl``: both are counted)
+    ``bytewax-1w``        bytewax 0.21 (the ``bench`` extra), ``python -m bytewax.run`` of
+                          ``bytewax_flow.py``: ``input`` (the same generator records) ->
+                          ``filter_map`` (the normalizer's work, per record) -> ``output`` (the
+                          raw sink's JSON lines), one process of one worker
+    ``bytewax-2p``        the same flow in 2 processes (``-i``/``-a``), one worker each, each
+                          generating half the ids and writing its own file: no exchange
+    ``mpqueue``           three ``multiprocessing.Process`` linked by two ``multiprocessing.Queue``
+                          carrying lists of 100 records: the raw chain's generator, middle and sink
+
+(``peers.py`` and ``bytewax_flow.py`` say exactly what they run.) Without bytewax installed,
+``--peers`` says so and runs the rest. It prints the issue's targets beside their figures:
+``sp-alo / bytewax best`` (>= 1.5; best = the higher of the two bytewax medians),
+``sp-alo-userstage / bytewax-1w`` (>= 1.0), ``sp-alo-r2 / sp-alo`` CPU per record (<= 1.25) and
+records/s (>= 1.0).
+
 ``--transport tcp`` adds ``sp-tcp`` (``transport: tcp`` on 127.0.0.1) and ``raw-tcp`` (the raw
 chain over tcp), and ``--curve`` adds ``sp-tcp-curve`` (``security: curve``: every data and ack
 socket encrypted and authenticated), all in the same run as the ipc variants.
@@ -27,6 +56,19 @@ Throughput is ``count / (mtime of the sink's output file after the last write - 
 from the moment the generator made the first record to the moment the last one was written, the
 same clock for every variant (start-up is outside it: the generator starts after its downstream is
 READY). Completion is seen by counting the output file's lines (a lost record shows as a shortfall).
+With several output files (``sp-alo-r2``, ``bytewax-2p``): the earliest first ``t`` to the last write
+of any of them.
+
+Every throughput run also gives:
+
+- CPU-seconds per million records: user + system CPU of every process of that system, start-up
+  included (imports, fork server, READY: a fixed cost that weighs less as ``--count`` grows),
+  divided by ``--count``. streampipe: the supervisor and every process under it (fork server,
+  stage replicas), read with psutil just before ``down``; raw, bytewax, mpqueue: their processes
+  are the benchmark's children, so ``getrusage(RUSAGE_CHILDREN)`` before and after the run. The
+  benchmark's own process (polling, the CLI calls ``up``/``down``) is not counted.
+- an exactly-once check of the output file(s): every id ``0 .. count-1`` exactly once; the table
+  flags a variant whose worst run lost, duplicated or wrote an unexpected id, with the counts.
 
 Latency: the generator at ``--latency-rate`` records/s for ``--latency-seconds``; the sink
 (``bench_stages:LatencySink`` for streampipe, the same computation in the raw sink) records
@@ -245,13 +287,25 @@ def latency_figures(path: Path, warmup: int) -> dict[str, Any]:
 
 
 def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int = 0, tcp: bool = False) -> dict[str, Any]:
-    """One run of the raw three-process chain; {"rps", "records", ...} or latency figures."""
+    """One run of the raw three-process chain; {"rps", "records", "cpu_s", "exactly_once", ...} or
+    latency figures. ``cpu_s``: ``getrusage(RUSAGE_CHILDREN)`` around the run (its three
+    processes are children of the benchmark, all reaped before it returns)."""
+    from _common import children_cpu_s
+
+    before = children_cpu_s()
+    result = _run_raw(mid_kind, sink_kind, count, rate, warmup, tcp)
+    if "rps" in result:
+        result["cpu_s"] = children_cpu_s() - before
+    return result
+
+
+def _run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int, tcp: bool) -> dict[str, Any]:
     import shutil
     import subprocess
     import tempfile
 
     import zmq
-    from _common import PYTHON, THREAD_ENV, LineCounter, pid_alive, stop_pids, wait_until
+    from _common import PYTHON, THREAD_ENV, LineCounter, exactly_once, pid_alive, stop_pids, wait_until
 
     tmp = Path(tempfile.mkdtemp(prefix="streampipe-raw-"))
     ep = {k: f"ipc://{tmp}/{k}" for k in ("ready", "mid", "sink")}
@@ -289,7 +343,7 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
         wait_until(lambda: sink.poll() is not None, 30.0, "the raw sink to exit")
         lines = counter.poll()
         elapsed = os.stat(out).st_mtime - first_t(out)
-        return {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed}
+        return {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed, "exactly_once": exactly_once([out], count)}
     finally:
         left = [p.pid for p in procs if p.poll() is None]
         stop_pids(left, grace=2.0)
@@ -304,50 +358,70 @@ def run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None) -> dict[str, Any]:
-    sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl"}} if sink == "consumer"
-                                  else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
+def pipeline_config(delivery: str, count: int, rate: float, sink: str, network: dict[str, Any] | None = None,
+                    columnar: bool = True, max_batch: int | None = None, user_stage: str | None = None,
+                    replicas: int = 1) -> dict[str, Any]:
+    """generator -> normalizer [-> ``user_stage``, a ``type`` such as ``bench_stages:touch``] -> sink,
+    every stage with ``replicas`` (when > 1)."""
+    sink_stage: dict[str, Any] = ({"type": "consumer", "options": {"output": "output/records.jsonl", "columnar": columnar}}
+                                  if sink == "consumer" else {"type": "bench_stages:LatencySink", "options": {"output": "latency.json"}})
+    stages: dict[str, dict[str, Any]] = {
+        "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED, "columnar": columnar}},
+        "normalizer": {"type": "normalizer", "inputs": ["generator"], "options": {"columnar": columnar}},
+    }
+    if user_stage:
+        stages["user"] = {"type": user_stage, "inputs": ["normalizer"]}
+    stages["consumer"] = {**sink_stage, "inputs": ["user" if user_stage else "normalizer"]}
+    if replicas > 1:
+        for stage in stages.values():
+            stage["replicas"] = replicas
     return {
         "pipeline": "bench-throughput",
         "delivery": delivery,
+        **({"defaults": {"max_batch": max_batch}} if max_batch else {}),
         **(network or {}),
-        "stages": {
-            "generator": {"type": "generator", "options": {"rate": rate, "count": count, "seed": SEED}},
-            "normalizer": {"type": "normalizer", "inputs": ["generator"]},
-            "consumer": {**sink_stage, "inputs": ["normalizer"]},
-        },
+        "stages": stages,
     }
 
 
 def run_streampipe(delivery: str, sink: str, count: int, rate: float, warmup: int = 0,
-                   network: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One run through the real CLI; {"rps", "records", ...} or latency figures."""
-    from _common import LineCounter, Pipeline, wait_until
+                   network: dict[str, Any] | None = None, columnar: bool = True, max_batch: int | None = None,
+                   user_stage: str | None = None, replicas: int = 1) -> dict[str, Any]:
+    """One run through the real CLI; {"rps", "records", "cpu_s", "exactly_once", ...} or latency figures.
 
-    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network), tag=f"tput-{delivery}")
+    ``cpu_s``: user + system CPU of the supervisor and every process under it (fork server, stage
+    replicas), start-up included, read just before ``down``. (No baseline at READY: ``up --detach``
+    returns after the generator has started, and a 20 k-record stream is over by then.)"""
+    from _common import LineCounter, Pipeline, exactly_once, output_span, wait_until
+
+    pipe = Pipeline(pipeline_config(delivery, count, rate, sink, network, columnar, max_batch, user_stage, replicas),
+                    tag=f"tput-{delivery}")
+    # a consumer with replicas writes records.jsonl (replica 0) and records.<r>.jsonl
+    outs = [pipe.run_dir / "output" / ("records.jsonl" if r == 0 else f"records.{r}.jsonl") for r in range(replicas)]
     try:
         with pipe:
             if sink == "latency":
                 wait_until(lambda: pipe.events.find(event="completed", stage="generator"), RUN_TIMEOUT_S,
                            "the generator to complete")
             else:
-                out = pipe.run_dir / "output" / "records.jsonl"
-                counter = LineCounter(out)
+                counters = [LineCounter(out) for out in outs]
                 state = {"n": 0, "since": time.monotonic()}
 
                 def done() -> bool:
-                    n = counter.poll()
+                    n = sum(c.poll() for c in counters)
                     if n != state["n"]:
                         state["n"], state["since"] = n, time.monotonic()
-                    stalled = time.monotonic() - state["since"] > STALL_S and bool(pipe.events.find(event="completed", stage="generator"))
-                    return n >= count or stalled
+                    completed = len(pipe.events.find(event="completed", stage="generator")) >= replicas
+                    return n >= count or (time.monotonic() - state["since"] > STALL_S and completed)
 
-                wait_until(done, RUN_TIMEOUT_S, f"{count} records in {out}")
-                lines = counter.poll()
-                elapsed = os.stat(out).st_mtime - first_t(out)
-                result = {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed}
+                wait_until(done, RUN_TIMEOUT_S, f"{count} records in {outs}")
+                cpu = pipe.cpu_s()
+                lines = sum(c.poll() for c in counters)
+                elapsed = output_span(outs)
+                result = {"rps": lines / elapsed, "records": lines, "elapsed_s": elapsed, "cpu_s": cpu}
         if sink == "latency":
             return latency_figures(pipe.run_dir / "latency.json", warmup)
+        result["exactly_once"] = exactly_once(outs, count)   # after `down`: nothing more can be written
         return result
     finally:
         pipe.cleanup()
@@ -367,16 +441,24 @@ def main() -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     p.add_argument("--transport", choices=["ipc", "tcp"], default="ipc", help="tcp: also run streampipe and raw over tcp")
     p.add_argument("--curve", action="store_true", help="with --transport tcp: also streampipe with security: curve")
+    p.add_argument("--big-batch", action="store_true", help="also sp-alo with max_batch: 1000 (sp-alo-b1000)")
+    p.add_argument("--peers", action="store_true", help="also a user stage, replicas: 2, bytewax and multiprocessing.Queue "
+                   "(implies --no-latency; bytewax: pip install -e '.[bench]')")
     a = p.parse_args()
+    if a.peers:
+        a.no_latency = True
 
     lat_count = int(a.latency_rate * a.latency_seconds)
     tput_variants = {
         "sp-alo": lambda: run_streampipe("at-least-once", "consumer", a.count, 0),
         "sp-amo": lambda: run_streampipe("at-most-once", "consumer", a.count, 0),
+        "sp-alo-records": lambda: run_streampipe("at-least-once", "consumer", a.count, 0, columnar=False),
         "raw": lambda: run_raw("normalize", "jsonl", a.count, 0),
         "raw-transport": lambda: run_raw("transport", "jsonl", a.count, 0),
         "raw-stagework": lambda: run_raw("normalize", "consumer", a.count, 0),
     }
+    if a.big_batch:
+        tput_variants["sp-alo-b1000"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, max_batch=1000)
     if a.transport == "tcp":
         tcp = {"transport": "tcp", "bind_host": "127.0.0.1"}
         tput_variants["sp-tcp"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, network=tcp)
@@ -390,6 +472,18 @@ def main() -> None:
             generate_keys(keys)
             curve = {**tcp, "security": "curve", "keys": str(keys)}
             tput_variants["sp-tcp-curve"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, network=curve)
+    if a.peers:
+        from peers import bytewax_missing, run_bytewax, run_mpqueue
+
+        tput_variants["sp-alo-userstage"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, user_stage="bench_stages:touch")
+        tput_variants["sp-alo-r2"] = lambda: run_streampipe("at-least-once", "consumer", a.count, 0, replicas=2)
+        missing = bytewax_missing()
+        if missing:
+            err.print(f"[yellow]note:[/] {missing}", highlight=False)
+        else:
+            tput_variants["bytewax-1w"] = lambda: run_bytewax(a.count, processes=1)
+            tput_variants["bytewax-2p"] = lambda: run_bytewax(a.count, processes=2)
+        tput_variants["mpqueue"] = lambda: run_mpqueue(a.count)
     lat_variants = {} if a.no_latency else {
         "sp-alo": lambda: run_streampipe("at-least-once", "latency", lat_count, a.latency_rate, a.warmup),
         "sp-amo": lambda: run_streampipe("at-most-once", "latency", lat_count, a.latency_rate, a.warmup),
@@ -406,8 +500,11 @@ def main() -> None:
                 progress.update(task, description=f"repeat {rep + 1}/{a.repeat}: {name} throughput ({a.count} records)")
                 r = fn()
                 tput[name].append(r)
-                progress.console.print(f"  repeat {rep + 1} {name:<14} {r['rps']:>10,.0f} records/s  "
-                                       f"({r['records']} records in {r['elapsed_s']:.2f} s)", highlight=False)
+                once = r["exactly_once"]
+                progress.console.print(f"  repeat {rep + 1} {name:<17} {r['rps']:>10,.0f} records/s  "
+                                       f"({r['records']} records in {r['elapsed_s']:.2f} s, {r['cpu_s']:.2f} CPU-s; "
+                                       f"exactly once: {'ok' if once['ok'] else 'NO'}, lost {once['lost']}, "
+                                       f"duplicated {once['duplicated']}, unexpected {once['unexpected']})", highlight=False)
                 progress.advance(task)
             for name, fn in lat_variants.items():
                 progress.update(task, description=f"repeat {rep + 1}/{a.repeat}: {name} latency ({lat_count} records at {a.latency_rate:g}/s)")
@@ -421,16 +518,64 @@ def main() -> None:
         return [r["rps"] for r in tput[name]]
 
     def ratio(num: str, den: str) -> float:
+        if num not in tput or den not in tput:
+            return float("nan")
         return median([n / d for n, d in zip(rps(num), rps(den), strict=True)])
 
+    def cpu_per_m(name: str, key: str = "cpu_s") -> list[float]:
+        """CPU-seconds per million records of each run of ``name``."""
+        return [r[key] / a.count * 1e6 for r in tput.get(name, [])]
+
+    def cpu_ratio(num: str, den: str) -> float:
+        if num not in tput or den not in tput:
+            return float("nan")
+        return median([n / d for n, d in zip(cpu_per_m(num), cpu_per_m(den), strict=True)])
+
+    def once(name: str) -> dict[str, int]:
+        """The worst run's exactly-once check: most lost, most duplicated."""
+        checks = [r["exactly_once"] for r in tput[name]]
+        return {k: max(c[k] for c in checks) for k in ("lost", "duplicated", "unexpected")}
+
+    bytewax = [k for k in ("bytewax-1w", "bytewax-2p") if k in tput]
+    bytewax_best = max((median(rps(k)) for k in bytewax), default=float("nan"))
     table = Table(title=f"throughput: {a.count} records, generator -> normalizer -> sink, medians of {a.repeat}",
                   title_justify="left", header_style="bold")
-    for col in ("variant", "records/s (each run)", "median records/s", "vs raw (median of per-run ratios)", "records"):
+    cols = ["variant", "records/s (each run)", "median records/s", "vs raw (median of per-run ratios)"]
+    if a.peers:
+        cols.append("vs bytewax best (median / best bytewax median)")
+    cols += ["CPU-s per M records", "exactly once", "records"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name in tput:
+        bad = once(name)
+        ok = "ok" if not any(bad.values()) else f"[red]NO: lost {bad['lost']}, dup {bad['duplicated']}, other {bad['unexpected']}[/]"
+        vs_bytewax = [f"{median(rps(name)) / bytewax_best:.2f}"] if a.peers else []
         table.add_row(name, "  ".join(f"{v:,.0f}" for v in rps(name)), f"{median(rps(name)):,.0f}",
-                      f"{ratio(name, 'raw'):.2f}", "/".join(str(r["records"]) for r in tput[name]))
+                      f"{ratio(name, 'raw'):.2f}", *vs_bytewax, f"{median(cpu_per_m(name)):.2f}", ok,
+                      "/".join(str(r["records"]) for r in tput[name]))
     out.print(table)
+    targets: list[tuple[str, str, float, str, float]] = []
+    if a.peers:
+        # (name, what, value, comparison, target): the issue's done-when figures
+        targets = [
+            ("sp_alo_vs_bytewax_best", "sp-alo / bytewax best (records/s, medians)",
+             median(rps("sp-alo")) / bytewax_best, ">=", 1.5),
+            ("userstage_vs_bytewax_1w", "sp-alo-userstage / bytewax-1w (records/s, median of per-run ratios)",
+             ratio("sp-alo-userstage", "bytewax-1w"), ">=", 1.0),
+            ("r2_cpu_ratio", "sp-alo-r2 CPU per record / sp-alo CPU per record (median of per-run ratios)",
+             cpu_ratio("sp-alo-r2", "sp-alo"), "<=", 1.25),
+            ("r2_rps_ratio", "sp-alo-r2 records/s / sp-alo records/s (median of per-run ratios)",
+             ratio("sp-alo-r2", "sp-alo"), ">=", 1.0),
+        ]
+        for _, what, value, cmp, target in targets:
+            if value != value:
+                verdict = "[yellow]n/a[/]" + (" (bytewax not installed)" if "bytewax" in what and not bytewax else "")
+            else:
+                met = value >= target if cmp == ">=" else value <= target
+                verdict = "[green]met[/]" if met else "[red]not met[/]"
+            out.print(f"{what}: {value:.2f}  (target {cmp} {target:g}): {verdict}")
+        out.print("[dim]CPU includes every process's start-up (imports, fork server, READY): a fixed cost that "
+                  "weighs less the larger --count (6 stage processes for sp-alo-r2, 3 for sp-alo)[/]")
     if lat:
         lt = Table(title=f"end-to-end latency at {a.latency_rate:g} records/s ({lat_count} records, first {a.warmup} dropped), "
                          f"medians of {a.repeat}", title_justify="left", header_style="bold")
@@ -456,10 +601,18 @@ def main() -> None:
         "raw_transport_rps": rnd(median(rps("raw-transport")), 0),
         "raw_stagework_rps": rnd(median(rps("raw-stagework")), 0),
         "runtime_ratio": rnd(ratio("sp-alo", "raw-stagework")),
-        **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp") if k in tput},
+        "records_path_rps": rnd(median(rps("sp-alo-records")), 0),
+        "columnar_vs_records": rnd(ratio("sp-alo", "sp-alo-records")),
+        **{f"{k.replace('-', '_')}_rps": rnd(median(rps(k)), 0) for k in ("sp-tcp", "sp-tcp-curve", "raw-tcp", "sp-alo-b1000") if k in tput},
+        **({"b1000_vs_raw": rnd(ratio("sp-alo-b1000", "raw"))} if "sp-alo-b1000" in tput else {}),
         **({"tcp_vs_ipc": rnd(ratio("sp-tcp", "sp-alo"))} if "sp-tcp" in tput else {}),
         **({"curve_vs_tcp": rnd(ratio("sp-tcp-curve", "sp-tcp"))} if "sp-tcp-curve" in tput else {}),
         "records_short": {k: a.count - min(r["records"] for r in v) for k, v in tput.items()},
+        "rps": {k: rnd(median(rps(k)), 0) for k in tput},
+        "cpu_s_per_m": {k: rnd(median(cpu_per_m(k))) for k in tput},
+        "exactly_once": {k: {**once(k), "ok": not any(once(k).values())} for k in tput},
+        **({"bytewax_best_rps": rnd(bytewax_best, 0),
+            **{name: rnd(value) for name, _, value, _, _ in targets}} if a.peers else {}),
         "count": a.count, "repeat": a.repeat, "latency_rate": a.latency_rate,
     }
     print(json.dumps(figures), flush=True)

@@ -66,6 +66,7 @@ class StageContext:
     run_dir: Path = field(default_factory=lambda: Path(".streampipe"))
     config_dir: Path = field(default_factory=Path.cwd)
     outputs: tuple[str, ...] = ("default",)
+    max_batch: int = 100      # records per batch the runtime cuts: a columnar source yields batches of this size
 
     def resolve_output(self, path: str | os.PathLike[str]) -> Path:
         """A path the stage writes: relative paths resolve against the run directory."""
@@ -99,10 +100,21 @@ class Stage:
       ``restore(snapshot())`` on a fresh instance must give an equivalent stage.
     - :meth:`stats` returns a small dict of figures that ``streampipe status`` shows.
     - :meth:`teardown` runs once after the last batch, on a clean stop.
+
+    Columns: a stage that sets ``columnar = True`` receives each batch as a
+    :class:`~streampipe.stages.columns.Columns` (numpy arrays by field) instead of a list of
+    records, and returns a ``Columns`` (or a list of records). The runtime converts only where
+    two neighbouring stages want different forms, so a per-record stage between two columnar
+    ones costs only its own conversions. A columnar source yields ``Columns`` batches from
+    ``generate_columns()``. A columnar stage that raises is retried one row at a time, as a
+    per-record stage is, and each failing row is dead-lettered as a record.
     """
 
     #: Named outputs besides ``"default"``, e.g. ``("holdout",)``.
     outputs: tuple[str, ...] = ()
+
+    #: True: ``process`` receives :class:`~streampipe.stages.columns.Columns`, not a list of records.
+    columnar: bool = False
 
     context: StageContext
 
@@ -203,6 +215,30 @@ def is_source(stage: object) -> bool:
     return callable(generate) and getattr(generate, "__func__", generate) is not Source.generate
 
 
+def columnar_transform(stage: object) -> bool:
+    """True when a transform's ``process`` is given columns: it is ``columnar`` and ``process`` was not
+    overridden below the class that declares ``columnar`` (a subclass of the built-in normalizer
+    whose own ``process`` expects records keeps getting records)."""
+    if not getattr(stage, "columnar", False):
+        return False
+    mro = type(stage).__mro__
+    process = next((k for k in mro if "process" in vars(k)), None)
+    declared = next((k for k in mro if "columnar" in vars(k)), None)
+    return process is None or declared is None or issubclass(declared, process)
+
+
+def columnar_source(stage: object) -> bool:
+    """True when a source's batches come from ``generate_columns()``: it is ``columnar`` and no
+    subclass overrode ``generate()`` below the class that defines ``generate_columns()`` (a
+    subclass of the built-in generator that wraps ``generate()`` keeps getting records)."""
+    if not getattr(stage, "columnar", False) or not callable(getattr(stage, "generate_columns", None)):
+        return False
+    mro = type(stage).__mro__
+    records = next((k for k in mro if "generate" in vars(k)), None)
+    columns = next((k for k in mro if "generate_columns" in vars(k)), None)
+    return records is None or columns is None or issubclass(columns, records)
+
+
 def kind_of(target: object) -> Kind:
     """What a ``type:`` names: a source or transform class, or a per-record function.
 
@@ -272,6 +308,9 @@ class Plain(Stage):
             if callable(method):
                 setattr(self, name, method)
         self.outputs = tuple(getattr(user, "outputs", ()) or ())
+        self.columnar = bool(getattr(user, "columnar", False))
+        if callable(getattr(user, "generate_columns", None)):
+            self.generate_columns = user.generate_columns  # type: ignore[attr-defined]
 
     @property
     def context(self) -> StageContext:

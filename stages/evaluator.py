@@ -61,6 +61,7 @@ from loguru import logger
 
 from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.columns import Columns
 from streampipe.stages.drift import PageHinkley
 from streampipe.stages.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
 from streampipe.stages.state import json_default
@@ -72,11 +73,14 @@ TAIL_BYTES = 64 * 1024   # enough to hold the last rows of metrics.jsonl when re
 
 
 class Evaluator(Stage):
+    columnar = True
+
     def __init__(self, checkpoint_dir: str = "checkpoints", output: str = "metrics.jsonl", every: int = 500,
                  window: int = 1000, features: str | None = None, label: str | None = None,
                  poll_seconds: float = 0.5, drift_delta: float = 0.005, drift_threshold: float = 50.0,
-                 drift_min_instances: int = 30) -> None:
+                 drift_min_instances: int = 30, columnar: bool = True) -> None:
         super().__init__()
+        self.columnar = bool(columnar)      # a batch of columns reaches predict() as its own arrays
         if every < 1 or window < 1 or poll_seconds < 0:
             raise ValueError("every and window must be >= 1, poll_seconds >= 0")
         self.checkpoint_dir, self.output = checkpoint_dir, output
@@ -182,7 +186,7 @@ class Evaluator(Stage):
         return True
 
     # -- scoring -----------------------------------------------------------------------------
-    def process(self, batch: Batch) -> list[Record]:
+    def process(self, batch: Batch | Columns) -> list[Record]:  # type: ignore[override]
         self.records_received += len(batch)
         self.poll()
         if self.model is None or not batch:

@@ -17,6 +17,10 @@ Options:
     malformed_every every N-th record is malformed on purpose (0 = never), for dead-letter demos
     file            replay this CSV (header row) or .jsonl file instead (relative to the config)
     loop            replay the file again from the start when it ends (endless)
+    columnar        send the synthetic stream as columns (:mod:`streampipe.stages.columns`):
+                    batches of ``max_batch`` records made in one numpy pass, the same records as
+                    ``generate()`` gives except that ``t`` is taken once per batch (default true;
+                    a replayed file is always sent as records)
 
 Partitioning: replica ``r`` of ``n`` owns the ids ``r, r + n, r + 2n, ...`` and emits them in
 increasing order. Its position is the set of ids it has left, as arithmetic progressions
@@ -35,6 +39,9 @@ goes on.
 [2]
 >>> Generator.repartition([{"segments": [[5, 1, None]]}], 2)
 [{'segments': [[5, 2, None]]}, {'segments': [[6, 2, None]]}]
+>>> cols = next(Generator(count=3, seed=1).generate_columns())
+>>> cols["id"].tolist(), cols["x"].shape, cols.to_records()[2]["x"] == list(Generator(count=3, seed=1).generate())[2]["x"]
+([0, 1, 2], (3, 8), True)
 """
 
 from __future__ import annotations
@@ -49,16 +56,19 @@ import numpy as np
 
 from streampipe.stages import segments
 from streampipe.stages.api import Record, Source
+from streampipe.stages.columns import Column, Columns
 
 _END: dict = {}  # sentinel: the wrapped stream is over
 CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10x more
 
 
 class Generator(Source):
+    columnar = True
     def __init__(self, rate: float = 0, count: int | None = None, seed: int = 7, features: int = 8,
                  classes: int = 2, noise: float = 0.05, drift_at: int | None = None,
-                 malformed_every: int = 0, file: str | None = None, loop: bool = False) -> None:
+                 malformed_every: int = 0, file: str | None = None, loop: bool = False, columnar: bool = True) -> None:
         super().__init__()
+        self.columnar = bool(columnar) and not file
         if rate < 0:
             raise ValueError("rate must be >= 0")
         self.rate, self.count, self.seed = float(rate), count, int(seed)
@@ -106,6 +116,62 @@ class Generator(Source):
         if self.malformed_every and (i + 1) % self.malformed_every == 0:
             record["x"] = "not-a-vector"
         return record
+
+    def generate_columns(self) -> Iterator[Columns | None]:
+        """The synthetic stream as :class:`Columns` batches of ``context.max_batch`` records (fewer
+        when ``rate`` holds them back; None while it says wait): the records of :meth:`generate`,
+        ``t`` taken once per batch, cut where the runtime cuts batches of records."""
+        if self.file:
+            raise TypeError("a replayed file is sent as records: use generate()")
+        if self.segments is None:
+            self.segments = _own_segments({}, self.context.replica, self.context.replicas)
+        start, sent = time.monotonic(), 0
+        while True:
+            k = max(1, self.context.max_batch)
+            if self.rate > 0:
+                k = min(k, int((time.monotonic() - start) * self.rate) - sent + 1)
+                if k <= 0:
+                    yield None
+                    continue
+            ids = self._next_ids(k)
+            if not len(ids):
+                return
+            sent += len(ids)
+            self.emitted += len(ids)
+            self.last = int(ids[-1])
+            yield self._columns(ids)
+
+    def _next_ids(self, k: int) -> np.ndarray:
+        """The next ``k`` ids of this replica's segments after ``last`` (fewer at ``count``)."""
+        parts = []
+        for start, step, stop in segments.after(self.segments or [], self.last):
+            hi = start + k * step if stop is None else min(stop, start + k * step)
+            parts.append(np.arange(start, hi, step, dtype=np.int64))
+        if not parts:
+            return np.empty(0, np.int64)
+        ids = parts[0] if len(parts) == 1 else np.sort(np.concatenate(parts))[:k]
+        return ids[ids < self.count] if self.count is not None else ids
+
+    def _columns(self, ids: np.ndarray) -> Columns:
+        chunk_ids = ids // CHUNK
+        x = np.empty((len(ids), self.features))
+        y = np.empty(len(ids), np.int64)
+        for chunk_id in np.unique(chunk_ids).tolist():
+            if chunk_id != self._chunk_id:
+                self._chunk, self._chunk_id = self._draw(chunk_id), chunk_id
+            assert self._chunk is not None
+            rows = chunk_ids == chunk_id
+            x[rows] = self._chunk[0][ids[rows] % CHUNK]
+            y[rows] = self._chunk[1][ids[rows] % CHUNK]
+        xs: Column = x
+        if self.malformed_every:
+            bad = np.flatnonzero((ids + 1) % self.malformed_every == 0)
+            if len(bad):
+                listed: list[Any] = x.tolist()
+                for i in bad.tolist():
+                    listed[i] = "not-a-vector"
+                xs = listed
+        return Columns({"id": ids, "t": np.full(len(ids), time.time()), "x": xs, "y": y}, len(ids))
 
     # -- replay of a file -----------------------------------------------------------------
     def replay(self) -> Iterator[Record | None]:

@@ -18,6 +18,8 @@ the class's ``__init__`` unless it takes ``**kwargs``; every required parameter 
 a value must fit the parameter's annotation, validated by pydantic in strict JSON mode (YAML
 gives JSON-like data: ``"lots"`` is no ``int``, ``1`` is a ``float``, a list is a ``tuple``).
 An annotation pydantic cannot check is left to the stage. A function stage takes no options.
+A class may add its own checks as a static ``option_problems(options) -> [(key, message), ...]``,
+run once the call itself is fine (the consumer refuses ``format: parquet`` without pyarrow).
 
 A module that is not found is a problem; a module that is found but fails when imported is
 *skipped*: that is not a config error, the stage fails at start and ``status`` shows why.
@@ -88,6 +90,9 @@ def option_errors(target: Any, options: dict[str, Any]) -> list[tuple[str | None
                and n not in options]
     if missing:
         errors.append((None, f"{target.__name__} needs option(s) {', '.join(missing)}"))
+    check = getattr(target, "option_problems", None)
+    if not errors and callable(check):
+        errors.extend(check(options))
     return errors
 
 

@@ -3,7 +3,8 @@
 - :func:`import_estimator` turns ``"sklearn.linear_model.SGDClassifier"`` (or ``"pkg.mod:Cls"``)
   into the class.
 - :class:`Vectoriser` turns a batch of records into ``X`` (n x d floats) and ``y`` in one numpy
-  pass; a batch with any bad record falls back to checking records one by one, and each bad one
+  pass; a columnar batch (:class:`Columns`) gives its feature column, already an n x d array, and
+  its label column to scikit-learn as they are (checked in numpy, no per-record work); a batch with any bad record falls back to checking records one by one, and each bad one
   (missing field, not a vector, wrong length, non-numeric, not finite, unknown label) is handed to
   ``reject(record, reason)`` so the stage can dead-letter it and go on.
 - :class:`Ring` keeps the last ``capacity`` values of a stream (for metrics over a window).
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from streampipe.stages.api import Batch, Record
+from streampipe.stages.columns import Columns
 
 Reject = Callable[[Record, str], None]
 
@@ -60,7 +62,7 @@ def import_estimator(path: str) -> type:
 class Arrays:
     """The usable part of a batch: the records kept, in order, and their features and labels."""
 
-    records: list[Record]
+    records: list[Record] | Columns
     X: np.ndarray
     y: np.ndarray
 
@@ -86,7 +88,9 @@ class Vectoriser:
         self.classes = None if classes is None else np.asarray(list(classes))
         self._class_set = None if classes is None else set(np.asarray(list(classes)).tolist())
 
-    def __call__(self, batch: Batch, reject: Reject) -> Arrays:
+    def __call__(self, batch: Batch | Columns, reject: Reject) -> Arrays:
+        if isinstance(batch, Columns):
+            return self.columns(batch, reject)
         if not batch:
             return Arrays([], np.empty((0, self.n_features or 0)), np.empty(0))
         f, lab = self.features, self.label
@@ -100,6 +104,16 @@ class Vectoriser:
             self.n_features = X.shape[1]
             return Arrays(batch, X.astype(float, copy=False), y)
         return self._one_by_one(batch, reject)
+
+    def columns(self, batch: Columns, reject: Reject) -> Arrays:
+        """A columnar batch as it is when its columns are usable as they stand, else record by record."""
+        X, y = batch.data.get(self.features), batch.data.get(self.label)
+        if (isinstance(X, np.ndarray) and isinstance(y, np.ndarray) and len(batch)
+                and X.ndim == 2 and X.shape[1] > 0 and X.dtype.kind in "fiu" and y.ndim == 1
+                and self.n_features in (None, X.shape[1]) and np.isfinite(X).all() and self._labels_ok(y)):
+            self.n_features = X.shape[1]
+            return Arrays(batch, X.astype(float, copy=False), y)
+        return self(batch.to_records(), reject)
 
     def _labels_ok(self, y: np.ndarray) -> bool:
         if self.classes is None:

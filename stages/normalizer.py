@@ -8,12 +8,23 @@ so far (Chan et al.'s parallel update per batch, so it is one numpy pass per bat
 record). ``holdout`` routes that fraction of records (chosen by id, so the same record always
 goes the same way, even when redelivered) to the named output ``holdout`` instead of ``default``.
 
+Columns (``columnar: true``, the default): a batch arrives as :class:`Columns`. When every schema
+field is a column of its type (``int`` an integer array, ``vector`` a 2-D numeric array of the
+right width, ``str`` a list column of strings ...), the batch is validated by those types alone,
+non-finite rows are dead-lettered one by one, and the vector column is standardised in one numpy
+pass. A batch with any other column (a malformed record makes its column a list column) takes
+the per-record path: each bad record is dead-lettered with the same reason as above, the rest go
+on. Given records directly, ``process`` works on records.
+
 >>> n = Normalizer()
 >>> out = list(n.process([{"id": 0, "x": [1.0, 10.0], "y": 0}, {"id": 1, "x": [3.0, 30.0], "y": 1}]))
 >>> [r["x"] for r in out]
 [[-1.0, -1.0], [1.0, 1.0]]
 >>> list(n.process([{"id": 2, "x": "oops", "y": 0}])), n.take_rejected()[0][1]
 ([], "field 'x': expected vector, got str")
+>>> out = n.process(Columns.from_records([{"id": 3, "x": [2.0, 20.0], "y": 0}, {"id": 4, "x": "oops", "y": 1}]))
+>>> out["x"].tolist(), [reason for _, reason, _ in n.take_rejected()]
+([[0.0, 0.0]], ["field 'x': expected vector, got str"])
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.columns import Columns
 
 DEFAULT_SCHEMA = {"id": "int", "x": "vector", "y": "int"}
 _GOLDEN = 2654435761          # Knuth's multiplicative hash: spreads consecutive ids evenly
@@ -39,14 +51,18 @@ _TYPES: dict[str, frozenset[type]] = {
     "vector": frozenset({list}),
 }
 _MISSING = object()
+# numpy kinds (dtype.kind) of a column that passes for a schema type without a look at its values
+_ARRAY_KINDS: dict[str, str] = {"int": "iu", "float": "iuf", "number": "iuf", "bool": "b", "vector": "iuf"}
 
 
 class Normalizer(Stage):
     outputs = ("default", "holdout")
+    columnar = True
 
     def __init__(self, schema: dict[str, str] | None = None, scale: str | None = "x",
-                 holdout: float = 0.0) -> None:
+                 holdout: float = 0.0, columnar: bool = True) -> None:
         super().__init__()
+        self.columnar = bool(columnar)
         self.schema = dict(schema or DEFAULT_SCHEMA)
         for field, kind in self.schema.items():
             if kind not in _TYPES:
@@ -80,7 +96,61 @@ class Normalizer(Stage):
                     return f"field {field!r}: expected {len(self.mean)} values, got {len(value)}"
         return None
 
-    def process(self, batch: Batch) -> list[Record]:
+    def process(self, batch: Batch | Columns) -> list[Record] | Columns:  # type: ignore[override]
+        if isinstance(batch, Columns):
+            return self.process_columns(batch)
+        return self.process_records(batch)
+
+    def columns_valid(self, batch: Columns) -> bool:
+        """Whether every schema field is a column of its type (then no row can be invalid but by value)."""
+        for field, allowed, kind in self._checks:
+            col = batch.data.get(field)
+            if col is None:
+                return False
+            if isinstance(col, np.ndarray):
+                if col.dtype.kind not in _ARRAY_KINDS.get(kind, "") or col.ndim != (2 if kind == "vector" else 1):
+                    return False
+                if kind == "vector" and (col.shape[1] == 0 or (self.mean is not None and col.shape[1] != len(self.mean))):
+                    return False
+            elif kind == "vector" or not all(type(v) in allowed for v in col):
+                return False
+        return True
+
+    def process_columns(self, batch: Columns) -> Columns:
+        """Validate by column type, standardise the vector column in one pass (module docstring)."""
+        if not len(batch):
+            return batch
+        if not self.columns_valid(batch):
+            return Columns.from_records(self.process_records(batch.to_records()))
+        if self.scale is None:
+            return batch
+        field = self.scale
+        x = np.asarray(batch[field], dtype=np.float64)
+        finite = np.asarray(np.isfinite(x).all(axis=1))
+        if not finite.all():
+            for r in batch.take(~finite).to_records():
+                self.rejected += 1
+                self.reject(r, f"field {field!r}: not finite")
+            batch, x = batch.take(finite), x[finite]
+            if not len(batch):
+                return batch
+        self._update(x)
+        assert self.mean is not None and self.m2 is not None
+        std = np.sqrt(self.m2 / max(self.n, 1))
+        std[std == 0] = 1.0
+        return batch.with_column(field, ((x - self.mean) / std).round(6))
+
+    def route_columns(self, batch: Columns) -> np.ndarray | list[str]:
+        """:meth:`route` for every row of a columnar batch at once."""
+        ids = batch.data.get("id")
+        if not self._threshold:
+            return np.full(len(batch), "default")
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+            return [self.route(r) for r in batch.to_records()]
+        hashed = (ids.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)
+        return np.where(hashed < self._threshold, "holdout", "default")
+
+    def process_records(self, batch: Batch) -> list[Record]:
         good: list[Record] = []
         for record in batch:
             reason = self.check(record)

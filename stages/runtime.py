@@ -50,13 +50,15 @@ from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 from loguru import logger
 
 from streampipe._rotating import watch_stdio
 from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import AckPoints
-from streampipe.stages.api import Record, Stage, StageContext, is_source
+from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
+from streampipe.stages.columns import Columns
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_stage
 from streampipe.stages.spec import EdgeSpec, StageSpec
@@ -68,6 +70,7 @@ IDLE_WAIT_MS = 2                # a source that yielded None is asked again afte
 ACK_FLUSH_EVERY = 16            # acks sent after this many batches, not only once per loop pass
 SOURCE_BATCHES_PER_TICK = 8     # batches a busy source makes between two looks at its sockets
 MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/heartbeats again
+ZERO_COPY_BYTES = 64 << 10      # a message at least this big is sent with copy=False (below it costs more)
 DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
@@ -117,11 +120,12 @@ def stamp_of(header: dict[str, Any]) -> tuple[str | None, int | None]:
 
 
 class OutBatch:
-    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries")
+    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries", "copy")
 
     def __init__(self, seq: int, frames: list[bytes], n: int, parent: InToken | Mark | None) -> None:
         self.seq, self.frames, self.n, self.parent = seq, frames, n, parent
         self.sent_at, self.tries = 0.0, 0
+        self.copy = len(frames) <= 2 or sum(len(f) for f in frames) < ZERO_COPY_BYTES
 
 
 class Edge:
@@ -141,6 +145,7 @@ class Edge:
         self.connect(spec.endpoints)
         self.seq = 0
         self.pending: list[Record] = []
+        self.pending_cols: list[Columns] = []     # a columnar source's batches not cut yet
         self.pending_since = 0.0
         self.outq: deque[OutBatch] = deque()
         self.unacked: dict[int, OutBatch] = {}
@@ -170,8 +175,10 @@ class Edge:
     def full(self) -> bool:
         return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
 
-    def cut(self, records: list[Record], parent: InToken | Mark | None, stamp: tuple[str | None, int | None] = (None, None)) -> None:
-        """Frame ``records`` as one batch stamped with ``(origin, watermark)`` and queue it for sending.
+    def cut(self, records: list[Record] | Columns, parent: InToken | Mark | None,
+            stamp: tuple[str | None, int | None] = (None, None)) -> None:
+        """Frame ``records`` (a list of records or columns) as one batch stamped with ``(origin,
+        watermark)`` and queue it for sending.
 
         A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)
         is cut in halves; a single record over it goes to the dead-letter file.
@@ -188,14 +195,20 @@ class Edge:
                 return
             header["n"] = len(records)
             frames = wire.data_frames(header, records)
-        if len(frames[1]) > self.rt.spec.max_message_bytes:
+        size = max(len(f) for f in frames[1:]) if len(frames) > 1 else 0
+        if size > self.rt.spec.max_message_bytes:
             self.seq -= 1            # nothing was queued under it
             if len(records) == 1:
-                self.rt.reject_output(records[0], f"a record of {len(frames[1])} bytes is over max_message_mb")
+                record = records.to_records()[0] if isinstance(records, Columns) else records[0]
+                self.rt.reject_output(record, f"a record of {size} bytes is over max_message_mb")
                 return
             half = len(records) // 2
-            self.cut(records[:half], parent, stamp)
-            self.cut(records[half:], parent, stamp)
+            if isinstance(records, Columns):
+                self.cut(records.rows(0, half), parent, stamp)
+                self.cut(records.rows(half, len(records)), parent, stamp)
+            else:
+                self.cut(records[:half], parent, stamp)
+                self.cut(records[half:], parent, stamp)
             return
         if parent is not None:
             parent.outstanding += 1
@@ -205,13 +218,22 @@ class Edge:
         if self.pending:
             records, self.pending = self.pending, []
             self.cut(records, parent, stamp)
+        if self.pending_cols:
+            batch, self.pending_cols = Columns.concat(self.pending_cols), []
+            step = self.rt.spec.max_batch
+            for start in range(0, len(batch), step):
+                self.cut(batch.rows(start, start + step), parent, stamp)
+
+    @property
+    def pending_n(self) -> int:
+        return len(self.pending) + sum(len(c) for c in self.pending_cols)
 
     def send(self, now: float) -> bool:
         """Send what is queued without blocking; False when the socket pushed back (HWM)."""
         while self.outq:
             ob = self.outq[0]
             try:
-                self.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK)   # copy=False costs more below 64 KiB
+                self.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=ob.copy)   # copy=False costs more below 64 KiB
             except zmq.Again:
                 return False
             self.outq.popleft()
@@ -278,6 +300,8 @@ class StageRuntime:
         self.acked = spec.delivery == "at-least-once"
         self.epoch = int.from_bytes(os.urandom(4), "little")
         self.source = is_source(stage)
+        # a columnar source yields Columns batches from generate_columns() instead of records
+        self.columnar_source = self.source and columnar_source(stage)
         self.ctx = zmq.Context()
         self.stopping = False
         self.finished = False                     # a source's stream ended
@@ -408,7 +432,9 @@ class StageRuntime:
             poller.register(self.ctl, zmq.POLLIN)
         if self.inp is not None:
             poller.register(self.inp, zmq.POLLIN)
-        gen: Iterator[Record | None] | None = self.stage.generate() if self.source and not self.finished else None  # type: ignore[attr-defined]
+        gen: Iterator[Any] | None = None
+        if self.source and not self.finished:
+            gen = self.stage.generate_columns() if self.columnar_source else self.stage.generate()  # type: ignore[attr-defined]
         next_hb = next_resend = next_save = 0.0
         drain_quiet_since: float | None = None
         deadline = float("inf")
@@ -434,7 +460,7 @@ class StageRuntime:
             if (self.finished or self.stopping) and gen is None:
                 quiet = self.inp is None or (drain_quiet_since is not None and now - drain_quiet_since >= DRAIN_IDLE_S)
                 if quiet:
-                    if self.source and any(e.pending for e in self.edges):
+                    if self.source and any(e.pending_n for e in self.edges):
                         self.cut_source_batches()
                     for edge in self.edges:
                         edge.send(now)
@@ -509,7 +535,7 @@ class StageRuntime:
             return 0
         wait = next_hb - now
         for edge in self.edges:
-            if edge.pending:
+            if edge.pending_n:
                 wait = min(wait, edge.pending_since + self.spec.linger_ms / 1000.0 - now)
         if self.acked and any(e.unacked for e in self.edges):
             wait = min(wait, RESEND_CHECK_S)
@@ -582,8 +608,10 @@ class StageRuntime:
         if token is not None and token.outstanding == 0:
             self.queue_ack(token)
 
-    def keep_sendable(self, records: list[Any]) -> list[Record]:
+    def keep_sendable(self, records: list[Any] | Columns) -> list[Record]:
         """The records that are maps msgpack can encode; the others go to the dead-letter file."""
+        if isinstance(records, Columns):
+            records = records.to_records()
         good = []
         for record in records:
             try:
@@ -608,7 +636,7 @@ class StageRuntime:
         self.lat_ewma_ms = ms if self.batches == 1 else 0.9 * self.lat_ewma_ms + 0.1 * ms
         self.lat_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
 
-    def emit(self, records: list[Record], token: InToken | None, stamp: tuple[str | None, int | None]) -> None:
+    def emit(self, records: list[Record] | Columns, token: InToken | None, stamp: tuple[str | None, int | None]) -> None:
         """Hand a transform's output for one input batch to the edges: one batch per edge, now.
 
         Input batches were already sized by the source's ``max_batch`` / ``linger_ms``; batching
@@ -622,9 +650,16 @@ class StageRuntime:
             if recs:
                 edge.cut(recs, token, stamp)
 
-    def group(self, records: list[Record]) -> dict[str, list[Record]]:
+    def group(self, records: list[Record] | Columns) -> dict[str, Any]:
+        """The batch split by output name (lists of records, or columns from a columnar stage)."""
         if not self.routes:
             return {"default": records}
+        if isinstance(records, Columns):
+            route_columns = getattr(self.stage, "route_columns", None)
+            if route_columns is None:      # a per-record route() on a columnar stage's output
+                records = records.to_records()
+            else:
+                return self.group_columns(records, route_columns)
         groups: dict[str, list[Record]] = {}
         route = self.stage.route
         for r in records:
@@ -639,14 +674,34 @@ class StageRuntime:
             groups.setdefault(output, []).append(r)
         return groups
 
+    def group_columns(self, batch: Columns, route_columns: Callable[[Columns], Any]) -> dict[str, Columns]:
+        """Split columns by ``route_columns(batch)``: an array (or list) of output names, one per row."""
+        try:
+            names = np.asarray(route_columns(batch))
+            if names.shape != (len(batch),):
+                raise ValueError(f"returned {names.shape[0] if names.ndim else 'no'} names for {len(batch)} rows")
+        except Exception as exc:     # as a broken route(): the batch goes nowhere, its rows are dead-lettered
+            self.last_error = f"route_columns() failed: {type(exc).__name__}: {exc}"
+            for r in batch.to_records():
+                self.errors += 1
+                self.dead += 1
+                self.dead_letters.write(r, self.last_error, traceback.format_exc())
+            return {}
+        outputs = np.unique(names).tolist()
+        if len(outputs) == 1:
+            return {str(outputs[0]): batch}
+        return {str(name): batch.take(names == name) for name in outputs}
+
     def on_eos(self, header: dict[str, Any]) -> None:
         self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
         self.eos_headers.append(header)
         logger.info(f"end of stream from {header['src']}.{header['r']}")
 
     # -- source ------------------------------------------------------------------------------
-    def pull_source(self, gen: Iterator[Record | None], now: float) -> tuple[bool, Iterator[Record | None] | None]:
+    def pull_source(self, gen: Iterator[Any], now: float) -> tuple[bool, Iterator[Any] | None]:
         """Take up to one batch from the source; (produced anything, generator or None at end)."""
+        if self.columnar_source:
+            return self.pull_columns(gen, now)
         taken: list[Record] = []
         alive: Iterator[Record | None] | None = gen
         t0 = time.perf_counter()
@@ -681,6 +736,59 @@ class StageRuntime:
         elif alive is None or rejected:
             self.cut_source_batches()   # a mark with no batch: the position past them commits
         return bool(taken), alive
+
+    def pull_columns(self, gen: Iterator[Columns | None], now: float) -> tuple[bool, Iterator[Columns | None] | None]:
+        """``pull_source`` for a columnar source: ``Columns`` batches until ``max_batch`` rows are pending."""
+        alive: Iterator[Columns | None] | None = gen
+        t0 = time.perf_counter()
+        taken: list[Columns] = []
+        rows = 0
+        try:
+            while rows < self.spec.max_batch:
+                batch = next(gen)
+                if batch is None:
+                    break
+                if not isinstance(batch, Columns):
+                    raise TypeError(f"generate_columns() yielded a {type(batch).__name__}, not Columns")
+                if self.acked:
+                    batch = self.check_id_column(batch)
+                if len(batch):
+                    taken.append(batch)
+                    rows += len(batch)
+        except StopIteration:
+            alive = None
+        if taken:
+            self.observe_latency((time.perf_counter() - t0) * 1000.0)
+            self.records_in += rows
+            for part in taken:
+                groups = self.group(part)
+                for edge in self.edges:
+                    cols = groups.get(edge.output)
+                    if cols is not None and len(cols):
+                        if not edge.pending_n:
+                            edge.pending_since = now
+                        if isinstance(cols, Columns):
+                            edge.pending_cols.append(cols)
+                        else:
+                            edge.pending.extend(cols)
+            if any(e.pending_n >= self.spec.max_batch for e in self.edges) or alive is None:
+                self.cut_source_batches()
+        elif alive is None:
+            self.cut_source_batches()
+        return bool(taken), alive
+
+    def check_id_column(self, batch: Columns) -> Columns:
+        """``check_ids`` on a columnar batch: one numpy pass when the ids increase (the usual case)."""
+        ids = batch.data.get("id")
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu" or not len(ids):
+            if ids is None or not len(batch):
+                return batch
+            return Columns.from_records(self.check_ids(batch.to_records()))   # a list column: per record
+        if (self.id_top is None or int(ids[0]) >= self.id_top) and bool((ids[1:] > ids[:-1]).all()):
+            self.id_top = int(ids[-1]) + 1
+            return batch
+        kept = self.check_ids(batch.to_records())
+        return Columns.from_records(kept) if kept else Columns()
 
     def check_ids(self, taken: list[Record]) -> list[Record]:
         """Raise ``id_top`` over the ids of ``taken``; handle ids that do not increase (module docstring).
@@ -744,7 +852,7 @@ class StageRuntime:
     def flush_lingering(self, now: float) -> None:
         """A source's partial batch leaves after ``linger_ms`` (only sources hold partial batches)."""
         linger = self.spec.linger_ms / 1000.0
-        if any(e.pending and now - e.pending_since >= linger for e in self.edges):
+        if any(e.pending_n and now - e.pending_since >= linger for e in self.edges):
             self.cut_source_batches()
 
     def send_eos(self) -> None:
@@ -1125,7 +1233,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
         stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
-                                     outputs=tuple(sorted({e.output for e in spec.edges})))
+                                     outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch)
         rt = StageRuntime(spec, stage)
         if host is not None:
             rt.on_tell = host.on_tell

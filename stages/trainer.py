@@ -16,6 +16,10 @@ damaged or incomplete one is skipped with a warning), and version numbers and ``
 go on from it. A SIGKILL therefore loses at most the records learned since the last checkpoint.
 Run one replica: replicas would each train their own model and race for version numbers.
 
+Columns: the trainer is columnar (``columnar: false`` turns it off): a batch of columns gives
+scikit-learn its ``features`` column (already an n x d array) and its ``label`` column directly,
+and the prediction goes out as one more column. A batch with a bad row is checked record by record.
+
 Output: with a stage connected downstream the trainer passes its good records on, each with
 the field ``predictions`` (default ``"pred"``) set to the model's prediction made *before* it
 learned from the record (absent until the model is first fitted; ``predictions: null`` passes
@@ -65,6 +69,7 @@ from loguru import logger
 
 from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.columns import Columns
 from streampipe.stages.learning import Ring, Vectoriser, import_estimator
 
 # scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports
@@ -81,11 +86,15 @@ CHECKPOINT_RETRY_S = 5.0   # after a failed save (disk full...), do not retry on
 
 
 class Trainer(Stage):
+    columnar = True
+
     def __init__(self, estimator: str = DEFAULT_ESTIMATOR, params: dict[str, Any] | None = None,
                  features: str = "x", label: str = "y", classes: list[Any] | None = None,
                  checkpoint_every: int = 5000, checkpoint_seconds: float = 10.0, keep: int = 5,
-                 checkpoint_dir: str = "checkpoints", window: int = 1000, predictions: str | None = "pred") -> None:
+                 checkpoint_dir: str = "checkpoints", window: int = 1000, predictions: str | None = "pred",
+                 columnar: bool = True) -> None:
         super().__init__()
+        self.columnar = bool(columnar)
         if not isinstance(estimator, str) or not estimator.strip():
             raise ValueError("estimator must be a dotted path such as 'sklearn.linear_model.SGDClassifier'")
         if params is not None and not isinstance(params, dict):
@@ -180,7 +189,7 @@ class Trainer(Stage):
             self.checkpoint()
 
     # -- test, then train --------------------------------------------------------------------
-    def process(self, batch: Batch) -> list[Record]:
+    def process(self, batch: Batch | Columns) -> list[Record] | Columns:  # type: ignore[override]
         arrays = self._vectorise(batch, self.reject)
         n = len(arrays)
         pred = None
@@ -201,7 +210,7 @@ class Trainer(Stage):
                 self.scores.push((pred == y).astype(float) if self.classifier else np.abs(pred - y))
             self.records_seen += n
             self.since_checkpoint += n
-            t = arrays.records[-1].get("t")
+            t = last_value(arrays.records, "t")
             if isinstance(t, (int, float)):
                 self.event_time = float(t)
         self._maybe_checkpoint()
@@ -210,6 +219,8 @@ class Trainer(Stage):
         if pred is None or not self.predictions:
             return arrays.records
         field = self.predictions
+        if isinstance(arrays.records, Columns):
+            return arrays.records.with_column(field, pred)
         return [{**r, field: p} for r, p in zip(arrays.records, pred.tolist(), strict=True)]
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -260,3 +271,12 @@ class Trainer(Stage):
         metric = self.scores.mean()
         return {"model_version": self.version, "metric": None if metric is None else round(metric, 4),
                 "metric_name": self.metric_name, "records_seen": self.records_seen}
+
+
+def last_value(batch: list[Record] | Columns, name: str) -> Any:
+    """The field ``name`` of a batch's last row (None where it has none)."""
+    if isinstance(batch, Columns):
+        col = batch.data.get(name)
+        value = col[-1] if col is not None and len(col) else None
+        return value.item() if isinstance(value, np.generic) else value
+    return batch[-1].get(name) if batch else None

@@ -7,6 +7,10 @@ Data plane (PUSH -> PULL, one connection per pipeline edge):
 
     DATA   [header, payload]   header = {"k": "d", "src", "r", "e", "ep", "seq", "n", "t", "ack", "o", "w"}
                                payload = msgpack list of records (plain maps)
+    DATA   [header, col, ...]  a columnar batch: the header adds "c" = [[name, kind, [width...]], ...]
+                               and each column is one frame: a numpy column's raw little-endian
+                               bytes (kind one of WIRE_DTYPES, ``n * width`` values), or for kind
+                               "msgpack" a msgpack list of ``n`` values (ext type 1 = MISSING)
     EOS    [header]            header = {"k": "eos", "src", "r", "e", "ep", "seq", "ack"}
 
     src/r  sending stage and replica      e    edge name ("<output>><dest stage>")
@@ -15,6 +19,7 @@ Data plane (PUSH -> PULL, one connection per pipeline edge):
     ack    the sender's ack endpoint, or None when delivery is at-most-once
     o      origin of the records: "<source stage>.<replica>/<generation>" (copied by transforms)
     w      the origin's watermark: every id of it below w is acknowledged end to end, or None
+    c      the columns of a columnar batch (absent for a list of records)
 
 Ack plane (receiver PUSH -> sender's PULL at ``ack``):
 
@@ -30,8 +35,8 @@ CLI <-> supervisor (REQ -> ROUTER at ``<run dir>/sock/control``): {"cmd": name, 
 answered by {"ok": bool, ...}.
 
 Bad input: every message read from a socket is checked here before anything uses it (frame
-count, the type of every field, ``n`` against the payload, records that are maps, an ack address
-that belongs to a stage feeding the receiver). What fails raises :class:`Malformed`; the reader
+count, the type of every field, ``n`` against the payload, records that are maps, a column's
+kind, shape and byte length, an ack address that belongs to a stage feeding the receiver). What fails raises :class:`Malformed`; the reader
 counts it in a :class:`Rejects` (shown by ``status`` and the metrics), and drops it. Receiving
 sockets also carry ``zmq.MAXMSGSIZE``, so libzmq refuses a huge frame (and disconnects its
 sender) before allocating it.
@@ -44,7 +49,10 @@ from collections.abc import Container
 from typing import Any
 
 import msgpack
+import numpy as np
 from loguru import logger
+
+from streampipe.stages.columns import MISSING, WIRE_DTYPES, Column, Columns
 
 DATA = b"d"
 EOS = "eos"
@@ -59,8 +67,15 @@ LOG_FIRST = 5                   # malformed frames logged one by one ...
 LOG_EVERY_S = 10.0              # ... then one line per interval with the count (logging only: nothing rests on it)
 
 
+OBJECT = "msgpack"              # the wire kind of a list column
+MISSING_EXT = 1                 # msgpack ext type of MISSING in a list column
+MAX_COLUMN_DIMS = 2             # a column is 1-D (a scalar field) or 2-D (a fixed-length vector)
+
+
 def _to_wire(obj: Any) -> Any:
     """What msgpack cannot carry as is, as plain data: numpy values, tuples, sets, times, paths."""
+    if obj is MISSING:
+        return msgpack.ExtType(MISSING_EXT, b"")
     if hasattr(obj, "tolist"):          # numpy arrays and scalars
         return obj.tolist()
     if isinstance(obj, (tuple, set, frozenset)):
@@ -92,9 +107,43 @@ def unpackb(data: bytes) -> Any:
         raise ValueError(f"malformed msgpack frame: {exc}") from exc
 
 
-def data_frames(header: dict[str, Any], records: list[dict[str, Any]]) -> list[bytes]:
-    """The two frames of a DATA message."""
-    return [_packb(header), _packb(records)]
+def data_frames(header: dict[str, Any], payload: list[dict[str, Any]] | Columns) -> list[bytes]:
+    """The frames of a DATA message: two for a list of records, 1 + one per column for columns.
+
+    Raises ``TypeError`` for what cannot cross the wire (an object-dtype array, a value msgpack
+    cannot carry in a list column).
+    """
+    if not isinstance(payload, Columns):
+        return [_packb(header), _packb(payload)]
+    frames: list[bytes] = [b""]
+    desc = []
+    for name, col in payload.items():
+        kind, frame, width = _column_frame(col)
+        desc.append([name, kind, width])
+        frames.append(frame)
+    frames[0] = _packb({**header, "c": desc})
+    return frames
+
+
+def _column_frame(col: Column) -> tuple[str, bytes, list[int]]:
+    """(wire kind, frame, widths) of one column."""
+    if not isinstance(col, np.ndarray):
+        return OBJECT, _packb(col), []
+    if col.ndim < 1 or col.ndim > MAX_COLUMN_DIMS:
+        raise TypeError(f"a column of {col.ndim} dimensions (1 or 2 cross the wire)")
+    dt = col.dtype
+    if dt.str not in WIRE_DTYPES:
+        if dt.kind in "iu" and dt.itemsize <= 8 and not (dt.kind == "u" and dt.itemsize == 8):
+            dt = np.dtype("<i8")
+        elif dt.kind == "f" and dt.itemsize <= 8:
+            dt = np.dtype("<f8")
+        elif dt.kind == "b":
+            dt = np.dtype("|b1")
+        elif dt.kind in "USiuf":      # strings, uint64, long double: as plain values
+            return OBJECT, _packb(col.tolist()), []
+        else:
+            raise TypeError(f"a column of dtype {col.dtype} cannot be sent (numbers, bools and plain values can)")
+    return dt.str, np.ascontiguousarray(col, dtype=dt).tobytes(), list(col.shape[1:])
 
 
 def eos_frames(header: dict[str, Any]) -> list[bytes]:
@@ -111,7 +160,8 @@ _NUM = (int, float)
 # exact types (``type(v) in ...``): msgpack yields no subclasses, and a bool is not a count
 DATA_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
                                             "n": (int,), "t": _NUM, "ack": (str, _NONE)}
-STAMP: dict[str, tuple[type, ...]] = {"o": (str, _NONE), "w": (int, _NONE)}   # origin, watermark: optional
+STAMP: dict[str, tuple[type, ...]] = {"o": (str, _NONE), "w": (int, _NONE),   # origin, watermark: optional
+                                      "c": (list,)}                           # the columns of a columnar batch
 EOS_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
                                            "ack": (str,)}
 ACK_FIELDS: dict[str, tuple[type, ...]] = {"e": (str,), "ep": (int,), "s": (list,), "from": (str,)}
@@ -158,15 +208,17 @@ def _decode(data: bytes, what: str) -> Any:
         raise Malformed(f"{what}: {exc}") from None
 
 
-def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-    """Check and split a received data-plane message into (header, records); records is None for EOS.
+def read_message(frames: list[bytes], peers: Container[str], acked: bool
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]] | Columns | None]:
+    """Check and split a received data-plane message into (header, payload): a list of records,
+    :class:`Columns` for a columnar batch, None for EOS.
 
     ``peers`` are the ack endpoints of the stage replicas that feed this one: a header naming
     another address is refused (a receiver opens sockets only towards its known senders). With
     ``acked`` false (at-most-once) a DATA header carries no ack address. Raises :class:`Malformed`.
     """
-    if len(frames) not in (1, 2):
-        raise Malformed(f"a message of {len(frames)} frames")
+    if not frames:
+        raise Malformed("a message of 0 frames")
     header = _decode(frames[0], "header")
     if type(header) is not dict:
         raise Malformed(f"header is a {type(header).__name__}, not a map")
@@ -178,8 +230,9 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tup
     elif kind == "d":
         _check(header, DATA_HEADER, "header", True)
         _check(header, STAMP, "header", False)
-        if len(frames) != 2:
-            raise Malformed(f"data message has {len(frames)} frames, expected 2")
+        want = 1 + len(header["c"]) if "c" in header else 2
+        if len(frames) != want:
+            raise Malformed(f"data message has {len(frames)} frames, expected {want}")
     else:
         raise Malformed(f"header kind {kind!r} is not 'd' or 'eos'")
     ack = header["ack"]
@@ -189,6 +242,8 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tup
         raise Malformed("an ack address in an at-most-once pipeline")
     if kind == EOS:
         return header, None
+    if "c" in header:
+        return header, read_columns(header["c"], header["n"], frames[1:])
     records = _decode(frames[1], "payload")
     if type(records) is not list:
         raise Malformed(f"payload is a {type(records).__name__}, not a list of records")
@@ -197,6 +252,49 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool) -> tup
     if not all(type(r) is dict for r in records):
         raise Malformed("payload holds something other than maps")
     return header, records
+
+
+def _missing_hook(code: int, data: bytes) -> Any:
+    if code == MISSING_EXT and not data:
+        return MISSING
+    raise ValueError(f"msgpack ext type {code}")
+
+
+def read_columns(desc: list[Any], n: int, frames: list[bytes]) -> Columns:
+    """The columns of a columnar DATA message, checked: kinds, widths, byte lengths, list lengths,
+    unique names. Numpy columns are read-only views of the frames. Raises :class:`Malformed`."""
+    if n < 0:
+        raise Malformed(f"header says {n} records")
+    data: dict[str, Column] = {}
+    for d, frame in zip(desc, frames):
+        if type(d) is not list or len(d) != 3 or type(d[0]) is not str or type(d[1]) is not str or type(d[2]) is not list:
+            raise Malformed("a column descriptor is not [name, kind, [width...]]")
+        name, kind, widths = d
+        if name in data:
+            raise Malformed(f"column {name[:80]!r} twice")
+        if kind == OBJECT:
+            if widths:
+                raise Malformed(f"list column {name[:80]!r} has widths")
+            try:
+                values = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_missing_hook)
+            except Exception as exc:   # msgpack raises a few odd types on truncated input
+                raise Malformed(f"column {name[:80]!r}: malformed msgpack: {exc}") from None
+            if type(values) is not list or len(values) != n:
+                raise Malformed(f"column {name[:80]!r} is not a list of {n} values")
+            data[name] = values
+            continue
+        if kind not in WIRE_DTYPES:
+            raise Malformed(f"column {name[:80]!r} has kind {kind[:20]!r}")
+        if len(widths) > MAX_COLUMN_DIMS - 1 or not all(type(w) is int and 0 <= w < 1 << 31 for w in widths):
+            raise Malformed(f"column {name[:80]!r} has widths {str(widths)[:40]}")
+        dtype = np.dtype(kind)
+        width = widths[0] if widths else 1
+        if len(frame) != n * width * dtype.itemsize:
+            raise Malformed(f"column {name[:80]!r} has {len(frame)} bytes, expected {n * width * dtype.itemsize}")
+        if kind == "|b1" and frame.translate(None, b"\x00\x01"):
+            raise Malformed(f"bool column {name[:80]!r} holds bytes other than 0 and 1")
+        data[name] = np.frombuffer(frame, dtype=dtype).reshape((n, *widths))
+    return Columns(data, n)
 
 
 def read_ack(data: bytes) -> dict[str, Any]:

@@ -58,6 +58,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def ready_pid(p: Pipeline, stage: str, replica: int = 0) -> int | None:
+    """The pid of a replica's latest process, from its own log (no CLI round trip: the machine may be slow)."""
+    path = p.run_dir / "logs" / f"{stage}.{replica}.jsonl"
+    pids = [json.loads(x)["record"]["process"]["id"] for x in path.read_text().splitlines() if '"ready: pid' in x]
+    return pids[-1] if pids else None
+
+
 class Pipeline:
     """A pipeline written to ``tmp/services.yaml`` and run with ``streampipe up --detach``."""
 

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from tests.conftest import Pipeline, cli, wait_for
+from tests.conftest import Pipeline, cli, ready_pid, wait_for
 
 FAST = """\
 pipeline: lag
@@ -43,13 +43,6 @@ stages:
     inputs: [normalizer]
     options: {{checkpoint_s: 0.01}}
 """
-
-
-def ready_pid(p: Pipeline, stage: str, replica: int) -> int | None:
-    """The pid of a replica's latest process, from its own log (no CLI round trip: the machine may be slow)."""
-    path = p.run_dir / "logs" / f"{stage}.{replica}.jsonl"
-    pids = [json.loads(x)["record"]["process"]["id"] for x in path.read_text().splitlines() if '"ready: pid' in x]
-    return pids[-1] if pids else None
 
 
 def exactly_once(p: Pipeline, n: int, timeout: float) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from streampipe.stages import wire
 from streampipe.stages.api import Batch, Record, StageContext, as_stage, is_source
+from streampipe.stages.columns import Columns
 from streampipe.stages.process import Processor
 
 __all__ = ["Run", "StageContractError", "StageReport", "check_stage", "run_stage"]
@@ -79,8 +80,9 @@ def run_stage(stage: Any, batches: Iterable[Batch] = (), *, run_dir: Path | None
     return result
 
 
-def _collect(stage: Any, records: list[Record], result: Run) -> None:
-    records = wire.unpackb(wire.packb(records))
+def _collect(stage: Any, out: list[Record] | Columns, result: Run) -> None:
+    # a columnar stage's output as the next record stage would see it
+    records: list[Record] = wire.unpackb(wire.packb(out.to_records() if isinstance(out, Columns) else out))
     result.records.extend(records)
     for r in records:
         result.by_output.setdefault(_route(stage, r), []).append(r)
@@ -264,11 +266,14 @@ class _Checker:
         if outcome.rejected:
             record, reason, _ = outcome.rejected[0]
             raise self.fail("outputs", f"batch {index}: a sample record was dead-lettered ({reason}): {_short(record)}")
-        self.check_records("outputs", stage, outcome.records)
-        return outcome.records
+        records = outcome.records.to_records() if isinstance(outcome.records, Columns) else outcome.records
+        self.check_records("outputs", stage, records)
+        return records
 
-    def check_records(self, check: str, stage: Any, records: list[Any]) -> None:
+    def check_records(self, check: str, stage: Any, records: list[Any] | Columns) -> None:
         outputs = {"default", *getattr(stage, "outputs", ())}
+        if isinstance(records, Columns):
+            records = records.to_records()
         for record in records:
             if type(record) is not dict:
                 raise self.fail(check, f"produced a {type(record).__name__}, not a record (a map): {_short(record)}")
