@@ -6,7 +6,8 @@
 
 (``throughput.py --peers`` runs it so; this folder on ``PYTHONPATH``; needs ``pip install -e '.[bench]'``.)
 
-``input`` -> ``filter_map`` -> ``output``, one record at a time:
+``input`` -> ``filter_map`` -> ``output``, one record at a time (``batch=True``: ``flat_map_batch``
+with ``Normalizer.process``, the raw chain's numpy work per batch, bytewax's fastest form of it):
 
 - the source is a :class:`~bytewax.inputs.DynamicSource`: one partition per worker, worker ``i``
   of ``n`` making the records of streampipe's ``Generator`` (same seed) with ids ``i, i + n, ...``
@@ -36,11 +37,12 @@ from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from streampipe import StageContext
+from streampipe.launcher.config import StageSettings
 from streampipe.stages.generator import Generator
 from streampipe.stages.normalizer import Normalizer
 
 SEED = 7          # throughput.py's SEED
-BATCH = 100       # records per next_batch: streampipe's default max_batch
+BATCH = int(StageSettings.model_fields["max_batch"].default)   # records per batch: streampipe's default max_batch
 
 Record = dict[str, Any]
 
@@ -129,10 +131,17 @@ class JsonLinesSink(DynamicSink[Record]):
         return _JsonLinesPartition(self.folder / f"records.{worker_index}.jsonl")
 
 
-def get_flow(count: int, folder: str) -> Dataflow:
-    """generator -> normalizer -> JSON lines, ``count`` records, output files in ``folder``."""
+def get_flow(count: int, folder: str, batch: bool = False) -> Dataflow:
+    """generator -> normalizer -> JSON lines, ``count`` records, output files in ``folder``.
+
+    ``batch``: the step is ``flat_map_batch`` with streampipe's own ``Normalizer.process`` (records
+    path) on each batch bytewax hands it: exactly the raw chain's stage work, numpy per batch.
+    """
     flow = Dataflow("streampipe-bench")
     records = op.input("generator", flow, GeneratorSource(count))
-    normalized = op.filter_map("normalizer", records, RecordNormalizer())
+    if batch:
+        normalized = op.flat_map_batch("normalizer", records, Normalizer(columnar=False).process)
+    else:
+        normalized = op.filter_map("normalizer", records, RecordNormalizer())
     op.output("sink", normalized, JsonLinesSink(folder))
     return flow

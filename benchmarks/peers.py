@@ -34,9 +34,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from streampipe.launcher.config import StageSettings
+
 THIS = Path(__file__).resolve()
 SEED = 7                  # throughput.py's SEED
-BATCH = 100               # records per list: streampipe's default max_batch
+BATCH = int(StageSettings.model_fields["max_batch"].default)   # records per batch: streampipe's default max_batch
 QUEUE_SIZE = 100          # lists per queue: the raw chain's HWM of 100 messages
 RUN_TIMEOUT_S = 300.0     # one run's whole stream, start-up included
 INSTALL_HINT = "pip install -e '.[bench]'"
@@ -90,9 +92,9 @@ def _run(commands: list[list[str]], count: int, env: dict[str, str] | None = Non
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_bytewax(count: int, processes: int = 1) -> dict[str, Any]:
+def run_bytewax(count: int, processes: int = 1, batch: bool = False) -> dict[str, Any]:
     """One run of ``bytewax_flow.py`` in ``processes`` processes of one worker each."""
-    flow = f"bytewax_flow:get_flow({count}, '{{out}}')"
+    flow = f"bytewax_flow:get_flow({count}, '{{out}}', batch={batch})"
     cmd = [sys.executable, "-m", "bytewax.run", flow]
     if processes == 1:
         return _run([cmd], count)

@@ -66,7 +66,7 @@ class StageContext:
     run_dir: Path = field(default_factory=lambda: Path(".streampipe"))
     config_dir: Path = field(default_factory=Path.cwd)
     outputs: tuple[str, ...] = ("default",)
-    max_batch: int = 100      # records per batch the runtime cuts: a columnar source yields batches of this size
+    max_batch: int = 1000     # records per batch the runtime cuts: a columnar source yields batches of this size
 
     def resolve_output(self, path: str | os.PathLike[str]) -> Path:
         """A path the stage writes: relative paths resolve against the run directory."""

@@ -39,7 +39,7 @@ class StageSpec:
     ack_peers: list[str] = field(default_factory=list)   # ack endpoints of the replicas feeding this one
     supervisor_pid: int = 0
     delivery: str = "at-least-once"
-    max_batch: int = 100
+    max_batch: int = 1000
     linger_ms: float = 1.0
     hwm: int = 100
     max_inflight: int = 128

@@ -60,7 +60,7 @@ def test_supervisor_settings_apply_in_place_and_data_plane_settings_restart() ->
     assert plan.changed["norm"].settings == {"restart": ("always", "on-failure"), "heartbeat_timeout": (10.0, 3.0),
                                              "max_restarts": (5, 9)}
     assert not plan.changed["norm"].needs_restart
-    assert plan.changed["sink"].restart == {"max_batch": (100, 500)} and plan.changed["sink"].needs_restart
+    assert plan.changed["sink"].restart == {"max_batch": (1000, 500)} and plan.changed["sink"].needs_restart
     assert plan.pipeline == {"poll_interval": (0.5, 0.2)}
 
 
