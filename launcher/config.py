@@ -55,7 +55,7 @@ class StageSettings(_Strict):
     linger_ms: float = Field(1.0, ge=0, le=60_000)     # flush a partial batch after this long: under load
                                                        # batches fill first; idle, latency stays ~1 ms
     hwm: int = Field(100, ge=1)                        # messages (= batches) queued per socket
-    max_inflight: int = Field(128, ge=1)               # unacknowledged batches per edge: 32 throttled to 0.6x raw
+    max_inflight: int = Field(32, ge=1)                # unacknowledged batches per edge (32 x 1000 records): more queues seconds of work downstream, and a batch acked later than ack_timeout is resent (to any replica)
     ack_timeout: float = Field(2.0, gt=0)              # s before an unacked batch is resent (floor)
     # liveness
     heartbeat_timeout: float = Field(10.0, gt=0)       # s without loop progress -> hung

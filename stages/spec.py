@@ -42,7 +42,7 @@ class StageSpec:
     max_batch: int = 1000
     linger_ms: float = 1.0
     hwm: int = 100
-    max_inflight: int = 128
+    max_inflight: int = 32
     ack_timeout: float = 2.0
     max_message_bytes: int = 64 << 20   # a data frame larger than this is refused by the receiver (MAXMSGSIZE)
     stop_grace: float = 5.0
