@@ -219,24 +219,23 @@ def columnar_transform(stage: object) -> bool:
     """True when a transform's ``process`` is given columns: it is ``columnar`` and ``process`` was not
     overridden below the class that declares ``columnar`` (a subclass of the built-in normalizer
     whose own ``process`` expects records keeps getting records)."""
-    if not getattr(stage, "columnar", False):
-        return False
-    mro = type(stage).__mro__
-    process = next((k for k in mro if "process" in vars(k)), None)
-    declared = next((k for k in mro if "columnar" in vars(k)), None)
-    return process is None or declared is None or issubclass(declared, process)
+    return bool(getattr(stage, "columnar", False)) and _not_overridden_below(stage, "columnar", "process")
 
 
 def columnar_source(stage: object) -> bool:
     """True when a source's batches come from ``generate_columns()``: it is ``columnar`` and no
     subclass overrode ``generate()`` below the class that defines ``generate_columns()`` (a
     subclass of the built-in generator that wraps ``generate()`` keeps getting records)."""
-    if not getattr(stage, "columnar", False) or not callable(getattr(stage, "generate_columns", None)):
-        return False
+    return (bool(getattr(stage, "columnar", False)) and callable(getattr(stage, "generate_columns", None))
+            and _not_overridden_below(stage, "generate_columns", "generate"))
+
+
+def _not_overridden_below(stage: object, declared: str, method: str) -> bool:
+    """True unless a class below the one that defines ``declared`` overrides ``method``."""
     mro = type(stage).__mro__
-    records = next((k for k in mro if "generate" in vars(k)), None)
-    columns = next((k for k in mro if "generate_columns" in vars(k)), None)
-    return records is None or columns is None or issubclass(columns, records)
+    overrides = next((k for k in mro if method in vars(k)), None)
+    declares = next((k for k in mro if declared in vars(k)), None)
+    return overrides is None or declares is None or issubclass(declares, overrides)
 
 
 def kind_of(target: object) -> Kind:

@@ -77,6 +77,7 @@ import importlib.util
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -190,13 +191,10 @@ class Consumer(Stage):
         saved = load_state(self.state_path) or {}
         offset = 0
         if saved.get("path") == str(self.path):
-            if "origins" in saved:
-                self.seen = SeenByOrigin.from_state(saved["origins"] or {})
-            elif saved.get("seen"):
+            if "origins" not in saved and saved.get("seen"):
                 logger.warning(f"{self.state_path}: dedup state of an older format (one set, holes closed by age); "
                                "starting dedup afresh")
-            self.count = int(saved.get("count", 0))
-            self.labels = dict(saved.get("labels", {}))
+            self._restore(saved)
             offset = int(saved.get("offset", 0))
         self._recover(offset)
         self._file = open(self.path, "ab")
@@ -216,18 +214,25 @@ class Consumer(Stage):
         saved = load_state(self.state_path) or {}
         next_part = 0
         if saved.get("path") == str(self.path) and saved.get("format") == "parquet":
-            self.seen = SeenByOrigin.from_state(saved.get("origins") or {})
-            self.count = int(saved.get("count", 0))
-            self.labels = dict(saved.get("labels", {}))
+            self._restore(saved)
             next_part = int(saved.get("parts", 0))
         tag = f".{self.context.replica}" if self.context.replicas > 1 and self.context.replica > 0 else ""
         self._parts = Parts(self.path, self.state_path, tag)
-        for origin, table in self._parts.recover(next_part, ["id", self.label]):
-            written = table.to_pylist()
+        self._recommit((origin, table.to_pylist()) for origin, table in self._parts.recover(next_part, ["id", self.label]))
+        self.checkpoint()
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """The seen-ids, count and labels of a saved checkpoint (either format)."""
+        self.seen = SeenByOrigin.from_state(saved.get("origins") or {})
+        self.count = int(saved.get("count", 0))
+        self.labels = dict(saved.get("labels", {}))
+
+    def _recommit(self, found: Iterable[tuple[str | None, list[Record]]]) -> None:
+        """Account for records a crash left written after the checkpoint, each under its origin."""
+        for origin, written in found:
             self.origin, self.watermark = origin, None
             self.commit(self.fresh(written), written)
         self.origin = None
-        self.checkpoint()
 
     def _journal_entries(self) -> tuple[list[int], list[str | None]]:
         """(offsets, origins) of the journal: the origin of the lines written from each offset on."""
@@ -268,10 +273,7 @@ class Consumer(Stage):
                 except ValueError:
                     continue
                 by_origin.setdefault(origins[k] if k >= 0 else None, []).append(record)
-            for origin, written in by_origin.items():
-                self.origin, self.watermark = origin, None
-                self.commit(self.fresh(written), written)
-            self.origin = None
+            self._recommit(by_origin.items())
             if good < size:
                 f.truncate(good)
 

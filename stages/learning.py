@@ -99,8 +99,7 @@ class Vectoriser:
             y = np.asarray([r[lab] for r in batch])
         except (KeyError, TypeError, ValueError, IndexError):
             return self._one_by_one(batch, reject)
-        if (X.ndim == 2 and X.shape[1] > 0 and X.dtype.kind in "fiu" and y.ndim == 1
-                and self.n_features in (None, X.shape[1]) and np.isfinite(X).all() and self._labels_ok(y)):
+        if self._usable(X, y):
             self.n_features = X.shape[1]
             return Arrays(batch, X.astype(float, copy=False), y)
         return self._one_by_one(batch, reject)
@@ -108,12 +107,16 @@ class Vectoriser:
     def columns(self, batch: Columns, reject: Reject) -> Arrays:
         """A columnar batch as it is when its columns are usable as they stand, else record by record."""
         X, y = batch.data.get(self.features), batch.data.get(self.label)
-        if (isinstance(X, np.ndarray) and isinstance(y, np.ndarray) and len(batch)
-                and X.ndim == 2 and X.shape[1] > 0 and X.dtype.kind in "fiu" and y.ndim == 1
-                and self.n_features in (None, X.shape[1]) and np.isfinite(X).all() and self._labels_ok(y)):
+        if isinstance(X, np.ndarray) and isinstance(y, np.ndarray) and len(batch) and self._usable(X, y):
             self.n_features = X.shape[1]
             return Arrays(batch, X.astype(float, copy=False), y)
         return self(batch.to_records(), reject)
+
+    def _usable(self, X: np.ndarray, y: np.ndarray) -> bool:
+        """Whether ``X`` and ``y`` go to scikit-learn as they are: an n x d numeric, finite ``X`` of
+        the known width and labels that fit."""
+        return (X.ndim == 2 and X.shape[1] > 0 and X.dtype.kind in "fiu" and y.ndim == 1
+                and self.n_features in (None, X.shape[1]) and bool(np.isfinite(X).all()) and self._labels_ok(y))
 
     def _labels_ok(self, y: np.ndarray) -> bool:
         if self.classes is None:
