@@ -12,8 +12,8 @@ acknowledged end to end). A partition that lags for hours keeps its holes open f
 memory is bounded by the ids in flight, not by a clock. Without acknowledgements
 (``delivery: at-most-once``) no watermark exists: ids are kept exactly and the holes stay.
 
-What is deduplicated: integer ids. A record without an ``id``, or with an id that is not an
-integer (a string, a float), is written every time it arrives, and counted as
+What is deduplicated: integer ids within int64. A record without an ``id``, or with an id that is
+not such an integer (a string, a float, an int beyond 64 bits), is written every time it arrives, and counted as
 ``not_deduplicated`` in ``status``. A source whose integer ids do not increase is handled by the
 runtime (:mod:`streampipe.stages.runtime`): it stops raising its watermark (this sink then keeps that
 origin's ids exactly) and dead-letters a record whose id is below a watermark it already
@@ -30,7 +30,7 @@ The option ``dedup_horizon_s`` of earlier versions is refused: no clock closes a
 
 Columns (``columnar: true``, the default): a batch arrives as :class:`Columns`; dedup reads the
 ``id`` column (one numpy test when the ids are above everything seen and increase, the usual case;
-id by id otherwise), the labels are counted with one ``np.unique``, and the JSON lines of the
+one ``searchsorted`` over the seen runs otherwise), the labels are counted with one ``np.unique``, and the JSON lines of the
 whole batch are formatted column by column (one ``orjson.dumps`` per column, each line joined
 from its row's pieces): the same bytes as one ``orjson.dumps`` per record. A batch with a list
 column (values of mixed types, a record lacking a field) is written record by record.
@@ -87,7 +87,7 @@ from loguru import logger
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.columns import MISSING as MISSING_VALUE
 from streampipe.stages.columns import Columns
-from streampipe.stages.seen import SeenByOrigin
+from streampipe.stages.seen import HIGH, SeenByOrigin, holdable
 from streampipe.stages.state import json_default, load_state, save_state
 
 if TYPE_CHECKING:
@@ -285,44 +285,43 @@ class Consumer(Stage):
         """
         if not self.dedup:
             return list(batch)
-        seen, in_batch, out = self.seen.of(self.origin), set(), []
-        top = seen.top
-        older = self.seen.older.get(self.origin)
-        for record in batch:
-            rid = record.get("id")
-            if type(rid) is int:
-                if (rid < top and rid in seen) or rid in in_batch or (older and self.seen.older_written(self.origin, rid)):
-                    self.duplicates += 1
-                    continue
-                in_batch.add(rid)
-            else:
-                self.undeduplicated += 1
-            out.append(record)
-        return out
+        held = [k for k, r in enumerate(batch) if holdable(r.get("id"))]
+        self.undeduplicated += len(batch) - len(held)
+        if not held:
+            return list(batch)
+        mask = self._fresh_mask(np.array([batch[k]["id"] for k in held], np.int64))
+        drop = {k for k, fresh in zip(held, mask.tolist()) if not fresh}
+        return [r for k, r in enumerate(batch) if k not in drop] if drop else list(batch)
 
     def fresh_rows(self, ids: np.ndarray) -> np.ndarray | None:
-        """:meth:`fresh` on an integer id column: a mask of the rows to write, or None for all of them."""
+        """:meth:`fresh` on an int64 id column: a mask of the rows to write, or None for all of them."""
         if not self.dedup:
             return None
-        seen = self.seen.of(self.origin)
-        if not self.seen.older.get(self.origin) and int(ids[0]) >= seen.top and bool((ids[1:] > ids[:-1]).all()):
+        top = self.seen.of(self.origin).top      # of() first: a new origin learns its older generations
+        if (not self.seen.older.get(self.origin) and int(ids[0]) >= top
+                and (len(ids) == 1 or bool((ids[1:] > ids[:-1]).all()))):
             return None        # above everything seen, increasing: all fresh (the usual case)
-        mask = np.zeros(len(ids), bool)
-        in_batch: set[int] = set()
-        top, older = seen.top, self.seen.older.get(self.origin)
-        for k, rid in enumerate(ids.tolist()):
-            if (rid < top and rid in seen) or rid in in_batch or (older and self.seen.older_written(self.origin, rid)):
-                self.duplicates += 1
-                continue
-            in_batch.add(rid)
-            mask[k] = True
+        return self._fresh_mask(ids)
+
+    def _fresh_mask(self, q: np.ndarray) -> np.ndarray:
+        """Which ids of ``q`` (int64) to write: unseen in their origin (and in its older generations),
+        the first of repeats within the batch."""
+        seen = self.seen.of(self.origin)
+        older = self.seen.older.get(self.origin)
+        mask = ~seen.contains(q)
+        if older:
+            mask &= ~self.seen.older_written_mask(self.origin, q)
+        if len(q) > 1:
+            once = np.zeros(len(q), bool)
+            once[np.unique(q, return_index=True)[1]] = True     # the first of each id in the batch
+            mask &= once
+        self.duplicates += len(q) - int(mask.sum())
         return mask
 
     def commit(self, written: list[Record], handled: list[Record]) -> None:
         """Count ``written``, mark every id of ``handled`` (written or dead-lettered) as seen, then
         close the origin's holes below the batch's watermark."""
-        ids = [rid for r in handled if type(rid := r.get("id")) is int]
-        self.commit_ids(ids)
+        self.commit_ids(np.array([rid for r in handled if holdable(rid := r.get("id"))], np.int64))
         self.count += len(written)
         labels = self.labels
         for label, n in Counter(r.get(self.label) for r in written).items():
@@ -330,17 +329,17 @@ class Consumer(Stage):
                 key = str(label)
                 labels[key] = labels.get(key, 0) + n
 
-    def commit_ids(self, ids: list[int]) -> None:
-        """Mark ``ids`` seen and close the origin's holes below the batch's watermark."""
+    def commit_ids(self, ids: np.ndarray) -> None:
+        """Mark ``ids`` (int64) seen and close the origin's holes below the batch's watermark."""
         seen = self.seen.of(self.origin)
         seen.add_many(ids)
         w = self.watermark
         if w is not None and self.dedup:
-            if ids and min(ids) < w:     # a batch's ids are never below its own watermark unless rewritten
+            if len(ids) and int(ids.min()) < w:   # a batch's ids are never below its own watermark unless rewritten
                 if not self.below_watermark:
                     logger.warning(f"records from {self.origin} carry ids below their batch's watermark {w}: "
                                    "does a stage upstream change record ids? dedup of such ids is not exact")
-                self.below_watermark += sum(1 for i in ids if i < w)
+                self.below_watermark += int((ids < w).sum())
             seen.close_below(w)
 
     # -- the sink ----------------------------------------------------------------------------
@@ -353,14 +352,15 @@ class Consumer(Stage):
         """The sink's work on columns (module docstring); a batch it cannot format goes record by record."""
         assert self._file is not None or self._parts is not None, "setup() opens the output"
         ids = batch.data.get("id")
-        if not len(batch) or not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu"):
+        if (not len(batch) or not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu")
+                or (ids.dtype == np.uint64 and int(ids.max()) > HIGH)):
             return self.process_records(batch.to_records())
+        ids = ids.astype(np.int64, copy=False)
         keep = self.fresh_rows(ids)
         fresh = batch if keep is None else batch.take(keep)
         if not self._write_columns(fresh):
             return self.process_records(fresh.to_records())
-        fresh_ids = fresh["id"]
-        self.commit_ids(fresh_ids.tolist())  # type: ignore[union-attr]
+        self.commit_ids(ids if keep is None else ids[keep])
         self.count += len(fresh)
         label = fresh.data.get(self.label)
         if label is not None and len(fresh):
