@@ -4,7 +4,12 @@ Synthetic records look like ``{"id": 42, "t": 1764130000.1, "x": [8 floats], "y"
 drawn around per-feature offsets and scales (so scaling matters), ``y`` is a linear concept of
 ``x`` plus label noise (so a linear model can learn it), and at ``drift_at`` the concept rotates
 (so a learner must adapt). The stream is deterministic in ``seed``: record ``i`` is the same in
-every run, which is what makes a restarted generator replay exactly what was lost.
+every run and however many replicas share the stream, which is what makes a restarted or
+repartitioned generator replay exactly what was lost. Each record's values are a function of
+``(seed, id)`` alone (a counter-based hash, SplitMix64, rather than a sequential RNG), so a
+replica that owns every n-th id computes only those: with a sequential RNG every replica drew
+every record and kept 1/n of them. Normals come from the hash through a table of the inverse
+normal CDF (linear between 65,537 points; only the outer 1/65,536 of each tail is approximate).
 
 Options:
     rate            records per second, 0 = as fast as downstream takes them
@@ -59,7 +64,47 @@ from streampipe.stages.api import Record, Source
 from streampipe.stages.columns import Column, Columns
 
 _END: dict = {}  # sentinel: the wrapped stream is over
-CHUNK = 1024   # records drawn per RNG call: per-record RNG calls would cost ~10x more
+CHUNK = 1024   # records drawn at once on the records path: one numpy pass per record would cost ~50x more
+_MASK = (1 << 64) - 1
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64s: every output bit depends on every input bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _bits32(key: np.uint64, ids: np.ndarray, k: int) -> np.ndarray:
+    """``k`` random uint32s for each id, from a counter-based stream: the 64 bits of
+    ``mix(key + (i * h + j) * golden)`` give values ``2j`` and ``2j + 1`` of id ``i`` (``h`` = half
+    of ``k``, rounded up), so any set of ids is drawn without drawing the others."""
+    h = (k + 1) // 2
+    counters = ids.astype(np.uint64)[:, None] * np.uint64(h) + np.arange(h, dtype=np.uint64)
+    return _mix(counters * _GOLDEN + key).view(np.uint32)[:, :k]
+
+
+def _inverse_normal_table() -> np.ndarray:
+    from scipy.special import ndtri  # scikit-learn's dependency
+
+    u = np.arange(_TABLE + 1) / _TABLE
+    u[0], u[-1] = 2.0 ** -33, 1 - 2.0 ** -33
+    return ndtri(u)
+
+
+_TABLE = 1 << 16
+_INV = _inverse_normal_table()
+_INV_STEP = np.diff(_INV)
+
+
+def _normal(bits: np.ndarray) -> np.ndarray:
+    """Standard normals from uint32s: the inverse normal CDF, interpolated linearly in a table of
+    65,537 points (exact to ~1e-9 in the body; the outer 1/65,536 of each tail is a straight line)."""
+    idx = (bits >> np.uint32(16)).astype(np.intp)
+    return _INV[idx] + _INV_STEP[idx] * ((bits & np.uint32(0xFFFF)) * (1.0 / _TABLE))
 
 
 class Generator(Source):
@@ -86,36 +131,53 @@ class Generator(Source):
         self.scales = concept.uniform(0.5, 10, self.features)
         self.w_before = concept.normal(0, 1, (self.features, max(1, self.classes if self.classes > 2 else 1)))
         self.w_after = concept.normal(0, 1, self.w_before.shape)
-        self._chunk_id = -1
+        self._key = _mix(np.array([self.seed & _MASK], np.uint64))[0]
+        self._chunk_ids = np.empty(0, np.int64)                # the ids of ``_chunk`` (records path)
         self._chunk: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- the synthetic stream -------------------------------------------------------------
-    def _draw(self, chunk_id: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, chunk_id])
-        z = rng.normal(0, 1, (CHUNK, self.features))
-        ids = np.arange(chunk_id * CHUNK, (chunk_id + 1) * CHUNK)
-        drifted = (ids >= self.drift_at) if self.drift_at is not None else np.zeros(CHUNK, bool)
-        score = np.where(drifted[:, None], z @ self.w_after, z @ self.w_before)
-        if self.classes > 2:
-            y = score.argmax(axis=1)
+    def _draw(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` and ``y`` of the records ``ids``: each a function of (seed, id) alone (:func:`_bits32`),
+        so a replica computes only its own ids, whatever their stride, and record ``i`` is the
+        same however many replicas share the stream."""
+        f = self.features
+        bits = _bits32(self._key, ids, f + 2)                  # per id: one per feature, flip, label
+        z = _normal(np.ascontiguousarray(bits[:, :f]))
+        if self.drift_at is None or int(ids[-1]) < self.drift_at:
+            score = z @ self.w_before
+        elif int(ids[0]) >= self.drift_at:
+            score = z @ self.w_after
         else:
-            y = (score[:, 0] > 0).astype(int)
-        flip = rng.random(CHUNK) < self.noise
-        y = np.where(flip, rng.integers(0, max(2, self.classes), CHUNK), y)
+            score = np.where((ids >= self.drift_at)[:, None], z @ self.w_after, z @ self.w_before)
+        y = score.argmax(axis=1) if self.classes > 2 else (score[:, 0] > 0).astype(np.int64)
+        flip = bits[:, f] < np.uint32(self.noise * (1 << 32))
+        if flip.any():
+            y = np.where(flip, bits[:, f + 1] % np.uint32(max(2, self.classes)), y).astype(np.int64)
         x = z * self.scales + self.offsets
         return np.round(x, 6), y
 
     def synthetic(self, i: int) -> Record:
-        chunk_id = i // CHUNK
-        if chunk_id != self._chunk_id:
-            self._chunk, self._chunk_id = self._draw(chunk_id), chunk_id
+        at = self._cached_row(i)
+        if at is None:            # draw this id and the next CHUNK - 1 of its segment, one numpy pass
+            step = next((d for s, d, e in self.segments or [] if i >= s and (i - s) % d == 0 and (e is None or i < e)), 1)
+            self._chunk_ids = np.arange(i, i + CHUNK * step, step, dtype=np.int64)
+            self._chunk = self._draw(self._chunk_ids)
+            at = 0
         assert self._chunk is not None
         x, y = self._chunk
-        row = i % CHUNK
-        record: Record = {"id": i, "t": time.time(), "x": x[row].tolist(), "y": int(y[row])}
+        record: Record = {"id": i, "t": time.time(), "x": x[at].tolist(), "y": int(y[at])}
         if self.malformed_every and (i + 1) % self.malformed_every == 0:
             record["x"] = "not-a-vector"
         return record
+
+    def _cached_row(self, i: int) -> int | None:
+        """The row of id ``i`` in the last chunk drawn, if it is there."""
+        ids = self._chunk_ids
+        if not len(ids):
+            return None
+        start, step = int(ids[0]), int(ids[1] - ids[0]) if len(ids) > 1 else 1
+        k, off = divmod(i - start, step)
+        return k if off == 0 and 0 <= k < len(ids) else None
 
     def generate_columns(self) -> Iterator[Columns | None]:
         """The synthetic stream as :class:`Columns` batches of ``context.max_batch`` records (fewer
@@ -153,16 +215,7 @@ class Generator(Source):
         return ids[ids < self.count] if self.count is not None else ids
 
     def _columns(self, ids: np.ndarray) -> Columns:
-        chunk_ids = ids // CHUNK
-        x = np.empty((len(ids), self.features))
-        y = np.empty(len(ids), np.int64)
-        for chunk_id in np.unique(chunk_ids).tolist():
-            if chunk_id != self._chunk_id:
-                self._chunk, self._chunk_id = self._draw(chunk_id), chunk_id
-            assert self._chunk is not None
-            rows = chunk_ids == chunk_id
-            x[rows] = self._chunk[0][ids[rows] % CHUNK]
-            y[rows] = self._chunk[1][ids[rows] % CHUNK]
+        x, y = self._draw(ids)
         xs: Column = x
         if self.malformed_every:
             bad = np.flatnonzero((ids + 1) % self.malformed_every == 0)
