@@ -132,8 +132,8 @@ class Generator(Source):
         self.w_before = concept.normal(0, 1, (self.features, max(1, self.classes if self.classes > 2 else 1)))
         self.w_after = concept.normal(0, 1, self.w_before.shape)
         self._key = _mix(np.array([self.seed & _MASK], np.uint64))[0]
-        self._chunk_ids = np.empty(0, np.int64)                # the ids of ``_chunk`` (records path)
-        self._chunk: tuple[np.ndarray, np.ndarray] | None = None
+        # the records path's last draw: first id, step, x and y of CHUNK ids as lists
+        self._rows: tuple[int, int, list[list[float]], list[int]] = (0, 1, [], [])
 
     # -- the synthetic stream -------------------------------------------------------------
     def _draw(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,27 +157,17 @@ class Generator(Source):
         return np.round(x, 6), y
 
     def synthetic(self, i: int) -> Record:
-        at = self._cached_row(i)
-        if at is None:            # draw this id and the next CHUNK - 1 of its segment, one numpy pass
+        start, step, xs, ys = self._rows
+        k, off = divmod(i - start, step)
+        if off or not 0 <= k < len(ys):    # draw this id and the next CHUNK - 1 of its segment, one numpy pass
             step = next((d for s, d, e in self.segments or [] if i >= s and (i - s) % d == 0 and (e is None or i < e)), 1)
-            self._chunk_ids = np.arange(i, i + CHUNK * step, step, dtype=np.int64)
-            self._chunk = self._draw(self._chunk_ids)
-            at = 0
-        assert self._chunk is not None
-        x, y = self._chunk
-        record: Record = {"id": i, "t": time.time(), "x": x[at].tolist(), "y": int(y[at])}
+            x, y = self._draw(np.arange(i, i + CHUNK * step, step, dtype=np.int64))
+            start, xs, ys, k = i, x.tolist(), y.tolist(), 0
+            self._rows = (start, step, xs, ys)
+        record: Record = {"id": i, "t": time.time(), "x": xs[k], "y": ys[k]}
         if self.malformed_every and (i + 1) % self.malformed_every == 0:
             record["x"] = "not-a-vector"
         return record
-
-    def _cached_row(self, i: int) -> int | None:
-        """The row of id ``i`` in the last chunk drawn, if it is there."""
-        ids = self._chunk_ids
-        if not len(ids):
-            return None
-        start, step = int(ids[0]), int(ids[1] - ids[0]) if len(ids) > 1 else 1
-        k, off = divmod(i - start, step)
-        return k if off == 0 and 0 <= k < len(ids) else None
 
     def generate_columns(self) -> Iterator[Columns | None]:
         """The synthetic stream as :class:`Columns` batches of ``context.max_batch`` records (fewer

@@ -9,7 +9,7 @@ Sockets of one replica::
 
     PULL  bind    <input>        records from every upstream stage (absent for a source)
     PULL  bind    <ack>          acknowledgements from downstream replicas
-    PUSH  connect edge endpoints one per output edge, connected to every replica of its dest
+    PUSH  connect edge endpoints one per replica of each output edge's dest (:class:`Link`)
     PUSH  connect <ack of src>   acknowledgements back to each upstream sender (lazily)
     DEALER connect <control>     hello / ready / heartbeats up, endpoint changes and stop down
 
@@ -64,6 +64,7 @@ from streampipe.stages.registry import load_stage
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
 
+KEEP_SENDER_EPOCHS = 4         # the batches taken from a sender's last 4 lives (each restart is a new epoch)
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
 RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
 IDLE_WAIT_MS = 2                # a source that yielded None is asked again after this
@@ -100,6 +101,29 @@ class InToken:
         self.outstanding = 0
 
 
+class Taken:
+    """The seqs of one sender's batches this process has taken: all below ``mark`` (the sender
+    said, by its ``lo``, that every batch below it is acknowledged) and those in ``above``, which
+    holds only what is still in flight."""
+
+    __slots__ = ("mark", "above")
+
+    def __init__(self) -> None:
+        self.mark, self.above = 0, set()
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.mark or seq in self.above
+
+    def add(self, seq: int) -> None:
+        self.above.add(seq)
+
+    def close_below(self, lo: int) -> None:
+        if lo > self.mark:
+            self.mark = lo
+            if self.above:
+                self.above = {s for s in self.above if s >= lo}
+
+
 class Mark:
     """A source position: committed once every batch cut with it is acknowledged.
 
@@ -120,57 +144,123 @@ def stamp_of(header: dict[str, Any]) -> tuple[str | None, int | None]:
 
 
 class OutBatch:
-    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries", "copy")
+    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries", "copy", "link")
 
     def __init__(self, seq: int, frames: list[bytes], n: int, parent: InToken | Mark | None) -> None:
         self.seq, self.frames, self.n, self.parent = seq, frames, n, parent
         self.sent_at, self.tries = 0.0, 0
         self.copy = len(frames) <= 2 or sum(len(f) for f in frames) < ZERO_COPY_BYTES
+        self.link: Link | None = None     # the replica it went to: a resend goes there again
 
 
-class Edge:
-    """The sending end of one pipeline edge: a PUSH connected to every replica of its dest."""
+class Link:
+    """One replica of an edge's destination: a PUSH connected to it alone, the batches waiting
+    to go to it (resends: a batch goes back to the replica it went to) and how many it holds."""
 
-    def __init__(self, rt: StageRuntime, spec: EdgeSpec) -> None:
-        self.rt, self.name, self.output, self.dest = rt, spec.name, spec.output, spec.dest
+    def __init__(self, edge: Edge, endpoint: str) -> None:
+        rt = edge.rt
+        self.endpoint = endpoint
         self.sock = rt.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, rt.spec.hwm)
         self.sock.setsockopt(zmq.LINGER, -1 if not rt.acked else 0)
         self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        if edge.immediate:      # a replica that is down takes no new batch: they go to the live ones
+            self.sock.setsockopt(zmq.IMMEDIATE, 1)
         if rt.curve is not None:
             rt.curve.client(self.sock)
         self.reach = network.Reach(self.sock)
+        self.sock.connect(network.connect_from(endpoint, rt.spec.bind_host))
+        self.outq: deque[OutBatch] = deque()
+        self.holds = 0          # batches sent to it and not acknowledged, or queued for it
+
+    def close(self, linger: int) -> None:
+        self.reach.close()
+        self.sock.close(linger=linger)
+
+
+class Edge:
+    """The sending end of one pipeline edge: one :class:`Link` per replica of its dest.
+
+    A new batch goes to the replica holding the fewest unacknowledged batches among those with a
+    live connection (a slow replica gets fewer; a dead one none). A batch resent after
+    ``ack_timeout`` goes back to the replica it went to, never to another: a replica that was
+    only slow has it (or has written it) already, and drops the copy by its ids or its sender's
+    sequence, where another replica could not tell it from a new batch. A sink with replicas
+    therefore writes each id once across its files. Only a replica that leaves the edge (scaled
+    down, its address gone) hands its batches to the others.
+    """
+
+    def __init__(self, rt: StageRuntime, spec: EdgeSpec, immediate: bool = False) -> None:
+        self.rt, self.name, self.output, self.dest = rt, spec.name, spec.output, spec.dest
+        self.immediate = immediate
+        self.links: dict[str, Link] = {}
         self.endpoints: list[str] = []
         self.ack_endpoint = rt.spec.ack           # what its headers name (run-stage: the advertised one)
-        self.connect(spec.endpoints)
         self.seq = 0
+        self.turn = 0                             # rotates the choice among equally loaded replicas
         self.pending: list[Record] = []
         self.pending_cols: list[Columns] = []     # a columnar source's batches not cut yet
         self.pending_since = 0.0
-        self.outq: deque[OutBatch] = deque()
+        self.outq: deque[OutBatch] = deque()      # new batches, not given to a replica yet
         self.unacked: dict[int, OutBatch] = {}
         self.rtt = 0.0
         self.eos_from: set[str] = set()
+        self.connect(spec.endpoints)
 
     def connect(self, endpoints: list[str]) -> None:
-        """Connect to the replicas at ``endpoints`` and drop the others. Batches in flight to a
-        dropped one are never acknowledged: they are resent to the others."""
-        bind_host = self.rt.spec.bind_host
+        """Connect to the replicas at ``endpoints`` and drop the others. Batches waiting for or
+        in flight to a dropped one are given to the others."""
         for ep in endpoints:
-            if ep not in self.endpoints:
-                self.sock.connect(network.connect_from(ep, bind_host))
-        for ep in self.endpoints:
+            if ep not in self.links:
+                self.links[ep] = Link(self, ep)
+        for ep in list(self.links):
             if ep not in endpoints:
-                self.reach.forget(network.connect_from(ep, bind_host))
-                try:
-                    self.sock.disconnect(network.connect_from(ep, bind_host))
-                except zmq.ZMQError:
-                    pass
+                link = self.links.pop(ep)
+                orphans = list(link.outq) + [ob for ob in self.unacked.values() if ob.link is link]
+                for ob in orphans:
+                    self.unacked.pop(ob.seq, None)
+                    ob.link = None
+                self.outq.extendleft(sorted(orphans, key=lambda ob: ob.seq, reverse=True))
+                link.close(linger=0)
         self.endpoints = list(endpoints)
+
+    def lowest_unacked(self) -> int:
+        """The lowest seq of this edge not acknowledged yet (the next one when all are): every
+        batch below it is acknowledged, so a receiver can forget having seen it."""
+        lo = self.seq
+        if self.unacked:
+            lo = min(lo, min(self.unacked))
+        for q in (self.outq, *(link.outq for link in self.links.values())):
+            if q:
+                lo = min(lo, min(ob.seq for ob in q))
+        return lo
+
+    @property
+    def queued(self) -> bool:
+        """Whether a batch waits to be sent (new, or a resend for its replica)."""
+        return bool(self.outq) or any(link.outq for link in self.links.values())
+
+    def waiting_socks(self) -> list[zmq.Socket[bytes]]:
+        """The sockets a blocked sender waits on to become writable."""
+        if self.outq:
+            return [link.sock for link in self.links.values()]
+        return [link.sock for link in self.links.values() if link.outq]
+
+    def reach_update(self, now: float) -> None:
+        for link in self.links.values():
+            link.reach.update(now)
+
+    def unreachable(self, now: float, after: float) -> bool:
+        """No replica has had a live connection for ``after`` seconds."""
+        return bool(self.links) and all(link.reach.unreachable(now, after) for link in self.links.values())
+
+    def close(self, linger: int) -> None:
+        for link in self.links.values():
+            link.close(linger)
 
     @property
     def load(self) -> int:
-        return len(self.outq) + len(self.unacked)
+        return len(self.outq) + sum(len(link.outq) for link in self.links.values()) + len(self.unacked)
 
     def full(self) -> bool:
         return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
@@ -187,6 +277,8 @@ class Edge:
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
                   "ack": self.ack_endpoint if self.rt.acked else None, "o": stamp[0], "w": stamp[1]}
+        if self.rt.acked:
+            header["lo"] = self.lowest_unacked()
         try:
             frames = wire.data_frames(header, records)
         except (TypeError, ValueError, OverflowError):
@@ -229,18 +321,51 @@ class Edge:
         return len(self.pending) + sum(len(c) for c in self.pending_cols)
 
     def send(self, now: float) -> bool:
-        """Send what is queued without blocking; False when the socket pushed back (HWM)."""
+        """Send what is queued without blocking; False when a replica's socket pushed back (HWM)
+        with batches still waiting."""
+        done = True
+        for link in self.links.values():          # resends first, each to its own replica
+            while link.outq:
+                if not self._send_to(link, link.outq[0], now):
+                    done = False
+                    break
+                link.outq.popleft()
+        full: set[Link] = set()
         while self.outq:
-            ob = self.outq[0]
-            try:
-                self.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=ob.copy)   # copy=False costs more below 64 KiB
-            except zmq.Again:
+            link = self._choose(full)
+            if link is None:
                 return False
-            self.outq.popleft()
-            self.rt.records_out += ob.n if ob.tries == 0 else 0
-            if self.rt.acked:
-                ob.sent_at, ob.tries = now, ob.tries + 1
-                self.unacked[ob.seq] = ob
+            ob = self.outq[0]
+            if self._send_to(link, ob, now):
+                self.outq.popleft()
+            else:
+                full.add(link)
+        return done
+
+    def _choose(self, full: set[Link]) -> Link | None:
+        """The replica for a new batch: the least loaded with a live connection, else the least loaded."""
+        links = [link for link in self.links.values() if link not in full]
+        if not links:
+            return None
+        live = [link for link in links if link.reach.up] or links
+        self.turn += 1
+        k = self.turn % len(live)
+        return min(live[k:] + live[:k], key=lambda link: link.holds)
+
+    def _send_to(self, link: Link, ob: OutBatch, now: float) -> bool:
+        try:
+            link.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=ob.copy)   # copy=False costs more below 64 KiB
+        except zmq.Again:
+            return False
+        self.rt.records_out += ob.n if ob.tries == 0 else 0
+        if self.rt.acked:
+            if ob.link is not link:
+                if ob.link is not None:
+                    ob.link.holds -= 1
+                ob.link = link
+                link.holds += 1
+            ob.sent_at, ob.tries = now, ob.tries + 1
+            self.unacked[ob.seq] = ob
         return True
 
     def timeout(self, ob: OutBatch) -> float:
@@ -251,11 +376,17 @@ class Edge:
         late = [ob for ob in self.unacked.values() if now - ob.sent_at > self.timeout(ob)]
         for ob in late:
             del self.unacked[ob.seq]
-            self.outq.appendleft(ob)
+            if ob.link is not None and ob.link.endpoint in self.links:
+                ob.link.outq.append(ob)
+            else:
+                self.outq.appendleft(ob)
             self.rt.resent += 1
 
     def acked(self, seq: int, now: float) -> OutBatch | None:
         ob = self.unacked.pop(seq, None)
+        if ob is not None and ob.link is not None:
+            ob.link.holds -= 1
+            ob.link = None
         if ob is not None and ob.tries == 1:
             sample = now - ob.sent_at
             self.rtt = sample if self.rtt == 0 else 0.8 * self.rtt + 0.2 * sample
@@ -306,6 +437,9 @@ class StageRuntime:
         self.stopping = False
         self.finished = False                     # a source's stream ended
         self.records_in = self.records_out = self.errors = self.dead = self.resent = 0
+        self.copies_dropped = 0      # input batches that were resent copies of ones taken already
+        self.seen_batches: dict[tuple[str, str, int], Taken] = {}     # per sender: seqs taken
+        self.in_progress: set[tuple[str, str, int, int]] = set()      # taken, not acknowledged yet
         self.batches = 0
         self.lat_ewma_ms = 0.0
         self.lat_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -369,12 +503,9 @@ class StageRuntime:
         self.secure(self.ackp, self.spec.ack)
         self.ackp.bind(self.spec.ack)
         bound_ack = self.ackp.get_string(zmq.LAST_ENDPOINT)     # run-stage may bind port 0
-        self.edges = [Edge(self, e) for e in self.spec.edges]
-        self.edges_by_name = {e.name: e for e in self.edges}
         targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
-        for edge in self.edges:
-            if edge.name in targets:   # a replica that is down takes nothing: its share goes to the live ones
-                edge.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.edges = [Edge(self, e, immediate=e.name in targets) for e in self.spec.edges]
+        self.edges_by_name = {e.name: e for e in self.edges}
         if targets:
             self.ack_port = int(bound_ack.rsplit(":", 1)[1])
             self.resolver = network.Resolver(targets, self.spec.resolve_interval)
@@ -449,7 +580,7 @@ class StageRuntime:
             if self.resolver is not None and self.resolver.version != self.resolved_version:
                 self.apply_resolved()
             for edge in self.edges:
-                if edge.outq:
+                if edge.queued:
                     edge.send(now)
             self.blocked = any(e.full() for e in self.edges)
             if self.ackpoints is not None:
@@ -464,7 +595,7 @@ class StageRuntime:
                         self.cut_source_batches()
                     for edge in self.edges:
                         edge.send(now)
-                    settled = all(not e.outq and not e.unacked for e in self.edges)
+                    settled = all(not e.queued and not e.unacked for e in self.edges)
                     if self.finished and settled:
                         if eos_started is None:
                             eos_started = now
@@ -508,11 +639,11 @@ class StageRuntime:
                     break
             self.flush_lingering(now)
             for edge in self.edges:
-                if edge.outq:
+                if edge.queued:
                     edge.send(now)   # a batch the linger timer just cut leaves now, not at the next wake-up
 
             timeout_ms = self.poll_timeout(now, idle and gen is not None, next_hb)
-            writable_wait = [e.sock for e in self.edges if e.outq] if self.blocked else []
+            writable_wait = [sock for e in self.edges if e.queued for sock in e.waiting_socks()] if self.blocked else []
             for sock in writable_wait:      # blocked by a full socket: wake when it drains
                 poller.register(sock, zmq.POLLOUT)
             events = dict(poller.poll(timeout_ms))
@@ -583,6 +714,8 @@ class StageRuntime:
             self.on_eos(header)
             return
         token = InToken(header) if header.get("ack") else None
+        if token is not None and self.copy_of_seen(token, header):
+            return
         if token is not None and self.ackpoints is not None:
             if self.ackpoints.applied(token):
                 self.ack_token(token)    # in the restored state already: acknowledge, do not count it twice
@@ -859,17 +992,45 @@ class StageRuntime:
         for edge in self.edges:
             header = {"src": self.spec.name, "r": self.spec.replica, "e": edge.name, "ep": self.epoch,
                       "seq": edge.seq, "ack": edge.ack_endpoint}
-            missing = max(1, len(edge.endpoints) - len(edge.eos_from))
-            for _ in range(missing):
+            for link in edge.links.values():      # each replica confirms its own; a repeat is harmless
                 try:
-                    edge.sock.send_multipart(wire.eos_frames(header), flags=zmq.NOBLOCK)
+                    link.sock.send_multipart(wire.eos_frames(header), flags=zmq.NOBLOCK)
                 except zmq.Again:
-                    break
+                    pass
 
     def eos_confirmed(self) -> bool:
         return all(len(e.eos_from) >= len(e.endpoints) for e in self.edges)
 
     # -- acks --------------------------------------------------------------------------------
+    def copy_of_seen(self, token: InToken, header: dict[str, Any]) -> bool:
+        """Whether this input batch is a resent copy of one this process has taken already
+        (it is dropped: acknowledged again if the first copy's ack has left, else that ack will
+        answer both). Without this a copy resent because an ack was late (not lost) was processed
+        again, and its outputs could go to another replica of the next stage, which could not tell
+        them from new ones: a sink with replicas wrote them twice.
+
+        Known per sender (ack address, edge, epoch) as a set of seqs that the sender's ``lo``
+        (every seq below it is acknowledged) closes: knowledge, no clock. A restarted process
+        knows nothing of its predecessor's batches: what it is resent, it processes."""
+        sender = (token.ack, token.edge, token.ep)
+        seen = self.seen_batches.get(sender)
+        if seen is None:
+            seen = self.seen_batches[sender] = Taken()
+            same = [k for k in self.seen_batches if k[:2] == sender[:2]]
+            for old in same[:-KEEP_SENDER_EPOCHS]:    # a sender's earlier lives: it restarted since
+                del self.seen_batches[old]
+        lo = header.get("lo")
+        if lo is not None:
+            seen.close_below(lo)
+        if token.seq in seen:
+            self.copies_dropped += 1
+            if (token.ack, token.edge, token.ep, token.seq) not in self.in_progress:
+                self.ack_token(token)
+            return True
+        seen.add(token.seq)
+        self.in_progress.add((token.ack, token.edge, token.ep, token.seq))
+        return False
+
     def queue_ack(self, token: InToken) -> None:
         if self.ackpoints is not None:
             self.ackpoints.due(token)    # sent once a saved snapshot covers it: save_at_ack_points()
@@ -877,6 +1038,7 @@ class StageRuntime:
         self.ack_token(token)
 
     def ack_token(self, token: InToken) -> None:
+        self.in_progress.discard((token.ack, token.edge, token.ep, token.seq))
         self.acks_out.setdefault(token.ack, {}).setdefault((token.edge, token.ep), []).append(token.seq)
         self.acks_pending += 1
 
@@ -1049,8 +1211,8 @@ class StageRuntime:
         """The edges that have had no connected receiver for ``heartbeat_timeout``."""
         now = time.monotonic()
         for edge in self.edges:
-            edge.reach.update(now)
-        return [e.name for e in self.edges if e.reach.unreachable(now, self.spec.heartbeat_timeout)]
+            edge.reach_update(now)
+        return [e.name for e in self.edges if e.unreachable(now, self.spec.heartbeat_timeout)]
 
     def heartbeat(self) -> None:
         self.rejects.flush()
@@ -1058,6 +1220,7 @@ class StageRuntime:
                   unreachable=self.unreachable(), insecure=self.insecure,
                   denied=self.curve.log.denied if self.curve is not None else 0,
                   dead_letters=self.dead, dead_letters_dropped=self.dead_letters.dropped, resent=self.resent,
+                  copies_dropped=self.copies_dropped,
                   malformed=self.rejects.total, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
                   latency_buckets=self.lat_buckets, batches=self.batches, stats=self.stage_stats(),
@@ -1098,8 +1261,7 @@ class StageRuntime:
             self.resolver.stop()
         linger = 0 if self.acked else 1000
         for edge in self.edges:
-            edge.reach.close()
-            edge.sock.close(linger=linger)
+            edge.close(linger)
         for sock in self.ack_socks.values():
             sock.close(linger=200)
         for maybe in (self.inp, self.ackp):

@@ -161,7 +161,8 @@ _NUM = (int, float)
 DATA_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
                                             "n": (int,), "t": _NUM, "ack": (str, _NONE)}
 STAMP: dict[str, tuple[type, ...]] = {"o": (str, _NONE), "w": (int, _NONE),   # origin, watermark: optional
-                                      "c": (list,)}                           # the columns of a columnar batch
+                                      "c": (list,),                           # the columns of a columnar batch
+                                      "lo": (int,)}                           # sender's lowest unacked seq
 EOS_HEADER: dict[str, tuple[type, ...]] = {"src": (str,), "r": (int,), "e": (str,), "ep": (int,), "seq": (int,),
                                            "ack": (str,)}
 ACK_FIELDS: dict[str, tuple[type, ...]] = {"e": (str,), "ep": (int,), "s": (list,), "from": (str,)}
