@@ -55,7 +55,7 @@ class StageSettings(_Strict):
     linger_ms: float = Field(1.0, ge=0, le=60_000)     # flush a partial batch after this long: under load
                                                        # batches fill first; idle, latency stays ~1 ms
     hwm: int = Field(100, ge=1)                        # messages (= batches) queued per socket
-    max_inflight: int = Field(32, ge=1)                # unacknowledged batches per edge (32 x 1000 records): more queues seconds of work downstream, and a batch acked later than ack_timeout is resent (to any replica)
+    max_inflight: int = Field(32, ge=1)                # unacknowledged batches per edge (32 x 1000 records): more queues seconds of work downstream, and a batch acked later than ack_timeout is resent (to the same replica)
     ack_timeout: float = Field(2.0, gt=0)              # s before an unacked batch is resent (floor)
     # liveness
     heartbeat_timeout: float = Field(10.0, gt=0)       # s without loop progress -> hung
@@ -91,6 +91,15 @@ class StageConfig(StageSettings):
     port: int | None = Field(None, ge=1, le=65535)     # the input port every replica binds
     ack_port: int = Field(0, ge=0, le=65535)           # acknowledgements; 0 = any free port (it is advertised)
     bind_host: str | None = None                       # default: the pipeline's bind_host
+    # how producers share batches among this stage's replicas: "load" (the least loaded replica
+    # takes a new batch) or "id" (records go by blocks of their id, so an id always reaches the
+    # same replica, whatever crashed upstream: what a deduplicating sink needs). Default: "id"
+    # for the built-in consumer, "load" for every other stage.
+    partition: Literal["load", "id"] | None = None
+
+    @property
+    def partitioned_by_id(self) -> bool:
+        return self.partition == "id" or (self.partition is None and self.type == "consumer")
 
     @property
     def addresses(self) -> list[str]:

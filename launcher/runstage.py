@@ -80,7 +80,8 @@ def run_stage_spec(cfg: PipelineConfig, stage: str, replica: int | None, run_dir
                               f"(port: N) and the name they are reached at (address:, default {default_address(e.dest)[0]!r})",
                               file=cfg.path, field=f"stages.{e.dest}.port")
         edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=[],
-                              addresses=dest.addresses or default_address(e.dest), port=dest.port))
+                              addresses=dest.addresses or default_address(e.dest), port=dest.port,
+                              keyed=dest.partitioned_by_id))
     if sc.inputs and sc.port is None:
         raise ConfigError(f"{stage!r} has inputs: give it the port its producers reach it at (port: N)",
                           file=cfg.path, field=f"stages.{stage}.port")

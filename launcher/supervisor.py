@@ -419,7 +419,8 @@ class Supervisor:
             cfg = self.retired    # a stage an apply is removing keeps its old edges until it stops
         for e in cfg.edges():
             if e.src == rep.stage:
-                edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest)))
+                edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest),
+                                      keyed=cfg.stages[e.dest].partitioned_by_id))
         tcp = cfg.transport == "tcp"
         return stage_spec(
             cfg, sc, rep.index, len(self.replicas[rep.stage]), self.rd.path, control=self.rd.stages,

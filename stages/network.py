@@ -24,6 +24,7 @@ name cannot read anything out). ``streampipe keys generate DIR`` writes the pair
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 import threading
 import time
@@ -155,9 +156,15 @@ class Resolver:
 class Reach:
     """Which endpoints of a PUSH socket have a live, handshaken connection (a socket monitor)."""
 
+    _made = itertools.count()
+
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        # a name of our own: pyzmq's default names the socket's fd, which a socket opened after
+        # another one closed gets again while the old monitor's inproc name may still be bound
+        self.sock = sock
         self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                                               | zmq.EVENT_MONITOR_STOPPED)
+                                               | zmq.EVENT_MONITOR_STOPPED,
+                                               addr=f"inproc://streampipe.reach.{id(self)}.{next(Reach._made)}")
         self.up: set[str] = set()
         self.none_since: float | None = time.monotonic()
 
@@ -188,6 +195,10 @@ class Reach:
         return self.none_since is not None and now - self.none_since > after
 
     def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
         self.monitor.close(linger=0)
 
 

@@ -14,7 +14,8 @@ Sockets of one replica::
     DEALER connect <control>     hello / ready / heartbeats up, endpoint changes and stop down
 
 Delivery ``at-least-once``: a sender keeps every batch until its receiver acknowledges it and
-resends it when the ack is late (the receiver died with it queued). A transform acknowledges an
+resends it, to the same replica, when the ack is late (the receiver died with it queued, or is
+slow); a receiver drops a copy of a batch it has taken already (:meth:`StageRuntime.copy_of_seen`). A transform acknowledges an
 input batch only once every batch it produced from it is acknowledged downstream, so an ack at
 the source means the record reached the sink. ``max_inflight`` unacknowledged batches per edge
 bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
@@ -153,6 +154,42 @@ class OutBatch:
         self.link: Link | None = None     # the replica it went to: a resend goes there again
 
 
+ID_BLOCK = 4096    # ids of one block go to the same replica of a dest partitioned by id
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def replica_of_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """The replica (of ``n``) each id goes to: a hash of its block of ``ID_BLOCK`` ids, so
+    consecutive ids travel together and every sender, in any process, agrees."""
+    blocks = (ids // ID_BLOCK).astype(np.uint64)
+    return ((blocks * np.uint64(_GOLDEN64)) >> np.uint64(32)) % np.uint64(n)
+
+
+def replica_of_id(i: int, n: int) -> int:
+    """:func:`replica_of_ids` for one Python int."""
+    return ((((i // ID_BLOCK) & _MASK64) * _GOLDEN64 & _MASK64) >> 32) % n
+
+
+def split_by_id(records: list[Record] | Columns, n: int) -> list[tuple[int | None, list[Record] | Columns]]:
+    """``records`` split by the replica their ids go to; records without an integer id go
+    together under None (any replica: nothing deduplicates them)."""
+    if isinstance(records, Columns):
+        ids = records.data.get("id")
+        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids):
+            k = replica_of_ids(ids, n)
+            first = int(k[0])
+            if bool((k == first).all()):
+                return [(first, records)]
+            return [(int(j), records.take(k == j)) for j in np.unique(k).tolist()]
+        records = records.to_records()
+    groups: dict[int | None, list[Record]] = {}
+    for r in records:
+        i = r.get("id")
+        groups.setdefault(replica_of_id(i, n) if type(i) is int else None, []).append(r)
+    return list(groups.items())
+
+
 class Link:
     """One replica of an edge's destination: a PUSH connected to it alone, the batches waiting
     to go to it (resends: a batch goes back to the replica it went to) and how many it holds."""
@@ -188,12 +225,20 @@ class Edge:
     sequence, where another replica could not tell it from a new batch. A sink with replicas
     therefore writes each id once across its files. Only a replica that leaves the edge (scaled
     down, its address gone) hands its batches to the others.
+
+    To a dest partitioned by id (``keyed``: the consumer, or ``partition: id``) a batch is split
+    by the blocks of its ids and each part goes to the replica its block hashes to, so an id
+    reaches the same replica even when a transform that crashed processes its batch again and
+    cuts it differently. A replica that is down holds up its share until it is back (as a
+    partition would); its parts wait in its link's queue.
     """
 
     def __init__(self, rt: StageRuntime, spec: EdgeSpec, immediate: bool = False) -> None:
         self.rt, self.name, self.output, self.dest = rt, spec.name, spec.output, spec.dest
         self.immediate = immediate
+        self.keyed = spec.keyed and rt.acked        # records go to a replica by their id's block
         self.links: dict[str, Link] = {}
+        self.by_key: list[Link] = []                # the links in the order every sender agrees on
         self.endpoints: list[str] = []
         self.ack_endpoint = rt.spec.ack           # what its headers name (run-stage: the advertised one)
         self.seq = 0
@@ -223,6 +268,7 @@ class Edge:
                 self.outq.extendleft(sorted(orphans, key=lambda ob: ob.seq, reverse=True))
                 link.close(linger=0)
         self.endpoints = list(endpoints)
+        self.by_key = [self.links[ep] for ep in sorted(self.links)]
 
     def lowest_unacked(self) -> int:
         """The lowest seq of this edge not acknowledged yet (the next one when all are): every
@@ -268,11 +314,20 @@ class Edge:
     def cut(self, records: list[Record] | Columns, parent: InToken | Mark | None,
             stamp: tuple[str | None, int | None] = (None, None)) -> None:
         """Frame ``records`` (a list of records or columns) as one batch stamped with ``(origin,
-        watermark)`` and queue it for sending.
+        watermark)`` and queue it for sending; to a dest partitioned by id, one batch per replica
+        its records' ids go to (:func:`replica_of_ids`).
 
         A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)
         is cut in halves; a single record over it goes to the dead-letter file.
         """
+        if self.keyed and len(self.by_key) > 1:
+            for k, part in split_by_id(records, len(self.by_key)):
+                self._cut(part, parent, stamp, None if k is None else self.by_key[k])
+            return
+        self._cut(records, parent, stamp, None)
+
+    def _cut(self, records: list[Record] | Columns, parent: InToken | Mark | None,
+             stamp: tuple[str | None, int | None], link: Link | None) -> None:
         self.seq += 1
         header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
                   "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
@@ -296,15 +351,21 @@ class Edge:
                 return
             half = len(records) // 2
             if isinstance(records, Columns):
-                self.cut(records.rows(0, half), parent, stamp)
-                self.cut(records.rows(half, len(records)), parent, stamp)
+                self._cut(records.rows(0, half), parent, stamp, link)
+                self._cut(records.rows(half, len(records)), parent, stamp, link)
             else:
-                self.cut(records[:half], parent, stamp)
-                self.cut(records[half:], parent, stamp)
+                self._cut(records[:half], parent, stamp, link)
+                self._cut(records[half:], parent, stamp, link)
             return
         if parent is not None:
             parent.outstanding += 1
-        self.outq.append(OutBatch(self.seq, frames, len(records), parent))
+        ob = OutBatch(self.seq, frames, len(records), parent)
+        if link is None:
+            self.outq.append(ob)
+        else:                   # its replica is settled by its ids: it waits for that one
+            ob.link = link
+            link.holds += 1
+            link.outq.append(ob)
 
     def flush_pending(self, parent: Mark | None, stamp: tuple[str | None, int | None]) -> None:
         if self.pending:

@@ -21,6 +21,7 @@ class EdgeSpec:
     endpoints: list[str]       # one per replica of dest
     addresses: list[str] = field(default_factory=list)   # or: names resolved to the replicas (run-stage)
     port: int = 0              # ... and the port they bind
+    keyed: bool = False        # dest is partitioned by id: records go to a replica by their id's block
 
 
 @dataclass

@@ -69,3 +69,60 @@ def test_late_acks_duplicate_nothing_across_sink_replicas(pipeline, tmp_path) ->
     assert not dups, f"{len(dups)} ids written more than once, e.g. {list(dups.items())[:10]}"
     assert p.output_ids("output/records.1.jsonl"), "both replicas wrote"
     assert resent > 0, "the test made no late acks: it proves nothing"
+
+
+KILLED = """\
+pipeline: killed-transform
+delivery: at-least-once
+defaults:
+  ack_timeout: 0.2
+  max_batch: 100
+  backoff_initial: 0
+  min_uptime: 0.1
+  max_restarts: 1000
+stages:
+  generator:
+    type: generator
+    options: {{count: {n}, rate: {rate}, seed: 9}}
+  normalizer:
+    type: normalizer
+    inputs: [generator]
+    replicas: 2
+  consumer:
+    type: consumer
+    inputs: [normalizer]
+    replicas: 2
+    options: {{checkpoint_s: 0.05}}
+"""
+
+
+def test_a_killed_transform_duplicates_nothing_across_sink_replicas(pipeline) -> None:
+    """Normalizer replicas SIGKILLed again and again: what they had in flight is resent to their
+    restarted selves and processed again, and its records reach the consumer replica they went to
+    the first time (partitioned by id), which drops what it wrote already."""
+    import os
+    import signal
+    import time
+
+    from tests.conftest import ready_pid
+
+    n = 16000
+    p = pipeline(KILLED.format(n=n, rate=2000))
+    p.up()
+    wait_for(lambda: len(set(all_ids(p))) >= 500, timeout=60, what="the stream flowing")
+    kills = 0
+    deadline = time.monotonic() + 60
+    while len(set(all_ids(p))) < n - 1000 and time.monotonic() < deadline:
+        pid = ready_pid(p, "normalizer", kills % 2)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+        time.sleep(0.3)
+    wait_for(lambda: len(set(all_ids(p))) >= n, timeout=120, what=f"{n} distinct ids in the two files")
+    p.down()
+    counts = collections.Counter(all_ids(p))
+    assert sorted(counts) == list(range(n)), f"lost: {sorted(set(range(n)) - set(counts))[:20]}"
+    dups = {i: c for i, c in counts.items() if c > 1}
+    assert not dups, f"{len(dups)} ids written more than once after {kills} kills, e.g. {list(dups.items())[:10]}"
+    assert kills >= 5, f"only {kills} kills: the test proves little"
+    assert len(p.output_ids("output/records.1.jsonl")) > n // 4, "both replicas wrote a fair share"
