@@ -110,7 +110,8 @@ class Taken:
     __slots__ = ("mark", "above")
 
     def __init__(self) -> None:
-        self.mark, self.above = 0, set()
+        self.mark = 0
+        self.above: set[int] = set()
 
     def __contains__(self, seq: int) -> bool:
         return seq < self.mark or seq in self.above
@@ -393,14 +394,13 @@ class Edge:
                 link.outq.popleft()
         full: set[Link] = set()
         while self.outq:
-            link = self._choose(full)
-            if link is None:
+            chosen = self._choose(full)
+            if chosen is None:
                 return False
-            ob = self.outq[0]
-            if self._send_to(link, ob, now):
+            if self._send_to(chosen, self.outq[0], now):
                 self.outq.popleft()
             else:
-                full.add(link)
+                full.add(chosen)
         return done
 
     def _choose(self, full: set[Link]) -> Link | None:
