@@ -54,6 +54,8 @@ def all_ids(p: Pipeline) -> list[int]:
 
 
 def test_late_acks_duplicate_nothing_across_sink_replicas(pipeline, tmp_path) -> None:
+    """A user's sink is partitioned by load (the default for any type but ``consumer``): what keeps
+    its replicas apart here is the resend to the same replica and the drop of copies."""
     n = 3000
     p = pipeline(CONFIG.format(n=n, rate=1500))
     (p.folder / "slowsink.py").write_text(SLOW_SINK)
@@ -106,8 +108,8 @@ def test_a_killed_transform_duplicates_nothing_across_sink_replicas(pipeline) ->
 
     from tests.conftest import ready_pid
 
-    n = 16000
-    p = pipeline(KILLED.format(n=n, rate=2000))
+    n = 40_000                # ids in three blocks of 16,384: both consumer replicas get some
+    p = pipeline(KILLED.format(n=n, rate=5000))
     p.up()
     wait_for(lambda: len(set(all_ids(p))) >= 500, timeout=60, what="the stream flowing")
     kills = 0
