@@ -178,6 +178,18 @@ COUNTER = textwrap.dedent("""
 # count the restored state lacks). Seen alone (1 of 4) and more often with a second copy running.
 # The over-count is the documented "state is at-least-once" on resends; the under-count is a bug in
 # the stateful transform's recovery, not found yet. Run by hand: pytest -m slow -k transform_killed
+def sizes(files: list[Path]) -> list[int]:
+    """The sizes of ``files`` still there: the stages write on while the test looks, and a rotation
+    may delete the oldest between the listing and its stat (a CI run once failed on that)."""
+    out = []
+    for f in files:
+        try:
+            out.append(f.stat().st_size)
+        except FileNotFoundError:
+            pass
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_transform_killed_restores_the_state_it_acknowledged(pipeline, tmp_path: Path) -> None:
@@ -241,7 +253,7 @@ def test_files_stay_bounded_and_status_shows_dropped_dead_letters(pipeline, tmp_
     for path, slack in ((dead, 4096), (chatty, 256 * 1024)):   # stderr is checked 5 times a second
         files = files_of(path)
         assert len(files) <= 3, files
-        assert all(f.stat().st_size < limit + slack for f in files)
+        assert all(size < limit + slack for size in sizes(files))
     assert row["dead_letters"] > row["dead_letters_dropped"]
     logs = cli("logs", "chatty", "--config", str(p.config), cwd=p.folder)
     assert logs.returncode == 0 and logs.stdout.count("processing") > 100
