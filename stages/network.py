@@ -164,7 +164,7 @@ class Reach:
         self.sock = sock
         self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                                                | zmq.EVENT_MONITOR_STOPPED,
-                                               addr=f"inproc://streampipe.reach.{id(self)}.{next(Reach._made)}")
+                                               addr=f"inproc://streampipe.reach.{next(Reach._made)}")
         self.up: set[str] = set()
         self.none_since: float | None = time.monotonic()
 

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ def split_by_id(records: list[Record] | Columns, n: int) -> list[tuple[int | Non
 
 class Link:
     """One replica of an edge's destination: a PUSH connected to it alone, the batches waiting
-    to go to it (resends: a batch goes back to the replica it went to) and how many it holds."""
+    to go to it (resends: a batch goes back to the replica it went to)."""
 
     def __init__(self, edge: Edge, endpoint: str) -> None:
         rt = edge.rt
@@ -214,7 +214,6 @@ class Link:
         self.reach = network.Reach(self.sock)
         self.sock.connect(network.connect_from(endpoint, rt.spec.bind_host))
         self.outq: deque[OutBatch] = deque()
-        self.holds = 0          # batches sent to it and not acknowledged, or queued for it
 
     def close(self, linger: int) -> None:
         self.reach.close()
@@ -370,7 +369,6 @@ class Edge:
             self.outq.append(ob)
         else:                   # its replica is settled by its ids: it waits for that one
             ob.link = link
-            link.holds += 1
             link.outq.append(ob)
 
     def flush_pending(self, parent: Mark | None, stamp: tuple[str | None, int | None]) -> None:
@@ -414,9 +412,10 @@ class Edge:
         if not links:
             return None
         live = [link for link in links if link.reach.up] or links
+        sent = Counter(ob.link for ob in self.unacked.values())
         self.turn += 1
         k = self.turn % len(live)
-        return min(live[k:] + live[:k], key=lambda link: link.holds)
+        return min(live[k:] + live[:k], key=lambda link: sent[link] + len(link.outq))
 
     def _send_to(self, link: Link, ob: OutBatch, now: float) -> bool:
         try:
@@ -425,11 +424,7 @@ class Edge:
             return False
         self.rt.records_out += ob.n if ob.tries == 0 else 0
         if self.rt.acked:
-            if ob.link is not link:
-                if ob.link is not None:
-                    ob.link.holds -= 1
-                ob.link = link
-                link.holds += 1
+            ob.link = link
             ob.sent_at, ob.tries = now, ob.tries + 1
             self.unacked[ob.seq] = ob
         return True
@@ -450,9 +445,6 @@ class Edge:
 
     def acked(self, seq: int, now: float) -> OutBatch | None:
         ob = self.unacked.pop(seq, None)
-        if ob is not None and ob.link is not None:
-            ob.link.holds -= 1
-            ob.link = None
         if ob is not None and ob.tries == 1:
             sample = now - ob.sent_at
             self.rtt = sample if self.rtt == 0 else 0.8 * self.rtt + 0.2 * sample

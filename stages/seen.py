@@ -353,8 +353,8 @@ class SeenByOrigin:
                       for o, (stage, gen) in fams.items()}
 
     def older_written(self, origin: str | None, i: int) -> bool:
-        """Whether ``i`` was written under an earlier generation of ``origin``'s source."""
-        return any(s.written(i) for s in self.older.get(origin, ()))
+        """Whether ``i`` (holdable) was written under an earlier generation of ``origin``'s source."""
+        return bool(self.older_written_mask(origin, np.array([i], np.int64))[0])
 
     def older_written_mask(self, origin: str | None, q: np.ndarray) -> np.ndarray:
         """:meth:`older_written` for each id of ``q`` (int64)."""
