@@ -167,6 +167,7 @@ class Supervisor:
         self.started = False
         self.retired: PipelineConfig | None = None           # during an apply: the config being replaced ...
         self.draining: list[Edge] = []                       # ... and its edges that may still carry data
+        self.drains: dict[str, Replica] = {}                 # replicas in a graceful stop, by ident (see stop_replica)
         self.exit_code = 0                                   # 1 once a loop failed for good
         self.fork_starting = False
         self.stop_requested = asyncio.Event()
@@ -541,6 +542,7 @@ class Supervisor:
         rep.pid = None
         rep.probe = None
         rep.exited.set()
+        self.retell_drains()
         self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
         if code == 0 and rep.state != "completed" and self.is_source(rep.stage):
             saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
@@ -605,7 +607,14 @@ class Supervisor:
                 pass
 
     async def stop_replica(self, rep: Replica, grace: float | None = None, wanted: bool = True, reason: str = "") -> None:
-        """SIGTERM, wait up to the grace period, then SIGKILL; returns once it is reaped."""
+        """Stop a replica, SIGKILL it after the grace period; returns once it is reaped.
+
+        A wanted stop of a running replica drains it: the replicas sending to it are told to send
+        it nothing more (each answers with a FENCE behind its last batch), and it is told to stop
+        once every FENCE is in, its batches are acknowledged downstream and its acks have gone
+        upstream. Nothing it took is sent again, so nothing is processed twice. Any other stop
+        (a hung or over-limit replica, one not READY yet) is a SIGTERM.
+        """
         if rep.pid is None:
             if wanted and rep.state in ("backoff", "starting"):
                 rep.wanted_down = True
@@ -613,20 +622,48 @@ class Supervisor:
             return
         rep.wanted_down = rep.wanted_down or wanted
         rep.kill_reason = reason
+        drain = wanted and rep.state in ("running", "blocked") and self.stage_sock is not None
         if rep.state != "completed":
             rep.state = "stopping"
         grace = rep.cfg.stop_grace if grace is None else grace
-        self.signal_replica(rep, signal.SIGTERM)
+        if drain:
+            self.drains[rep.ident] = rep
+            self.tell(rep, "stop", senders=self.fence(rep, True))
+        else:
+            self.signal_replica(rep, signal.SIGTERM)
         try:
             await asyncio.wait_for(rep.exited.wait(), grace)
         except asyncio.TimeoutError:
             assert self.events is not None
-            self.events.emit("kill", rep.stage, rep.index, rep.pid, reason=f"still running {grace:g}s after SIGTERM: SIGKILL")
+            how = "did not drain" if drain else "still running"
+            self.events.emit("kill", rep.stage, rep.index, rep.pid,
+                             reason=f"{how} {grace:g}s after the stop (stop_grace): SIGKILL; what it had not acknowledged is sent again")
             self.signal_replica(rep, signal.SIGKILL)
             try:
                 await asyncio.wait_for(rep.exited.wait(), 5.0)
             except asyncio.TimeoutError:
                 logger.error(f"{rep.ident} (pid {rep.pid}) did not die after SIGKILL")
+        finally:
+            if drain:
+                self.drains.pop(rep.ident, None)
+                self.fence(rep, False)
+
+    def fence(self, rep: Replica, on: bool) -> list[str]:
+        """Tell the running replicas that send to ``rep`` to send it nothing more (``on``) or again;
+        returns their ack addresses (the FENCEs ``rep`` waits for)."""
+        endpoint = self.endpoint("i", rep.stage, rep.index)
+        told = []
+        for up, edge in self.upstream_replicas(rep.stage):
+            if up.pid is not None and up.state in ("running", "blocked", "stopping"):
+                self.tell(up, "fence", edge=edge, endpoint=endpoint, on=on)
+                told.append(self.endpoint("a", up.stage, up.index))
+        return sorted(set(told))
+
+    def retell_drains(self) -> None:
+        """A replica exited or became READY: the replicas draining hear again whose FENCE to wait
+        for (an exited sender sends none; a new one has just been told to fence)."""
+        for rep in self.drains.values():
+            self.tell(rep, "stop", senders=self.fence(rep, True))
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -714,6 +751,8 @@ class Supervisor:
             rep.settled.set()
             if rep.cfg.inputs:   # its spec may predate a scale upstream
                 self.tell(rep, "peers", acks=self.ack_peers(rep.stage))
+            if self.drains:
+                self.retell_drains()
             self.events.emit("ready", rep.stage, rep.index, rep.pid, reason=f"ready {now - rep.started_at:.3f}s after start",
                              t_ready=now, spawn=rep.spawn_mode)
         elif op == "error":
@@ -839,10 +878,8 @@ class Supervisor:
             self.announce_endpoints(stage)
         elif n < before:
             gone = reps[n:]
-            for rep in gone:
-                rep.wanted_down = True
-            self.announce_endpoints(stage)
-            await asyncio.gather(*(self.stop_replica(r) for r in gone))
+            await asyncio.gather(*(self.stop_replica(r) for r in gone))   # drained: senders fence them first
+            self.announce_endpoints(stage)       # wanted_down: they leave the senders' edges
             del reps[n:]
             for rep in gone:
                 self.by_ident.pop(rep.ident, None)

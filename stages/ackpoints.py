@@ -15,10 +15,17 @@ acks. A clock only paces the cuts (at most one every ``min_interval`` s, each co
 and an fsync); which state is saved is settled by acknowledgements alone.
 
 A crash after the save and before the acks leave (microseconds) would leave batches in the state
-that upstream sends again: the saved file lists them (:meth:`AckPoints.keys`), and the next
-process acknowledges them without processing them (:meth:`AckPoints.applied`). A batch resent
-while its first copy waits in a cut (its ack held longer than the sender's ack timeout) is
-dropped (:meth:`AckPoints.held`): the held ack answers both copies.
+that upstream sends again. So every save lists, beside the state, *every* batch the state holds
+that its sender may still send again (:meth:`AckPoints.keys`): the batches released by this save
+and by earlier ones, and those restored from the file, each dropped from the list only when its
+sender says (by its lowest unacknowledged sequence number, :meth:`AckPoints.close_below`) that it
+has the ack, never by a later save. The next process acknowledges a listed batch without
+processing it (:meth:`AckPoints.applied`), however many crashes come between. A batch resent while
+its first copy waits in a cut (its ack held longer than the sender's ack timeout) is dropped
+(:meth:`AckPoints.held`): the held ack answers both copies.
+
+A snapshot is copied when it is cut (through msgpack, as it is saved), so a stage may return its
+live dicts from ``snapshot()``: what later batches change is not in the cut.
 
 >>> class Token:
 ...     def __init__(self, seq): self.ack, self.edge, self.ep, self.seq = "a", "e", 1, seq
@@ -39,7 +46,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from streampipe.stages import wire
+
 Key = tuple[Any, ...]
+Sender = tuple[Any, ...]       # (ack address, edge, sender epoch)
+KEEP_SENDER_EPOCHS = 4         # a sender's last lives whose batches are remembered (each restart is one)
 
 
 class _Cut:
@@ -64,7 +75,9 @@ class AckPoints:
         self.cuts: deque[_Cut] = deque()
         self.cut_of: dict[int, _Cut] = {}          # token id -> its cut, while its ack is not due
         self.last_cut = float("-inf")
-        self.restored: set[Key] = set()            # batches in the restored state (see applied())
+        # batches in the saved state (released or restored) whose senders may send them again:
+        # per sender, the seqs; trimmed only by the sender's lowest unacknowledged mark
+        self.applied_seqs: dict[Sender, set[int]] = {}
         self.held_keys: set[Key] = set()           # batches processed whose acks are held
 
     def processed(self, token: Any) -> None:
@@ -84,7 +97,7 @@ class AckPoints:
         """Take a snapshot for the batches processed since the last cut (paced by ``min_interval``)."""
         if not self.uncut or (not force and now - self.last_cut < self.min_interval):
             return
-        cut = _Cut(snapshot(), self.uncut)
+        cut = _Cut(wire.unpackb(wire.packb(snapshot())), self.uncut)   # a copy: later batches do not change it
         for token in self.uncut:
             if id(token) in self.due_uncut:
                 self.due_uncut.discard(id(token))
@@ -103,19 +116,41 @@ class AckPoints:
             state = cut.state
             tokens.extend(cut.tokens)
             self.held_keys.difference_update(key_of(t) for t in cut.tokens)
-        return (state, tokens) if state is not None else None
+        if state is None:
+            return None
+        for t in tokens:
+            self._remember(key_of(t))
+        return state, tokens
 
-    @staticmethod
-    def keys(tokens: list[Any]) -> list[list[Any]]:
-        """What to save beside the state: the batches whose acks are about to be sent."""
-        return [list(key_of(t)) for t in tokens]
+    def _remember(self, key: Key) -> None:
+        ack, edge, ep, seq = key
+        sender = (ack, edge, ep)
+        if sender not in self.applied_seqs:
+            same = [s for s in self.applied_seqs if s[:2] == sender[:2]]
+            for old in same[:-KEEP_SENDER_EPOCHS + 1]:     # a sender's earlier lives: it restarted since
+                del self.applied_seqs[old]
+            self.applied_seqs[sender] = set()
+        self.applied_seqs[sender].add(seq)
+
+    def close_below(self, sender: Sender, lo: int) -> None:
+        """``sender`` has the acks of every batch below ``lo``: it sends none of them again."""
+        seqs = self.applied_seqs.get(sender)
+        if seqs:
+            seqs.difference_update([s for s in seqs if s < lo])
+
+    def keys(self) -> list[list[Any]]:
+        """What to save beside the state: every batch in it that its sender may still send again."""
+        return [[*sender, seq] for sender, seqs in self.applied_seqs.items() for seq in sorted(seqs)]
 
     def restore(self, keys: list[list[Any]]) -> None:
-        self.restored = {tuple(k) for k in keys}
+        for k in keys:
+            if isinstance(k, list) and len(k) == 4:
+                self._remember(tuple(k))
 
     def applied(self, token: Any) -> bool:
-        """Whether ``token``'s batch is in the restored state already (its ack was lost in a crash)."""
-        return bool(self.restored) and key_of(token) in self.restored
+        """Whether ``token``'s batch is in the saved state already (its ack was lost in a crash)."""
+        seqs = self.applied_seqs.get((token.ack, token.edge, token.ep))
+        return seqs is not None and token.seq in seqs
 
     def held(self, token: Any) -> bool:
         """Whether ``token``'s batch is a copy of one processed whose ack is still held."""

@@ -5,6 +5,7 @@ heartbeats, signals, acknowledgements and error handling; a stage never touches 
 
     Stage                     a transform or a sink: ``process(batch) -> iterable of records``
     ├── Source                produces records: ``generate() -> iterator of records``
+    ├── Sink                  a sink to a store of its own: ``write(batch, marks)``, exactly once
     ├── Plain                 a user's class that subclasses neither: what it lacks is Stage's
     └── FunctionStage         a user's function ``f(record) -> record | list | None``, per record
         └── AsyncFunctionStage    the same for an ``async def`` function
@@ -207,6 +208,47 @@ class Source(Stage):
 Kind = Literal["source", "transform", "function"]
 
 HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats")
+
+
+class Sink(Stage):
+    """A sink that writes to a store of its own and holds each record there exactly once.
+
+    Implement ``write(batch, marks)``: put the records of ``batch`` *and* ``marks`` (bytes) into
+    the store in one transaction of its own; and ``load_marks()``: return the ``marks`` of the
+    last transaction that committed (``None`` for an empty store). The runtime gives ``write``
+    only records the store does not hold yet (by origin and ``id``, as the built-in consumer
+    deduplicates), and ``marks`` describe the store once this batch is in it; so a record sent
+    again after any crash is dropped before ``write`` sees it. A ``write`` that raises commits
+    nothing (roll back): the batch is retried record by record and a record failing alone is
+    dead-lettered. See :mod:`streampipe.stages.delivery`, and the built-in ``sqlite`` sink.
+
+    >>> import sqlite3
+    >>> class Rows(Sink):
+    ...     def setup(self):
+    ...         self.db = sqlite3.connect(":memory:")
+    ...         self.db.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER, y INTEGER)")
+    ...         self.db.execute("CREATE TABLE IF NOT EXISTS marks (sink TEXT PRIMARY KEY, marks BLOB)")
+    ...     def load_marks(self):
+    ...         row = self.db.execute("SELECT marks FROM marks WHERE sink = 'rows'").fetchone()
+    ...         return row[0] if row else None
+    ...     def write(self, batch, marks):
+    ...         with self.db:     # one transaction: the records and the marks, or neither
+    ...             self.db.executemany("INSERT INTO rows VALUES (?, ?)", [(r["id"], r["y"]) for r in batch])
+    ...             self.db.execute("INSERT OR REPLACE INTO marks VALUES ('rows', ?)", (marks,))
+    """
+
+    def load_marks(self) -> bytes | None:
+        """The marks the last committed :meth:`write` was given (None: the store is empty)."""
+        return None
+
+    def write(self, batch: Batch, marks: bytes) -> None:
+        """Commit ``batch`` and ``marks`` to the store in one transaction."""
+        raise NotImplementedError(f"{type(self).__name__} is a Sink: it must implement write(batch, marks)")
+
+
+def is_exact_sink(stage: object) -> bool:
+    """True when a stage (class or instance) is on the sink API: ``write(batch, marks)`` and ``load_marks()``."""
+    return callable(getattr(stage, "write", None)) and callable(getattr(stage, "load_marks", None))
 
 
 def is_source(stage: object) -> bool:

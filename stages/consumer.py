@@ -87,7 +87,8 @@ from loguru import logger
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.columns import MISSING as MISSING_VALUE
 from streampipe.stages.columns import Columns
-from streampipe.stages.seen import HIGH, SeenByOrigin, holdable
+from streampipe.stages.delivery import Delivered
+from streampipe.stages.seen import HIGH, SeenByOrigin
 from streampipe.stages.state import json_default, load_state, save_state
 
 if TYPE_CHECKING:
@@ -132,13 +133,8 @@ class Consumer(Stage):
         self.output = output or OUTPUT[format]
         self.dedup, self.label, self.checkpoint_s = dedup, label, checkpoint_s
         self.count = 0
-        self.duplicates = 0
-        self.undeduplicated = 0                   # records without an integer id
-        self.below_watermark = 0                  # ids below their own batch's watermark: ids rewritten upstream?
         self.labels: dict[str, int] = {}
-        self.seen = SeenByOrigin()
-        self.origin: str | None = None            # of the batch being processed (set by on_origin)
-        self.watermark: int | None = None
+        self.delivered = Delivered(self.dedup)    # which ids the output holds (stages.delivery)
         self._journal: IO[bytes] | None = None
         self._journaled: object = _NONE           # the origin of the last journal entry since the checkpoint
         self._file: IO[bytes] | None = None
@@ -161,9 +157,14 @@ class Consumer(Stage):
             return [("format", f"format: parquet needs pyarrow>={PYARROW_MIN}, found {version}: pip install 'streampipe[parquet]'")]
         return []
 
+    @property
+    def seen(self) -> SeenByOrigin:
+        """The ids the output holds, per origin."""
+        return self.delivered.seen
+
     def on_origin(self, origin: str | None, watermark: int | None) -> None:
         """Called by the runtime before :meth:`process` with the batch's origin and watermark."""
-        self.origin, self.watermark = origin, watermark
+        self.delivered.at(origin, watermark)
 
     # -- files -------------------------------------------------------------------------------
     @property
@@ -223,16 +224,16 @@ class Consumer(Stage):
 
     def _restore(self, saved: dict[str, Any]) -> None:
         """The seen-ids, count and labels of a saved checkpoint (either format)."""
-        self.seen = SeenByOrigin.from_state(saved.get("origins") or {})
+        self.delivered = Delivered(self.dedup, SeenByOrigin.from_state(saved.get("origins") or {}))
         self.count = int(saved.get("count", 0))
         self.labels = dict(saved.get("labels", {}))
 
     def _recommit(self, found: Iterable[tuple[str | None, list[Record]]]) -> None:
         """Account for records a crash left written after the checkpoint, each under its origin."""
         for origin, written in found:
-            self.origin, self.watermark = origin, None
-            self.commit(self.fresh(written), written)
-        self.origin = None
+            self.delivered.at(origin, None)
+            self.commit(self.delivered.fresh(written), written)
+        self.delivered.at(None, None)
 
     def _journal_entries(self) -> tuple[list[int], list[str | None]]:
         """(offsets, origins) of the journal: the origin of the lines written from each offset on."""
@@ -257,7 +258,7 @@ class Consumer(Stage):
             return
         size = self.path.stat().st_size
         if size < offset:  # the file was replaced or truncated by hand: start over
-            self.seen, self.count, self.labels, offset = SeenByOrigin(), 0, {}, 0
+            self.delivered, self.count, self.labels, offset = Delivered(self.dedup), 0, {}, 0
         offsets, origins = self._journal_entries()
         with open(self.path, "rb+") as f:
             f.seek(offset)
@@ -277,70 +278,16 @@ class Consumer(Stage):
             if good < size:
                 f.truncate(good)
 
-    def fresh(self, batch: Batch) -> list[Record]:
-        """The records of ``batch`` not written before (all of them without ``dedup``).
-
-        Reads the seen-id set but does not change it: ids are committed only once their records
-        are on disk (:meth:`commit`), so a failed write loses nothing.
-        """
-        if not self.dedup:
-            return list(batch)
-        held = [k for k, r in enumerate(batch) if holdable(r.get("id"))]
-        self.undeduplicated += len(batch) - len(held)
-        if not held:
-            return list(batch)
-        mask = self._fresh_mask(np.array([batch[k]["id"] for k in held], np.int64))
-        drop = {k for k, fresh in zip(held, mask.tolist()) if not fresh}
-        return [r for k, r in enumerate(batch) if k not in drop] if drop else list(batch)
-
-    def fresh_rows(self, ids: np.ndarray) -> np.ndarray | None:
-        """:meth:`fresh` on an int64 id column: a mask of the rows to write, or None for all of them."""
-        if not self.dedup:
-            return None
-        top = self.seen.of(self.origin).top      # of() first: a new origin learns its older generations
-        if (not self.seen.older.get(self.origin) and int(ids[0]) >= top
-                and (len(ids) == 1 or bool((ids[1:] > ids[:-1]).all()))):
-            return None        # above everything seen, increasing: all fresh (the usual case)
-        return self._fresh_mask(ids)
-
-    def _fresh_mask(self, q: np.ndarray) -> np.ndarray:
-        """Which ids of ``q`` (int64) to write: unseen in their origin (and in its older generations),
-        the first of repeats within the batch."""
-        seen = self.seen.of(self.origin)
-        older = self.seen.older.get(self.origin)
-        mask = ~seen.contains(q)
-        if older:
-            mask &= ~self.seen.older_written_mask(self.origin, q)
-        if len(q) > 1:
-            once = np.zeros(len(q), bool)
-            once[np.unique(q, return_index=True)[1]] = True     # the first of each id in the batch
-            mask &= once
-        self.duplicates += len(q) - int(mask.sum())
-        return mask
-
     def commit(self, written: list[Record], handled: list[Record]) -> None:
         """Count ``written``, mark every id of ``handled`` (written or dead-lettered) as seen, then
         close the origin's holes below the batch's watermark."""
-        self.commit_ids(np.array([rid for r in handled if holdable(rid := r.get("id"))], np.int64))
+        self.delivered.commit_ids(Delivered.ids_of(handled))
         self.count += len(written)
         labels = self.labels
         for label, n in Counter(r.get(self.label) for r in written).items():
             if label is not None:
                 key = str(label)
                 labels[key] = labels.get(key, 0) + n
-
-    def commit_ids(self, ids: np.ndarray) -> None:
-        """Mark ``ids`` (int64) seen and close the origin's holes below the batch's watermark."""
-        seen = self.seen.of(self.origin)
-        seen.add_many(ids)
-        w = self.watermark
-        if w is not None and self.dedup:
-            if len(ids) and int(ids.min()) < w:   # a batch's ids are never below its own watermark unless rewritten
-                if not self.below_watermark:
-                    logger.warning(f"records from {self.origin} carry ids below their batch's watermark {w}: "
-                                   "does a stage upstream change record ids? dedup of such ids is not exact")
-                self.below_watermark += int((ids < w).sum())
-            seen.close_below(w)
 
     # -- the sink ----------------------------------------------------------------------------
     def process(self, batch: Batch | Columns) -> list[Record]:  # type: ignore[override]
@@ -356,11 +303,11 @@ class Consumer(Stage):
                 or (ids.dtype == np.uint64 and int(ids.max()) > HIGH)):
             return self.process_records(batch.to_records())
         ids = ids.astype(np.int64, copy=False)
-        keep = self.fresh_rows(ids)
+        keep = self.delivered.fresh_rows(ids)
         fresh = batch if keep is None else batch.take(keep)
         if not self._write_columns(fresh):
             return self.process_records(fresh.to_records())
-        self.commit_ids(ids if keep is None else ids[keep])
+        self.delivered.commit_ids(ids if keep is None else ids[keep])
         self.count += len(fresh)
         label = fresh.data.get(self.label)
         if label is not None and len(fresh):
@@ -399,23 +346,23 @@ class Consumer(Stage):
     def _stage(self, table: Any) -> None:
         """Stage an Arrow batch for the next part, sealing the part first if the schema changed."""
         assert self._parts is not None
-        if not self._parts.append(table, self.origin):
+        if not self._parts.append(table, self.delivered.origin):
             self.checkpoint()
-            self._parts.append(table, self.origin)
+            self._parts.append(table, self.delivered.origin)
 
     def _write(self, text: bytes) -> None:
         """Append lines to the output, their origin first noted in the journal."""
         assert self._file is not None
-        if self.dedup and self._journal is not None and self.origin != self._journaled:
-            self._journal.write(_dumps([self._file.tell(), self.origin]) + b"\n")   # before the lines it names
+        if self.dedup and self._journal is not None and self.delivered.origin != self._journaled:
+            self._journal.write(_dumps([self._file.tell(), self.delivered.origin]) + b"\n")   # before the lines it names
             self._journal.flush()
-            self._journaled = self.origin
+            self._journaled = self.delivered.origin
         self._file.write(text)
         self._file.flush()
 
     def process_records(self, batch: Batch) -> list[Record]:
         assert self._file is not None or self._parts is not None, "setup() opens the output"
-        fresh = self.fresh(batch)
+        fresh = self.delivered.fresh(batch)
         written = self._write_parquet(fresh) if self._parts is not None else self._write_json(fresh)
         self.commit(written, fresh)
         self._tick(len(written))
@@ -487,7 +434,7 @@ class Consumer(Stage):
             return
         self._file.flush()
         os.fsync(self._file.fileno())
-        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "origins": self.seen.state(),
+        save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "origins": self.delivered.state(),
                                      "count": self.count, "labels": self.labels})
         if self._journal is not None:    # the lines it named are covered by the state now
             self._journal.seek(0)
@@ -501,7 +448,7 @@ class Consumer(Stage):
         assert self._parts is not None
         self._parts.seal()
         save_state(self.state_path, {"path": str(self.path), "format": "parquet", "parts": self._parts.next,
-                                     "origins": self.seen.state(), "count": self.count, "labels": self.labels})
+                                     "origins": self.delivered.state(), "count": self.count, "labels": self.labels})
         self._parts.drop_stale()
         self._saved_at = time.monotonic()
 
@@ -519,11 +466,8 @@ class Consumer(Stage):
             self._journal = None
 
     def stats(self) -> dict[str, Any]:
-        stats = {"written": self.count, "rate": round(self._rate, 1), "duplicates_dropped": self.duplicates,
-                 "dedup_holes": self.seen.holes, "dedup_origins": len(self.seen.sets),
-                 "not_deduplicated": self.undeduplicated, "labels": dict(sorted(self.labels.items()))}
-        if self.below_watermark:
-            stats["ids_below_watermark"] = self.below_watermark
+        stats = {"written": self.count, "rate": round(self._rate, 1), **self.delivered.stats(),
+                 "labels": dict(sorted(self.labels.items()))}
         return stats
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streampipe.stages.api import Stage, as_stage, kind_of
+from streampipe.stages.api import Stage, as_stage, is_exact_sink, kind_of
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ BUILTINS: dict[str, Builtin] = {
     "trainer": Builtin("streampipe.stages.trainer:Trainer"),
     "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
+    "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
 }
 
 
@@ -71,4 +72,9 @@ def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = No
         if options:
             raise TypeError(f"{type_} is a function: it takes no options (got {', '.join(options)})")
         return as_stage(target)
-    return as_stage(target(**options))
+    stage = target(**options)
+    if is_exact_sink(stage):             # the sink API: its store holds each record once
+        from streampipe.stages.delivery import ExactSink   # numpy: not for the CLI, which reads BUILTINS
+
+        return ExactSink(stage)
+    return as_stage(stage)

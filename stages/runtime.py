@@ -57,7 +57,7 @@ from loguru import logger
 
 from streampipe._rotating import watch_stdio
 from streampipe.stages import network, wire
-from streampipe.stages.ackpoints import AckPoints
+from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
 from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
 from streampipe.stages.process import Processor
@@ -65,7 +65,6 @@ from streampipe.stages.registry import load_stage
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
 
-KEEP_SENDER_EPOCHS = 4         # the batches taken from a sender's last 4 lives (each restart is a new epoch)
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
 RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
 IDLE_WAIT_MS = 2                # a source that yielded None is asked again after this
@@ -73,7 +72,6 @@ ACK_FLUSH_EVERY = 16            # acks sent after this many batches, not only on
 SOURCE_BATCHES_PER_TICK = 8     # batches a busy source makes between two looks at its sockets
 MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/heartbeats again
 ZERO_COPY_BYTES = 64 << 10      # a message at least this big is sent with copy=False (below it costs more)
-DRAIN_IDLE_S = 0.2              # on stop, input silent this long = drained
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
 STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
@@ -214,6 +212,10 @@ class Link:
         self.reach = network.Reach(self.sock)
         self.sock.connect(network.connect_from(endpoint, rt.spec.bind_host))
         self.outq: deque[OutBatch] = deque()
+        # a replica that is draining (a graceful stop): nothing more goes to it, not even a resend,
+        # and a FENCE tells it so; what waits for it stays in outq until it is replaced
+        self.fenced = False
+        self.fence_due = False
 
     def close(self, linger: int) -> None:
         self.reach.close()
@@ -257,6 +259,22 @@ class Edge:
         self.eos_from: set[str] = set()
         self.connect(spec.endpoints)
 
+    def fence(self, endpoint: str, on: bool) -> None:
+        """Send nothing more to the replica at ``endpoint`` (it drains to stop), or again (it exited)."""
+        link = self.links.get(endpoint)
+        if link is not None:
+            link.fenced = link.fence_due = on
+
+    def _send_fence(self, link: Link) -> None:
+        """The FENCE after the last batch sent to ``link`` (one socket per replica: it arrives after them)."""
+        header = {"src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name, "ep": self.rt.epoch,
+                  "seq": self.seq, "ack": self.ack_endpoint}
+        try:
+            link.sock.send_multipart(wire.fence_frames(header), flags=zmq.NOBLOCK)
+            link.fence_due = False
+        except zmq.Again:
+            pass    # its queue is full: the next send() tries again
+
     def connect(self, endpoints: list[str]) -> None:
         """Connect to the replicas at ``endpoints`` and drop the others. Batches waiting for or
         in flight to a dropped one are given to the others."""
@@ -288,14 +306,15 @@ class Edge:
 
     @property
     def queued(self) -> bool:
-        """Whether a batch waits to be sent (new, or a resend for its replica)."""
-        return bool(self.outq) or any(link.outq for link in self.links.values())
+        """Whether a batch waits to be sent (new, or a resend for its replica), or a FENCE."""
+        return bool(self.outq) or any(link.outq or link.fence_due for link in self.links.values())
 
     def waiting_socks(self) -> list[zmq.Socket[bytes]]:
-        """The sockets a blocked sender waits on to become writable."""
+        """The sockets a blocked sender waits on to become writable (a fenced replica's is not waited on)."""
+        open_links = [link for link in self.links.values() if not link.fenced]
         if self.outq:
-            return [link.sock for link in self.links.values()]
-        return [link.sock for link in self.links.values() if link.outq]
+            return [link.sock for link in open_links]
+        return [link.sock for link in open_links if link.outq]
 
     def reach_update(self, now: float) -> None:
         for link in self.links.values():
@@ -390,6 +409,10 @@ class Edge:
         with batches still waiting."""
         done = True
         for link in self.links.values():          # resends first, each to its own replica
+            if link.fenced:
+                if link.fence_due:
+                    self._send_fence(link)
+                continue
             while link.outq:
                 if not self._send_to(link, link.outq[0], now):
                     done = False
@@ -408,7 +431,7 @@ class Edge:
 
     def _choose(self, full: set[Link]) -> Link | None:
         """The replica for a new batch: the least loaded with a live connection, else the least loaded."""
-        links = [link for link in self.links.values() if link not in full]
+        links = [link for link in self.links.values() if link not in full and not link.fenced]
         if not links:
             return None
         live = [link for link in links if link.reach.up] or links
@@ -444,11 +467,24 @@ class Edge:
             self.rt.resent += 1
 
     def acked(self, seq: int, now: float) -> OutBatch | None:
+        """The batch ``seq`` is acknowledged: forget it. A copy queued for a resend (its ack was
+        only late) is taken off the queue, so a replica that replaced the one that acked it never
+        gets it (it could not tell it from a new batch)."""
         ob = self.unacked.pop(seq, None)
-        if ob is not None and ob.tries == 1:
+        if ob is None:
+            return self._unqueue(seq)
+        if ob.tries == 1:
             sample = now - ob.sent_at
             self.rtt = sample if self.rtt == 0 else 0.8 * self.rtt + 0.2 * sample
         return ob
+
+    def _unqueue(self, seq: int) -> OutBatch | None:
+        for q in (self.outq, *(link.outq for link in self.links.values())):
+            for ob in q:
+                if ob.seq == seq and ob.tries:      # sent once already: this ack is its own
+                    q.remove(ob)
+                    return ob
+        return None
 
 
 class ErrorLog:
@@ -493,6 +529,10 @@ class StageRuntime:
         self.columnar_source = self.source and columnar_source(stage)
         self.ctx = zmq.Context()
         self.stopping = False
+        # a graceful stop (the supervisor's ``stop``): the senders whose FENCE (nothing more
+        # follows) is awaited before the input is complete; None: stop taking input at once
+        self.drain_from: set[str] | None = None
+        self.fenced_by: set[str] = set()
         self.finished = False                     # a source's stream ended
         self.records_in = self.records_out = self.errors = self.dead = self.resent = 0
         self.copies_dropped = 0      # input batches that were resent copies of ones taken already
@@ -625,7 +665,7 @@ class StageRuntime:
         if self.source and not self.finished:
             gen = self.stage.generate_columns() if self.columnar_source else self.stage.generate()  # type: ignore[attr-defined]
         next_hb = next_resend = next_save = 0.0
-        drain_quiet_since: float | None = None
+        taking = self.inp is not None             # the input is registered with the poller
         deadline = float("inf")
         eos_sent_at = 0.0
         eos_started: float | None = None
@@ -646,9 +686,12 @@ class StageRuntime:
             self.flush_acks()
 
             # end of the stream or stop: decide whether we are done
+            if taking and not self.taking_input():
+                assert self.inp is not None
+                poller.unregister(self.inp)       # what is still queued there was never taken: it is resent
+                taking = False
             if (self.finished or self.stopping) and gen is None:
-                quiet = self.inp is None or (drain_quiet_since is not None and now - drain_quiet_since >= DRAIN_IDLE_S)
-                if quiet:
+                if not taking:
                     if self.source and any(e.pending_n for e in self.edges):
                         self.cut_source_batches()
                     for edge in self.edges:
@@ -664,9 +707,10 @@ class StageRuntime:
                             eos_sent_at = now
                         if now - eos_started > EOS_WAIT_S:
                             break
-                    elif settled or now >= deadline:
+                    elif settled:
                         break
                 if now >= deadline:
+                    self.undrained()
                     break
 
             if now >= next_hb:
@@ -712,12 +756,28 @@ class StageRuntime:
             if self.ackp in events:
                 self.read_acks()
             now = time.monotonic()
-            if self.inp is not None and self.inp in events and not self.blocked:
+            if taking and self.inp in events and not self.blocked:
                 self.read_input(now)
-                drain_quiet_since = None
-            elif drain_quiet_since is None:
-                drain_quiet_since = now
         return EXIT_OK
+
+    def taking_input(self) -> bool:
+        """Whether input batches are still taken: until the stop, and while stopping until every
+        sender named by the supervisor has sent its FENCE (nothing more follows it). Knowledge,
+        not quiet: a steady stream is never idle, and every batch taken is finished and
+        acknowledged before the replica exits, so upstream resends nothing it had."""
+        if self.inp is None:
+            return False
+        if not self.stopping:
+            return True
+        return self.drain_from is not None and not self.drain_from <= self.fenced_by
+
+    def undrained(self) -> None:
+        """The stop deadline passed before the replica drained: say what is left (it is resent)."""
+        unacked = sum(len(e.unacked) + len(e.outq) for e in self.edges)
+        missing = sorted((self.drain_from or set()) - self.fenced_by)
+        logger.warning(f"stop_grace ran out before the drain ended: {unacked} batches not acknowledged downstream, "
+                       f"{len(missing)} senders not fenced{': ' + ', '.join(missing) if missing else ''}; "
+                       "what was not acknowledged is sent again and may be processed twice")
 
     def poll_timeout(self, now: float, source_idle: bool, next_hb: float) -> int:
         if self.source and not source_idle and not self.blocked and not (self.finished or self.stopping):
@@ -769,7 +829,10 @@ class StageRuntime:
         if peers is not None and header.get("ack"):
             self.learn_sender(header["ack"])
         if records is None:
-            self.on_eos(header)
+            if header["k"] == wire.FENCE:
+                self.fenced_by.add(header["ack"])
+            else:
+                self.on_eos(header)
             return
         token = InToken(header) if header.get("ack") else None
         if token is not None and self.copy_of_seen(token, header):
@@ -1080,6 +1143,8 @@ class StageRuntime:
         lo = header.get("lo")
         if lo is not None:
             seen.close_below(lo)
+            if self.ackpoints is not None:
+                self.ackpoints.close_below(sender, lo)
         if token.seq in seen:
             self.copies_dropped += 1
             if (token.ack, token.edge, token.ep, token.seq) not in self.in_progress:
@@ -1183,7 +1248,7 @@ class StageRuntime:
             return
         state, tokens = ready
         t0 = time.monotonic()
-        save_state(self.state_path, {"state": state, "completed": False, "acked": self.ackpoints.keys(tokens)})
+        save_state(self.state_path, {"state": state, "completed": False, "acked": self.ackpoints.keys()})
         self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
         self.committed = state
         for token in tokens:
@@ -1237,9 +1302,16 @@ class StageRuntime:
             op = msg["op"]
             if op == "stop":
                 self.stopping = True
+                if "senders" in msg:
+                    self.drain_from = set(msg["senders"])
+            elif op == "fence":
+                edge = self.edges_by_name.get(msg["edge"])
+                if edge is not None:
+                    edge.fence(msg["endpoint"], msg["on"])
             elif op == "connect":
                 edge = self.edges_by_name.get(msg.get("edge", ""))
                 if edge is not None:
+                    self.read_acks()      # acks a replica sent before it left, before its batches are re-dealt
                     edge.connect(list(msg.get("endpoints", [])))
             elif op == "peers":
                 self.set_ack_peers(msg.get("acks", []))

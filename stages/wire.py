@@ -12,6 +12,8 @@ Data plane (PUSH -> PULL, one connection per pipeline edge):
                                bytes (kind one of WIRE_DTYPES, ``n * width`` values), or for kind
                                "msgpack" a msgpack list of ``n`` values (ext type 1 = MISSING)
     EOS    [header]            header = {"k": "eos", "src", "r", "e", "ep", "seq", "ack"}
+    FENCE  [header]            header = {"k": "f", "src", "r", "e", "ep", "seq", "ack"}: the sender sends
+                               nothing more to this replica (a graceful stop drains up to it)
 
     src/r  sending stage and replica      e    edge name ("<output>><dest stage>")
     ep     sender incarnation (random)    seq  per-edge sequence number
@@ -29,7 +31,9 @@ Ack plane (receiver PUSH -> sender's PULL at ``ack``):
 Stage <-> supervisor (DEALER -> ROUTER at ``<run dir>/sock/stages``), msgpack maps with "op":
 
     stage -> supervisor   hello, ready, hb (counters), completed, error, bye
-    supervisor -> stage   connect (an output's endpoint list changed), stop
+    supervisor -> stage   connect (an output's endpoint list changed), peers, fence (send nothing more to
+                          one replica of an output: it is draining), stop (with ``senders``: the ack
+                          addresses whose FENCE to wait for before the input is complete)
 
 CLI <-> supervisor (REQ -> ROUTER at ``<run dir>/sock/control``): {"cmd": name, **args}
 answered by {"ok": bool, ...}.
@@ -56,6 +60,7 @@ from streampipe.stages.columns import MISSING, WIRE_DTYPES, Column, Columns
 
 DATA = b"d"
 EOS = "eos"
+FENCE = "f"
 ACK = "a"
 EOS_ACK = "ea"
 
@@ -151,6 +156,11 @@ def eos_frames(header: dict[str, Any]) -> list[bytes]:
     return [_packb({**header, "k": EOS})]
 
 
+def fence_frames(header: dict[str, Any]) -> list[bytes]:
+    """The single frame of a FENCE message: nothing follows it from this sender."""
+    return [_packb({**header, "k": FENCE})]
+
+
 class Malformed(ValueError):
     """A message that is not a streampipe message: the reader counts it, logs it rate-limited, drops it."""
 
@@ -176,9 +186,10 @@ STAGE_OPS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 # supervisor -> stage
 SUPERVISOR_OPS: dict[str, dict[str, tuple[type, ...]]] = {
-    "stop": {}, "connect": {"edge": (str,), "endpoints": (list,)}, "peers": {"acks": (list,)},
+    "stop": {"senders": (list,)}, "connect": {"edge": (str,), "endpoints": (list,)}, "peers": {"acks": (list,)},
+    "fence": {"edge": (str,), "endpoint": (str,), "on": (bool,)},
 }
-_LISTS_OF = {"s": int, "latency_buckets": int, "endpoints": str, "acks": str}   # what a list field holds
+_LISTS_OF = {"s": int, "latency_buckets": int, "endpoints": str, "acks": str, "senders": str}   # what a list field holds
 
 
 def _check(msg: dict[Any, Any], fields: dict[str, tuple[type, ...]], what: str, required: bool) -> None:
@@ -212,7 +223,7 @@ def _decode(data: bytes, what: str) -> Any:
 def read_message(frames: list[bytes], peers: Container[str], acked: bool
                  ) -> tuple[dict[str, Any], list[dict[str, Any]] | Columns | None]:
     """Check and split a received data-plane message into (header, payload): a list of records,
-    :class:`Columns` for a columnar batch, None for EOS.
+    :class:`Columns` for a columnar batch, None for EOS and FENCE (``header["k"]`` tells which).
 
     ``peers`` are the ack endpoints of the stage replicas that feed this one: a header naming
     another address is refused (a receiver opens sockets only towards its known senders). With
@@ -224,10 +235,11 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool
     if type(header) is not dict:
         raise Malformed(f"header is a {type(header).__name__}, not a map")
     kind = header.get("k")
-    if kind == EOS:
-        _check(header, EOS_HEADER, "end-of-stream header", True)
+    if kind in (EOS, FENCE):
+        what = "end-of-stream" if kind == EOS else "fence"
+        _check(header, EOS_HEADER, f"{what} header", True)
         if len(frames) != 1:
-            raise Malformed(f"end-of-stream message has {len(frames)} frames, expected 1")
+            raise Malformed(f"{what} message has {len(frames)} frames, expected 1")
     elif kind == "d":
         _check(header, DATA_HEADER, "header", True)
         _check(header, STAMP, "header", False)
@@ -235,13 +247,13 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool
         if len(frames) != want:
             raise Malformed(f"data message has {len(frames)} frames, expected {want}")
     else:
-        raise Malformed(f"header kind {kind!r} is not 'd' or 'eos'")
+        raise Malformed(f"header kind {kind!r} is not 'd', 'eos' or 'f'")
     ack = header["ack"]
-    if (acked or kind == EOS) and ack not in peers:
+    if (acked or kind != "d") and ack not in peers:
         raise Malformed(f"ack address {str(ack)[:120]!r} is not one of a stage feeding this one")
     if not acked and kind == "d" and ack is not None:
         raise Malformed("an ack address in an at-most-once pipeline")
-    if kind == EOS:
+    if kind != "d":
         return header, None
     if "c" in header:
         return header, read_columns(header["c"], header["n"], frames[1:])

@@ -72,5 +72,41 @@ def test_restored_batches_are_recognised_and_other_senders_are_not() -> None:
     ap.cut(0.0, lambda: {})
     _, tokens = ap.ready()
     after_crash = AckPoints(min_interval=0.0)
-    after_crash.restore(ap.keys(tokens))
+    after_crash.restore(ap.keys())
     assert after_crash.applied(Token(7)) and not after_crash.applied(Token(8)) and not after_crash.applied(Token(7, ep=2))
+
+
+def test_the_saved_batches_survive_later_saves_and_crashes_until_their_sender_has_the_acks() -> None:
+    """The defect this replaced: a restarted process knew the restored batches in memory only, its
+    next save listed only its own, and a resend after the next crash was counted again."""
+    first = AckPoints(min_interval=0.0)
+    t7 = Token(7)
+    first.processed(t7)
+    first.due(t7)
+    first.cut(0.0, lambda: {"n": 1})
+    first.ready()
+    second = AckPoints(min_interval=0.0)           # crashed before t7's ack left
+    second.restore(first.keys())
+    t8 = Token(8)
+    second.processed(t8)
+    second.due(t8)
+    second.cut(0.0, lambda: {"n": 2})
+    second.ready()
+    third = AckPoints(min_interval=0.0)            # crashed again: both are still known
+    third.restore(second.keys())
+    assert third.applied(Token(7)) and third.applied(Token(8)) and not third.applied(Token(9))
+    third.close_below(("ipc://a", "default>next", 1), 8)     # the sender has the ack of 7
+    assert not third.applied(Token(7)) and third.applied(Token(8))
+    assert third.keys() == [["ipc://a", "default>next", 1, 8]]
+
+
+def test_a_snapshot_is_copied_when_it_is_cut() -> None:
+    ap = AckPoints(min_interval=0.0)
+    counts = {"a": 1}
+    t = Token(1)
+    ap.processed(t)
+    ap.cut(0.0, lambda: {"counts": counts})       # a stage returning its live dict
+    counts["a"] = 99                              # a later batch, not acknowledged yet
+    ap.due(t)
+    state, _ = ap.ready()
+    assert state == {"counts": {"a": 1}}
