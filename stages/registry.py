@@ -74,7 +74,7 @@ def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = No
         return as_stage(target)
     stage = target(**options)
     if is_exact_sink(stage):             # the sink API: its store holds each record once
-        from streampipe.stages.delivery import ExactSink   # numpy: not for the CLI, which reads BUILTINS
+        from streampipe.stages.delivery import ExactSink  # numpy: not for the CLI, which reads BUILTINS
 
         return ExactSink(stage)
     return as_stage(stage)

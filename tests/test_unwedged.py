@@ -172,12 +172,6 @@ COUNTER = textwrap.dedent("""
 """)
 
 
-# slow: out of CI while a defect is open. It miscounts in about 1 run in 4 to 5, both ways:
-# 12,021 and 12,041 (a batch resent to the restarted counter that the killed one had counted and
-# saved), and 11,979, 11,942 and one run stuck below 12,000 for 100 s (an acknowledged batch whose
-# count the restored state lacks). Seen alone (1 of 4) and more often with a second copy running.
-# The over-count is the documented "state is at-least-once" on resends; the under-count is a bug in
-# the stateful transform's recovery, not found yet. Run by hand: pytest -m slow -k transform_killed
 def sizes(files: list[Path]) -> list[int]:
     """The sizes of ``files`` still there: the stages write on while the test looks, and a rotation
     may delete the oldest between the listing and its stat (a CI run once failed on that)."""
@@ -190,7 +184,6 @@ def sizes(files: list[Path]) -> list[int]:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_transform_killed_restores_the_state_it_acknowledged(pipeline, tmp_path: Path) -> None:
     (tmp_path / "counting.py").write_text(COUNTER)
@@ -216,9 +209,9 @@ def test_a_transform_killed_restores_the_state_it_acknowledged(pipeline, tmp_pat
     # not in it: each record is counted once, across three SIGKILLs. The last resends come after
     # ack_timeout (10 s), then 20 s if that one reached the counter while it restarted: the sink
     # may have every record (the killed counter sent them on) well before the count is complete.
-    n = wait_for(lambda: p.row("counter")["stats"].get("n") == total and total, timeout=100,
-                 what=f"the count to reach {total} (it is {p.row('counter')['stats'].get('n')})")
-    assert n == total
+    wait_for(lambda: p.row("counter")["stats"].get("n", 0) >= total, timeout=100, what=f"the count to reach {total}")
+    n = p.row("counter")["stats"].get("n")     # read when the check is made, not when the wait began
+    assert n == total, f"the counter counted {n} records, not {total}"
 
 
 @pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
