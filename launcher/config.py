@@ -18,6 +18,7 @@ its traceback.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import subprocess
@@ -239,6 +240,25 @@ def _line_index(node: yaml.Node, path: tuple[Any, ...] = (), index: dict[tuple[A
     return index
 
 
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, where: tuple[str, ...] = ()) -> None:
+    """A key twice in one mapping (two stages named ``b``): YAML keeps the last one silently; we refuse."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            line = key.start_mark.line + 1
+            if name is not None and name in first:
+                field = ".".join((*where, str(name)))
+                raise ConfigError(f"duplicate key {name!r}: first at line {first[name]}, again at line {line} "
+                                  "(YAML would keep only the last)", file=path, line=line, field=field)
+            if name is not None:
+                first[name] = line
+            _refuse_duplicate_keys(value, path, (*where, str(name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, (*where[:-1], f"{where[-1]}[{i}]") if where else (f"[{i}]",))
+
+
 def _line_of(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
     for n in range(len(loc), -1, -1):
         if loc[:n] in index:
@@ -270,6 +290,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
         raise ConfigError(f"invalid YAML: {exc.problem}{context}", file=path, line=line) from None
     if not isinstance(data, dict) or node is None:
         raise ConfigError("the file must be a mapping with a 'stages:' key", file=path, line=1)
+    _refuse_duplicate_keys(node, path)
     index = _line_index(node)
     if "path" in data:
         raise ConfigError("unknown key", file=path, line=index.get(("path",)), field="path")
@@ -383,6 +404,16 @@ def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
             raise ConfigError(found["problem"], file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
         if found.get("kind") == "source" and stage.inputs:
             _source_with_inputs(cfg, name, index)
+        for i, ref in enumerate(stage.inputs):    # an output nobody sends to would read nothing, silently
+            src, _, output = ref.partition(".")
+            outputs = report.get(src, {}).get("outputs")
+            if output and outputs is not None and output not in outputs:
+                close = difflib.get_close_matches(output, outputs, n=1)
+                hint = f" (did you mean {src}.{close[0]}?)" if close else ""
+                declare = ("a function has only the default output" if report[src].get("kind") == "function"
+                           else f"a class declares its named outputs: outputs = ({output!r},)")
+                raise ConfigError(f"stage {src!r} has no output {output!r}{hint}: its outputs are {', '.join(outputs)}; {declare}",
+                                  file=cfg.path, line=index.get(("stages", name, "inputs", i)), field=f"stages.{name}.inputs[{i}]")
         for key, message in found.get("options", []):
             loc = ("stages", name, "options") + ((key,) if key is not None else ())
             raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=_field(loc))

@@ -55,7 +55,7 @@ from streampipe.monitor.policy import RestartPolicy, describe_exit
 from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
-from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
 from streampipe.stages.state import load_replica_state, read_layout
 
 if TYPE_CHECKING:
@@ -451,6 +451,7 @@ class Supervisor:
         if self.stopping or rep.pid is not None:
             return   # stopping, or already running (a restart racing the start-up)
         spec = self.spec_for(rep)
+        spec.last_exit = rep.kill_reason or rep.last_exit    # a record in hand at that death is a suspect (stages.poison)
         stderr = self.rd.logs / f"{rep.ident}.stderr"
         module = target_of(rep.cfg.type).partition(":")[0]
         t0 = time.monotonic()
@@ -981,6 +982,8 @@ class Supervisor:
         assert self.events is not None
         self.events.emit(event, rep.stage, rep.index, rep.pid, reason=reason)
         rep.last_error = reason
+        if event == "hung":      # its Python stack to its .stderr first (faulthandler): `streampipe logs` shows where
+            self.signal_replica(rep, DUMP_STACK_SIGNAL)
         # no stage lock: a kill never starts anything, and a hung replica must not wait for a rolling restart
         self.own(self.stop_replica(rep, grace=min(HUNG_KILL_GRACE_S, rep.cfg.stop_grace), wanted=False, reason=reason),
                  f"kill {rep.ident}", rep)

@@ -125,6 +125,7 @@ class Generator(Source):
         self.next = 0            # replay: next record id to give a line without one
         self.offset = 0          # replay: bytes read of the file
         self.line = 0            # replay: lines read of the file (for dead letters)
+        self.last_id: int | None = None   # replay: the file's own last id (they must increase)
         self.emitted = 0
         concept = np.random.default_rng([self.seed, 1 << 30])
         self.offsets = concept.normal(0, 5, self.features)
@@ -241,6 +242,14 @@ class Generator(Source):
                         continue
                     if record is None:
                         continue
+                    own = record.get("id")
+                    if type(own) is int and self.last_id is not None and own <= self.last_id:
+                        self.reject(record, f"{path.name}:{self.line}: id {own} repeats or goes back (after {self.last_id}): "
+                                            "the ids of a replayed file must increase, or a sink takes this row for a duplicate")
+                        yield None
+                        continue
+                    if type(own) is int:
+                        self.last_id = own
                     record.setdefault("id", self.next)
                     record.setdefault("t", time.time())
                     self.next += 1
@@ -250,6 +259,7 @@ class Generator(Source):
             if not self.loop:
                 return
             self.offset = self.line = 0
+            self.last_id = None               # a pass of a looped file may give its ids again
             yield None                        # an empty file must not spin without a beat
 
     def generate(self) -> Iterator[Record | None]:
@@ -291,7 +301,7 @@ class Generator(Source):
 
     def snapshot(self) -> dict[str, Any]:
         if self.file:
-            return {"next": self.next, "offset": self.offset, "line": self.line}
+            return {"next": self.next, "offset": self.offset, "line": self.line, "last_id": self.last_id}
         left = segments.after(self.segments, self.last) if self.segments is not None else None
         return {} if left is None else {"segments": left}
 
@@ -299,6 +309,8 @@ class Generator(Source):
         self.next = int(state.get("next", 0))
         self.offset = int(state.get("offset", 0))
         self.line = int(state.get("line", 0))
+        last = state.get("last_id")
+        self.last_id = last if type(last) is int else None
         self.segments = _own_segments(state, self.context.replica, self.context.replicas)
         self.last = None
 

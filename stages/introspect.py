@@ -5,7 +5,7 @@ supervisor (import side effects, threads, seconds of start-up), so the superviso
 module as a short-lived child, ``python -m streampipe.stages.introspect``, and exchanges JSON::
 
     stdin   {"config_dir": "/abs/dir", "stages": {"gen": {"type": "generator", "options": {...}}, ...}}
-    stdout  {"gen": {"kind": "source", "options": [["cout", "unknown option ..."], ...]},
+    stdout  {"gen": {"kind": "source", "outputs": ["default"], "options": [["cout", "unknown option ..."], ...]},
              "sink": {"kind": null, "problem": "class Sink has neither process(batch) nor generate() ..."},
              "enrich": {"kind": null, "skipped": "ImportError: ..."}, ...}
 
@@ -59,7 +59,14 @@ def describe(type_: str, config_dir: Path) -> tuple[Any, dict[str, Any]]:
         kind = kind_of(target)
     except TypeError as exc:
         return None, {"kind": None, "problem": str(exc)}
-    return target, {"kind": kind}
+    return target, {"kind": kind, "outputs": outputs_of(target, kind)}
+
+
+def outputs_of(target: Any, kind: str) -> list[str]:
+    """The outputs a stage can send to: ``default`` and, for a class, the names in its ``outputs``."""
+    declared = getattr(target, "outputs", ()) if kind != "function" else ()
+    names = [str(n) for n in declared] if isinstance(declared, (tuple, list)) else []
+    return ["default", *(n for n in names if n != "default")]
 
 
 def option_errors(target: Any, options: dict[str, Any]) -> list[tuple[str | None, str]]:

@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,27 @@ class Processor:
         if isinstance(batch, Columns):
             return self._run_columns(batch)
         return self._run(batch)
+
+    def run_alone(self, batch: Batch | Columns, culprit: Callable[[int], str | None],
+                  begin: Callable[[int], None]) -> Outcome:
+        """``batch`` one record at a time (a batch that was in hand when the process died,
+        :mod:`streampipe.stages.poison`): ``culprit(i)`` names why record ``i`` is dead-lettered
+        unprocessed, or None; ``begin(i)`` is called before record ``i`` is processed."""
+        rows = batch.to_records() if isinstance(batch, Columns) else batch
+        outcome = Outcome()
+        parts: list[list[Record] | Columns] = []
+        for i, record in enumerate(rows):
+            why = culprit(i)
+            if why is not None:
+                outcome.rejected.append((record, why, ""))
+                continue
+            begin(i)
+            one = self.run([record])
+            parts.append(one.records)
+            outcome.rejected.extend(one.rejected)
+            outcome.exceptions.extend(one.exceptions)
+        outcome.records = _joined(parts)
+        return outcome
 
     def _run_columns_of(self, batch: Batch) -> Outcome:
         """A list of records for a columnar stage: the maps as columns, anything else rejected."""

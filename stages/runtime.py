@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -60,9 +61,10 @@ from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
 from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
+from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_stage
-from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
 from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
 
 HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
@@ -560,6 +562,9 @@ class StageRuntime:
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
         self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
                                         spec.file_max_bytes, spec.log_retention)
+        # the input batch in hand, noted so that a record that kills the process is isolated
+        self.journal = (Journal(self.state_path.with_suffix(".inflight"), spec.last_exit)
+                        if self.acked and spec.input and spec.control else None)
         self.processor = Processor(stage)
         # route() is called per record only when a named output is actually consumed
         self.routes = getattr(stage.route, "__func__", None) is not Stage.route and any(e.output != "default" for e in spec.edges)
@@ -849,13 +854,20 @@ class StageRuntime:
             self.on_origin(*stamp)
         self.records_in += len(records)
         t0 = time.perf_counter()
-        outcome = self.processor.run(records)
+        if token is None or self.journal is None:
+            outcome = self.processor.run(records)
+        else:                  # noted first: a record that kills the process is found (stages.poison)
+            key = (token.ack, token.edge, token.ep, token.seq)
+            if self.journal.is_suspect(key):
+                outcome = self.processor.run_alone(records, lambda i: self.journal.culprit(key, i),  # type: ignore[union-attr]
+                                                   lambda i: self.journal.begin(key, i))        # type: ignore[union-attr]
+            else:
+                self.journal.begin(key)
+                outcome = self.processor.run(records)
+            self.journal.end(key)
         self.observe_latency((time.perf_counter() - t0) * 1000.0)
         for record, error, tb in outcome.rejected:
-            self.errors += 1
-            self.dead += 1
-            self.last_error = error
-            self.dead_letters.write(record, error, tb)
+            self.reject(record, error, tb)
         if outcome.rejected:
             self.error_log.report(outcome)
         self.emit(outcome.records, token, stamp)
@@ -878,12 +890,16 @@ class StageRuntime:
             good.append(record)
         return good
 
-    def reject_output(self, record: Any, reason: str) -> None:
-        """An output record that cannot be sent: counted and dead-lettered."""
+    def reject(self, record: Any, error: str, tb: str = "") -> None:
+        """The one way a record goes to the dead-letter file: counted, and the stage's last error."""
         self.errors += 1
         self.dead += 1
-        self.last_error = f"unsendable output: {reason}"
-        self.dead_letters.write(repr(record)[:2000], self.last_error)
+        self.last_error = error
+        self.dead_letters.write(record, error, tb)
+
+    def reject_output(self, record: Any, reason: str) -> None:
+        """An output record that cannot be sent: counted and dead-lettered."""
+        self.reject(repr(record)[:2000], f"unsendable output: {reason}")
 
     def observe_latency(self, ms: float) -> None:
         self.batches += 1
@@ -920,10 +936,7 @@ class StageRuntime:
             try:
                 output = route(r)
             except Exception as exc:   # a broken route() costs its record, not the stage
-                self.errors += 1
-                self.dead += 1
-                self.last_error = f"route() failed: {type(exc).__name__}: {exc}"
-                self.dead_letters.write(r, self.last_error, traceback.format_exc())
+                self.reject(r, f"route() failed: {type(exc).__name__}: {exc}", traceback.format_exc())
                 continue
             groups.setdefault(output, []).append(r)
         return groups
@@ -935,11 +948,9 @@ class StageRuntime:
             if names.shape != (len(batch),):
                 raise ValueError(f"returned {names.shape[0] if names.ndim else 'no'} names for {len(batch)} rows")
         except Exception as exc:     # as a broken route(): the batch goes nowhere, its rows are dead-lettered
-            self.last_error = f"route_columns() failed: {type(exc).__name__}: {exc}"
+            error, tb = f"route_columns() failed: {type(exc).__name__}: {exc}", traceback.format_exc()
             for r in batch.to_records():
-                self.errors += 1
-                self.dead += 1
-                self.dead_letters.write(r, self.last_error, traceback.format_exc())
+                self.reject(r, error, tb)
             return {}
         outputs = np.unique(names).tolist()
         if len(outputs) == 1:
@@ -971,10 +982,7 @@ class StageRuntime:
             taken = self.check_ids(taken)
         rejected = self.stage.take_rejected()
         for record, error, tb in rejected:   # lines a replay could not parse
-            self.errors += 1
-            self.dead += 1
-            self.last_error = error
-            self.dead_letters.write(record, error, tb)
+            self.reject(record, error, tb)
         if taken:
             self.observe_latency((time.perf_counter() - t0) * 1000.0)
             self.records_in += len(taken)
@@ -1072,12 +1080,8 @@ class StageRuntime:
                                    f"{self.origin} stays at {self.watermark}; the sink keeps its ids exactly from now on")
                 self.out_of_order += 1
                 if self.watermark is not None and i < self.watermark:
-                    self.errors += 1
-                    self.dead += 1
-                    self.last_error = (f"id {i} is below watermark {self.watermark} that this source replica already "
-                                       "announced (ids must increase per source replica): a sink would take it "
-                                       "for a duplicate")
-                    self.dead_letters.write(r, self.last_error)
+                    self.reject(r, f"id {i} is below watermark {self.watermark} that this source replica already "
+                                   "announced (ids must increase per source replica): a sink would take it for a duplicate")
                     continue
             elif type(i) is int:
                 self.id_top = i + 1
@@ -1386,6 +1390,8 @@ class StageRuntime:
 
     def close(self) -> None:
         self.processor.close()
+        if self.journal is not None:
+            self.journal.close()
         self.dead_letters.close()
         if self.resolver is not None:
             self.resolver.stop()
@@ -1513,6 +1519,8 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
             rt.stopping = True
 
     signal.signal(signal.SIGTERM, on_term)
+    faulthandler.enable()                                  # a crash in C code: its stack to .stderr
+    faulthandler.register(DUMP_STACK_SIGNAL, all_threads=True)   # the supervisor's word before it kills a hung replica
     # Ctrl-C is the supervisor's to handle; a replica in the foreground drains on it
     signal.signal(signal.SIGINT, on_term if host is not None else signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

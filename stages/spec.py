@@ -7,10 +7,12 @@ server's pipe (fork-server start). Plain data only.
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ENV_VAR = "STREAMPIPE_SPEC"
+DUMP_STACK_SIGNAL = signal.SIGUSR2   # a stage writes its Python stack to its .stderr on it (faulthandler)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StageSpec:
     resolve_interval: float = 5.0
     curve_keys: str | None = None      # the key folder: CURVE on every tcp socket
     heartbeat_timeout: float = 10.0    # an edge without a receiver this long is unreachable
+    last_exit: str = ""                # how the previous process of this replica ended (a poison record's reason)
 
     @property
     def ident(self) -> str:

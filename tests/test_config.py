@@ -136,3 +136,48 @@ def test_bad_log_rotation_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="logging.rotation") as info:
         load_config(path)
     assert info.value.line == 2
+
+
+def test_two_stages_of_one_name_are_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("  sink:\n", "  norm:\n    type: consumer\n    inputs: [gen]\n  sink:\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "services.yaml:9: stages.norm: duplicate key 'norm': first at line 6, again at line 9" in str(info.value)
+
+
+def test_an_input_naming_an_output_its_stage_never_declares_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mystages.py").write_text(textwrap.dedent("""
+        def add_sum(record):
+            return record
+
+        class Summer:
+            def process(self, batch):
+                return batch
+
+        class Splitter:
+            outputs = ("holdout",)
+            def process(self, batch):
+                return batch
+            def route(self, record):
+                return "holdout"
+    """))
+    path = tmp_path / "services.yaml"
+    base = """\
+        pipeline: t
+        stages:
+          gen: {type: generator}
+          summer: {type: "mystages:Summer", inputs: [gen]}
+          fn: {type: "mystages:add_sum", inputs: [gen]}
+          split: {type: "mystages:Splitter", inputs: [gen]}
+          sink: {type: consumer, inputs: [INPUT]}
+    """
+    for ref, needle in (("summer.holdotu", "a class declares its named outputs"),
+                        ("fn.side", "a function has only the default output"),
+                        ("split.holdotu", "did you mean split.holdout?")):
+        path.write_text(textwrap.dedent(base).replace("INPUT", ref))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert "services.yaml:7: stages.sink.inputs[0]:" in str(info.value) and needle in str(info.value), str(info.value)
+    path.write_text(textwrap.dedent(base).replace("INPUT", "split.holdout, summer, fn.default"))
+    load_config(path)

@@ -199,3 +199,13 @@ def test_replay_resumes_after_its_position_with_the_right_line_numbers(tmp_path:
     assert [r["id"] for r in first] == [1, 3] and [rec["line"] for rec, _, _ in rejected] == [3]
     _, rest, rejected = replay(path, state=g.snapshot())
     assert [r["id"] for r in rest] == [5] and [rec["line"] for rec, _, _ in rejected] == [5]
+
+
+def test_replay_dead_letters_rows_whose_own_id_repeats_or_goes_back(tmp_path: Path) -> None:
+    """Such a row would reach a sink as a duplicate and be dropped there, silently."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 2}\n{"id": 0}\n{"id": 5}\n{"v": 9}\n')
+    _, records, rejected = replay(path)
+    assert [r["id"] for r in records][:3] == [1, 2, 5]
+    assert [(rec["id"], reason.split(": ")[0]) for rec, reason, _ in rejected] == [(2, "in.jsonl:3"), (0, "in.jsonl:4")]
+    assert "repeats or goes back (after 2)" in rejected[1][1]

@@ -13,6 +13,7 @@ across SIGKILLs of every stage and of the supervisor.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import sqlite3
@@ -231,3 +232,46 @@ def test_a_sink_on_the_sink_api_holds_each_id_once_across_sigkills(pipeline, tmp
     wait_for(lambda: done(p, count, where), timeout=240, what="every record at the sink")
     ids = [r[0] for r in rows_of(p, where)]
     assert len(ids) == len(set(ids)) == count, f"{len(ids) - len(set(ids))} duplicated, {count - len(set(ids))} lost"
+
+
+POISON = '''
+import os
+import time
+
+
+class Fragile:
+    """Hangs on one record, kills its process on another."""
+    def process(self, batch):
+        for r in batch:
+            if r["id"] == 1234:
+                time.sleep(3600)          # process() never returns
+            if r["id"] == 2345:
+                os._exit(7)               # no exception to catch: the process is gone
+        return batch
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_record_that_hangs_or_kills_its_stage_is_dead_lettered_and_the_stream_goes_on(pipeline, tmp_path: Path) -> None:
+    count = 4000
+    (tmp_path / "fragile.py").write_text(POISON)
+    p = pipeline(f"""\
+        pipeline: poison
+        defaults: {{backoff_initial: 0.05, backoff_max: 0.3, max_restarts: 50, ack_timeout: 0.5}}
+        stages:
+          gen: {{type: generator, options: {{rate: 2000, count: {count}}}}}
+          fragile: {{type: "fragile:Fragile", inputs: [gen], heartbeat_timeout: 2}}
+          sink: {{type: consumer, inputs: [fragile]}}
+    """)
+    p.up()
+    want = set(range(count)) - {1234, 2345}
+    wait_for(lambda: set(p.output_ids()) >= want, timeout=200, what="every other record at the sink")
+    dead = [json.loads(line) for line in (p.run_dir / "deadletter" / "fragile.jsonl").read_text().splitlines()]
+    why = {d["record"]["id"]: d["error"] for d in dead}
+    assert set(why) == {1234, 2345}, why
+    assert "hung" in why[1234] and "died twice" in why[1234]
+    assert "exit" in why[2345] and "died twice" in why[2345]
+    assert sorted(p.output_ids()) == sorted(want)            # nothing else lost, nothing twice
+    assert p.row("fragile")["restarts"] <= 4                 # two deaths per poison record
+    stderr = (p.run_dir / "logs" / "fragile.0.stderr").read_text()
+    assert "in process" in stderr and "fragile.py" in stderr, stderr[-2000:]   # faulthandler: where it hung
