@@ -40,14 +40,17 @@ from loguru import logger
 
 from streampipe.stages import wire
 from streampipe.stages.api import Batch, Record, Stage, StageContext
+from streampipe.stages.columns import Columns
 from streampipe.stages.seen import SeenByOrigin, holdable
 
 
 class Delivered:
     """The ids a sink holds, per origin, and the origin and watermark of the batch at hand."""
 
-    def __init__(self, dedup: bool = True, seen: SeenByOrigin | None = None) -> None:
+    def __init__(self, dedup: bool = True, seen: SeenByOrigin | None = None, repeats: bool = False) -> None:
         self.dedup = dedup
+        self.repeats = repeats          # an id repeated within one batch is kept (a stage's input: one record
+                                        # may have become several upstream), not only its first
         self.seen = seen if seen is not None else SeenByOrigin()
         self.origin: str | None = None
         self.watermark: int | None = None
@@ -89,7 +92,7 @@ class Delivered:
         mask = ~seen.contains(q)
         if older:
             mask &= ~self.seen.older_written_mask(self.origin, q)
-        if len(q) > 1:
+        if len(q) > 1 and not self.repeats:
             once = np.zeros(len(q), bool)
             once[np.unique(q, return_index=True)[1]] = True     # the first of each id in the batch
             mask &= once
@@ -113,6 +116,21 @@ class Delivered:
                                    "does a stage upstream change record ids? dedup of such ids is not exact")
                 self.below_watermark += int((ids < w).sum())
             seen.close_below(w)
+
+    def take_new(self, batch: list[Record] | Columns) -> tuple[list[Record] | Columns, np.ndarray]:
+        """The records of ``batch`` not held yet, and their holdable ids (to :meth:`commit_ids` once
+        they are handled): what a stateful stage applies, so that a record sent again by a
+        restarted upstream stage is not counted twice."""
+        if isinstance(batch, Columns):
+            ids = batch.data.get("id")
+            if not (isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind == "i" and len(ids)):
+                batch = batch.to_records()
+            else:
+                ids = ids.astype(np.int64, copy=False)
+                keep = self.fresh_rows(ids)
+                return (batch, ids) if keep is None else (batch.take(keep), ids[keep])
+        fresh = self.fresh(batch)
+        return fresh, Delivered.ids_of(fresh)
 
     # -- marks -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

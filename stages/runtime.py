@@ -61,9 +61,11 @@ from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
 from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
+from streampipe.stages.delivery import Delivered
 from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.registry import load_stage
+from streampipe.stages.seen import SeenByOrigin
 from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
 from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
 
@@ -556,6 +558,9 @@ class StageRuntime:
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
         self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
+        # ... and the ids it has applied, per origin, saved with it: a record sent again by a
+        # restarted upstream stage (in a batch of another sender life) is not applied twice
+        self.applied_ids = Delivered(repeats=True) if stateful else None
         self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
@@ -852,6 +857,10 @@ class StageRuntime:
         stamp = stamp_of(header)
         if self.on_origin is not None:
             self.on_origin(*stamp)
+        new_ids = None
+        if self.applied_ids is not None:     # per sending stage: a record may come by two paths, once by each
+            self.applied_ids.at(f"{header['src']}|{stamp[0]}", stamp[1])
+            records, new_ids = self.applied_ids.take_new(records)
         self.records_in += len(records)
         t0 = time.perf_counter()
         if token is None or self.journal is None:
@@ -868,6 +877,8 @@ class StageRuntime:
         self.observe_latency((time.perf_counter() - t0) * 1000.0)
         for record, error, tb in outcome.rejected:
             self.reject(record, error, tb)
+        if new_ids is not None:
+            self.applied_ids.commit_ids(new_ids)    # type: ignore[union-attr]
         if outcome.rejected:
             self.error_log.report(outcome)
         self.emit(outcome.records, token, stamp)
@@ -1246,17 +1257,23 @@ class StageRuntime:
     def save_at_ack_points(self, now: float, force: bool = False) -> None:
         """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
         assert self.ackpoints is not None
-        self.ackpoints.cut(now, self.stage.snapshot, force)
+        self.ackpoints.cut(now, self.snapshot_with_ids, force)
         ready = self.ackpoints.ready()
         if ready is None:
             return
         state, tokens = ready
         t0 = time.monotonic()
-        save_state(self.state_path, {"state": state, "completed": False, "acked": self.ackpoints.keys()})
+        save_state(self.state_path, {"state": state["state"], "ids": state["ids"], "completed": False,
+                                     "acked": self.ackpoints.keys()})
         self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
-        self.committed = state
+        self.committed = state["state"]
         for token in tokens:
             self.ack_token(token)
+
+    def snapshot_with_ids(self) -> dict[str, Any]:
+        """A stateful transform's cut: its snapshot and the ids it has applied, taken together."""
+        assert self.applied_ids is not None
+        return {"state": self.stage.snapshot(), "ids": self.applied_ids.state()}
 
     def save_state(self) -> None:
         if self.ackpoints is not None:    # on a clean stop: whatever is acknowledged by now, and its acks
@@ -1553,6 +1570,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
                 rt.restore_origin(saved)
             elif rt.ackpoints is not None:
                 rt.ackpoints.restore(saved.get("acked") or [])
+                rt.applied_ids = Delivered(seen=SeenByOrigin.from_state(saved.get("ids") or {}), repeats=True)
         rt.bind()
         stage.setup()
     except Exception as exc:

@@ -7,7 +7,8 @@ repeat nothing even at that plain sink: the replica stopped is drained (its send
 finishes and acknowledges what it took), so nothing it had is sent again. A SIGKILL of the
 stateful ``Counter`` must leave its counts exact (the saved snapshot lists the batches it holds).
 A sink on the sink API (``write(batch, marks)``) and the built-in ``sqlite`` sink hold each id once
-across SIGKILLs of every stage and of the supervisor.
+across SIGKILLs of every stage and of the supervisor, and the Counter's counts stay exact through
+them (it keeps the ids it has applied with its snapshot).
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ def test_a_sink_on_the_sink_api_holds_each_id_once_across_sigkills(pipeline, tmp
     wait_for(lambda: done(p, count, where), timeout=240, what="every record at the sink")
     ids = [r[0] for r in rows_of(p, where)]
     assert len(ids) == len(set(ids)) == count, f"{len(ids) - len(set(ids))} duplicated, {count - len(set(ids))} lost"
+    # the Counter applied each record once, whoever was killed upstream of it (it keeps the ids it applied)
+    wait_for(lambda: p.row("counter")["stats"].get("total", 0) >= count, timeout=60, what="the counter's last save")
+    assert p.row("counter")["stats"]["counts"] == expected_counts(count)
 
 
 POISON = '''
