@@ -2,7 +2,7 @@
 
 This module is the public API for stage authors, and the only one they need::
 
-    from streampipe import Stage, Source, BadRecord, Columns
+    from streampipe import Stage, Source, Sink, BadRecord, Columns
 
 Its names are listed in ``__all__`` and kept stable; :mod:`streampipe.testing` (``run_stage``,
 ``check_stage``) is public too. Everything under ``streampipe.stages``, ``streampipe.launcher``
@@ -16,9 +16,9 @@ monitor may change between releases without notice.
 [{'name': 'ADA'}]
 """
 
-from streampipe.stages.api import BadRecord, Batch, Record, Source, Stage, StageContext
+from streampipe.stages.api import BadRecord, Batch, Record, Sink, Source, Stage, StageContext
 from streampipe.stages.columns import Columns
 
 __version__ = "0.2.0"
 
-__all__ = ["BadRecord", "Batch", "Columns", "Record", "Source", "Stage", "StageContext", "__version__"]
+__all__ = ["BadRecord", "Batch", "Columns", "Record", "Sink", "Source", "Stage", "StageContext", "__version__"]
