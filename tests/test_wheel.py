@@ -24,7 +24,7 @@ import streampipe
 import streampipe.testing
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC = {"BadRecord", "Batch", "Columns", "Record", "Source", "Stage", "StageContext", "__version__"}
+PUBLIC = {"BadRecord", "Batch", "Columns", "Record", "Sink", "Source", "Stage", "StageContext", "__version__"}
 PUBLIC_TESTING = {"Run", "StageContractError", "StageReport", "check_stage", "run_stage"}
 STEP_TIMEOUT_S = 300      # one build or install on a loaded 2-core machine
 
