@@ -201,13 +201,21 @@ class Source(Stage):
         """Yield records, ``None`` when idle; return at the end of a finite stream."""
         raise NotImplementedError
 
+    def committed(self, state: dict[str, Any]) -> None:
+        """``state`` (a :meth:`snapshot` taken when a batch was cut) is acknowledged end to end:
+        every record generated before it is done downstream (written, filtered or dead-lettered).
+        A source reading a broker acknowledges its messages up to there to the broker here, and
+        so the broker redelivers only what the pipeline has not finished. Called in the stage's
+        loop, in order; a crash before it means those messages come again (and are dropped by
+        the sinks' dedup when the records keep their ids)."""
+
     def process(self, batch: Batch) -> Iterable[Record]:  # pragma: no cover - sources have no input
         raise TypeError(f"{type(self).__name__} is a source: it has no input to process")
 
 
 Kind = Literal["source", "transform", "function"]
 
-HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats")
+HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats", "committed")
 
 
 class Sink(Stage):

@@ -59,7 +59,7 @@ from loguru import logger
 from streampipe._rotating import watch_stdio
 from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
-from streampipe.stages.api import Record, Stage, StageContext, columnar_source, is_source
+from streampipe.stages.api import Record, Source, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
 from streampipe.stages.delivery import Delivered
 from streampipe.stages.poison import Journal
@@ -555,6 +555,8 @@ class StageRuntime:
         self.ordered = True                       # ids have increased so far: the watermark may rise
         self.out_of_order = 0                     # ids that did not increase
         self.on_origin = getattr(stage, "on_origin", None)
+        committed = getattr(stage, "committed", None)      # a source hears which position is done end to end
+        self.on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
         self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
@@ -1253,6 +1255,8 @@ class StageRuntime:
             self.committed = mark.state
             if mark.top is not None:
                 self.committed_top = mark.top
+            if self.on_commit is not None:
+                self.on_commit(mark.state)
 
     def save_at_ack_points(self, now: float, force: bool = False) -> None:
         """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""

@@ -21,6 +21,7 @@ import collections
 import os
 import random
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,82 @@ stages:
 """
 
 
+# the same chaos through a user's own stages: a stateful plain class (a count per key, stamped on
+# each record) and a sink on the sink API (SQLite: the records and the marks in one transaction)
+USER_STAGES = '''
+import sqlite3
+
+
+class Counter:
+    def __init__(self):
+        self.counts = {}
+
+    def process(self, batch):
+        out = []
+        for r in batch:
+            key = str(r["id"] % 7)
+            self.counts[key] = self.counts.get(key, 0) + 1
+            out.append({"id": r["id"], "key": key, "stamp": self.counts[key]})
+        return out
+
+    def snapshot(self):
+        return {"counts": self.counts}
+
+    def restore(self, state):
+        self.counts = dict(state["counts"])
+
+    def stats(self):
+        return {"counts": dict(self.counts)}
+
+
+class Rows:
+    def setup(self):
+        self.db = sqlite3.connect(self.context.run_dir / "rows.db")
+        self.db.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER, key TEXT, stamp INTEGER)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS marks (sink TEXT PRIMARY KEY, marks BLOB)")
+
+    def load_marks(self):
+        row = self.db.execute("SELECT marks FROM marks WHERE sink = 'rows'").fetchone()
+        return row[0] if row else None
+
+    def write(self, batch, marks):
+        with self.db:
+            self.db.executemany("INSERT INTO rows VALUES (?, ?, ?)", [(r["id"], r["key"], r["stamp"]) for r in batch])
+            self.db.execute("INSERT OR REPLACE INTO marks VALUES ('rows', ?)", (marks,))
+
+    def teardown(self):
+        self.db.close()
+'''
+USER_CHAOS = CHAOS.replace("""  consumer:
+    type: consumer
+    inputs: [normalizer]
+    options: {{checkpoint_s: 0.05}}
+""", """  counter:
+    type: "userstages:Counter"
+    inputs: [normalizer]
+  consumer:
+    type: "userstages:Rows"
+    inputs: [counter]
+""")
+
+
+def sqlite_ids(p: Pipeline) -> list[int]:
+    path = p.run_dir / "rows.db"
+    if not path.exists():
+        return []
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        return [i for (i,) in con.execute("SELECT id FROM rows")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
 class Chaos:
-    def __init__(self, p: Pipeline, seed: int) -> None:
+    def __init__(self, p: Pipeline, seed: int, targets: tuple[str, ...] = ("generator", "normalizer", "consumer")) -> None:
         self.p, self.rng, self.kills = p, random.Random(seed), []   # type: ignore[var-annotated]
+        self.targets = targets
 
     def victims(self, st: dict[str, Any], target: str, spare: tuple[str, int] | None) -> list[dict[str, Any]]:
         return [r for r in st["stages"] if r["name"] == target and r["pid"] and (r["name"], r["replica"]) != spare
@@ -91,16 +165,17 @@ class Chaos:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(1.0)
-            self.kill(self.rng.choice(["generator", "normalizer", "consumer", "normalizer", "consumer"]), spare)
+            self.kill(self.rng.choice([*self.targets, *self.targets[1:]]), spare)
 
 
-def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) -> dict[str, object]:
-    chaos = Chaos(p, seed)
+def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int, user: bool = False) -> dict[str, object]:
+    chaos = Chaos(p, seed, ("generator", "normalizer", "counter", "consumer") if user else ("generator", "normalizer", "consumer"))
+    output_ids = (lambda: sqlite_ids(p)) if user else p.output_ids
     started = time.monotonic()
     p.up()
-    wait_for(lambda: len(p.output_ids()) >= 100, timeout=60, what="the stream flowing")
+    wait_for(lambda: len(output_ids()) >= 100, timeout=60, what="the stream flowing")
     # 1: every stage and the supervisor, while both source replicas still flow
-    must = ["generator", "normalizer", "consumer"] * 2
+    must = list(chaos.targets) * 2
     chaos.rng.shuffle(must)
     must.insert(len(must) // 2, "supervisor")
     for target in must:
@@ -111,9 +186,9 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) 
                       timeout=120, what="generator replica 1 running")
     os.kill(paused, signal.SIGSTOP)
     try:
-        at_pause = len(p.output_ids())
+        at_pause = len(output_ids())
         chaos.random_kills(down_s, spare=("generator", 1))
-        during_pause = len(p.output_ids()) - at_pause
+        during_pause = len(output_ids()) - at_pause
         assert p.row("generator", 1)["pid"] == paused, "the paused replica was down, not replaced"
     finally:
         os.kill(paused, signal.SIGCONT)
@@ -127,15 +202,21 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int) 
     assert len(p.rows("generator")) == new_replicas
     wait_for(lambda: chaos.random_kills(1) or all(r["state"] == "completed" for r in p.rows("generator")),
              timeout=1200, interval=0, what="the source to complete under kills")
-    wait_for(lambda: len(set(p.output_ids())) >= n, timeout=300, interval=0.5, what=f"{n} distinct records at the sink")
+    wait_for(lambda: len(set(output_ids())) >= n, timeout=300, interval=0.5, what=f"{n} distinct records at the sink")
     time.sleep(1.0)   # anything still being redelivered would show up as a duplicate now
-    ids = p.output_ids()
+    ids = output_ids()
     counts = collections.Counter(ids)
     summary = {"records": n, "seconds": round(time.monotonic() - started), "replica_down_s": down_s, "arrived_while_down": during_pause,
                "source_replicas": f"2->{new_replicas}", "kills": len(chaos.kills),
                "lost": n - len(set(ids) & set(range(n))), "duplicated": sum(c - 1 for c in counts.values() if c > 1),
                "unexpected": len(set(ids) - set(range(n))),
                "killed": dict(collections.Counter(k.split(".")[0] for k in chaos.kills))}
+    if user:      # the stateful stage applied each record once, across every kill
+        want = dict(collections.Counter(str(i % 7) for i in range(n)))
+        wait_for(lambda: sum(p.row("counter")["stats"].get("counts", {}).values()) >= n, timeout=60, what="the counter's last save")
+        got = p.row("counter")["stats"]["counts"]
+        summary["state_exact"] = got == want
+        summary["state_off_by"] = sum(abs(got.get(k, 0) - v) for k, v in want.items())
     print(f"\nchaos: {summary}\nkill order: {' '.join(chaos.kills)}")
     return summary
 
@@ -146,12 +227,33 @@ def check(summary: dict[str, object]) -> None:
     assert all(killed.get(s, 0) >= 2 for s in ("generator", "normalizer", "consumer")), killed
     assert killed.get("supervisor") == 1
     assert summary["lost"] == 0 and summary["duplicated"] == 0 and summary["unexpected"] == 0, summary
+    assert summary.get("state_exact", True), summary
 
 
 def test_chaos_short(pipeline, tmp_path: Path) -> None:
     n = 30_000
     p = pipeline(CHAOS.format(n=n, rate=200, gen_replicas=2))     # 75 s a replica: still flowing in phase 3
     check(run_chaos(p, n, down_s=6, seed=1, new_replicas=3))
+
+
+def test_chaos_short_through_a_users_stateful_stage_and_sink(pipeline, tmp_path: Path) -> None:
+    n = 20_000
+    (tmp_path / "userstages.py").write_text(USER_STAGES)
+    p = pipeline(USER_CHAOS.format(n=n, rate=150, gen_replicas=2))
+    check(run_chaos(p, n, down_s=6, seed=2, new_replicas=1, user=True))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_chaos_long_through_a_users_stateful_stage_and_sink(pipeline, tmp_path: Path, seed: int) -> None:
+    """The long run with a user's stateful plain class and a sink on the sink API: 1,000,000 records."""
+    n = int(os.environ.get("STREAMPIPE_CHAOS_N", "1000000"))
+    rate = int(os.environ.get("STREAMPIPE_CHAOS_RATE", "3000"))
+    down_s = float(os.environ.get("STREAMPIPE_CHAOS_DOWN_S", "150"))
+    (tmp_path / "userstages.py").write_text(USER_STAGES)
+    p = pipeline(USER_CHAOS.format(n=n, rate=rate, gen_replicas=2))
+    check(run_chaos(p, n, down_s=down_s, seed=seed, new_replicas=3 if seed % 2 else 1, user=True))
 
 
 @pytest.mark.slow

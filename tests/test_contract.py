@@ -21,11 +21,13 @@ import pytest
 from streampipe import Source, Stage
 from streampipe.stages.api import is_source
 from streampipe.stages.consumer import Consumer
+from streampipe.stages.delivery import ExactSink
 from streampipe.stages.evaluator import Evaluator
 from streampipe.stages.generator import Generator
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.registry import BUILTINS, load_target
+from streampipe.stages.sqlite_sink import SqliteSink
 from streampipe.stages.trainer import Trainer
 from streampipe.testing import StageContractError, check_stage, run_stage
 
@@ -64,6 +66,7 @@ def batches(n: int = 300, size: int = 100) -> list[list[dict[str, Any]]]:
 TRANSFORMS: dict[str, Any] = {
     "normalizer": lambda tmp: lambda: Normalizer(holdout=0.2),
     "consumer": lambda tmp: lambda: Consumer(output="out.jsonl"),
+    "sqlite": lambda tmp: lambda: ExactSink(SqliteSink(path="out.db")),     # as load_stage gives it
     "trainer": lambda tmp: lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
     "readme:Enricher": readme_stage,
@@ -73,7 +76,7 @@ SOURCES: dict[str, Any] = {
     "log_extractor": lambda tmp: lambda: LogExtractor(window_s=1),
 }
 STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
-ACCEPTS_ANY_MAP = {"consumer"}   # nothing is malformed to a sink that writes any map
+ACCEPTS_ANY_MAP = {"consumer", "sqlite"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
 
