@@ -300,9 +300,10 @@ def kind_of(target: object) -> Kind:
             return "source"
         if issubclass(target, Source):
             raise TypeError(f"class {target.__name__} is a Source but defines no generate()")
-        if issubclass(target, Stage) or callable(getattr(target, "process", None)):
+        if issubclass(target, Stage) or callable(getattr(target, "process", None)) or is_exact_sink(target):
             return "transform"
-        raise TypeError(f"class {target.__name__} has neither process(batch) nor generate(): it cannot be a stage")
+        raise TypeError(f"class {target.__name__} has neither process(batch), generate() nor "
+                        "write(batch, marks) with load_marks(): it cannot be a stage")
     if callable(target):
         try:
             signature = inspect.signature(target)
@@ -326,7 +327,7 @@ def as_stage(obj: object) -> Stage:
         return obj
     if isinstance(obj, type):
         raise TypeError(f"{obj.__name__} is a class: pass an instance")
-    if callable(getattr(obj, "process", None)) or callable(getattr(obj, "generate", None)):
+    if callable(getattr(obj, "process", None)) or callable(getattr(obj, "generate", None)) or is_exact_sink(obj):
         return Plain(obj)
     if kind_of(obj) == "function":
         return AsyncFunctionStage(obj) if inspect.iscoroutinefunction(obj) else FunctionStage(obj)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ module as a short-lived child, ``python -m streampipe.stages.introspect``, and e
 
     stdin   {"config_dir": "/abs/dir", "stages": {"gen": {"type": "generator", "options": {...}}, ...}}
     stdout  {"gen": {"kind": "source", "outputs": ["default"], "options": [["cout", "unknown option ..."], ...]},
-             "sink": {"kind": null, "problem": "class Sink has neither process(batch) nor generate() ..."},
+             "sink": {"kind": null, "problem": "class Sink has neither process(batch), generate() nor ..."},
              "enrich": {"kind": null, "skipped": "ImportError: ..."}, ...}
 
 Each ``type`` is imported once. Per stage it answers the ``kind`` (:func:`~stages.api.kind_of`:

@@ -236,6 +236,7 @@ def test_chaos_short(pipeline, tmp_path: Path) -> None:
     check(run_chaos(p, n, down_s=6, seed=1, new_replicas=3))
 
 
+@pytest.mark.timeout(300)
 def test_chaos_short_through_a_users_stateful_stage_and_sink(pipeline, tmp_path: Path) -> None:
     n = 20_000
     (tmp_path / "userstages.py").write_text(USER_STAGES)

@@ -107,7 +107,7 @@ MISTAKES = [
   odd:
     type: mystages:Nothing
     inputs: [gen]
-""", 5, "stages.odd.type", "has neither process(batch) nor generate()"),
+""", 5, "stages.odd.type", "has neither process(batch), generate() nor"),
     ("misspelt_option", """\
   gen:
     type: generator

@@ -276,6 +276,6 @@ def test_a_record_that_hangs_or_kills_its_stage_is_dead_lettered_and_the_stream_
     assert "hung" in why[1234] and "died twice" in why[1234]
     assert "exit" in why[2345] and "died twice" in why[2345]
     assert sorted(p.output_ids()) == sorted(want)            # nothing else lost, nothing twice
-    assert p.row("fragile")["restarts"] <= 4                 # two deaths per poison record
+    assert p.row("fragile")["restarts"] <= 4                 # two deaths per poison record, in whatever order they come
     stderr = (p.run_dir / "logs" / "fragile.0.stderr").read_text()
     assert "in process" in stderr and "fragile.py" in stderr, stderr[-2000:]   # faulthandler: where it hung
