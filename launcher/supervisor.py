@@ -70,24 +70,6 @@ HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wa
 REPARTITION_TIMEOUT_S = 120.0   # the repartition child imports the source's module (scikit-learn alone ~2 s cold)
 LOOP_MAX_RESTARTS = 5           # a supervisor loop failing more often than this ...
 LOOP_RESTART_WINDOW_S = 60.0    # ... in this long is broken, not unlucky: stop everything, exit 1
-FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only: "history,stages" makes those loops raise once
-
-
-def inject_fault(point: str) -> None:
-    """Raise at ``point`` when ``$STREAMPIPE_TEST_FAULTS`` names it (a test's fault hook).
-
-    Points: ``stages``, ``control``, ``health``, ``history`` (the supervisor's loops); ``history``
-    raises once, ``history*`` every time. The tests use it to prove that a failing loop is
-    reported and restarted, and that one failing for good stops the supervisor loudly; nothing
-    else sets it.
-    """
-    if point in _FAULTS or point + "*" in _FAULTS:
-        _FAULTS.discard(point)
-        raise RuntimeError(f"fault injected at {point!r} by ${FAULT_ENV}")
-
-
-_FAULTS = {p.strip() for p in os.environ.get(FAULT_ENV, "").split(",") if p.strip()}
-
 
 
 @dataclass
@@ -669,7 +651,6 @@ class Supervisor:
         assert self.stage_sock is not None
         while True:
             frames = await self.stage_sock.recv_multipart()
-            inject_fault("stages")
             try:   # bad input is counted and dropped: this task must outlive any message
                 msg = wire.read_stage_message(wire.single(frames[1:]))
                 rep = self.by_ident.get(frames[0].decode(errors="replace"))
@@ -747,7 +728,6 @@ class Supervisor:
                 self.rejects.drop("control", str(exc))
                 await self._reply(frames[0], {"ok": False, "error": f"malformed request: {exc}"})
                 continue
-            inject_fault("control")
             # each command in its own task: a rolling restart must not hold up `status`
             self.own(self._answer(frames[0], command, msg), "control command")
 
@@ -919,7 +899,6 @@ class Supervisor:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.poll_interval)   # read each tick: `apply` may change it
-            inject_fault("health")
             now_m = time.monotonic()
             for reps in self.replicas.values():
                 for rep in reps:
@@ -955,7 +934,6 @@ class Supervisor:
         try:
             while True:
                 await asyncio.sleep(HISTORY_INTERVAL_S)
-                inject_fault("history")
                 now = time.time()
                 row = {"time": now, "stages": {r.ident: {"in": r.hb.get("records_in", 0), "out": r.hb.get("records_out", 0),
                                                          "state": r.state, "rss": r.reading.rss_bytes,
