@@ -470,7 +470,7 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     if not path.exists() and not follow:
         _err().print(f"no events in {path.parent}")
         raise typer.Exit(1)
-    from streampipe.stages.logtail import follow_file
+    from streampipe._logtail import follow_file
 
     tail = follow_file(path)
     try:
