@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 # A command imports what it needs when it runs: `status --json` answers in about the time of a bare
 # typer app (benchmarks/cli_startup.py) only if this module imports no numpy, loguru, pydantic model,
-# YAML parser or rich console up front. tests/test_layering.py holds the list of what it may import.
+# YAML parser or rich console up front (tests/test_layering.py checks that it does not).
 DEFAULT_CONFIG = "services.yaml"    # = launcher.config.DEFAULT_CONFIG (tests/test_layering.py checks), without importing it
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -61,6 +61,7 @@ def _err() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, soft_wrap=True)
+
 
 DETACH_TIMEOUT_S = 180.0    # `up --detach` waits this long for every stage to be READY
 DETACH_SETTLE_S = 1.0       # every stage READY and no restart for this long: a crash loop is not "up"
