@@ -265,10 +265,10 @@ class Pipeline:
     so a benchmark never leaves a process behind.
     """
 
-    def __init__(self, config: dict[str, Any], tag: str = "bench") -> None:
+    def __init__(self, config: dict[str, Any], tag: str = "bench", run_dir_name: str = "run") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"streampipe-{tag}-"))
         self.config_path = self.dir / "services.yaml"
-        self.run_dir = self.dir / "run"
+        self.run_dir = self.dir / run_dir_name
         shutil.copy(BENCH_DIR / "bench_stages.py", self.dir / "bench_stages.py")
         write_yaml(self.config_path, config)
         self.events = EventTail(self.run_dir / "events.jsonl")

@@ -30,6 +30,7 @@ from loguru import logger
 from streampipe.launcher.config import PipelineConfig
 from streampipe.launcher.errors import ControlError
 from streampipe.launcher.plan import Plan, make_plan
+from streampipe.launcher.replica import settle
 
 if TYPE_CHECKING:
     from streampipe.launcher.supervisor import Supervisor
@@ -141,8 +142,6 @@ def _tell_peers(sup: Supervisor, stage: str) -> None:
 async def _start_stage(sup: Supervisor, name: str) -> None:
     """Start a stage an apply added, as ``up`` does: a source's saved positions first, then each
     replica; wait until every one is READY, failed or past its ready_timeout."""
-    from streampipe.launcher.supervisor import settle
-
     reps = sup.replicas[name]
     async with sup.locks[name]:
         if sup.is_source(name) and not await sup.repartition(name):

@@ -18,27 +18,50 @@ running, a stage failed to start), 2 a bad ``services.yaml``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from streampipe.launcher.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from streampipe.launcher.errors import ConfigError, NotRunning, StreampipeError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from streampipe.launcher.config import PipelineConfig
+
+# A command imports what it needs when it runs: `status --json` answers in about the time of a bare
+# typer app (benchmarks/cli_startup.py) only if this module imports no numpy, loguru, pydantic model,
+# YAML parser or rich console up front (tests/test_layering.py checks that it does not).
+DEFAULT_CONFIG = "services.yaml"    # = launcher.config.DEFAULT_CONFIG (tests/test_layering.py checks), without importing it
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
+
+
+@functools.cache
+def _console() -> Console:
+    """The console for a command's output (made on first use: rich costs ~20 ms to import)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+@functools.cache
+def _err() -> Console:
+    """The console for errors and warnings (stderr)."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
 
 DETACH_TIMEOUT_S = 180.0    # `up --detach` waits this long for every stage to be READY
 DETACH_SETTLE_S = 1.0       # every stage READY and no restart for this long: a crash loop is not "up"
@@ -49,11 +72,15 @@ RunDirOpt = typer.Option(None, "--run-dir", "-r", help="Run directory (default: 
 
 
 def _fail(exc: StreampipeError) -> typer.Exit:
-    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    _err().print(f"[red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
 def _config(path: Path, check_stages: bool = True) -> PipelineConfig:
+    from streampipe.launcher.config import load_config
+
     try:
         return load_config(path, check_stages=check_stages)
     except ConfigError as exc:
@@ -64,12 +91,26 @@ def resolve_run_dir(run_dir: Path | None, config: Path = Path(DEFAULT_CONFIG)) -
     """``--run-dir``, else ``run_dir:`` of the config, else ``.streampipe`` beside the config."""
     if run_dir is not None:
         return run_dir.resolve()
-    if config.exists():
+    if config.exists() and _may_name_run_dir(config):
+        from streampipe.launcher.config import load_config
+
         try:
             return load_config(config, check_stages=False).default_run_dir()
         except ConfigError:
             pass
     return (config.resolve().parent / ".streampipe").resolve()
+
+
+def _may_name_run_dir(config: Path) -> bool:
+    """Whether the config's text could set ``run_dir:``; when it cannot, the run directory is
+    ``.streampipe`` beside it whether the file is valid or not, and the config need not be loaded
+    (the models and the YAML parser cost ``status`` ~150 ms). A YAML key reads ``run_dir`` only if
+    the text holds those letters, or escapes in a quoted key (a backslash): both go the long way."""
+    try:
+        text = config.read_text()
+    except (OSError, UnicodeDecodeError):
+        return True     # load_config says what is wrong, as before
+    return "run_dir" in text or "\\" in text
 
 
 @app.command()
@@ -91,7 +132,7 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     logger.remove()
     logger.add(sys.stderr, level=cfg.logging.level, colorize=None,
                format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
-    console.print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
+    _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
     try:
         code = run_supervisor(cfg, rd, metrics_port, watch)
@@ -107,7 +148,7 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
 
     run = RunDir(rd)
     if (pid := run.supervisor_pid()) is not None:
-        err.print(f"[red]error:[/] a pipeline is already running in {rd} (supervisor pid {pid})")
+        _err().print(f"[red]error:[/] a pipeline is already running in {rd} (supervisor pid {pid})")
         return 1
     rd.mkdir(parents=True, exist_ok=True)
     os.chmod(rd, 0o700)
@@ -122,7 +163,7 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
     expected = sum(s.replicas for s in cfg.stages.values())
     stable_picture: list[Any] = []
     stable_since = 0.0
-    with console.status("starting stages ...") as spinner:
+    with _console().status("starting stages ...") as spinner:
         while time.monotonic() < deadline:
             time.sleep(0.1)
             try:
@@ -131,7 +172,7 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
                 done_pid = sup_pid
             if done_pid == sup_pid:
                 tail = log.read_text(errors="replace").strip().splitlines()[-15:] if log.exists() else []
-                err.print("[red]error:[/] the supervisor exited during start-up:\n" + "\n".join(tail))
+                _err().print("[red]error:[/] the supervisor exited during start-up:\n" + "\n".join(tail))
                 return 1
             try:
                 st = request(rd, "status", timeout=2.0)
@@ -141,8 +182,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
             failed = [r for r in rows if r["state"] == "failed"]
             if failed:
                 for r in failed:
-                    err.print(f"[red]failed:[/] {r['name']}.{r['replica']}: {r['last_error'] or r['last_exit']}", highlight=False)
-                err.print(f"the other stages keep running; `streampipe status --run-dir {rd}` and `streampipe logs` show more")
+                    _err().print(f"[red]failed:[/] {r['name']}.{r['replica']}: {r['last_error'] or r['last_exit']}", highlight=False)
+                _err().print(f"the other stages keep running; `streampipe status --run-dir {rd}` and `streampipe logs` show more")
                 return 1
             ready = [r for r in rows if r["state"] in ("running", "blocked", "completed", "stopped")]
             spinner.update(f"starting stages ... {len(ready)}/{expected} ready")
@@ -150,10 +191,10 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
             if len(ready) < expected or picture != stable_picture:
                 stable_picture, stable_since = picture, time.monotonic()
             elif time.monotonic() - stable_since >= DETACH_SETTLE_S:   # up, and staying up
-                console.print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
+                _console().print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
                               highlight=False)
                 return 0
-    err.print(f"[red]error:[/] not every stage was READY after {DETACH_TIMEOUT_S:g}s; see `streampipe status`")
+    _err().print(f"[red]error:[/] not every stage was READY after {DETACH_TIMEOUT_S:g}s; see `streampipe status`")
     return 1
 
 
@@ -222,6 +263,8 @@ def _last_line(text: str) -> str:
 
 
 def status_table(st: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     malformed = "".join(f"  malformed on {sock}: {n}" for sock, n in sorted((st.get("malformed") or {}).items()))
     table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
                         f"delivery {st['delivery']}{malformed}", title_justify="left", header_style="bold")
@@ -252,7 +295,7 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     try:
         st = request(rd, "status")
     except NotRunning as exc:
-        err.print(f"no pipeline running: {exc}", highlight=False)
+        _err().print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
     except StreampipeError as exc:
         raise _fail(exc) from None
@@ -261,11 +304,11 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
         print(json.dumps(st, indent=2, default=str))
         return
     if not watch:
-        console.print(status_table(st))
+        _console().print(status_table(st))
         return
     from rich.live import Live
 
-    with Live(status_table(st), console=console, refresh_per_second=2) as live:
+    with Live(status_table(st), console=_console(), refresh_per_second=2) as live:
         try:
             while True:
                 time.sleep(1.0)
@@ -290,21 +333,21 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
         request(rd, "down")
     except NotRunning as exc:
-        err.print(f"no pipeline running: {exc}", highlight=False)
+        _err().print(f"no pipeline running: {exc}", highlight=False)
         raise typer.Exit(1) from None
     except ControlError as exc:
         # a wedged supervisor: SIGTERM does the same graceful stop; its stages die with it anyway
         if supervisor is None or not supervisor.is_running():
             raise _fail(exc) from None
-        err.print(f"[yellow]warning:[/] {exc}; sending SIGTERM to the supervisor (pid {supervisor.pid})")
+        _err().print(f"[yellow]warning:[/] {exc}; sending SIGTERM to the supervisor (pid {supervisor.pid})")
         grace = DOWN_MARGIN_S
         _signal(supervisor, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    with console.status(f"stopping {len(stages) or 'the'} processes ..."):
+    with _console().status(f"stopping {len(stages) or 'the'} processes ..."):
         while time.monotonic() < deadline and supervisor is not None and _running(supervisor):
             time.sleep(0.1)
     if supervisor is not None and _running(supervisor):
-        err.print(f"[yellow]warning:[/] the supervisor (pid {supervisor.pid}) did not stop in {grace:g}s: SIGKILL")
+        _err().print(f"[yellow]warning:[/] the supervisor (pid {supervisor.pid}) did not stop in {grace:g}s: SIGKILL")
         _signal(supervisor, signal.SIGKILL)   # its stages die with it (PR_SET_PDEATHSIG)
         time.sleep(0.5)
     left = [p for p in stages if _running(p)]
@@ -314,8 +357,8 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         except OSError:
             _signal(proc, signal.SIGKILL)
     if left:
-        err.print(f"[yellow]warning:[/] killed {len(left)} processes that outlived the supervisor: {[p.pid for p in left]}")
-    console.print(f"pipeline stopped; no stage process left (run dir {rd})", highlight=False)
+        _err().print(f"[yellow]warning:[/] killed {len(left)} processes that outlived the supervisor: {[p.pid for p in left]}")
+    _console().print(f"pipeline stopped; no stage process left (run dir {rd})", highlight=False)
 
 
 def _processes(pids: list[int]) -> list[psutil.Process]:
@@ -349,7 +392,7 @@ def validate(config: Path = ConfigOpt) -> None:
     """Check services.yaml without starting anything (exit 2 and the line on an error)."""
     cfg = _config(config)
     n = sum(s.replicas for s in cfg.stages.values())
-    console.print(f"[green]ok[/] {cfg.path}: pipeline {cfg.pipeline!r}, {len(cfg.stages)} stages, {n} processes, "
+    _console().print(f"[green]ok[/] {cfg.path}: pipeline {cfg.pipeline!r}, {len(cfg.stages)} stages, {n} processes, "
                   f"{len(cfg.edges())} edges, delivery {cfg.delivery}", highlight=False)
 
 
@@ -363,7 +406,7 @@ def restart(stage: str = typer.Argument(..., help="The stage to restart, replica
         reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
     except StreampipeError as exc:
         raise _fail(exc) from None
-    console.print(f"restarted {stage}: {reply['replicas']} replicas")
+    _console().print(f"restarted {stage}: {reply['replicas']} replicas")
 
 
 @app.command()
@@ -376,7 +419,7 @@ def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., 
         reply = request(resolve_run_dir(run_dir, config), "scale", timeout=300, stage=stage, replicas=replicas)
     except StreampipeError as exc:
         raise _fail(exc) from None
-    console.print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
+    _console().print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
 
 
 APPLY_TIMEOUT_S = 900.0     # rolling restarts wait for READY replica by replica (ready_timeout each)
@@ -406,26 +449,29 @@ def apply(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     if reply["refused"]:
         show_plan(reply, path)
         raise typer.Exit(2)
-    console.print(f"[green]applied[/] {path}: {len(reply['plan']['steps'])} steps; `streampipe events` shows each", highlight=False)
+    _console().print(f"[green]applied[/] {path}: {len(reply['plan']['steps'])} steps; `streampipe events` shows each", highlight=False)
 
 
 def show_plan(reply: dict[str, Any], path: str) -> None:
     """The plan of an ``apply`` reply as a table (refusals on stderr)."""
+    from rich.markup import escape
+    from rich.table import Table
+
     steps = reply["plan"]["steps"]
     for refusal in reply["refused"]:
-        err.print(f"[red]refused:[/] {escape(refusal)}", highlight=False)
+        _err().print(f"[red]refused:[/] {escape(refusal)}", highlight=False)
     if reply["refused"]:
-        err.print(f"nothing changed; {path} cannot be applied to the running pipeline")
+        _err().print(f"nothing changed; {path} cannot be applied to the running pipeline")
         return
     if not steps:
-        console.print(f"nothing to change: the pipeline already runs {path}", highlight=False)
+        _console().print(f"nothing to change: the pipeline already runs {path}", highlight=False)
         return
     table = Table(title=f"plan for {path}", title_justify="left", header_style="bold")
     for col in ("#", "step", "stage", "what"):
         table.add_column(col, overflow="fold")
     for i, (kind, stage, what) in enumerate(steps, 1):
         table.add_row(str(i), kind, stage or "-", escape(what))
-    console.print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -435,9 +481,9 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     """Print the supervisor's events: starts, exits, restarts, backoffs, kills, failures."""
     path = resolve_run_dir(run_dir, config) / "events.jsonl"
     if not path.exists() and not follow:
-        err.print(f"no events in {path.parent}")
+        _err().print(f"no events in {path.parent}")
         raise typer.Exit(1)
-    from streampipe.stages.logtail import follow_file
+    from streampipe._logtail import follow_file
 
     tail = follow_file(path)
     try:
@@ -452,7 +498,7 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
                     continue
                 who = f"{ev.get('stage') or 'supervisor'}" + (f".{ev['replica']}" if ev.get("replica") is not None else "")
                 stamp = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] * 1000) % 1000:03d}"
-                console.print(f"{stamp} [bold]{ev['event']:<10}[/] {who:<18} pid={ev.get('pid') or '-':<7} {ev.get('reason', '')}",
+                _console().print(f"{stamp} [bold]{ev['event']:<10}[/] {who:<18} pid={ev.get('pid') or '-':<7} {ev.get('reason', '')}",
                               highlight=False, soft_wrap=True)
             if not follow:
                 return
@@ -476,8 +522,8 @@ def logs(stage: str | None = typer.Argument(None, help="Only this stage (all rep
 
     rd = resolve_run_dir(run_dir, config)
     if summary:
-        raise typer.Exit(show_summary(rd, console=console, as_json=as_json))
-    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=console))
+        raise typer.Exit(show_summary(rd, console=_console(), as_json=as_json))
+    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=_console()))
 
 
 @app.command()
@@ -489,12 +535,12 @@ def graph(config: Path = ConfigOpt,
 
     cfg = _config(config, check_stages=False)   # the topology needs no stage code
     if fmt not in ("mermaid", "dot"):
-        err.print("error: --format is mermaid or dot")
+        _err().print("error: --format is mermaid or dot")
         raise typer.Exit(2)
     print(to_mermaid(cfg) if fmt == "mermaid" else to_dot(cfg))
     if png is not None:
         render_png(cfg, png)
-        err.print(f"wrote {png}")
+        _err().print(f"wrote {png}")
 
 
 @app.command()
@@ -506,10 +552,10 @@ def report(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     try:
         summary = make_report(resolve_run_dir(run_dir, config), out)
     except FileNotFoundError as exc:
-        err.print(f"error: {exc}")
+        _err().print(f"error: {exc}")
         raise typer.Exit(1) from None
-    console.print(summary, highlight=False)
-    console.print(f"wrote {out}")
+    _console().print(summary, highlight=False)
+    _console().print(f"wrote {out}")
 
 
 @app.command("run-stage")
@@ -548,10 +594,10 @@ def keys_generate(folder: Path = typer.Argument(..., help="Where to write the ke
     from streampipe.stages.network import generate_keys
 
     if (folder / "server.key_secret").exists():
-        err.print(f"error: {folder} already holds keys; remove them first to make new ones")
+        _err().print(f"error: {folder} already holds keys; remove them first to make new ones")
         raise typer.Exit(1)
     for path in generate_keys(folder):
-        console.print(f"wrote {path}", highlight=False)
+        _console().print(f"wrote {path}", highlight=False)
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests).")
@@ -587,21 +633,21 @@ def export_kubernetes(config: Path = ConfigOpt,
     except ConfigError as exc:
         raise _fail(exc) from None
     for note in result.notes:
-        err.print(f"note: {note}", markup=False, highlight=False)
+        _err().print(f"note: {note}", markup=False, highlight=False)
     if output is None:
         sys.stdout.write(manifest_stream(result.objects))
         return
     paths, stale = write_manifests(result.objects, output)
     if stale:
-        err.print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
-    err.print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
+        _err().print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
+    _err().print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
 
 
 def main() -> None:
     try:
         app()
     except StreampipeError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)   # `[plot]` in a message is not markup
+        _err().print(f"error: {exc}", markup=False, highlight=False)   # `[plot]` in a message is not markup
         sys.exit(exc.exit_code)
 
 

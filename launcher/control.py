@@ -4,6 +4,11 @@ Each :class:`Command` has a ``name``, turns CLI arguments into a message (:meth:
 carries it out inside the supervisor (:meth:`execute`). The wire is REQ -> ROUTER on
 ``<run dir>/sock/control``, msgpack both ways; the socket file lives in the 0700 run directory,
 so only its owner can talk to it. :func:`request` is the client side, always with a timeout.
+
+The client packs its request and unpacks the reply with msgpack itself, as :mod:`streampipe.stages.wire`
+does (``use_bin_type``, ``raw=False``): requests and replies are plain maps, and ``wire`` imports
+numpy for its column frames (~150 ms), which ``streampipe status`` must not pay. The supervisor
+reads a request with :func:`wire.read_command` and packs its reply with :func:`wire.packb`.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgpack
 import zmq
 
 from streampipe.launcher.errors import ControlError, NotRunning
 from streampipe.launcher.rundir import RunDir
-from streampipe.stages import wire
 
 if TYPE_CHECKING:
     from streampipe.launcher.supervisor import Supervisor
@@ -126,8 +131,8 @@ def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, *
     sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
     try:
         sock.connect(rd.control)
-        sock.send(wire.packb(COMMANDS[cmd].message(**args)))
-        reply = wire.unpackb(sock.recv())
+        sock.send(msgpack.packb(COMMANDS[cmd].message(**args), use_bin_type=True))
+        reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=False)
     except zmq.Again:
         raise ControlError(f"the supervisor (pid {pid}) did not answer {cmd!r} within {timeout:g}s") from None
     except zmq.ZMQError as exc:

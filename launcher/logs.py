@@ -1,7 +1,7 @@
 """``streampipe logs``: every stage's log and the supervisor's, merged in time order.
 
 Shaped like ``docker compose logs``: each line is prefixed by ``stage.replica`` in a colour of
-its own, ``-f`` keeps following (through rotations, with the same :class:`stages.logtail.LogTail`
+its own, ``-f`` keeps following (through rotations, with the same :class:`streampipe._logtail.LogTail`
 the log extractor uses), ``--level`` is a minimum level, ``--since`` takes ``30s``/``5m``/
 ``2h``/``1d`` (or ``1h30m``) or an ISO time, ``--json`` prints one object a line
 (``{"time", "stage", "replica", "level", "message", "exception"?}``).
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from streampipe.stages.logtail import LEVELS, LogEntry, LogTail, ident_of, parse_line
+from streampipe._logtail import LEVELS, LogEntry, LogTail, ident_of, parse_line
 
 FOLLOW_POLL_S = 0.2            # `logs -f` checks the files 5 times a second, as `tail -F` does
 SUMMARY_FILE = "logfacts-summary.json"

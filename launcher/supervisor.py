@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import os
 import signal
@@ -35,31 +34,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 import zmq.asyncio
 from loguru import logger
 
 from streampipe._rotating import RotatingFile, rotate_stdio
+from streampipe.launcher.apply import apply_config
 from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
+from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
+from streampipe.launcher.replica import Replica, settle
 from streampipe.launcher.rundir import RunDir
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
-from streampipe.monitor.health import Judge, Probe, Reading
+from streampipe.monitor.health import Judge, Probe
 from streampipe.monitor.policy import RestartPolicy, describe_exit
 from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
 from streampipe.stages.state import load_replica_state, read_layout
-
-if TYPE_CHECKING:
-    from streampipe.launcher.control import Command
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
@@ -70,82 +68,6 @@ HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wa
 REPARTITION_TIMEOUT_S = 120.0   # the repartition child imports the source's module (scikit-learn alone ~2 s cold)
 LOOP_MAX_RESTARTS = 5           # a supervisor loop failing more often than this ...
 LOOP_RESTART_WINDOW_S = 60.0    # ... in this long is broken, not unlucky: stop everything, exit 1
-FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only: "history,stages" makes those loops raise once
-
-
-def inject_fault(point: str) -> None:
-    """Raise at ``point`` when ``$STREAMPIPE_TEST_FAULTS`` names it (a test's fault hook).
-
-    Points: ``stages``, ``control``, ``health``, ``history`` (the supervisor's loops); ``history``
-    raises once, ``history*`` every time. The tests use it to prove that a failing loop is
-    reported and restarted, and that one failing for good stops the supervisor loudly; nothing
-    else sets it.
-    """
-    if point in _FAULTS or point + "*" in _FAULTS:
-        _FAULTS.discard(point)
-        raise RuntimeError(f"fault injected at {point!r} by ${FAULT_ENV}")
-
-
-_FAULTS = {p.strip() for p in os.environ.get(FAULT_ENV, "").split(",") if p.strip()}
-
-
-
-@dataclass
-class Replica:
-    stage: str
-    index: int
-    cfg: StageConfig
-    policy: RestartPolicy
-    judge: Judge
-    pid: int | None = None
-    state: str = "stopped"
-    started_at: float = 0.0
-    ready_at: float | None = None
-    restarts: int = 0
-    last_exit: str = ""
-    last_error: str = ""
-    last_beat: float | None = None
-    hb: dict[str, Any] = field(default_factory=dict)
-    reading: Reading = field(default_factory=Reading)
-    probe: Probe | None = None
-    kill_reason: str = ""        # why the supervisor is killing it (hung, limit, ...)
-    wanted_down: bool = False    # the supervisor stopped it on purpose: do not restart
-    backoff_until: float = 0.0
-    spawn_mode: str = ""
-    rate: float = 0.0
-    _rate_mark: tuple[float, int] = (0.0, 0)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    settled: asyncio.Event = field(default_factory=asyncio.Event)   # ready, failed or completed
-
-    @property
-    def ident(self) -> str:
-        return f"{self.stage}.{self.index}"
-
-    @property
-    def config_digest(self) -> str:
-        """Eight hex digits of the stage config this replica runs under (``status``: what an apply changed)."""
-        return hashlib.sha1(self.cfg.model_dump_json().encode()).hexdigest()[:8]
-
-    def status(self, now: float) -> dict[str, Any]:
-        hb = self.hb
-        return {
-            "name": self.stage, "replica": self.index, "pid": self.pid, "state": self.state,
-            "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
-            "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
-            "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
-            "num_threads": self.reading.num_threads,
-            "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
-            "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
-            "dead_letters": hb.get("dead_letters", 0), "dead_letters_dropped": hb.get("dead_letters_dropped", 0),
-            "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
-            "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),
-            "latency_ms": hb.get("latency_ms", 0.0), "latency_buckets": hb.get("latency_buckets", []),
-            "last_error": self.last_error, "last_exit": self.last_exit,
-            "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == "backoff" else 0.0,
-            "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
-            "unreachable": hb.get("unreachable", []), "insecure": hb.get("insecure", ""), "denied": hb.get("denied", 0),
-            "config": self.config_digest,
-        }
 
 
 class Supervisor:
@@ -180,8 +102,6 @@ class Supervisor:
         self.control_sock: zmq.asyncio.Socket | None = None
         self.snapshot: dict[str, Any] | None = None   # status() as of the last health tick (for other threads)
         self.rejects = wire.Rejects()                  # malformed messages dropped on the stages / control sockets
-        from streampipe.launcher.control import COMMANDS
-
         self.commands = COMMANDS
 
     # -- public ------------------------------------------------------------------------------
@@ -707,7 +627,6 @@ class Supervisor:
         assert self.stage_sock is not None
         while True:
             frames = await self.stage_sock.recv_multipart()
-            inject_fault("stages")
             try:   # bad input is counted and dropped: this task must outlive any message
                 msg = wire.read_stage_message(wire.single(frames[1:]))
                 rep = self.by_ident.get(frames[0].decode(errors="replace"))
@@ -787,7 +706,6 @@ class Supervisor:
                 self.rejects.drop("control", str(exc))
                 await self._reply(frames[0], {"ok": False, "error": f"malformed request: {exc}"})
                 continue
-            inject_fault("control")
             # each command in its own task: a rolling restart must not hold up `status`
             self.own(self._answer(frames[0], command, msg), "control command")
 
@@ -830,8 +748,6 @@ class Supervisor:
 
     async def reload(self) -> None:
         """SIGHUP: read the config file again and apply it; a bad file changes nothing (an event says why)."""
-        from streampipe.launcher.apply import apply_config
-
         assert self.events is not None
         try:
             new = await asyncio.to_thread(load_config, self.cfg.path)
@@ -957,7 +873,6 @@ class Supervisor:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.poll_interval)   # read each tick: `apply` may change it
-            inject_fault("health")
             now_m = time.monotonic()
             for reps in self.replicas.values():
                 for rep in reps:
@@ -995,7 +910,6 @@ class Supervisor:
         try:
             while True:
                 await asyncio.sleep(HISTORY_INTERVAL_S)
-                inject_fault("history")
                 now = time.time()
                 row = {"time": now, "stages": {r.ident: {"in": r.hb.get("records_in", 0), "out": r.hb.get("records_out", 0),
                                                          "state": r.state, "rss": r.reading.rss_bytes,
@@ -1005,16 +919,6 @@ class Supervisor:
                 rotate_stdio(self.rd.path / "supervisor.out", limit, keep)
         finally:
             history.close()
-
-
-async def settle(reps: list[Replica], timeout: float) -> None:
-    """Wait until every replica is READY, failed or completed, or ``timeout`` passed."""
-    waits = [asyncio.ensure_future(r.settled.wait()) for r in reps]
-    try:
-        await asyncio.wait(waits, timeout=timeout)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def _pgid_is(pid: int) -> bool:

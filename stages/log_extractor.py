@@ -1,6 +1,6 @@
 """log_extractor: turns the run's logs into facts, a window at a time.
 
-A source stage (no inputs). It follows, through :class:`stages.logtail.LogTail` (rotation- and
+A source stage (no inputs). It follows, through :class:`streampipe._logtail.LogTail` (rotation- and
 truncation-safe, by inode), every ``<run dir>/logs/*.jsonl`` (loguru, one per stage replica,
 plus ``supervisor.jsonl``), every ``<run dir>/logs/*.stderr`` (a process's raw output: tracebacks
 printed before logging was set up, crashes at import) and ``<run dir>/events.jsonl`` (supervisor
@@ -33,7 +33,7 @@ Options: ``window_s`` (10), ``poll_s`` (0.5, seconds between scans), ``lateness_
 ``summary_every_s`` (1), ``emit`` (true), ``include_self`` (false), ``samples`` (20 recent
 events / drift facts kept in the summary).
 
->>> from streampipe.stages.logtail import LogEntry
+>>> from streampipe._logtail import LogEntry
 >>> facts = Facts(window_s=10)
 >>> facts.add(LogEntry(100.0, "trainer", 0, "INFO", "fitted batch latency_ms=12.5"))
 >>> facts.add(LogEntry(101.0, "trainer", 0, "ERROR", "fit failed",
@@ -58,8 +58,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from streampipe._logtail import LogEntry, LogTail, ident_of, iso_time, parse_line
 from streampipe.stages.api import Record, Source
-from streampipe.stages.logtail import LogEntry, LogTail, ident_of, iso_time, parse_line
 from streampipe.stages.state import atomic_write, json_default
 
 WINDOW_S = 10.0           # seconds of log time per facts record

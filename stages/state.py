@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from streampipe._rotating import RotatingFile
-from streampipe.stages import wire
+
+# wire (numpy) and loguru are imported where they are used: the CLI imports this module through
+# launcher/rundir.py (atomic_write), and `streampipe status` must not pay ~250 ms for them.
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -54,7 +54,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _warn(message: str) -> None:
+    from loguru import logger
+
+    logger.warning(message)
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    from streampipe.stages import wire
+
     atomic_write(path, wire.packb(state))
 
 
@@ -63,10 +71,12 @@ def load_state(path: Path) -> dict[str, Any] | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    from streampipe.stages import wire
+
     try:
         state = wire.unpackb(data)
     except ValueError:
-        logger.warning(f"ignoring unreadable state file {path}")
+        _warn(f"ignoring unreadable state file {path}")
         return None
     return state if isinstance(state, dict) else None
 
@@ -201,8 +211,8 @@ class DeadLetters:
 
     def _dropped(self, lines: int) -> None:
         self.dropped += lines
-        logger.warning(f"{lines} dead letters deleted with the oldest rotated file of {self.path.name} "
-                       f"(logging.retention); {self.dropped} so far")
+        _warn(f"{lines} dead letters deleted with the oldest rotated file of {self.path.name} "
+              f"(logging.retention); {self.dropped} so far")
 
     def close(self) -> None:
         self._file.close()

@@ -1,8 +1,10 @@
 """The stage contract, checked against every built-in stage and the README's example stage.
 
 Like river's estimator checks: :func:`streampipe.testing.check_stage` runs the generic
-properties every stage must have (the function a stage author runs on theirs), and the tests
-below show that each of its checks fails on a stage that breaks it.
+properties every stage must have (the function a stage author runs on theirs), each a check
+function of its own that runs and reports whatever the others found. ``test_builtin_passes_check``
+is the matrix of built-in stage x check; the tests below it show that each check fails on a
+stage that breaks it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.registry import BUILTINS, load_target
 from streampipe.stages.sqlite_sink import SqliteSink
 from streampipe.stages.trainer import Trainer
-from streampipe.testing import StageContractError, check_stage, run_stage
+from streampipe.testing import StageContractError, StageReport, check_stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,17 +84,65 @@ MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
 
 
+SOURCE_CHECKS = ["init", "snapshot", "generate", "restore", "teardown"]
+CHECKS_OF = {**{name: [*ALL_CHECKS, "bad records"] for name in TRANSFORMS}, **{name: SOURCE_CHECKS for name in SOURCES}}
+
+
+def prepare(name: str, folder: Path) -> None:
+    """What a stage's run directory holds before its check: the evaluator scores (and so checks
+    records) once a model exists; the log extractor reads the logs there."""
+    if name == "evaluator":
+        run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [records(200)], run_dir=folder)
+    if name == "log_extractor":
+        (folder / "logs").mkdir()
+        lines = [json.dumps({"record": {"level": {"name": "INFO"}, "message": f"line {i}", "time": {"timestamp": 1.0 + i}}})
+                 for i in range(5)]
+        (folder / "logs" / "a.0.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def contract(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[StageReport, Path]]:
+    """``contract(name)``: the report of check_stage on that built-in (or the README's stage) and its
+    run directory. Each stage is checked once, every check reported; the matrix reads the outcomes."""
+    done: dict[str, tuple[StageReport, Path]] = {}
+
+    def run(name: str) -> tuple[StageReport, Path]:
+        if name not in done:
+            folder = tmp_path_factory.mktemp(re.sub(r"\W", "-", name))
+            prepare(name, folder)
+            try:
+                if name in TRANSFORMS:
+                    report = check_stage(TRANSFORMS[name](folder), batches(), bad_records=MALFORMED, run_dir=folder)
+                else:
+                    report = check_stage(SOURCES[name](folder), run_dir=folder, limit=120 if name == "generator" else 100)
+            except StageContractError as exc:
+                assert exc.report is not None
+                report = exc.report
+            done[name] = (report, folder)
+        return done[name]
+
+    return run
+
+
 def test_every_builtin_is_covered() -> None:
     assert set(BUILTINS) == set(TRANSFORMS) - {"readme:Enricher"} | set(SOURCES)
     for name, builtin in BUILTINS.items():
         assert is_source(load_target(name)) == builtin.source, name
 
 
+@pytest.mark.parametrize(("name", "check"), [pytest.param(name, check, id=f"{name}-{check}")
+                                             for name, checks in CHECKS_OF.items() for check in checks])
+def test_builtin_passes_check(contract: Callable[[str], tuple[StageReport, Path]], name: str, check: str) -> None:
+    """The matrix: every built-in stage (and the README's) x every check of the contract."""
+    report, _ = contract(name)
+    outcome = report.outcome(check)
+    assert outcome.passed, f"{name}: {check}: {outcome.reason}"
+
+
 @pytest.mark.parametrize("name", TRANSFORMS)
-def test_transform_passes_the_contract(name: str, tmp_path: Path) -> None:
-    if name == "evaluator":   # it scores (and so checks records) once a model exists in the run directory
-        run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [records(200)], run_dir=tmp_path)
-    report = check_stage(TRANSFORMS[name](tmp_path), batches(), bad_records=MALFORMED, run_dir=tmp_path)
+def test_transform_passes_the_contract(name: str, contract: Callable[[str], tuple[StageReport, Path]]) -> None:
+    report, tmp_path = contract(name)
+    assert not report.failed
     assert report.checks == [*ALL_CHECKS, "bad records"]
     assert report.stateful == (name in STATEFUL), report.snapshot
     dead = {r.get("id") for r, _ in report.dead_letters}
@@ -107,19 +158,17 @@ def test_transform_passes_the_contract(name: str, tmp_path: Path) -> None:
         assert len(report.records) == 300
 
 
-def test_generator_passes_the_contract_and_resumes_exactly(tmp_path: Path) -> None:
-    report = check_stage(SOURCES["generator"](tmp_path), run_dir=tmp_path, limit=120)
+def test_generator_passes_the_contract_and_resumes_exactly(contract: Callable[[str], tuple[StageReport, Path]]) -> None:
+    report, _ = contract("generator")
+    assert not report.failed
     assert report.checks == ["init", "snapshot", "generate", "restore", "teardown"]
     assert [r["id"] for r in report.records] == list(range(240))
     assert report.snapshot == {"segments": [[120, 1, None]]} and report.stateful
 
 
-def test_log_extractor_passes_the_contract(tmp_path: Path) -> None:
-    (tmp_path / "logs").mkdir()
-    lines = [json.dumps({"record": {"level": {"name": "INFO"}, "message": f"line {i}", "time": {"timestamp": 1.0 + i}}})
-             for i in range(5)]
-    (tmp_path / "logs" / "a.0.jsonl").write_text("\n".join(lines) + "\n")
-    report = check_stage(SOURCES["log_extractor"](tmp_path), run_dir=tmp_path)
+def test_log_extractor_passes_the_contract(contract: Callable[[str], tuple[StageReport, Path]]) -> None:
+    report, _ = contract("log_extractor")
+    assert not report.failed
     assert report.stateful and report.snapshot["positions"], report.snapshot
     assert report.records and all(r["kind"] == "logfacts" for r in report.records)
 
@@ -260,6 +309,34 @@ def test_check_stage_fails_on_a_broken_stage(broken: type[Stage], check: str, wo
             LEAKED.pop().close()
     assert caught.value.check == check, str(caught.value)
     assert words in str(caught.value) and str(caught.value).startswith(f"check_stage({broken.__qualname__}): {check}: ")
+
+
+def test_check_stage_runs_every_check_and_reports_each() -> None:
+    """Not only the first failure: a stage that forgets its state on restore fails both the
+    snapshot and the restore check; the others run and pass, and the error names both."""
+    with pytest.raises(StageContractError) as caught:
+        check_stage(ForgetsOnRestore, SAMPLE, bad_records=[{"id": 9}])
+    report = caught.value.report
+    assert report is not None and report.checks == [*ALL_CHECKS, "bad records"]
+    assert [(o.check, o.passed) for o in report.outcomes] == [
+        ("init", True), ("empty batch", True), ("outputs", True), ("snapshot", False), ("restore", False),
+        ("teardown", True), ("bad records", True)]
+    assert list(report.failed) == ["snapshot", "restore"] and all(report.failed.values())
+    lines = str(caught.value).splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["snapshot", "restore"]
+    assert all(line.startswith("check_stage(ForgetsOnRestore): ") for line in lines)
+
+
+def test_check_stage_takes_a_plain_function() -> None:
+    """A per-record function is a stage in services.yaml (`type: mystages:add_sum`), so here too."""
+    def add_sum(record):
+        return {**record, "sum": sum(record["x"])}
+
+    report = check_stage(add_sum, SAMPLE, bad_records=[{"id": 9, "x": "not numbers"}])
+    assert report.stage == "test_check_stage_takes_a_plain_function.<locals>.add_sum"
+    assert report.checks == [*ALL_CHECKS, "bad records"] and not report.failed
+    assert [r["sum"] for r in report.records] == [1.0, 2.0, 3.0]
+    assert [r["id"] for r, _ in report.dead_letters] == [9]
 
 
 def test_check_stage_fails_when_good_records_beside_bad_ones_are_dead_lettered() -> None:

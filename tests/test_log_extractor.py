@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
+from streampipe._logtail import LogTail, follow_file, ident_of, stream_of
 from streampipe.stages.api import StageContext
 from streampipe.stages.log_extractor import LogExtractor
-from streampipe.stages.logtail import LogTail, follow_file, ident_of, stream_of
 
 DEADLINE_S = 10.0
 

@@ -9,9 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from streampipe._logtail import follow_file, stream_of
 from streampipe._rotating import RotatingFile, files_of, rotate_stdio, rotated_files
 from streampipe.monitor.events import EventLog, read_events
-from streampipe.stages.logtail import follow_file, stream_of
 from streampipe.stages.state import DeadLetters
 
 WRITER = textwrap.dedent("""

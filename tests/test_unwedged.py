@@ -39,6 +39,15 @@ def chain(extra_defaults: str = "") -> str:
     return CHAIN.format(extra_defaults=extra_defaults)
 
 
+FAULTS_DIR = Path(__file__).resolve().parent / "faults"   # its sitecustomize.py makes the named supervisor loops fail
+
+
+def fault_env(points: str) -> dict[str, str]:
+    """The environment in which the supervisor loops named in ``points`` fail (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "STREAMPIPE_TEST_FAULTS": points}
+
+
 @pytest.fixture
 def decoy() -> subprocess.Popen[bytes]:
     """A live process that is not a supervisor, with "streampipe" and "launcher" in its command line."""
@@ -123,7 +132,8 @@ def test_a_respawn_that_fails_is_an_event_and_the_replica_recovers(pipeline) -> 
 
 @pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_failing_supervisor_loop_is_reported_and_restarted(pipeline, monkeypatch) -> None:
-    monkeypatch.setenv("STREAMPIPE_TEST_FAULTS", "stages,control,health,history")
+    for name, value in fault_env("stages,control,health,history").items():
+        monkeypatch.setenv(name, value)
     p = pipeline(chain())
     p.up()
     loops = wait_for(lambda: {e["reason"].split()[0] for e in p.events("task-failed")} >= {"stages", "control", "health", "history"}
@@ -138,7 +148,7 @@ def test_a_failing_supervisor_loop_is_reported_and_restarted(pipeline, monkeypat
 @pytest.mark.timeout(300)   # several starts of a pipeline on a loaded 2-core machine
 def test_a_loop_failing_for_good_stops_the_supervisor_loudly(pipeline) -> None:
     p = pipeline(chain())
-    env = {**os.environ, "STREAMPIPE_TEST_FAULTS": "history*"}
+    env = {**os.environ, **fault_env("history*")}
     proc = subprocess.Popen([*CLI, "up", "--config", str(p.config)], cwd=p.folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     p.foreground = proc

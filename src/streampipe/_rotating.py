@@ -1,7 +1,7 @@
 """Size-rotated append-only files: dead letters, events, status history, a process's own stderr.
 
 Rotated files are named as loguru names the stage logs (``events.2025-01-31_12-00-00_123456.jsonl``,
-``normalizer.0.<stamp>.stderr``), so :mod:`streampipe.stages.logtail` (``streampipe logs``,
+``normalizer.0.<stamp>.stderr``), so :mod:`streampipe._logtail` (``streampipe logs``,
 ``streampipe events -f``, the log extractor) follows them through rotation as it follows the logs,
 and :func:`files_of` lists a stream's files oldest first for readers of whole files.
 

@@ -1,7 +1,9 @@
 """Follow log files through rotation and truncation, and parse streampipe's log lines.
 
 One implementation shared by the log extractor stage (:mod:`streampipe.stages.log_extractor`) and
-``streampipe logs -f`` (:mod:`streampipe.launcher.logs`).
+the CLI (``streampipe logs -f``, :mod:`streampipe.launcher.logs`; ``streampipe events -f``). It serves
+both sides, so it lives at the package root beside :mod:`streampipe._rotating`, which writes the
+rotated files it reads: ``stages`` never imports ``launcher``, and the CLI's reader is no stage code.
 
 How a :class:`LogTail` follows files (the choices of ``tail -F`` and Fluent Bit's tail input):
 
