@@ -44,6 +44,7 @@ import zmq.asyncio
 from loguru import logger
 
 from streampipe._rotating import RotatingFile, rotate_stdio
+from streampipe.launcher import fencing
 from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.rundir import RunDir
@@ -52,7 +53,7 @@ from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Judge, Probe, Reading
 from streampipe.monitor.policy import RestartPolicy, describe_exit
-from streampipe.stages import wire
+from streampipe.stages import fence, wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import EdgeSpec, StageSpec
@@ -112,6 +113,7 @@ class Replica:
     wanted_down: bool = False    # the supervisor stopped it on purpose: do not restart
     backoff_until: float = 0.0
     spawn_mode: str = ""
+    fenced: int = 0              # fenced exits in a row (see launcher/fencing.py)
     rate: float = 0.0
     _rate_mark: tuple[float, int] = (0.0, 0)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -452,6 +454,9 @@ class Supervisor:
         spec = self.spec_for(rep)
         stderr = self.rd.logs / f"{rep.ident}.stderr"
         module = target_of(rep.cfg.type).partition(":")[0]
+        await self._clear_fence(rep)
+        if self.stopping or rep.pid is not None:
+            return
         t0 = time.monotonic()
         fork = self.fork if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready else None
         if fork is not None and fork.changed(module):
@@ -466,6 +471,7 @@ class Supervisor:
             except Exception as exc:
                 logger.warning(f"fork server spawn failed ({exc}); starting {rep.ident} cold and replacing the server")
                 fork.kill()   # reaped in _reap, which starts a new one
+                await self._clear_fence(rep)   # the server may have forked the stage before it stalled
         if pid is None:
             try:
                 pid = spawn_stage_cold(spec, stderr)
@@ -488,6 +494,12 @@ class Supervisor:
             self._on_stage_message(rep, msg)
         if pid in self.early_exits:
             asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid)[1])
+
+    async def _clear_fence(self, rep: Replica) -> None:
+        """Kill a stale process holding the replica's lock, before another is made (launcher/fencing.py)."""
+        for stale in await fencing.clear(self.rd.path, rep.ident):
+            assert self.events is not None
+            self.events.emit("fenced", rep.stage, rep.index, stale, reason="a stale process held the replica's lock: SIGKILLed")
 
     async def _restart_forkserver(self) -> None:
         old = self.fork
@@ -554,6 +566,13 @@ class Supervisor:
     def _after_exit(self, rep: Replica, code: int, uptime: float, reason: str) -> None:
         """The replica is down (exited, or never started): stop, fail, or restart after a backoff."""
         assert self.events is not None
+        if code == fence.FENCED_EXIT and not (rep.wanted_down or self.stopping) and rep.fenced < fencing.FENCED_RETRIES:
+            rep.fenced += 1   # it lost the lock to a stale process and bound nothing: not a crash, not counted
+            rep.state = "starting"
+            self.events.emit("fenced", rep.stage, rep.index, None, reason="another process held the replica's lock; starting it again")
+            asyncio.get_running_loop().call_later(fencing.FENCED_RETRY_DELAY_S,
+                                                  lambda: self.own(self._restart(rep, "fenced"), f"respawn {rep.ident}", rep))
+            return
         decision = rep.policy.on_exit(time.time(), code, uptime, wanted=rep.wanted_down or self.stopping)
         if decision.action == "stop":
             rep.state = "stopped"
@@ -708,7 +727,7 @@ class Supervisor:
             if msg.get("last_error"):
                 rep.last_error = msg["last_error"]
         elif op == "ready":
-            rep.ready_at, rep.last_beat = now, time.monotonic()
+            rep.ready_at, rep.last_beat, rep.fenced = now, time.monotonic(), 0
             if rep.state == "starting":
                 rep.state = "running"
             rep.settled.set()
