@@ -12,22 +12,30 @@
       output/             the consumer's default output
 
 Unix socket paths are limited to 107 bytes. When ``<run dir>/sock`` would be longer, the
-sockets live in a short private folder under ``/tmp`` and ``sock`` is a symlink to it.
+sockets live in a fallback folder under the temp dir that nobody else can own: made fresh by
+``mkdtemp`` (mode 0700, a random name), ``sock`` is a symlink to it and ``sock.fallback``
+records its device and inode. Every use checks, with ``lstat`` (no link followed), that the
+link points to exactly that folder and that the folder is ours and closed to everyone else
+(:meth:`RunDir.sock_folder`); anything else is refused (:class:`UnsafeSocketDir`), never
+followed. ``up`` replaces a folder that fails the check with a fresh one; a clean exit of the
+supervisor (``down``) removes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 import psutil
+from loguru import logger
 
-from streampipe.launcher.errors import AlreadyRunning
+from streampipe.launcher.errors import AlreadyRunning, UnsafeSocketDir
 from streampipe.stages.state import atomic_write
 
 _SUN_PATH_MAX = 100   # 107 bytes minus room for the longest socket name we add
+FALLBACK_PREFIX = "streampipe-"   # mkdtemp adds 8 random characters: /tmp/streampipe-k3j_9xq2
 START_TIME_TOLERANCE_S = 0.005   # half a kernel clock tick (1/100 s): the start time is counted in ticks
 
 
@@ -56,10 +64,50 @@ class RunDir:
     def state(self) -> Path:
         return self.path / "state"
 
+    @property
+    def sock_record(self) -> Path:
+        return self.path / "sock.fallback"
+
     def endpoint(self, name: str) -> str:
         # the real folder, not the symlink: ZeroMQ passes the path to bind() as it is
-        folder = self.sock.resolve() if self.sock.is_symlink() else self.sock
-        return f"ipc://{folder / name}"
+        return f"ipc://{self.sock_folder() / name}"
+
+    def sock_folder(self) -> Path:
+        """The folder of the socket files, checked (``lstat``, no link followed) before every use.
+
+        ``<run dir>/sock`` is a folder of ours, mode 0700; or a symlink to the fallback folder
+        ``sock.fallback`` records (same path, device and inode), itself a folder of ours, mode
+        0700. Raises :class:`UnsafeSocketDir` otherwise: a folder someone else made, opened, or
+        put in place of ours is never used.
+        """
+        try:
+            st = os.lstat(self.sock)
+        except FileNotFoundError:
+            raise UnsafeSocketDir(f"{self.sock} does not exist (the run directory was not set up by `streampipe up`)") from None
+        if not stat.S_ISLNK(st.st_mode):
+            _check_private(self.sock, st)
+            return self.sock
+        target = Path(os.readlink(self.sock))
+        recorded = self._recorded()
+        if recorded is None or recorded[0] != target:
+            raise UnsafeSocketDir(f"{self.sock} points to {target}, not to the folder this run directory made "
+                                  f"({recorded[0] if recorded else 'none recorded in ' + str(self.sock_record)})")
+        try:
+            tst = os.lstat(target)
+        except FileNotFoundError:
+            raise UnsafeSocketDir(f"the socket folder {target} is gone (removed by a temp cleaner?); "
+                                  f"`streampipe up` makes a new one") from None
+        _check_private(target, tst)
+        if (tst.st_dev, tst.st_ino) != recorded[1:]:
+            raise UnsafeSocketDir(f"{target} is not the folder this run directory made (another folder now has its name)")
+        return target
+
+    def _recorded(self) -> tuple[Path, int, int] | None:
+        try:
+            path, dev, ino = self.sock_record.read_text().rstrip("\n").rsplit(" ", 2)
+            return Path(path), int(dev), int(ino)
+        except (OSError, ValueError):
+            return None
 
     @property
     def control(self) -> str:
@@ -115,30 +163,55 @@ class RunDir:
         atomic_write(self.pid_file, f"{me.pid} {me.create_time()!r} {self.path}\n".encode())
 
     def _make_sock_dir(self) -> None:
-        if self.sock.is_symlink() or self.sock.exists():
-            target = self.sock.resolve()
-            if target.is_dir():
-                for f in target.iterdir():
-                    if f.is_socket() or f.name.startswith(("i.", "a.")) or f.name in ("control", "stages"):
-                        f.unlink(missing_ok=True)
+        if os.path.lexists(self.sock):
+            try:
+                _clean_sockets(self.sock_folder())
                 return
-            self.sock.unlink()
+            except UnsafeSocketDir as exc:
+                if not self.sock.is_symlink():
+                    raise
+                logger.warning(f"not using the old socket folder: {exc}; making a new one")
+                self.sock.unlink()
+                self.sock_record.unlink(missing_ok=True)
         if len(str(self.sock)) + 24 <= _SUN_PATH_MAX:
             self.sock.mkdir(mode=0o700)
+            os.chmod(self.sock, 0o700)
             return
-        digest = hashlib.sha1(str(self.path).encode()).hexdigest()[:12]
-        short = Path(tempfile.gettempdir()) / f"streampipe-{os.getuid()}" / digest
-        short.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(short.parent, 0o700)
-        os.chmod(short, 0o700)
+        short = Path(tempfile.mkdtemp(prefix=FALLBACK_PREFIX))   # 0700, a name nobody can guess
+        st = os.lstat(short)
+        atomic_write(self.sock_record, f"{short} {st.st_dev} {st.st_ino}\n".encode())
         self.sock.symlink_to(short)
 
     def release(self) -> None:
         """Remove the pid file and socket files (the rest stays for `status`, `logs`, `report`)."""
         if (me := self.supervisor()) is not None and me.pid == os.getpid():
             self.pid_file.unlink(missing_ok=True)
-        target = self.sock.resolve() if self.sock.exists() else None
-        if target is not None and target.is_dir():
-            for f in target.iterdir():
-                if f.is_socket():
-                    f.unlink(missing_ok=True)
+        try:
+            folder = self.sock_folder()
+        except UnsafeSocketDir:
+            return     # not ours to clean
+        _clean_sockets(folder)
+        if folder != self.sock:       # the fallback folder under the temp dir: nothing of it is left behind
+            try:
+                folder.rmdir()
+            except OSError as exc:
+                logger.warning(f"socket folder {folder} not removed: {exc}")
+                return
+            self.sock.unlink(missing_ok=True)
+            self.sock_record.unlink(missing_ok=True)
+
+
+def _check_private(path: Path, st: os.stat_result) -> None:
+    """Refuse a socket folder that is not a real folder of ours, closed to group and others."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSocketDir(f"{path} is not a folder")
+    if st.st_uid != os.getuid():
+        raise UnsafeSocketDir(f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): refusing to use it")
+    if st.st_mode & 0o077:
+        raise UnsafeSocketDir(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; a socket folder must be 0700")
+
+
+def _clean_sockets(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_socket() or f.name.startswith(("i.", "a.")) or f.name in ("control", "stages"):
+            f.unlink(missing_ok=True)
