@@ -31,10 +31,11 @@ from pathlib import Path
 import psutil
 from loguru import logger
 
-from streampipe.launcher.errors import AlreadyRunning, UnsafeSocketDir
-from streampipe.stages.state import atomic_write
+from streampipe.launcher.errors import AlreadyRunning, StreampipeError, UnsafeSocketDir
+from streampipe.stages.state import atomic_write, remove_interrupted_writes
 
-_SUN_PATH_MAX = 100   # 107 bytes minus room for the longest socket name we add
+SUN_PATH_MAX = 107        # bytes of a unix socket path (sun_path is 108 with its NUL)
+SOCKET_NAME_DEFAULT = 30  # the longest socket name assumed when the stage names are not known
 FALLBACK_PREFIX = "streampipe-"   # mkdtemp adds 8 random characters: /tmp/streampipe-k3j_9xq2
 START_TIME_TOLERANCE_S = 0.005   # half a kernel clock tick (1/100 s): the start time is counted in ticks
 
@@ -148,8 +149,12 @@ class RunDir:
         proc = self.supervisor()
         return proc.pid if proc is not None else None
 
-    def claim(self) -> None:
-        """Create the directory (0700), refuse if a live supervisor owns it, clean stale sockets."""
+    def claim(self, longest_socket: int = SOCKET_NAME_DEFAULT) -> None:
+        """Create the directory (0700), refuse if a live supervisor owns it, clean stale sockets.
+
+        ``longest_socket``: the bytes of the longest socket file name it will hold
+        (:func:`longest_socket_name`); the socket folder is chosen so that each path fits.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         other = self.supervisor_pid()
@@ -158,26 +163,38 @@ class RunDir:
                                  f"`streampipe down --run-dir {self.path}` stops it")
         for sub in (self.logs, self.state):
             sub.mkdir(exist_ok=True)
-        self._make_sock_dir()
+        for left in remove_interrupted_writes(self.path):
+            logger.info(f"removed {left}: the temp file of a write interrupted by a kill")
+        self._make_sock_dir(longest_socket)
         me = psutil.Process()
         atomic_write(self.pid_file, f"{me.pid} {me.create_time()!r} {self.path}\n".encode())
 
-    def _make_sock_dir(self) -> None:
+    def _make_sock_dir(self, longest: int) -> None:
         if os.path.lexists(self.sock):
             try:
-                _clean_sockets(self.sock_folder())
-                return
+                folder = self.sock_folder()
+                _clean_sockets(folder)
+                if _fits(folder, longest):
+                    return
+                self.release()                 # too long for these stage names: a folder that fits instead
             except UnsafeSocketDir as exc:
                 if not self.sock.is_symlink():
                     raise
                 logger.warning(f"not using the old socket folder: {exc}; making a new one")
                 self.sock.unlink()
                 self.sock_record.unlink(missing_ok=True)
-        if len(str(self.sock)) + 24 <= _SUN_PATH_MAX:
+        if not os.path.lexists(self.sock) and _fits(self.sock, longest):
             self.sock.mkdir(mode=0o700)
             os.chmod(self.sock, 0o700)
             return
+        if self.sock.is_dir() and not self.sock.is_symlink():
+            self.sock.rmdir()                  # an in-place folder too long for these names (emptied above)
         short = Path(tempfile.mkdtemp(prefix=FALLBACK_PREFIX))   # 0700, a name nobody can guess
+        if not _fits(short, longest):
+            short.rmdir()
+            raise StreampipeError(f"socket paths in {short.parent} would exceed the {SUN_PATH_MAX} bytes of a unix socket "
+                                  f"path for a {longest}-byte socket name: set TMPDIR to a shorter folder, or shorten "
+                                  f"the stage names")
         st = os.lstat(short)
         atomic_write(self.sock_record, f"{short} {st.st_dev} {st.st_ino}\n".encode())
         self.sock.symlink_to(short)
@@ -199,6 +216,16 @@ class RunDir:
                 return
             self.sock.unlink(missing_ok=True)
             self.sock_record.unlink(missing_ok=True)
+
+
+def longest_socket_name(stages: list[str]) -> int:
+    """Bytes of the longest socket file name of these stages: ``i.<stage>.<replica>``, replicas
+    up to 64 (``a.`` is as long), or ``control`` / ``stages``."""
+    return max([len("control"), len("stages"), *(len(f"i.{name}.63".encode()) for name in stages)])
+
+
+def _fits(folder: Path, longest: int) -> bool:
+    return len(str(folder).encode()) + 1 + longest <= SUN_PATH_MAX
 
 
 def _check_private(path: Path, st: os.stat_result) -> None:

@@ -47,7 +47,7 @@ from streampipe._rotating import RotatingFile, rotate_stdio
 from streampipe.launcher import fencing
 from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
 from streampipe.launcher.errors import StageError, StreampipeError
-from streampipe.launcher.rundir import RunDir
+from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
@@ -187,7 +187,7 @@ class Supervisor:
 
     # -- public ------------------------------------------------------------------------------
     async def run(self) -> int:
-        self.rd.claim()
+        self.rd.claim(longest_socket_name(list(self.cfg.stages)))
         set_title("supervisor", self.cfg.pipeline)
         self._setup_logging()
         self.events = EventLog(self.rd.events, self.cfg.logging.file_max_bytes, self.cfg.logging.retention)
