@@ -2,10 +2,11 @@
 
     <run dir>/
       supervisor.pid      "<pid> <start time> <run dir>": the supervisor's identity (see supervisor())
-      sock/               ipc socket files: control, stages, i.<stage>.<r>, a.<stage>.<r>
+      sock/               ipc socket files: control, stages, i.<stage>.<r>, a.<stage>.<r> (or a link to the fallback folder, below)
+      sock.fallback       "<path> <device> <inode>" of that fallback folder, when there is one
       logs/               <stage>.<r>.jsonl (loguru), <stage>.<r>.stderr, supervisor.jsonl
       events.jsonl        supervisor events
-      state/              stage snapshots (source positions, sink dedup marks)
+      state/              stage snapshots (source positions, sink dedup marks); <stage>.<r>.lock, held by the live replica
       deadletter/         <stage>.jsonl: records a stage could not process, with the error
       checkpoints/        trainer models
       metrics.jsonl       evaluator metrics
@@ -71,7 +72,11 @@ class RunDir:
 
     def endpoint(self, name: str) -> str:
         # the real folder, not the symlink: ZeroMQ passes the path to bind() as it is
-        return f"ipc://{self.sock_folder() / name}"
+        path = self.sock_folder() / name
+        if not _fits(path.parent, len(name.encode())):   # a stage added by `apply` with a longer name than at `up`
+            raise StreampipeError(f"socket path {path} is over the {SUN_PATH_MAX} bytes of a unix socket path: "
+                                  f"`streampipe down` and `up` again (the socket folder is chosen for the longest name)")
+        return f"ipc://{path}"
 
     def sock_folder(self) -> Path:
         """The folder of the socket files, checked (``lstat``, no link followed) before every use.
