@@ -238,7 +238,7 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool
         want = 1 + len(header["c"]) if "c" in header else 2
         if len(frames) != want:
             raise Malformed(f"data message has {len(frames)} frames, expected {want}")
-        if header.get("lo", 0) > header["seq"]:
+        if "lo" in header and header["lo"] > header["seq"]:
             raise Malformed(f"lowest unacknowledged seq {header['lo']} is above the batch's own seq {header['seq']}")
     else:
         raise Malformed(f"header kind {kind!r} is not 'd' or 'eos'")

@@ -37,6 +37,10 @@ def test_well_formed_messages_pass() -> None:
     assert wire.read_message([msgpack.packb(eos)], PEERS, acked=True) == (eos, None)
     assert wire.read_message(frames({**HEADER, "ack": None}), PEERS, acked=False)[1] == RECORDS
     assert wire.read_message(frames({**HEADER, "n": 0}, []), PEERS, acked=True)[1] == []
+    # without a lowest-unacknowledged mark there is nothing to compare the seq with (a KeyError once)
+    assert wire.read_message(frames({**HEADER, "seq": -1}), PEERS, acked=True)[0]["seq"] == -1
+    with pytest.raises(wire.Malformed, match="above the batch's own seq"):
+        wire.read_message(frames({**HEADER, "lo": 5}), PEERS, acked=True)
 
 
 @pytest.mark.parametrize("field", ["k", "src", "r", "e", "ep", "seq", "n", "t", "ack"])
