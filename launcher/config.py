@@ -3,7 +3,14 @@
 Every error names the file, the line and the field (``services.yaml:12: stages.normalizer.replicas:
 Input should be greater than or equal to 1``) and the CLI exits with status 2. Checks: YAML syntax,
 unknown keys, wrong types and ranges, inputs naming a stage (or output) that does not exist,
-cycles, and a ``type`` that is neither a built-in name nor ``module:name``.
+cycles, and a ``type`` that is neither a built-in name nor ``module:name``; numbers that are
+not finite (``.inf``, ``.nan``: every number of the config is a size, a count or a time), stage
+names too long for their socket paths, and outputs that leave the run directory (below).
+
+Outputs stay in the run directory: an option that names a file or folder a stage writes
+(:data:`OUTPUT_OPTIONS`, e.g. the consumer's ``output``) resolves against the run directory,
+and an absolute path or one whose ``..`` climbs out of it is refused unless the stage sets
+``allow_outside_run_dir: true``.
 
 Then, unless ``check_stages=False`` (commands that only need the run directory), what each
 ``type`` names is inspected in a short-lived child process (:mod:`streampipe.stages.introspect`; user
@@ -32,6 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from streampipe.launcher.errors import ConfigError
 from streampipe.stages.registry import BUILTINS
 
+MAX_STAGE_NAME_BYTES = 64   # "i.<name>.<r>" in a fallback socket folder (/tmp/streampipe-xxxxxxxx) stays under
+                            # the 107 bytes of a unix socket path (launcher/rundir.py picks the folder to fit)
+# options of the built-in stages that name what they write (relative to the run directory); the
+# evaluator's checkpoint_dir is read (a trainer's folder, a peer's volume on Kubernetes), not written
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",)}
 INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"
@@ -42,7 +54,8 @@ Delivery = Literal["at-least-once", "at-most-once"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: every float here is a size or a time; `.inf` made int() overflow at `up`
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StageSettings(_Strict):
@@ -73,6 +86,7 @@ class StageSettings(_Strict):
     max_rss_mb: float | None = Field(None, gt=0)
     max_cpu_percent: float | None = Field(None, gt=0)
     limit_for: float = Field(3.0, ge=0)                # s a limit must be exceeded before restart
+    allow_outside_run_dir: bool = False                # outputs (OUTPUT_OPTIONS) may be absolute or climb out with ..
 
 
 class Defaults(StageSettings):
@@ -307,6 +321,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     _check_types(cfg, index)
     _check_replay(cfg, index)
     _check_network(cfg, index)
+    _check_outputs(cfg, index)
     if check_stages:
         _check_stages(cfg, index)
     return cfg
@@ -319,6 +334,37 @@ def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
             line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
             raise ConfigError(f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} "
                               f"{stage.replicas} times): set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
+
+
+def _check_outputs(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """What a stage writes stays in the run directory unless it opts out (``allow_outside_run_dir``)."""
+    for name, stage in cfg.stages.items():
+        if stage.allow_outside_run_dir:
+            continue
+        for key in OUTPUT_OPTIONS.get(stage.type, ()):
+            value = stage.options.get(key)
+            if not isinstance(value, str):
+                continue
+            if (why := outside_run_dir(value)) is not None:
+                loc = ("stages", name, "options", key)
+                raise ConfigError(f"{value!r} {why}; outputs resolve inside the run directory "
+                                  f"(set allow_outside_run_dir: true on the stage to write there anyway)",
+                                  file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+
+
+def outside_run_dir(path: str) -> str | None:
+    """Why ``path`` (relative to the run directory) would be written outside it, or None.
+
+    >>> outside_run_dir("output/records.jsonl") is None, outside_run_dir("a/../b") is None
+    (True, True)
+    >>> outside_run_dir("../elsewhere/notes.txt"), outside_run_dir("/etc/passwd")
+    ('climbs out of the run directory', 'is an absolute path')
+    """
+    if os.path.isabs(path):
+        return "is an absolute path"
+    if os.path.normpath(path).split(os.sep)[0] == os.pardir:
+        return "climbs out of the run directory"
+    return None
 
 
 def _check_network(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
@@ -343,6 +389,10 @@ def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
     for name, stage in cfg.stages.items():
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError("stage names use letters, digits, '_' and '-'", file=path, line=index.get(("stages", name)), field=f"stages.{name}")
+        if len(name.encode()) > MAX_STAGE_NAME_BYTES:
+            raise ConfigError(f"a stage name of {len(name.encode())} bytes: at most {MAX_STAGE_NAME_BYTES}, so that its socket "
+                              f"paths fit the 107 bytes of a unix socket path", file=path, line=index.get(("stages", name)),
+                              field=f"stages.{name}")
         wired: set[tuple[str, str]] = set()
         for i, ref in enumerate(stage.inputs):
             src, _, output = ref.partition(".")

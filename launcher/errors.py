@@ -3,7 +3,8 @@
     StreampipeError                 base; the CLI prints its message and exits with ``exit_code``
     ├── ConfigError                 services.yaml is wrong: file, line, field (exit 2)
     ├── ControlError                the control socket did not answer or refused (exit 1)
-    │   └── NotRunning              no supervisor owns this run directory (exit 1)
+    │   ├── NotRunning              no supervisor owns this run directory (exit 1)
+    │   └── UnsafeSocketDir         the socket folder is not ours alone, or not the one we made (exit 1)
     ├── AlreadyRunning              a live supervisor already owns this run directory (exit 1)
     ├── StageError                  a stage failed to start or to stop (exit 1)
     └── MissingExtra                an optional part is not installed: names the extra (exit 1)
@@ -45,6 +46,10 @@ class ControlError(StreampipeError):
 
 class NotRunning(ControlError):
     """No supervisor is running for this run directory."""
+
+
+class UnsafeSocketDir(ControlError):
+    """The run directory's socket folder is not a 0700 folder of ours, or not the one it made."""
 
 
 class AlreadyRunning(StreampipeError):

@@ -40,6 +40,7 @@ class Replica:
     wanted_down: bool = False    # the supervisor stopped it on purpose: do not restart
     backoff_until: float = 0.0
     spawn_mode: str = ""
+    fenced: int = 0              # fenced exits in a row (see launcher/fencing.py)
     rate: float = 0.0
     _rate_mark: tuple[float, int] = (0.0, 0)
     exited: asyncio.Event = field(default_factory=asyncio.Event)

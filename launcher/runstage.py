@@ -23,7 +23,6 @@ import re
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import psutil
 
 from streampipe.launcher.config import PipelineConfig
 from streampipe.launcher.errors import ConfigError
+from streampipe.launcher.healthserver import HealthServer
 from streampipe.launcher.specs import stage_spec
 from streampipe.stages.runtime import Host
 from streampipe.stages.spec import EdgeSpec, StageSpec
@@ -149,8 +149,9 @@ class Health(Host):
         return {"stages": [row], "malformed": {}}
 
 
-def serve_health(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` from a daemon thread."""
+def serve_health(health: Health, port: int, host: str = "0.0.0.0") -> HealthServer:
+    """``/healthz``, ``/readyz`` and ``/metrics`` on ``host:port`` from one daemon thread
+    (:mod:`streampipe.launcher.healthserver`: bounded, with read timeouts, whatever the clients do)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from prometheus_client.registry import CollectorRegistry
 
@@ -158,32 +159,18 @@ def serve_health(health: Health, port: int, host: str = "0.0.0.0") -> ThreadingH
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PipelineCollector(health.snapshot))  # type: ignore[arg-type]
+    text = "text/plain; charset=utf-8"
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:   # noqa: N802 (http.server's name)
-            path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                code, body, ctype = *health.healthz(), "text/plain; charset=utf-8"
-            elif path == "/readyz":
-                code, body, ctype = *health.readyz(), "text/plain; charset=utf-8"
-            elif path == "/metrics":
-                code, body, ctype = 200, generate_latest(registry).decode(), CONTENT_TYPE_LATEST
-            else:
-                code, body, ctype = 404, "not found: /healthz, /readyz, /metrics\n", "text/plain; charset=utf-8"
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def route(path: str) -> tuple[int, str, str]:
+        if path == "/healthz":
+            return (*health.healthz(), text)
+        if path == "/readyz":
+            return (*health.readyz(), text)
+        if path == "/metrics":
+            return 200, generate_latest(registry).decode(), CONTENT_TYPE_LATEST
+        return 404, "not found: /healthz, /readyz, /metrics\n", text
 
-        def log_message(self, format: str, *args: Any) -> None:   # probes every few seconds: not logged
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-    return server
+    return HealthServer(host, port, route).start()
 
 
 def run_stage(spec: StageSpec, health_port: int | None, health_host: str = "0.0.0.0") -> int:

@@ -142,13 +142,18 @@ class ForkServer:
             self._writer = None
 
     def kill(self) -> None:
-        """SIGKILL a wedged or broken server (the supervisor reaps it and starts another)."""
+        """SIGKILL a wedged or broken server and its pre-forked middle process (its process group:
+        a request it still holds must never become a stage later); the supervisor reaps it and
+        starts another. A stage already forked has its own session and is fenced by its lock."""
         self.ready = False
         if self.pid is not None:
             try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         if self._writer is not None:

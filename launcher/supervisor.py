@@ -42,18 +42,19 @@ import zmq.asyncio
 from loguru import logger
 
 from streampipe._rotating import RotatingFile, rotate_stdio
+from streampipe.launcher import fencing
 from streampipe.launcher.apply import apply_config
 from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
 from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.replica import Replica, settle
-from streampipe.launcher.rundir import RunDir
+from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Judge, Probe
 from streampipe.monitor.policy import RestartPolicy, describe_exit
-from streampipe.stages import wire
+from streampipe.stages import fence, wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
@@ -106,7 +107,7 @@ class Supervisor:
 
     # -- public ------------------------------------------------------------------------------
     async def run(self) -> int:
-        self.rd.claim()
+        self.rd.claim(longest_socket_name(list(self.cfg.stages)))
         set_title("supervisor", self.cfg.pipeline)
         self._setup_logging()
         self.events = EventLog(self.rd.events, self.cfg.logging.file_max_bytes, self.cfg.logging.retention)
@@ -374,6 +375,9 @@ class Supervisor:
         spec.last_exit = rep.kill_reason or rep.last_exit    # a record in hand at that death is a suspect (stages.poison)
         stderr = self.rd.logs / f"{rep.ident}.stderr"
         module = target_of(rep.cfg.type).partition(":")[0]
+        await self._clear_fence(rep)
+        if self.stopping or rep.pid is not None:
+            return
         t0 = time.monotonic()
         fork = self.fork if rep.cfg.spawn == "fork-server" and self.fork is not None and self.fork.ready else None
         if fork is not None and fork.changed(module):
@@ -388,6 +392,7 @@ class Supervisor:
             except Exception as exc:
                 logger.warning(f"fork server spawn failed ({exc}); starting {rep.ident} cold and replacing the server")
                 fork.kill()   # reaped in _reap, which starts a new one
+                await self._clear_fence(rep)   # the server may have forked the stage before it stalled
         if pid is None:
             try:
                 pid = spawn_stage_cold(spec, stderr)
@@ -410,6 +415,12 @@ class Supervisor:
             self._on_stage_message(rep, msg)
         if pid in self.early_exits:
             asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid)[1])
+
+    async def _clear_fence(self, rep: Replica) -> None:
+        """Kill a stale process holding the replica's lock, before another is made (launcher/fencing.py)."""
+        for stale in await fencing.clear(self.rd.path, rep.ident):
+            assert self.events is not None
+            self.events.emit("fenced", rep.stage, rep.index, stale, reason="a stale process held the replica's lock: SIGKILLed")
 
     async def _restart_forkserver(self) -> None:
         old = self.fork
@@ -477,6 +488,13 @@ class Supervisor:
     def _after_exit(self, rep: Replica, code: int, uptime: float, reason: str) -> None:
         """The replica is down (exited, or never started): stop, fail, or restart after a backoff."""
         assert self.events is not None
+        if code == fence.FENCED_EXIT and not (rep.wanted_down or self.stopping) and rep.fenced < fencing.FENCED_RETRIES:
+            rep.fenced += 1   # it lost the lock to a stale process and bound nothing: not a crash, not counted
+            rep.state = "starting"
+            self.events.emit("fenced", rep.stage, rep.index, None, reason="another process held the replica's lock; starting it again")
+            asyncio.get_running_loop().call_later(fencing.FENCED_RETRY_DELAY_S,
+                                                  lambda: self.own(self._restart(rep, "fenced"), f"respawn {rep.ident}", rep))
+            return
         decision = rep.policy.on_exit(time.time(), code, uptime, wanted=rep.wanted_down or self.stopping)
         if decision.action == "stop":
             rep.state = "stopped"
@@ -665,7 +683,7 @@ class Supervisor:
             if msg.get("last_error"):
                 rep.last_error = msg["last_error"]
         elif op == "ready":
-            rep.ready_at, rep.last_beat = now, time.monotonic()
+            rep.ready_at, rep.last_beat, rep.fenced = now, time.monotonic(), 0
             if rep.state == "starting":
                 rep.state = "running"
             rep.settled.set()

@@ -84,6 +84,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import numpy as np
 from loguru import logger
 
+from streampipe.stages import outputs
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.columns import MISSING as MISSING_VALUE
 from streampipe.stages.columns import Columns
@@ -190,6 +191,7 @@ class Consumer(Stage):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         saved = load_state(self.state_path) or {}
+        outputs.check_ours(self.path, saved)     # never cut or append to a file it did not write
         offset = 0
         if saved.get("path") == str(self.path):
             if "origins" not in saved and saved.get("seen"):
@@ -435,7 +437,8 @@ class Consumer(Stage):
         self._file.flush()
         os.fsync(self._file.fileno())
         save_state(self.state_path, {"path": str(self.path), "offset": self._file.tell(), "origins": self.delivered.state(),
-                                     "count": self.count, "labels": self.labels})
+                                     "count": self.count, "labels": self.labels,
+                                     "file": outputs.identity(os.fstat(self._file.fileno()))})
         if self._journal is not None:    # the lines it named are covered by the state now
             self._journal.seek(0)
             self._journal.truncate()

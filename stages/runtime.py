@@ -57,7 +57,7 @@ import zmq
 from loguru import logger
 
 from streampipe._rotating import watch_stdio
-from streampipe.stages import network, wire
+from streampipe.stages import fence, network, wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
 from streampipe.stages.api import Record, Source, Stage, StageContext, columnar_source, is_source
 from streampipe.stages.columns import Columns
@@ -1547,6 +1547,8 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.getppid() == spec.supervisor_pid:      # a cold start: arm the death signal at once
         die_with_parent(spec.supervisor_pid)
+    if not fence.claim(spec.run_dir, spec.ident):   # another process is this replica: bind nothing, write nothing
+        return fence.FENCED_EXIT
     setup_logging(spec, stdout=host is not None)
     if host is None:
         watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,6 +59,31 @@ def _warn(message: str) -> None:
     from loguru import logger
 
     logger.warning(message)
+
+
+# atomic_write's temp names: mkstemp's 8 random characters between ".<name>." and ".tmp"
+_INTERRUPTED = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_interrupted_writes(folder: Path) -> list[Path]:
+    """Delete the temp files that writes interrupted by a SIGKILL left under ``folder`` (each
+    of them the unfinished copy of a file whose old version is still in place); return them.
+
+    Only when nothing writes there: the supervisor calls it on its run directory when it claims
+    it, before any stage starts. Symlinks are not followed.
+    """
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in files:
+            if _INTERRUPTED.fullmatch(name):
+                path = Path(root) / name
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

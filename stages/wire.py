@@ -120,6 +120,8 @@ def data_frames(header: dict[str, Any], payload: list[dict[str, Any]] | Columns)
     """
     if not isinstance(payload, Columns):
         return [_packb(header), _packb(payload)]
+    if not payload.data and payload.n:    # records without fields: a byte each as records (see read_columns)
+        return [_packb(header), _packb(payload.to_records())]
     frames: list[bytes] = [b""]
     desc = []
     for name, col in payload.items():
@@ -136,6 +138,8 @@ def _column_frame(col: Column) -> tuple[str, bytes, list[int]]:
         return OBJECT, _packb(col), []
     if col.ndim < 1 or col.ndim > MAX_COLUMN_DIMS:
         raise TypeError(f"a column of {col.ndim} dimensions (1 or 2 cross the wire)")
+    if 0 in col.shape[1:]:                # empty vectors: no bytes as numpy, a byte each as values
+        return OBJECT, _packb(col.tolist()), []
     dt = col.dtype
     if dt.str not in WIRE_DTYPES:
         if dt.kind in "iu" and dt.itemsize <= 8 and not (dt.kind == "u" and dt.itemsize == 8):
@@ -246,6 +250,8 @@ def read_message(frames: list[bytes], peers: Container[str], acked: bool
         want = 1 + len(header["c"]) if "c" in header else 2
         if len(frames) != want:
             raise Malformed(f"data message has {len(frames)} frames, expected {want}")
+        if "lo" in header and header["lo"] > header["seq"]:
+            raise Malformed(f"lowest unacknowledged seq {header['lo']} is above the batch's own seq {header['seq']}")
     else:
         raise Malformed(f"header kind {kind!r} is not 'd', 'eos' or 'f'")
     ack = header["ack"]
@@ -275,9 +281,15 @@ def _missing_hook(code: int, data: bytes) -> Any:
 
 def read_columns(desc: list[Any], n: int, frames: list[bytes]) -> Columns:
     """The columns of a columnar DATA message, checked: kinds, widths, byte lengths, list lengths,
-    unique names. Numpy columns are read-only views of the frames. Raises :class:`Malformed`."""
-    if n < 0:
-        raise Malformed(f"header says {n} records")
+    unique names. Numpy columns are read-only views of the frames. Raises :class:`Malformed`.
+
+    Every record costs at least one byte of the frames (a sender sends a batch without columns,
+    or a column of empty vectors, as values): ``n`` above the bytes received is refused before
+    anything is built, so a small header cannot make a receiver allocate ``n`` of anything.
+    """
+    size = sum(len(f) for f in frames)
+    if n < 0 or n > size:
+        raise Malformed(f"header says {n} records in {len(desc)} columns of {size} bytes")
     data: dict[str, Column] = {}
     for d, frame in zip(desc, frames):
         if type(d) is not list or len(d) != 3 or type(d[0]) is not str or type(d[1]) is not str or type(d[2]) is not list:
@@ -298,7 +310,7 @@ def read_columns(desc: list[Any], n: int, frames: list[bytes]) -> Columns:
             continue
         if kind not in WIRE_DTYPES:
             raise Malformed(f"column {name[:80]!r} has kind {kind[:20]!r}")
-        if len(widths) > MAX_COLUMN_DIMS - 1 or not all(type(w) is int and 0 <= w < 1 << 31 for w in widths):
+        if len(widths) > MAX_COLUMN_DIMS - 1 or not all(type(w) is int and 0 < w < 1 << 31 for w in widths):
             raise Malformed(f"column {name[:80]!r} has widths {str(widths)[:40]}")
         dtype = np.dtype(kind)
         width = widths[0] if widths else 1

@@ -268,3 +268,58 @@ def test_malformed_counts_are_prometheus_metrics() -> None:
     assert [s.value for s in families["streampipe_malformed"].samples if s.name.endswith("_total")] == [7.0]
     by_socket = {s.labels["socket"]: s.value for s in families["streampipe_supervisor_malformed"].samples if s.name.endswith("_total")}
     assert by_socket == {"stages": 3.0, "control": 0.0}
+
+
+COLUMNAR_N = 8000
+COLUMNAR_PIPELINE = f"""\
+pipeline: colfuzz
+defaults: {{ack_timeout: 1.0}}
+stages:
+  generator: {{type: generator, options: {{count: {COLUMNAR_N}, rate: 2000, seed: 3, columnar: true}}}}
+  normalizer: {{type: normalizer, inputs: [generator], options: {{columnar: true}}}}
+  consumer: {{type: consumer, inputs: [normalizer]}}
+"""
+
+
+def test_columnar_frames_that_disagree_leave_a_running_stage_alone(pipeline) -> None:
+    """Issue 21: a 145-byte columnar header (no column, n = 10**9) sent to a running normalizer made
+    it build a list of 10**9 records, fail, be replaced as hung and end failed. Now it and 300
+    structured mutations of valid columnar headers, from a known sender's ack address so that
+    only the frame checks stand in their way, are counted and dropped; the stream goes on."""
+    import msgpack
+
+    from streampipe.stages import wire
+    from tests.test_wire import HEADER, columnar_message, mutate_columnar
+
+    p = pipeline(COLUMNAR_PIPELINE)
+    p.up()
+    rd = RunDir(p.run_dir)
+    peer = rd.endpoint("a.generator.0")
+    pid = p.row("normalizer")["pid"]
+    rng = random.Random(145)
+    issue = [msgpack.packb({**HEADER, "ack": peer, "n": 10**9, "c": [], "lo": 1, "o": "generator.0/0", "w": 0})]
+    messages = [issue]
+    while len(messages) < 301:
+        msg = mutate_columnar(rng, columnar_message(rng, ident=INJECTED))
+        msg[0] = msgpack.packb({**msgpack.unpackb(msg[0]), "ack": peer})
+        try:
+            wire.read_message(msg, {peer}, acked=True)
+        except wire.Malformed:
+            messages.append(msg)     # only what must be refused: a valid one would be processed
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDTIMEO, 10_000)
+    try:
+        sock.connect(rd.endpoint("i.normalizer.0"))
+        for msg in messages:
+            sock.send_multipart(msg)
+        wait_for(lambda: p.row("normalizer")["malformed"] == len(messages), timeout=30,
+                 what=f"{len(messages)} malformed messages counted")
+        wait_for(lambda: len(p.output_ids()) >= COLUMNAR_N, timeout=90, what="the whole stream written")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    row = p.row("normalizer")
+    assert row["pid"] == pid and row["restarts"] == 0 and row["state"] == "running"
+    assert sorted(p.output_ids()) == list(range(COLUMNAR_N)), "every id once, nothing injected"
+    assert not p.events("hung") and not p.events("restart")

@@ -181,3 +181,43 @@ def test_an_input_naming_an_output_its_stage_never_declares_is_refused(tmp_path:
         assert "services.yaml:7: stages.sink.inputs[0]:" in str(info.value) and needle in str(info.value), str(info.value)
     path.write_text(textwrap.dedent(base).replace("INPUT", "split.holdout, summer, fn.default"))
     load_config(path)
+
+
+# -- issue 21: what passed validate and broke up, or wrote outside the run directory ---------------
+
+LONG_NAME = "n" * 90
+REFUSED_AT_VALIDATE = [
+    ("output_climbs_out", GOOD.replace("inputs: [norm, norm.holdout]", "inputs: [norm, norm.holdout]\n    options: {output: ../elsewhere/notes.txt}"),
+     12, "stages.sink.options.output: '../elsewhere/notes.txt' climbs out of the run directory"),
+    ("output_absolute", GOOD.replace("inputs: [norm, norm.holdout]", "inputs: [norm, norm.holdout]\n    options: {output: /etc/notes.txt}"),
+     12, "stages.sink.options.output: '/etc/notes.txt' is an absolute path"),
+    ("trainer_folder_out", GOOD + "  tr:\n    type: trainer\n    inputs: [norm]\n    options:\n      checkpoint_dir: a/../../models\n",
+     16, "stages.tr.options.checkpoint_dir: 'a/../../models' climbs out"),
+    ("file_max_mb_inf", "logging: {file_max_mb: .inf}\n" + GOOD, 1, "logging.file_max_mb: Input should be a finite number"),
+    ("timeout_nan", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    heartbeat_timeout: .nan"), 9,
+     "stages.norm.heartbeat_timeout: Input should be a finite number"),
+    ("default_inf", GOOD.replace("stages:", "defaults: {stop_grace: .inf}\nstages:"), 2, "Input should be a finite number"),
+    ("stage_name_too_long", GOOD.replace("norm", LONG_NAME), 6,
+     f"stages.{LONG_NAME}: a stage name of 90 bytes: at most 64, so that its socket paths fit"),
+]
+
+
+@pytest.mark.parametrize("name,text,line,needle", REFUSED_AT_VALIDATE, ids=[b[0] for b in REFUSED_AT_VALIDATE])
+def test_refused_at_validate_with_file_and_line(tmp_path: Path, name: str, text: str, line: int, needle: str) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(text)
+    proc = cli("validate", "--config", str(path), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"services.yaml:{line}:" in message and needle in message, message
+    assert not (tmp_path / ".streampipe").exists()
+
+
+def test_outside_the_run_dir_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text(GOOD.replace("inputs: [norm, norm.holdout]",
+                                 "inputs: [norm, norm.holdout]\n    allow_outside_run_dir: true\n    options: {output: ../notes.txt}"))
+    assert load_config(path).stages["sink"].options["output"] == "../notes.txt"
+    inside = tmp_path / "inside.yaml"
+    inside.write_text(GOOD.replace("inputs: [norm, norm.holdout]", "inputs: [norm, norm.holdout]\n    options: {output: out/../x.jsonl}"))
+    assert load_config(inside).stages["sink"].options["output"] == "out/../x.jsonl"

@@ -212,3 +212,57 @@ def test_run_stage_refuses_what_cannot_work(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "stages.consumer.port" in proc.stderr and "has no port" in proc.stderr
+
+
+def test_idle_health_connections_cost_no_thread_and_no_throughput(stages: Stages, tmp_path: Path) -> None:
+    """Issue 21: 500 idle half-requests to /healthz made 507 threads in the stage. Now 2,000 idle
+    connections (half of them a request line without its end) leave the stage's thread count
+    as it was, /healthz answers meanwhile, the stream flows on, and the server drops them."""
+    import socket
+
+    import psutil
+
+    from streampipe.launcher import healthserver
+
+    n, p_cons, health = 20_000, free_port("127.0.0.21"), free_port()
+    (tmp_path / "services.yaml").write_text(textwrap.dedent(f"""\
+        pipeline: idle
+        transport: tcp
+        resolve_interval: 0.5
+        stages:
+          generator: {{type: generator, options: {{count: {n}, rate: 2000}}}}
+          consumer: {{type: consumer, inputs: [generator], address: 127.0.0.21, port: {p_cons}}}
+        """))
+    cons = stages.start("consumer", "consumer", "--bind-host", "127.0.0.21", "--health-port", str(health))
+    stages.wait_ready("consumer")
+    stages.start("generator", "generator", "--bind-host", "127.0.0.22")
+    wait_for(lambda: len(sink_ids(tmp_path / ".streampipe")) > 1000, timeout=60, what="records flowing")
+    proc = psutil.Process(cons.pid)
+    threads_before = proc.num_threads()
+    written_before = len(sink_ids(tmp_path / ".streampipe"))
+    idle: list[socket.socket] = []
+    try:
+        for i in range(2000):
+            s = socket.create_connection(("127.0.0.1", health), timeout=10)
+            if i % 2:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")   # and never the blank line
+            idle.append(s)
+        t0 = time.monotonic()
+        assert http_get(f"http://127.0.0.1:{health}/healthz")[0] == 200
+        answered_in = time.monotonic() - t0
+        assert proc.num_threads() == threads_before, "no thread per connection"
+        assert answered_in < 3.0, f"/healthz took {answered_in:.2f}s behind 2,000 idle connections"
+        wait_for(lambda: len(sink_ids(tmp_path / ".streampipe")) > written_before + 2000, timeout=30,
+                 what="the stream flowing while the connections are held")
+        time.sleep(healthserver.READ_TIMEOUT_S + 1)
+        oldest = idle[0]
+        oldest.settimeout(5)
+        assert oldest.recv(1) == b"", "an idle connection is closed by the server after its read timeout"
+        assert len(proc.net_connections("tcp")) < 100 + healthserver.MAX_CONNECTIONS, "the server keeps at most its bound open"
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: len(sink_ids(tmp_path / ".streampipe")) >= n, timeout=60, what="the whole stream")
+    counts = sink_ids(tmp_path / ".streampipe")
+    assert sorted(counts) == list(range(n)) and max(counts.values()) == 1
+    assert proc.num_threads() == threads_before

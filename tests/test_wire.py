@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 from loguru import logger
@@ -36,6 +37,10 @@ def test_well_formed_messages_pass() -> None:
     assert wire.read_message([msgpack.packb(eos)], PEERS, acked=True) == (eos, None)
     assert wire.read_message(frames({**HEADER, "ack": None}), PEERS, acked=False)[1] == RECORDS
     assert wire.read_message(frames({**HEADER, "n": 0}, []), PEERS, acked=True)[1] == []
+    # without a lowest-unacknowledged mark there is nothing to compare the seq with (a KeyError once)
+    assert wire.read_message(frames({**HEADER, "seq": -1}), PEERS, acked=True)[0]["seq"] == -1
+    with pytest.raises(wire.Malformed, match="above the batch's own seq"):
+        wire.read_message(frames({**HEADER, "lo": 5}), PEERS, acked=True)
 
 
 @pytest.mark.parametrize("field", ["k", "src", "r", "e", "ep", "seq", "n", "t", "ack"])
@@ -240,3 +245,130 @@ def test_batches_over_the_size_limit_are_split_and_an_oversized_record_dead_lett
     assert [ob.seq for ob in edge.outq] == list(range(1, len(sizes) + 1))
     edge.cut([{"id": 99, "pad": "x" * 5000}], None)
     assert len(edge.outq) == len(sizes) and rt.dead == 1 and "max_message_mb" in rt.last_error
+
+
+# -- columnar batches: structured mutations of valid headers -------------------------------------
+
+def columnar_message(rng: random.Random, n: int | None = None, ack: str = PEER, ident: int = 0) -> list[bytes]:
+    """A valid columnar DATA message of ``n`` records: ids, vectors of a random width, a float32,
+    an int32, a bool and a list column (ids from ``ident``)."""
+    from streampipe.stages.columns import Columns
+
+    n = rng.randint(1, 40) if n is None else n
+    width = rng.randint(1, 9)
+    records = [{"id": ident + i, "x": [float(i)] * width, "y": rng.randrange(2), "ok": i % 2 == 0,
+                "tag": rng.choice(["a", 1, None, [1, 2]])} for i in range(n)]
+    cols = Columns.from_records(records)
+    cols = cols.with_column("f", np.arange(n, dtype="<f4")).with_column("k", np.arange(n, dtype="<i4"))
+    return wire.data_frames({**HEADER, "n": n, "lo": 1}, cols)
+
+
+def mutate_columnar(rng: random.Random, good: list[bytes]) -> list[bytes]:
+    """One structured mutation of a valid columnar message: its header's row count, column list,
+    kinds, widths or marks changed, or its frames dropped, added, swapped or resized, so that the
+    header and the frames disagree (or, rarely, still agree)."""
+    header = msgpack.unpackb(good[0])
+    desc, cols, n = header["c"], list(good[1:]), header["n"]
+    how = rng.randrange(12)
+    if how == 0:      # the row count, against unchanged columns
+        header["n"] = rng.choice([0, 1, n - 1, n + 1, 2 * n, 10**9, 2**31, 2**62, -1])
+    elif how == 1:    # no columns at all, any count (issue 21: the 145-byte frame)
+        header["c"], cols = [], []
+        header["n"] = rng.choice([1, 1000, 10**9, 2**62])
+    elif how == 2:    # a column descriptor dropped, its frame kept or not
+        i = rng.randrange(len(desc))
+        del desc[i]
+        if rng.random() < 0.5:
+            del cols[i]
+    elif how == 3:    # descriptors swapped (each now describes the other's frame)
+        i, j = rng.sample(range(len(desc)), 2)
+        desc[i], desc[j] = desc[j], desc[i]
+    elif how == 4:    # a kind changed to another wire kind
+        d = rng.choice(desc)
+        d[1] = rng.choice([*WIRE_DTYPES_ALL, "msgpack"])
+    elif how == 5:    # a width changed
+        d = rng.choice(desc)
+        d[2] = rng.choice([[], [0], [1], [2], [d[2][0] + 1] if d[2] else [3], [2**30], [1, 1], [-1]])
+    elif how == 6:    # a frame cut, grown or emptied
+        i = rng.randrange(len(cols))
+        cols[i] = rng.choice([cols[i][: rng.randrange(len(cols[i]) + 1)], cols[i] + rng.randbytes(rng.randint(1, 16)), b""])
+    elif how == 7:    # frames swapped
+        i, j = rng.sample(range(len(cols)), 2)
+        cols[i], cols[j] = cols[j], cols[i]
+    elif how == 8:    # a descriptor added without a frame, or with one
+        desc.append([f"extra{rng.randrange(9)}", rng.choice(WIRE_DTYPES_ALL), rng.choice([[], [4]])])
+        if rng.random() < 0.5:
+            cols.append(rng.randbytes(rng.choice([0, 8 * n, 32 * n])))
+    elif how == 9:    # the marks: lowest unacknowledged above the batch's seq
+        header["lo"] = header["seq"] + rng.randint(1, 2**40)
+    elif how == 10:   # a descriptor duplicated, with its frame
+        i = rng.randrange(len(desc))
+        desc.append(list(desc[i]))
+        cols.append(cols[i])
+    else:             # the count and one frame changed together, consistently or not
+        header["n"] = n2 = rng.choice([n + 1, 2 * n, 0])
+        i = next((k for k, d in enumerate(desc) if d[1] == "<i8"), 0)
+        cols[i] = np.arange(n2, dtype="<i8").tobytes()
+    return [msgpack.packb(header), *cols]
+
+
+WIRE_DTYPES_ALL = ["<i8", "<f8", "<f4", "<i4", "|b1"]
+
+
+def test_a_columnar_header_with_no_columns_and_a_huge_count_is_refused() -> None:
+    """Issue 21: 145 bytes (no column, n = 10**9) made the normalizer build a list of 10**9 records."""
+    frame = msgpack.packb({**HEADER, "n": 10**9, "c": [], "lo": 1, "o": "generator.0/0", "w": 12})
+    with pytest.raises(wire.Malformed, match="10+ records in 0 columns of 0 bytes"):
+        wire.read_message([frame], PEERS, acked=True)
+    zero_width = [msgpack.packb({**HEADER, "n": 10**9, "c": [["x", "<f8", [0]]]}), b""]
+    with pytest.raises(wire.Malformed):
+        wire.read_message(zero_width, PEERS, acked=True)
+
+
+def test_columnar_edge_cases_still_cross_the_wire() -> None:
+    """What a sender may legitimately send still passes: fields-less records, empty vectors."""
+    from streampipe.stages.columns import Columns
+
+    for cols in (Columns({}, 3), Columns({"x": np.zeros((3, 0))}, 3), Columns({}, 0)):
+        _, got = wire.read_message(wire.data_frames({**HEADER, "n": len(cols)}, cols), PEERS, acked=True)
+        assert got is not None and len(got) == len(cols)
+        assert (got.to_records() if isinstance(got, Columns) else got) == cols.to_records()
+
+
+COLUMNAR_CASES = 3000     # CI; `STREAMPIPE_FUZZ_CASES=1000000 pytest -k structured` for a long run by hand
+
+
+def test_structured_mutations_of_columnar_headers_are_refused_or_consistent() -> None:
+    """Each mutated message raises Malformed, or passes with every column exactly ``n`` long and
+    nothing bigger than its frames: never an allocation the frames do not pay for."""
+    import os
+    import tracemalloc
+
+    from streampipe.stages.columns import Columns
+
+    rng = random.Random(21)
+    cases = int(os.environ.get("STREAMPIPE_FUZZ_CASES", COLUMNAR_CASES))
+    refused = 0
+    tracemalloc.start()
+    try:
+        for _ in range(cases):
+            msg = mutate_columnar(rng, columnar_message(rng))
+            size = sum(len(f) for f in msg)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            try:
+                header, cols = wire.read_message(msg, PEERS, acked=True)
+            except wire.Malformed:
+                refused += 1
+                continue
+            assert isinstance(cols, Columns) and header["n"] == len(cols) <= size
+            assert header.get("lo", 0) <= header["seq"]
+            for col in cols.data.values():
+                assert len(col) == len(cols)
+            records = cols.to_records()
+            assert len(records) == header["n"]
+            peak = tracemalloc.get_traced_memory()[1] - base
+            assert peak < 2_000 * size + (1 << 20), f"{peak} bytes allocated for a {size}-byte message"
+    finally:
+        tracemalloc.stop()
+    assert refused > cases * 0.6, f"only {refused} of {cases} mutations refused"
