@@ -77,3 +77,12 @@ def touch(record: Record) -> Record:
     least a user's stage does."""
     record["hop"] = 1
     return record
+
+
+class Seen:
+    """The per-record user stage of ``throughput.py --peers`` (``type: bench_stages:Seen``): a
+    plain class, no base, as the README teaches first; each record becomes a new one with one
+    more field, what bytewax's ``map`` gets in the same run (``peer_work.seen``)."""
+
+    def process(self, batch: Batch) -> list[Record]:
+        return [{**r, "seen": 1} for r in batch]

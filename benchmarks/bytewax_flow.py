@@ -6,62 +6,47 @@
 
 (``throughput.py --peers`` runs it so; this folder on ``PYTHONPATH``; needs ``pip install -e '.[bench]'``.)
 
-``input`` -> ``filter_map`` -> ``output``, one record at a time (``batch=True``: ``flat_map_batch``
-with ``Normalizer.process``, the raw chain's numpy work per batch, bytewax's fastest form of it):
+The stage work is :mod:`peer_work`'s (written once in the benchmark, never streampipe's stage
+code, so this baseline does not move when streampipe's stages do):
 
 - the source is a :class:`~bytewax.inputs.DynamicSource`: one partition per worker, worker ``i``
-  of ``n`` making the records of streampipe's ``Generator`` (same seed) with ids ``i, i + n, ...``
-  (what replica ``i`` of a streampipe generator with ``replicas: n`` makes), 100 records per
-  ``next_batch`` (streampipe's ``max_batch``); so no record crosses between workers;
-- the step is the normalizer's per-record work, per record: :meth:`Normalizer.check` (the same
-  validation), then the running mean and variance updated with this record (Welford) and its
-  vector standardised with them, in plain Python, as a bytewax user writes a ``map`` (a
-  ``filter_map``: an invalid record is dropped). ``Normalizer.process([record])`` per record would
-  cost ~140 us of numpy call overhead a record: that would measure numpy, not bytewax;
+  of ``n`` making :func:`peer_work.batches` (the records of streampipe's generator, seed 7, ids
+  ``i, i + n, ...``), 1000 records per ``next_batch``; so no record crosses between workers;
+- the normalizer: ``filter_map`` with :class:`peer_work.RecordNormalizer` (per record, plain
+  Python), or with ``batch=True`` ``flat_map_batch`` with :class:`peer_work.BatchNormalizer`
+  (numpy per batch, bytewax's fastest form of the job);
+- ``seen=True`` adds ``map`` with :func:`peer_work.seen` (``{**r, "seen": 1}``) after it: the
+  per-record user stage of streampipe's ``sp-alo-userstage``;
 - the sink is a :class:`~bytewax.outputs.DynamicSink`: each worker appends to its own
-  ``records.<worker>.jsonl`` one ``orjson`` line per record, one ``write`` + ``flush`` per batch
-  (what the raw chain's sink does).
+  ``records.<worker>.jsonl`` (:class:`peer_work.JsonLines`: one ``orjson`` line per record, one
+  ``write`` + ``flush`` per batch).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
+import peer_work
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-
-from streampipe import StageContext
-from streampipe.launcher.config import StageSettings
-from streampipe.stages.generator import Generator
-from streampipe.stages.normalizer import Normalizer
-
-SEED = 7          # throughput.py's SEED
-BATCH = int(StageSettings.model_fields["max_batch"].default)   # records per batch: streampipe's default max_batch
 
 Record = dict[str, Any]
 
 
 class _GeneratorPartition(StatelessSourcePartition[Record]):
     def __init__(self, count: int, worker: int, workers: int) -> None:
-        gen = Generator(count=count, seed=SEED)
-        gen.context = StageContext(name="generator", replica=worker, replicas=workers)
-        self.records = gen.generate()          # rate 0: never yields None
+        self.batches: Iterator[list[Record]] = peer_work.batches(count, worker, workers)
 
     def next_batch(self) -> list[Record]:
-        batch = list(itertools.islice(self.records, BATCH))
-        if not batch:
-            raise StopIteration
-        return batch
+        return next(self.batches)      # StopIteration at the end: bytewax's end of this partition
 
 
 class GeneratorSource(DynamicSource[Record]):
-    """streampipe's synthetic stream, split between the workers by id (see the module docstring)."""
+    """The generator's stream, split between the workers by id (see the module docstring)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -70,55 +55,15 @@ class GeneratorSource(DynamicSource[Record]):
         return _GeneratorPartition(self.count, worker_index, worker_count)
 
 
-class RecordNormalizer:
-    """The normalizer, one record at a time: same validation, same scaling (population std, 0 -> 1,
-    6 decimals), with statistics that include the record itself.
-
-    >>> n = RecordNormalizer()
-    >>> n({"id": 0, "x": [1.0, 10.0], "y": 0})["x"], n({"id": 1, "x": [3.0, 30.0], "y": 1})["x"]
-    ([0.0, 0.0], [1.0, 1.0])
-    >>> n({"id": 2, "x": "oops", "y": 0}) is None
-    True
-    """
-
-    def __init__(self) -> None:
-        self.check = Normalizer().check
-        self.n = 0
-        self.mean: list[float] = []
-        self.m2: list[float] = []
-
-    def __call__(self, record: Record) -> Record | None:
-        if self.check(record) is not None:
-            return None
-        x = record["x"]
-        if self.n and len(x) != len(self.mean):
-            return None
-        if not self.n:
-            self.mean, self.m2 = [0.0] * len(x), [0.0] * len(x)
-        self.n += 1
-        n, mean, m2 = self.n, self.mean, self.m2
-        scaled = []
-        for i, v in enumerate(x):
-            delta = v - mean[i]
-            mean[i] += delta / n
-            m2[i] += delta * (v - mean[i])
-            std = math.sqrt(m2[i] / n) or 1.0
-            scaled.append(round((v - mean[i]) / std, 6))
-        return {**record, "x": scaled}
-
-
 class _JsonLinesPartition(StatelessSinkPartition[Record]):
     def __init__(self, path: Path) -> None:
-        self.file = open(path, "ab")
+        self.sink = peer_work.JsonLines(path)
 
     def write_batch(self, items: list[Record]) -> None:
-        lines = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in items]
-        lines.append(b"")
-        self.file.write(b"\n".join(lines))
-        self.file.flush()
+        self.sink.write(items)
 
     def close(self) -> None:
-        self.file.close()
+        self.sink.close()
 
 
 class JsonLinesSink(DynamicSink[Record]):
@@ -131,17 +76,15 @@ class JsonLinesSink(DynamicSink[Record]):
         return _JsonLinesPartition(self.folder / f"records.{worker_index}.jsonl")
 
 
-def get_flow(count: int, folder: str, batch: bool = False) -> Dataflow:
-    """generator -> normalizer -> JSON lines, ``count`` records, output files in ``folder``.
-
-    ``batch``: the step is ``flat_map_batch`` with streampipe's own ``Normalizer.process`` (records
-    path) on each batch bytewax hands it: exactly the raw chain's stage work, numpy per batch.
-    """
+def get_flow(count: int, folder: str, batch: bool = False, seen: bool = False) -> Dataflow:
+    """generator -> normalizer [-> seen] -> JSON lines, ``count`` records, output files in ``folder``."""
     flow = Dataflow("streampipe-bench")
     records = op.input("generator", flow, GeneratorSource(count))
     if batch:
-        normalized = op.flat_map_batch("normalizer", records, Normalizer(columnar=False).process)
+        normalized = op.flat_map_batch("normalizer", records, peer_work.BatchNormalizer())
     else:
-        normalized = op.filter_map("normalizer", records, RecordNormalizer())
+        normalized = op.filter_map("normalizer", records, peer_work.RecordNormalizer())
+    if seen:
+        normalized = op.map("seen", normalized, peer_work.seen)
     op.output("sink", normalized, JsonLinesSink(folder))
     return flow

@@ -1,8 +1,9 @@
 """The peer systems of ``throughput.py --peers``: bytewax and a ``multiprocessing.Queue`` pipeline.
 
-Each run does the job of the other variants (``count`` records of streampipe's ``Generator``,
-seed 7 -> the normalizer's work -> one ``orjson`` JSON line per record in a file) in subprocesses
-of the benchmark, and returns ``{"rps", "records", "elapsed_s", "cpu_s", "exactly_once", ...}``:
+Each run does the job of the other variants (``count`` records of the generator's stream, seed 7
+-> the normalizer's work -> one ``orjson`` JSON line per record in a file), with the stage work
+of :mod:`peer_work` (written once in the benchmark: never streampipe's stage code, so the
+baseline does not move when streampipe's stages do), in subprocesses of the benchmark, and returns ``{"rps", "records", "elapsed_s", "cpu_s", "exactly_once", ...}``:
 
 - ``rps``: records / (last write of any output file - ``t`` of the earliest first record), the
   clock of every variant;
@@ -17,9 +18,9 @@ processes of one worker each joined with ``-i``/``-a`` (0.21 has no ``-p`` outsi
 ``bytewax.testing``), each worker generating its own share of the ids (no exchange).
 
 ``mpqueue``: ``python peers.py mpqueue --count N --out DIR``: three ``multiprocessing.Process``
-(fork) linked by two ``multiprocessing.Queue(maxsize=100)`` carrying lists of 100 records:
-generator (``Generator().generate()``) -> ``Normalizer().process`` per list (the raw chain's
-middle) -> one ``write`` + ``flush`` of the list's JSON lines (the raw chain's sink).
+(fork) linked by two ``multiprocessing.Queue(maxsize=100)`` carrying lists of 1000 records:
+generator (:func:`peer_work.batches`) -> :class:`peer_work.BatchNormalizer` per list (the raw
+chain's middle) -> :class:`peer_work.JsonLines` (the raw chain's sink).
 """
 
 from __future__ import annotations
@@ -34,11 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from streampipe.launcher.config import StageSettings
-
 THIS = Path(__file__).resolve()
-SEED = 7                  # throughput.py's SEED
-BATCH = int(StageSettings.model_fields["max_batch"].default)   # records per batch: streampipe's default max_batch
 QUEUE_SIZE = 100          # lists per queue: the raw chain's HWM of 100 messages
 RUN_TIMEOUT_S = 300.0     # one run's whole stream, start-up included
 INSTALL_HINT = "pip install -e '.[bench]'"
@@ -92,9 +89,9 @@ def _run(commands: list[list[str]], count: int, env: dict[str, str] | None = Non
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_bytewax(count: int, processes: int = 1, batch: bool = False) -> dict[str, Any]:
+def run_bytewax(count: int, processes: int = 1, batch: bool = False, seen: bool = False) -> dict[str, Any]:
     """One run of ``bytewax_flow.py`` in ``processes`` processes of one worker each."""
-    flow = f"bytewax_flow:get_flow({count}, '{{out}}', batch={batch})"
+    flow = f"bytewax_flow:get_flow({count}, '{{out}}', batch={batch}, seen={seen})"
     cmd = [sys.executable, "-m", "bytewax.run", flow]
     if processes == 1:
         return _run([cmd], count)
@@ -114,39 +111,29 @@ def run_mpqueue(count: int) -> dict[str, Any]:
 # =============================================================================================
 
 def _mp_gen(out: Any, count: int) -> None:
-    from streampipe.stages.generator import Generator
+    import peer_work
 
-    batch = []
-    for record in Generator(count=count, seed=SEED).generate():
-        batch.append(record)
-        if len(batch) >= BATCH:
-            out.put(batch)
-            batch = []
-    if batch:
+    for batch in peer_work.batches(count):
         out.put(batch)
     out.put(None)
 
 
 def _mp_mid(inp: Any, out: Any) -> None:
-    from streampipe.stages.normalizer import Normalizer
+    import peer_work
 
-    norm = Normalizer()
+    norm = peer_work.BatchNormalizer()
     while (batch := inp.get()) is not None:
-        records = norm.process(batch)
-        norm.take_rejected()
-        out.put(records)
+        out.put(norm(batch))
     out.put(None)
 
 
 def _mp_sink(inp: Any, path: str) -> None:
-    import orjson
+    import peer_work
 
-    with open(path, "ab") as f:
-        while (batch := inp.get()) is not None:
-            lines = [orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) for r in batch]
-            lines.append(b"")
-            f.write(b"\n".join(lines))
-            f.flush()
+    sink = peer_work.JsonLines(path)
+    while (batch := inp.get()) is not None:
+        sink.write(batch)
+    sink.close()
 
 
 def mpqueue_main(count: int, folder: Path) -> None:

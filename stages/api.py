@@ -117,6 +117,10 @@ class Stage:
     #: True: ``process`` receives :class:`~streampipe.stages.columns.Columns`, not a list of records.
     columnar: bool = False
 
+    #: With ``columnar``: ``process`` also takes a list of records, and is given one as it came
+    #: (from a per-record stage upstream) rather than the records converted to columns.
+    accepts_records: bool = False
+
     context: StageContext
 
     def __init__(self, **options: Any) -> None:

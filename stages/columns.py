@@ -27,7 +27,7 @@ Arrays received from a socket are read-only views of the message: a stage builds
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -127,6 +127,8 @@ class Columns:
         cols = [c.tolist() if isinstance(c, np.ndarray) else c for c in self.data.values()]
         if any(isinstance(c, list) and any(v is MISSING for v in c) for c in self.data.values()):
             return [{k: v for k, v in zip(names, row) if v is not MISSING} for row in zip(*cols)]
+        if all(type(k) is str for k in names):
+            return list(map(_row_maker(tuple(names)), *cols))
         return [dict(zip(names, row)) for row in zip(*cols)]
 
     @classmethod
@@ -168,6 +170,29 @@ class Columns:
                 merged.extend([MISSING] * p.n if c is None else (c.tolist() if isinstance(c, np.ndarray) else c))
             data[name] = _column(merged)
         return cls(data, sum(p.n for p in parts))
+
+
+_ROW_MAKERS: dict[tuple[str, ...], Callable[..., dict[str, Any]]] = {}
+ROW_MAKERS_KEPT = 64      # field-name tuples whose row function is kept (a stream has a few)
+
+
+def _row_maker(names: tuple[str, ...]) -> Callable[..., dict[str, Any]]:
+    """A function of one value per name that returns the record ``{name: value, ...}``: a dict
+    display compiled for these names, ~3 x faster than ``dict(zip(names, row))`` per row. Built
+    from the names' ``repr`` (a quoted literal for any str), as :mod:`dataclasses` builds its
+    ``__init__``.
+
+    >>> _row_maker(("id", "it's"))(1, 2)
+    {'id': 1, "it's": 2}
+    """
+    maker = _ROW_MAKERS.get(names)
+    if maker is None:
+        if len(_ROW_MAKERS) >= ROW_MAKERS_KEPT:
+            _ROW_MAKERS.clear()
+        args = ", ".join(f"v{i}" for i in range(len(names)))
+        body = ", ".join(f"{name!r}: v{i}" for i, name in enumerate(names))
+        maker = _ROW_MAKERS[names] = eval(f"lambda {args}: {{{body}}}", {})
+    return maker
 
 
 def _column(values: list[Any]) -> Column:

@@ -33,7 +33,10 @@ Columns (``columnar: true``, the default): a batch arrives as :class:`Columns`; 
 one ``searchsorted`` over the seen runs otherwise), the labels are counted with one ``np.unique``, and the JSON lines of the
 whole batch are formatted column by column (one ``orjson.dumps`` per column, each line joined
 from its row's pieces): the same bytes as one ``orjson.dumps`` per record. A batch with a list
-column (values of mixed types, a record lacking a field) is written record by record.
+column (values of mixed types, a record lacking a field) is written record by record. Records
+(from a per-record stage upstream, or ``columnar: false``) are written as records, not turned
+into columns first: their lines come from one ``orjson.dumps`` of the batch, cut at the record
+boundaries (:func:`record_lines`), the same bytes again.
 
 Parquet (``format: parquet``, needs ``pip install 'streampipe[parquet]'``; ``streampipe validate``
 refuses it without pyarrow): ``output`` is a folder (default ``output/records``) of part files
@@ -124,6 +127,7 @@ _NONE = object()   # no journal entry yet since the last checkpoint
 
 class Consumer(Stage):
     columnar = True
+    accepts_records = True     # records from a per-record stage are written as records: no columns built for them
     def __init__(self, output: str | None = None, dedup: bool = True, label: str = "y",
                  checkpoint_s: float = 1.0, columnar: bool = True, format: Literal["jsonl", "parquet"] = "jsonl") -> None:
         super().__init__()
@@ -285,11 +289,7 @@ class Consumer(Stage):
         close the origin's holes below the batch's watermark."""
         self.delivered.commit_ids(Delivered.ids_of(handled))
         self.count += len(written)
-        labels = self.labels
-        for label, n in Counter(r.get(self.label) for r in written).items():
-            if label is not None:
-                key = str(label)
-                labels[key] = labels.get(key, 0) + n
+        self._count_labels(written)
 
     # -- the sink ----------------------------------------------------------------------------
     def process(self, batch: Batch | Columns) -> list[Record]:  # type: ignore[override]
@@ -364,11 +364,35 @@ class Consumer(Stage):
 
     def process_records(self, batch: Batch) -> list[Record]:
         assert self._file is not None or self._parts is not None, "setup() opens the output"
+        if self._parts is None and (ids := _int_ids(batch)) is not None:
+            return self._process_int_ids(batch, ids)
         fresh = self.delivered.fresh(batch)
         written = self._write_parquet(fresh) if self._parts is not None else self._write_json(fresh)
         self.commit(written, fresh)
         self._tick(len(written))
         return []
+
+    def _process_int_ids(self, batch: Batch, ids: np.ndarray) -> list[Record]:
+        """:meth:`process_records` for JSON lines when every record has an int64 id: dedup on the
+        id array as the columns path does, and the ids written marked seen without a second pass."""
+        keep = self.delivered.fresh_rows(ids)
+        fresh = batch if keep is None else [r for r, k in zip(batch, keep.tolist()) if k]
+        written = self._write_json(fresh)
+        if len(written) == len(fresh):
+            self.delivered.commit_ids(ids if keep is None else ids[keep])
+            self.count += len(written)
+            self._count_labels(written)
+        else:                           # some were dead-lettered: the general bookkeeping
+            self.commit(written, fresh)
+        self._tick(len(written))
+        return []
+
+    def _count_labels(self, written: list[Record]) -> None:
+        labels = self.labels
+        for label, n in Counter([r.get(self.label) for r in written]).items():
+            if label is not None:
+                key = str(label)
+                labels[key] = labels.get(key, 0) + n
 
     def _write_parquet(self, fresh: list[Record]) -> list[Record]:
         """Stage ``fresh`` for the next part; a record Arrow cannot convert (or fit to the part's
@@ -408,6 +432,11 @@ class Consumer(Stage):
 
     def _write_json(self, fresh: list[Record]) -> list[Record]:
         """Append ``fresh`` as JSON lines; a record JSON cannot carry is dead-lettered. Returns the records written."""
+        text = record_lines(fresh)
+        if text is not None:
+            if text:
+                self._write(text)
+            return fresh
         lines, written = [], []
         for record in fresh:
             try:
@@ -472,6 +501,49 @@ class Consumer(Stage):
         stats = {"written": self.count, "rate": round(self._rate, 1), **self.delivered.stats(),
                  "labels": dict(sorted(self.labels.items()))}
         return stats
+
+
+def _int_ids(batch: Batch) -> np.ndarray | None:
+    """The ids of ``batch`` as int64 when every record has an int id within int64, else None."""
+    if not batch:
+        return None
+    try:
+        ids = [r.get("id") for r in batch]
+    except AttributeError:              # not a map: the general path dead-letters it
+        return None
+    if set(map(type, ids)) != {int}:
+        return None
+    try:
+        return np.array(ids, np.int64)
+    except OverflowError:
+        return None
+
+
+def record_lines(records: list[Record]) -> bytes | None:
+    """The JSON lines of ``records``, byte for byte one ``_dumps`` per record, from one ``_dumps`` of
+    the whole list (a call per record cost ~5 x the formatting itself); None when that cannot tell
+    the records apart (a ``},{`` inside a value) or a record cannot be written: then one by one.
+
+    ``[r0,r1,...]`` is ``_dumps(r0) + b"," + _dumps(r1) ...``; every boundary is ``},{`` and no
+    other ``},{`` can overlap one, so exactly ``n - 1`` of them means they are the boundaries.
+
+    >>> record_lines([{"id": 0, "s": "a"}, {"id": 1, "x": [1.5]}])
+    b'{"id":0,"s":"a"}\\n{"id":1,"x":[1.5]}\\n'
+    >>> record_lines([{"id": 0, "s": "},{"}, {"id": 1}]) is None
+    True
+    """
+    if not records:
+        return b""
+    if not all(type(r) is dict for r in records):
+        return None
+    try:
+        text = _dumps(records)
+    except (TypeError, ValueError):
+        return None
+    body = text[1:-1]
+    if body.count(b"},{") != len(records) - 1:
+        return None
+    return body.replace(b"},{", b"}\n{") + b"\n"
 
 
 def json_lines(batch: Columns) -> bytes | None:

@@ -269,14 +269,31 @@ class Generator(Source):
         if self.segments is None:
             self.segments = _own_segments({}, self.context.replica, self.context.replicas)
 
-        def synthetic() -> Iterator[Record]:
-            for i in segments.ids(self.segments or []):
-                if self.count is not None and i >= self.count:
-                    return
-                self.last = i
-                yield self.synthetic(i)
+        if self.rate > 0:
+            def synthetic() -> Iterator[Record]:
+                for i in segments.ids(self.segments or []):
+                    if self.count is not None and i >= self.count:
+                        return
+                    self.last = i
+                    yield self.synthetic(i)
 
-        yield from self.paced(synthetic())
+            yield from self.paced(synthetic())
+            return
+        yield from self._unpaced()
+
+    def _unpaced(self) -> Iterator[Record]:
+        """The synthetic stream at full speed: ``CHUNK`` ids drawn in one numpy pass, each record
+        then built and yielded with no generator in between (what :meth:`paced` over
+        :meth:`synthetic` gives at ``rate`` 0, record for record)."""
+        every = self.malformed_every
+        while len(ids := self._next_ids(CHUNK)):
+            x, y = self._draw(ids)
+            for i, xi, yi in zip(ids.tolist(), x.tolist(), y.tolist()):
+                self.last = i
+                self.emitted += 1
+                if every and (i + 1) % every == 0:
+                    xi = "not-a-vector"
+                yield {"id": i, "t": time.time(), "x": xi, "y": yi}
 
     def paced(self, records: Iterator[Record | None]) -> Iterator[Record | None]:
         """Yield at most ``rate`` records a second (None while ahead of schedule).

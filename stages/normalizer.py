@@ -29,6 +29,7 @@ on. Given records directly, ``process`` works on records.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -53,6 +54,18 @@ _TYPES: dict[str, frozenset[type]] = {
 _MISSING = object()
 # numpy kinds (dtype.kind) of a column that passes for a schema type without a look at its values
 _ARRAY_KINDS: dict[str, str] = {"int": "iu", "float": "iuf", "number": "iuf", "bool": "b", "vector": "iuf"}
+
+
+def _matrix(vectors: list[Any]) -> np.ndarray | None:
+    """The vectors as an ``n x d`` float array, or None when they are ragged or not all numbers.
+    ``np.fromiter`` over the chained values is ~3 x faster than ``np.asarray`` of the nested lists."""
+    d = len(vectors[0])
+    if any(len(v) != d for v in vectors):
+        return None
+    try:
+        return np.fromiter(itertools.chain.from_iterable(vectors), np.float64, len(vectors) * d).reshape(len(vectors), d)
+    except (ValueError, TypeError):
+        return None
 
 
 class Normalizer(Stage):
@@ -150,22 +163,43 @@ class Normalizer(Stage):
         hashed = (ids.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)
         return np.where(hashed < self._threshold, "holdout", "default")
 
+    def all_valid(self, batch: Batch) -> list[Any] | None:
+        """Whether every record of ``batch`` passes :meth:`check`, one field at a time (a type set per
+        field rather than a loop over the fields per record); the scale field's values if so, else None."""
+        if not batch or set(map(type, batch)) != {dict}:
+            return None
+        scaled: list[Any] = []
+        for field, allowed, kind in self._checks:
+            values = [r.get(field, _MISSING) for r in batch]
+            if not set(map(type, values)) <= allowed:       # _MISSING's type is never allowed
+                return None
+            if kind == "vector":
+                lengths = set(map(len, values))
+                if 0 in lengths or (self.mean is not None and lengths != {len(self.mean)}):
+                    return None
+            if field == self.scale:
+                scaled = values
+        return scaled
+
     def process_records(self, batch: Batch) -> list[Record]:
-        good: list[Record] = []
-        for record in batch:
-            reason = self.check(record)
-            if reason is None:
-                good.append(record)
-            else:
-                self.rejected += 1
-                self.reject(record, reason)
+        xs = self.all_valid(batch)
+        if xs is not None:
+            good = batch if type(batch) is list else list(batch)
+        else:
+            good = []
+            for record in batch:
+                reason = self.check(record)
+                if reason is None:
+                    good.append(record)
+                else:
+                    self.rejected += 1
+                    self.reject(record, reason)
         if not good or self.scale is None:
-            return good
+            return list(good)
         field = self.scale
-        try:
-            x = np.asarray([r[field] for r in good], dtype=float)
-        except (ValueError, TypeError):
-            x = None
+        if xs is None:
+            xs = [r[field] for r in good]
+        x = _matrix(xs)
         if x is None or x.ndim != 2:
             good = self._usable_vectors(good, field)
             if not good:
@@ -186,7 +220,7 @@ class Normalizer(Stage):
         std = np.sqrt(self.m2 / max(self.n, 1))
         std[std == 0] = 1.0
         scaled = ((x - self.mean) / std).round(6).tolist()
-        return [{**r, field: s} for r, s in zip(good, scaled)]
+        return [{**r, field: v} for r, v in zip(good, scaled)]
 
     def _usable_vectors(self, good: list[Record], field: str) -> list[Record]:
         """Slow path for a batch with a ragged or non-numeric vector: dead-letter the culprits.

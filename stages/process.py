@@ -35,13 +35,16 @@ class Processor:
     Records a stage rejects itself with ``self.reject(record, reason)`` are collected too.
 
     The boundary between forms is here: a columnar stage (``columnar = True``) is given
-    :class:`Columns` (records are converted; one that is not a map is rejected alone), any other
-    stage a list of records (columns are converted).
+    :class:`Columns` (records are converted; one that is not a map is rejected alone) unless it
+    also sets ``accepts_records = True`` (then records stay records), any other stage a list of
+    records (columns are converted).
     """
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.columnar = columnar_transform(stage)
+        # a columnar stage whose process() takes records too is given records as they come
+        self.takes_records = self.columnar and bool(getattr(stage, "accepts_records", False))
         fn = stage.process
         self._asyncgen = inspect.isasyncgenfunction(fn)
         self._async = self._asyncgen or inspect.iscoroutinefunction(fn)
@@ -59,7 +62,7 @@ class Processor:
 
     def run(self, batch: Batch | Columns) -> Outcome:
         if self.columnar and not isinstance(batch, Columns):
-            return self._run_columns_of(batch)
+            return self._run(batch) if self.takes_records else self._run_columns_of(batch)
         if not self.columnar and isinstance(batch, Columns):
             batch = batch.to_records()
         if isinstance(batch, Columns):

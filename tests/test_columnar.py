@@ -219,6 +219,67 @@ def test_columnar_and_per_record_stages_mixed_give_the_all_record_output(pipelin
         assert np.allclose(a["x"], b["x"], atol=1e-5) and abs(a["norm"] - b["norm"]) < 1e-3 * max(1.0, b["norm"]), (a, b)
 
 
+BETWEEN = """\
+pipeline: between
+delivery: at-least-once
+defaults:
+  ack_timeout: 30          # no resend of a batch on a loaded machine: each batch is normalised once
+stages:
+  generator:
+    type: generator
+    options: {{count: {n}, seed: 11, malformed_every: 333}}
+  normalizer:
+    type: normalizer
+    inputs: [generator]
+{user}  consumer:
+    type: consumer
+    inputs: [{into}]
+"""
+
+SEEN = '''\
+class Seen:
+    """A per-record user stage, a plain class: the README's first kind of stage."""
+
+    def process(self, batch):
+        return [{**r, "seen": 1} for r in batch]
+'''
+
+
+def written(pipeline: Any, folder: Path, n: int, user: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The consumer's records in file order and the normalizer's dead-lettered ids, after a run to the end."""
+    folder.mkdir()
+    (folder / "usercode.py").write_text(SEEN)
+    stage = "  seen:\n    type: usercode:Seen\n    inputs: [normalizer]\n" if user else ""
+    p = pipeline(BETWEEN.format(n=n, user=stage, into="seen" if user else "normalizer"), folder=folder)
+    p.up()
+    good = n - n // 333
+    wait_for(lambda: len(p.output_ids()) >= good, timeout=180, interval=0.5, what=f"{good} records at the sink")
+    assert p.down().returncode == 0
+    lines = (p.run_dir / "output" / "records.jsonl").read_text().splitlines()
+    dead = [json.loads(line)["record"]["id"] for line in (p.run_dir / "deadletter" / "normalizer.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in lines], sorted(dead)
+
+
+@pytest.mark.timeout(600)
+def test_a_per_record_stage_between_columnar_ones_gives_the_columnar_output_and_its_map(pipeline: Any, tmp_path: Path) -> None:
+    """The per-record path's speed-ups (records written as records by the consumer, rows built by a
+    compiled dict display, the generator and normalizer on columns around it) change no value:
+    the same seed through columnar generator -> normalizer -> consumer, with ``{**r, "seen": 1}``
+    applied to what it wrote, is what the chain with that map as a per-record stage in the middle
+    writes: the same ids in the same order, the same fields in the same order, the same values
+    (``t`` aside: the clock of each run)."""
+    n = 12_000
+    between, between_dead = written(pipeline, tmp_path / "between", n, user=True)
+    columnar, columnar_dead = written(pipeline, tmp_path / "columnar", n, user=False)
+    assert between_dead == columnar_dead == [i for i in range(n) if (i + 1) % 333 == 0]
+    assert [r["id"] for r in between] == [r["id"] for r in columnar] == sorted(set(range(n)) - set(columnar_dead))
+    for a, b in zip(between, columnar):
+        b = {**b, "seen": 1}
+        assert list(a) == list(b) == ["id", "t", "x", "y", "seen"]
+        assert type(a["t"]) is type(b["t"]) is float
+        assert {**a, "t": 0} == {**b, "t": 0}, (a, b)
+
+
 def test_a_generator_subclass_that_wraps_generate_keeps_getting_records() -> None:
     """Regression (tests/test_bad_input.py's Gated source): a columnar built-in's subclass that
     overrides ``generate()`` only must be driven through it, not around it by ``generate_columns()``."""
