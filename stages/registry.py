@@ -31,6 +31,7 @@ BUILTINS: dict[str, Builtin] = {
     "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
+    "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
 }
 
 

