@@ -47,6 +47,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from streampipe import __version__
+
+        print(f"streampipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print streampipe's version and exit.")) -> None:
+    """Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them."""
+
+
 @functools.cache
 def _console() -> Console:
     """The console for a command's output (made on first use: rich costs ~20 ms to import)."""
@@ -332,9 +346,9 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         stages = _processes([r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else []))
         grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
         request(rd, "down")
-    except NotRunning as exc:
-        _err().print(f"no pipeline running: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    except NotRunning as exc:     # as `docker compose down`: stopping what is stopped is done, exit 0
+        _err().print(f"nothing to stop: {exc}", highlight=False)
+        return
     except ControlError as exc:
         # a wedged supervisor: SIGTERM does the same graceful stop; its stages die with it anyway
         if supervisor is None or not supervisor.is_running():
