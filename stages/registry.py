@@ -54,7 +54,11 @@ def load_target(type_: str, config_dir: Path | None = None) -> Any:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise NotDefined(f"module {module_name!r} defines no {attr!r}") from None
+        import difflib
+
+        close = difflib.get_close_matches(attr, [n for n in vars(module) if not n.startswith("_")], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise NotDefined(f"module {module_name!r} defines no {attr!r}{hint}") from None
 
 
 def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = None) -> Stage:

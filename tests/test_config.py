@@ -27,7 +27,7 @@ stages:
 
 # (name, yaml, line the error must name, text the message must contain)
 BROKEN = [
-    ("unknown_top_key", GOOD.replace("pipeline: t", "pipeline: t\nstagez: 1"), 2, "stagez: unknown key"),
+    ("unknown_top_key", GOOD.replace("pipeline: t", "pipeline: t\nstagez: 1"), 2, "stagez: unknown key (did you mean 'stages'?)"),
     ("unknown_stage_key", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replica: 2"), 9, "stages.norm.replica: unknown key"),
     ("wrong_type", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: two"), 9, "stages.norm.replicas"),
     ("out_of_range", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: 0"), 9, "greater than or equal to 1"),
@@ -40,6 +40,10 @@ BROKEN = [
     ("missing_module", GOOD.replace("type: consumer", "type: nosuchmodule:Sink"), 10, "module 'nosuchmodule' not found"),
     ("yaml_syntax", GOOD.replace("inputs: [gen]", "inputs: [gen"), 9, "invalid YAML"),
     ("source_with_inputs", GOOD.replace("    options: {count: 10}", "    options: {count: 10}\n    inputs: [sink]"), 6, "is a source"),
+    ("misspelt_stage_key", GOOD.replace("inputs: [gen]", "input: [gen]"), 8, "stages.norm.input: unknown key (did you mean 'inputs'?)"),
+    ("misspelt_default", GOOD.replace("stages:", "defaults: {max_restart: 3}\nstages:"), 2, "defaults.max_restart: unknown key (did you mean 'max_restarts'?)"),
+    ("misspelt_input", GOOD.replace("inputs: [gen]", "inputs: [gne]"), 8, "unknown stage 'gne' (did you mean 'gen'?)"),
+    ("misspelt_builtin", GOOD.replace("type: consumer", "type: consumr"), 10, "unknown stage type 'consumr' (did you mean 'consumer'?)"),
 ]
 
 CYCLE = """\
