@@ -45,7 +45,8 @@ MAX_STAGE_NAME_BYTES = 64   # "i.<name>.<r>" in a fallback socket folder (/tmp/s
                             # the 107 bytes of a unix socket path (launcher/rundir.py picks the folder to fit)
 # options of the built-in stages that name what they write (relative to the run directory); the
 # evaluator's checkpoint_dir is read (a trainer's folder, a peer's volume on Kubernetes), not written
-OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",)}
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",),
+                                              "sqlite": ("path",)}
 INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"

@@ -197,6 +197,8 @@ REFUSED_AT_VALIDATE = [
      12, "stages.sink.options.output: '/etc/notes.txt' is an absolute path"),
     ("trainer_folder_out", GOOD + "  tr:\n    type: trainer\n    inputs: [norm]\n    options:\n      checkpoint_dir: a/../../models\n",
      16, "stages.tr.options.checkpoint_dir: 'a/../../models' climbs out"),
+    ("sqlite_path_absolute", GOOD.replace("type: consumer", "type: sqlite").replace("inputs: [norm, norm.holdout]", "inputs: [norm, norm.holdout]\n    options: {path: /tmp/else.db}"),
+     12, "stages.sink.options.path: '/tmp/else.db' is an absolute path"),
     ("file_max_mb_inf", "logging: {file_max_mb: .inf}\n" + GOOD, 1, "logging.file_max_mb: Input should be a finite number"),
     ("timeout_nan", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    heartbeat_timeout: .nan"), 9,
      "stages.norm.heartbeat_timeout: Input should be a finite number"),
