@@ -526,10 +526,12 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
 @app.command()
 def logs(stage: str | None = typer.Argument(None, help="Only this stage (all replicas)."),
          run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
-         follow: bool = typer.Option(False, "--follow", "-f"),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries until Ctrl-C."),
          level: str | None = typer.Option(None, "--level", "-l", help="Minimum level, e.g. WARNING."),
          since: str | None = typer.Option(None, "--since", help="e.g. 30s, 5m, 2h or an ISO time."),
-         as_json: bool = typer.Option(False, "--json"),
+         tail_n: int | None = typer.Option(None, "--tail", "-n", help="Only the last N entries so far (then new ones with -f)."),
+         grep: str | None = typer.Option(None, "--grep", "-g", help="Only entries whose message matches this regular expression."),
+         as_json: bool = typer.Option(False, "--json", help="One JSON object per entry."),
          summary: bool = typer.Option(False, "--summary", help="The log extractor's facts as a table.")) -> None:
     """Merged, time-ordered logs of every stage, colored by stage (like docker compose logs)."""
     from streampipe.launcher.logs import show_logs, show_summary
@@ -537,7 +539,8 @@ def logs(stage: str | None = typer.Argument(None, help="Only this stage (all rep
     rd = resolve_run_dir(run_dir, config)
     if summary:
         raise typer.Exit(show_summary(rd, console=_console(), as_json=as_json))
-    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=_console()))
+    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=_console(),
+                               tail_n=tail_n, grep=grep, err=_err()))
 
 
 @app.command()
