@@ -144,7 +144,7 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     from streampipe.launcher.supervisor import run_supervisor
 
     logger.remove()
-    logger.add(sys.stderr, level=cfg.logging.level, colorize=None,
+    logger.add(sys.stderr, level=cfg.logging.level, colorize=None, diagnose=False,
                format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
     _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
