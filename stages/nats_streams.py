@@ -16,8 +16,11 @@ first delivery is the one acked. A restarted replica first takes back what its d
 had pending: it holds every message it fetches until the server's ``num_ack_pending`` is all in
 its hands (the old ones come again once their ``ack_wait`` runs out), then emits them in sequence
 order; messages at or below its saved position are acked and dropped (their acks were lost with
-the process). So a restart costs up to ``ack_wait_s``: keep it above the time a record takes
-through the pipeline, and low enough for a fast recovery.
+the process). It does the same after a reconnect (a fetch the server answered while the
+connection was down is pending on the server and lost to us: it comes again after ``ack_wait``).
+So a restart or a reconnect costs up to ``ack_wait_s``: keep it above the time a record takes
+through the pipeline, and low enough for a fast recovery. A pending message that never comes
+back (deleted from the stream meanwhile) is given up after 3 ``ack_wait_s`` + 30 s, with a warning.
 
 Replicas: ``subject`` may hold ``{replica}`` (``events.{replica}``): replica ``r`` then consumes
 only that subject with a durable of its own (``<durable>_<r>``), the way partitions map onto
@@ -69,6 +72,8 @@ FETCH_WAIT_S = 0.25          # one pull request's wait for messages; the fetch l
 REQUEST_TIMEOUT_S = 5.0      # a JetStream API call (stream / consumer info) or a PubAck
 PREFETCH_BATCHES = 4         # fetched but not yet generated: at most this many fetch batches
 RECOVERY_CHECK_S = 0.25      # a restarted source asks how much is pending this often while it takes it back
+RECOVERY_GIVE_UP_WAITS = 3   # ... and goes on without what has not come back after 3 ack_waits
+RECOVERY_GIVE_UP_S = 30.0    # ... plus 30 s (a message deleted from the stream meanwhile never comes)
 IDLE_S = 0.005               # the fetch loop's nap while the stage has enough in hand
 
 
@@ -113,6 +118,7 @@ class _Client:
         self.reconnects = 0
         self.last_event = ""
         self.closing = False
+        self.on_lost: Any = None      # called (in the loop thread) when delivered messages may have been lost
         self.aio = LoopThread(f"nats-{stage}")
         try:
             self.nc = self.aio.run(_connect(url, connect_timeout_s, self._event), connect_timeout_s * 3 + 5)
@@ -125,6 +131,8 @@ class _Client:
         self.last_event = what
         if self.closing:
             return
+        if (what == "reconnected" or "SlowConsumer" in what) and self.on_lost is not None:
+            self.on_lost()
         if what == "reconnected":
             self.reconnects += 1
             logger.info(f"nats: reconnected to {_safe(self.url)}")
@@ -207,6 +215,7 @@ class NatsSource(Source):
         if self.context.replicas > 1 and not self.partitioned:
             raise ValueError("nats: several replicas need a subject with {replica} (one subject per replica)")
         self.client = _Client(self.context.name, self.url, self.connect_timeout_s)
+        self.client.on_lost = self.recover
         try:
             self.client.aio.run(self._prepare(), REQUEST_TIMEOUT_S * 4)
         except BaseException:
@@ -232,9 +241,8 @@ class NatsSource(Source):
                 filter_subject=self.filter_subject))
             logger.info(f"nats: created durable consumer {self.consumer_name} on {self.stream}")
         self.ack_all = info.config.ack_policy == AckPolicy.ALL
+        self.recover()
         self.recovering = bool(info.num_ack_pending)
-        self.recovery_started = time.monotonic()
-        self.recovery_checked = 0.0
         if self.recovering:
             logger.info(f"nats: {info.num_ack_pending} messages pending from before the restart; "
                         f"taking them back first (up to ack_wait {info.config.ack_wait:g}s)")
@@ -307,8 +315,17 @@ class NatsSource(Source):
         record["id"] = seq
         return record
 
+    def recover(self) -> None:
+        """From now on hold what is fetched until every message pending on the consumer is in hand."""
+        self.recovering = True
+        self.recovery_started = time.monotonic()
+        self.recovery_checked = 0.0
+
     def _recover(self) -> None:
-        """After a restart: take every message pending on the consumer back before emitting any."""
+        """Take every message pending on the consumer back before emitting any: after a restart
+        (what the dead process had), after a reconnect or a slow-consumer drop (a fetch answered
+        while the connection was down is delivered for the server and lost for us), so the ids
+        still go out in increasing order and nothing is skipped."""
         now = time.monotonic()
         if now - self.recovery_checked < RECOVERY_CHECK_S:
             return
@@ -321,19 +338,20 @@ class NatsSource(Source):
             return
         while self.inbox:
             self.taken_back.append(self.inbox.popleft())
-        have = {m.metadata.sequence.stream for m in self.taken_back}
+        latest: dict[int, Any] = {}
+        for m in self.taken_back:                     # one per sequence (the latest delivery)
+            latest[m.metadata.sequence.stream] = m
+        in_hand = {seq for seq, _ in self.held} | set(latest)
+        pending = info.num_ack_pending or 0
         waited = now - self.recovery_started
-        if len(have) >= (info.num_ack_pending or 0) or waited > 3 * self.ack_wait_s + 10:
-            if len(have) < (info.num_ack_pending or 0):
-                logger.warning(f"nats: {info.num_ack_pending - len(have)} pending messages did not come back in "
-                               f"{waited:.0f}s; going on without them")
-            latest: dict[int, Any] = {}
-            for m in self.taken_back:                 # one per sequence (the latest delivery), in order
-                latest[m.metadata.sequence.stream] = m
+        if len(in_hand) >= pending or waited > RECOVERY_GIVE_UP_WAITS * self.ack_wait_s + RECOVERY_GIVE_UP_S:
+            if len(in_hand) < pending:
+                logger.warning(f"nats: {pending - len(in_hand)} pending messages did not come back in "
+                               f"{waited:.0f}s (deleted from the stream?); going on without them")
             self.ready = deque(latest[s] for s in sorted(latest))
             self.taken_back = []
             self.recovering = False
-            logger.info(f"nats: took back {len(latest)} messages after {waited:.1f}s")
+            logger.info(f"nats: every pending message in hand after {waited:.1f}s ({len(latest)} taken back)")
 
     def committed(self, state: dict[str, Any]) -> None:
         seq = int(state.get("seq", 0))
