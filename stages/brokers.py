@@ -16,6 +16,7 @@ ValueError: a JSON list, not an object
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -44,6 +45,22 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay = self.initial
+
+
+def check_url(url: str, schemes: str, example: str) -> str:
+    """``url`` if it is a URL of one of ``schemes`` (``"redis|rediss"``); ValueError naming ``example`` if not."""
+    if not isinstance(url, str) or not re.fullmatch(rf"({schemes})://[^\s]*", url):
+        raise ValueError(f"url {url!r} is not a URL of {schemes.replace('|', ', ')}, e.g. {example}")
+    return url
+
+
+def safe_url(url: str) -> str:
+    """A URL to show: its password masked.
+
+    >>> safe_url("redis://app:secret@127.0.0.1:6379/0")
+    'redis://app:***@127.0.0.1:6379/0'
+    """
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def decode(data: bytes) -> Record:

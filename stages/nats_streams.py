@@ -62,7 +62,7 @@ from typing import Any
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Source, Stage
-from streampipe.stages.brokers import Backoff, LoopThread, decode, encode, printable
+from streampipe.stages.brokers import Backoff, LoopThread, check_url, decode, encode, printable, safe_url
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")             # stream and durable names: no '.', '*', '>' or spaces
 SUBJECT = re.compile(r"[^\s]{1,500}")
@@ -78,19 +78,13 @@ IDLE_S = 0.005               # the fetch loop's nap while the stage has enough i
 
 
 def _url(url: str) -> str:
-    if not isinstance(url, str) or not re.fullmatch(r"(nats|tls|ws|wss)://[^\s]+", url):
-        raise ValueError(f"url {url!r} is not a NATS URL, e.g. nats://127.0.0.1:4222")
-    return url
+    return check_url(url, "nats|tls|ws|wss", "nats://127.0.0.1:4222")
 
 
 def _name(value: str, what: str) -> str:
     if not isinstance(value, str) or not NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r} is not a JetStream name (letters, digits, - and _)")
     return value
-
-
-def _safe(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 async def _connect(url: str, timeout: float, on_event: Any) -> Any:
@@ -124,7 +118,7 @@ class _Client:
             self.nc = self.aio.run(_connect(url, connect_timeout_s, self._event), connect_timeout_s * 3 + 5)
         except Exception as exc:
             self.aio.stop()
-            raise ConnectionError(f"nats: cannot connect to {_safe(url)}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise ConnectionError(f"nats: cannot connect to {safe_url(url)}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
         self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT_S)
 
     def _event(self, what: str) -> None:
@@ -135,9 +129,9 @@ class _Client:
             self.on_lost()
         if what == "reconnected":
             self.reconnects += 1
-            logger.info(f"nats: reconnected to {_safe(self.url)}")
+            logger.info(f"nats: reconnected to {safe_url(self.url)}")
         elif what == "disconnected":
-            logger.warning(f"nats: disconnected from {_safe(self.url)}; reconnecting")
+            logger.warning(f"nats: disconnected from {safe_url(self.url)}; reconnecting")
 
     async def ensure_stream(self, stream: str, subjects: list[str], create: bool) -> None:
         from nats.js.errors import NotFoundError

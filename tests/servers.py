@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,3 +194,37 @@ def nats_server() -> Iterator[NatsServer]:
         yield server
     finally:
         server.close()
+
+
+def drive(source: Any, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Up to ``n`` records from a set-up source's ``generate()`` (as the runtime asks: None = wait a moment)."""
+    gen, got = source.generate(), []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        r = next(gen)
+        if r is None:
+            time.sleep(0.002)
+        else:
+            got.append(r)
+    return got
+
+
+def broker_chaos(p: Any, server: ServerProcess, progress: Callable[[], int], total: int, sink: str) -> None:
+    """Along a running pipeline ``src -> norm -> <sink>``: SIGKILL each stage twice and stop and start
+    the server once, each after ``progress()`` (records at the sink) has grown by another share of ``total``."""
+    from tests.conftest import wait_for
+
+    plan = ["src", "norm", "server", sink, "src", "norm", sink]
+    step = total // (len(plan) + 2)
+    for k, victim in enumerate(plan):
+        wait_for(lambda k=k: progress() > step * (k + 1), timeout=120, what="the stream to flow on")
+        if victim == "server":
+            server.stop()
+            time.sleep(2.0)                   # the producer, source and sink wait meanwhile
+            server.start()
+            wait_for(lambda: p.row(sink)["stats"].get("reconnects", 0) >= 1, timeout=60, what="the sink reconnected")
+            continue
+        pid = p.row(victim)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda victim=victim, pid=pid: p.row(victim)["state"] == "running" and p.row(victim)["pid"] != pid,
+                 timeout=60, what=f"{victim} back")

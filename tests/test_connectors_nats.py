@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from streampipe.stages.api import StageContext
 from streampipe.stages.brokers import LoopThread
 from streampipe.stages.nats_streams import NatsSink, NatsSource
 from tests.conftest import wait_for
-from tests.servers import NatsServer, nats_server  # noqa: F401
+from tests.servers import NatsServer, broker_chaos, drive, nats_server  # noqa: F401
 
 RECORD_X = [0.5, -1.0, 2.0, 3.5, 0.0, 1.0, -2.5, 4.0]
 
@@ -93,18 +91,6 @@ def source(tmp_path: Path, **options: Any) -> NatsSource:
     return s
 
 
-def pull(s: NatsSource, n: int, timeout: float = 20) -> list[dict[str, Any]]:
-    gen, got = s.generate(), []
-    deadline = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < deadline:
-        r = next(gen)
-        if r is None:
-            time.sleep(0.002)
-        else:
-            got.append(r)
-    return got
-
-
 def test_ids_are_stream_sequences_acked_only_when_committed_malformed_dead_lettered(
         nats_server: NatsServer, tmp_path: Path) -> None:  # noqa: F811
     c = Client(nats_server.url)
@@ -113,7 +99,7 @@ def test_ids_are_stream_sequences_acked_only_when_committed_malformed_dead_lette
         c.publish("in.x", [orjson.dumps({"n": 0}), b"not json", orjson.dumps([1, 2]), orjson.dumps({"n": 1, "id": "a"})])
         s = source(tmp_path, stream="IN", url=nats_server.url, ack_wait_s=1)
         s.setup()
-        got = pull(s, 2)
+        got = drive(s, 2)
         assert [(r["id"], r["n"]) for r in got] == [(1, 0), (4, 1)] and got[1]["source_id"] == "a"
         assert [why.split(": ", 1)[1][:9] for _, why, _ in s.take_rejected()] == ["not JSON:", "a JSON li"]
         assert c.consumer("IN", "src").num_ack_pending == 4           # nothing acked before committed
@@ -123,7 +109,7 @@ def test_ids_are_stream_sequences_acked_only_when_committed_malformed_dead_lette
         again = source(tmp_path, stream="IN", url=nats_server.url, ack_wait_s=1)
         again.restore({"seq": 2})
         again.setup()
-        assert [r["id"] for r in pull(again, 1)] == [4]               # 3 (a malformed one) dead-lettered again
+        assert [r["id"] for r in drive(again, 1)] == [4]               # 3 (a malformed one) dead-lettered again
         again.committed(again.snapshot())
         wait_for(lambda: c.consumer("IN", "src").num_ack_pending == 0, timeout=10, what="everything acked")
         again.teardown()
@@ -136,7 +122,7 @@ def test_setup_errors_are_clear(nats_server: NatsServer, tmp_path: Path) -> None
         source(tmp_path, stream="NOPE", url=nats_server.url).setup()
     with pytest.raises(ConnectionError, match="cannot connect to nats://127.0.0.1:1"):
         source(tmp_path, stream="X", url="nats://127.0.0.1:1", connect_timeout_s=1).setup()
-    with pytest.raises(ValueError, match="not a NATS URL"):
+    with pytest.raises(ValueError, match="not a URL of nats"):
         NatsSource(stream="X", url="http://x")
     with pytest.raises(ValueError, match="not a JetStream name"):
         NatsSource(stream="a.b")
@@ -198,20 +184,7 @@ def nats_pipeline(pipeline: Any, server: NatsServer, count: int, rate: float, tm
 
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
-        plan = ["src", "norm", "server", "out", "src", "norm", "out"]
-        step = count // (len(plan) + 2)
-        for k, victim in enumerate(plan):
-            wait_for(lambda k=k: c.count("OUT") > step * (k + 1), timeout=120, what="the stream to flow on")
-            if victim == "server":
-                server.stop()
-                time.sleep(2.0)                   # the publisher, source and sink wait meanwhile
-                server.start()
-                wait_for(lambda: p.row("out")["stats"].get("reconnects", 0) >= 1, timeout=60, what="the sink reconnected")
-                continue
-            pid = p.row(victim)["pid"]
-            os.kill(pid, signal.SIGKILL)
-            wait_for(lambda victim=victim, pid=pid: p.row(victim)["state"] == "running" and p.row(victim)["pid"] != pid,
-                     timeout=60, what=f"{victim} back")
+        broker_chaos(p, server, lambda: c.count("OUT"), count, "out")
         assert done.wait(300), "the publisher did not finish"
         wait_for(lambda: c.count("OUT") >= count, timeout=180, what="every record in OUT")
         wait_for(lambda: c.consumer("IN", "src").num_ack_pending == 0, timeout=60, what="nothing unacked on IN")
