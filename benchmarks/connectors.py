@@ -15,7 +15,7 @@ the test extra installs them), started fresh for this run. Each pair reads (or w
 - ``redis_sink``: ``RedisStreamSink.write`` (``MULTI``/``EXEC`` of the ``XADD`` s and the marks)
   through the runtime's ``ExactSink`` against a pipeline of ``XADD`` s per 1,000;
 - ``postgres``: ``PostgresSink`` through ``ExactSink`` against psycopg ``COPY`` of the same rows
-  in one transaction per 1,000.
+  (the record as ``jsonb`` through orjson, as the sink does) in one transaction per 1,000.
 
 The stages run in this process, without the runtime's sockets (those are measured by
 ``throughput.py``): what is compared is the connector's own work with its client. Prints a table
@@ -238,7 +238,7 @@ def bench_postgres(dsn: str, n: int, k: int) -> dict[str, tuple[float, float]]:
             for i in range(0, n, BATCH):
                 with con.cursor() as cur, cur.copy(f"COPY {table} (id, y, record) FROM STDIN") as copy:
                     for rec in recs[i:i + BATCH]:
-                        copy.write_row((rec["id"], rec["y"], Jsonb(rec)))
+                        copy.write_row((rec["id"], rec["y"], Jsonb(rec, dumps=orjson.dumps)))
                 con.commit()
         return n
 
