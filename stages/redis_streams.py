@@ -81,7 +81,7 @@ def entry_number(entry_id: bytes | str) -> int:
     """An entry id as one increasing integer.
 
     >>> entry_number(b"1764130000123-5"), entry_number("0-1")
-    (1849777848000380933, 1)
+    (1849824379008974853, 1)
     """
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
