@@ -228,3 +228,27 @@ def broker_chaos(p: Any, server: ServerProcess, progress: Callable[[], int], tot
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda victim=victim, pid=pid: p.row(victim)["state"] == "running" and p.row(victim)["pid"] != pid,
                  timeout=60, what=f"{victim} back")
+
+
+UNREACHABLE = """
+pipeline: unreachable
+defaults: {{max_restarts: 1, backoff_initial: 0.05}}
+stages:
+  src:
+    type: {type}
+    options: {{url: "{url}", stream: events, connect_timeout_s: 1}}
+  out: {{type: consumer, inputs: [src]}}
+"""
+
+
+def unreachable_at_start(pipeline: Any, type_: str, url: str, says: str) -> None:
+    """A source whose server does not answer at start: ``up`` says so, the stage is ``failed`` with
+    the reason in ``status``, the rest runs."""
+    from tests.conftest import wait_for
+
+    p = pipeline(UNREACHABLE.format(type=type_, url=url))
+    proc = p.up(expect=1)
+    assert says in proc.stdout + proc.stderr
+    wait_for(lambda: p.row("src")["state"] == "failed", timeout=60, what="the source failed")
+    assert says in p.row("src")["last_error"]
+    assert p.row("out")["state"] == "running"

@@ -23,7 +23,7 @@ from streampipe.stages.api import StageContext
 from streampipe.stages.brokers import LoopThread
 from streampipe.stages.nats_streams import NatsSink, NatsSource
 from tests.conftest import wait_for
-from tests.servers import NatsServer, broker_chaos, drive, nats_server  # noqa: F401
+from tests.servers import NatsServer, broker_chaos, drive, nats_server, unreachable_at_start  # noqa: F401
 
 RECORD_X = [0.5, -1.0, 2.0, 3.5, 0.0, 1.0, -2.5, 4.0]
 
@@ -210,3 +210,7 @@ def test_nats_normalizer_nats_exactly_once_across_kills_and_a_server_restart(
 @pytest.mark.timeout(900)
 def test_nats_pipeline_100k(pipeline: Any, nats_server: NatsServer, tmp_path: Path) -> None:  # noqa: F811
     nats_pipeline(pipeline, nats_server, 100_000, 3000, tmp_path)
+
+
+def test_an_unreachable_server_at_start_is_a_clear_error_in_status(pipeline: Any) -> None:
+    unreachable_at_start(pipeline, "nats", "nats://127.0.0.1:1", "nats: cannot connect to nats://127.0.0.1:1")

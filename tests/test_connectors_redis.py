@@ -24,7 +24,7 @@ from streampipe.stages.api import StageContext
 from streampipe.stages.delivery import ExactSink
 from streampipe.stages.redis_streams import RedisStreamSink, RedisStreamSource, entry_number
 from tests.conftest import wait_for
-from tests.servers import Valkey, broker_chaos, drive, valkey  # noqa: F401
+from tests.servers import Valkey, broker_chaos, drive, unreachable_at_start, valkey  # noqa: F401
 
 RECORD_X = [0.5, -1.0, 2.0, 3.5, 0.0, 1.0, -2.5, 4.0]
 
@@ -167,3 +167,16 @@ def test_redis_normalizer_redis_exactly_once_across_kills_and_a_server_restart(p
 @pytest.mark.timeout(900)
 def test_redis_pipeline_100k(pipeline: Any, valkey: Valkey) -> None:  # noqa: F811
     redis_pipeline(pipeline, valkey, 100_000, 3000)
+
+
+def test_an_unreachable_server_at_start_is_a_clear_error_in_status(pipeline: Any) -> None:
+    unreachable_at_start(pipeline, "redis", "redis://127.0.0.1:1/0", "redis: cannot connect to redis://127.0.0.1:1/0")
+
+
+def test_field_null_takes_the_entry_fields_as_the_record(valkey: Valkey, tmp_path: Path) -> None:  # noqa: F811
+    r = redis.Redis.from_url(valkey.url)
+    first = r.xadd("plain", {"user": "ada", "amount": "3"})
+    s = source(tmp_path, stream="plain", url=valkey.url, field=None)
+    s.setup()
+    assert drive(s, 1) == [{"user": "ada", "amount": "3", "id": entry_number(first)}]
+    s.teardown()
