@@ -214,3 +214,28 @@ def test_nats_pipeline_100k(pipeline: Any, nats_server: NatsServer, tmp_path: Pa
 
 def test_an_unreachable_server_at_start_is_a_clear_error_in_status(pipeline: Any) -> None:
     unreachable_at_start(pipeline, "nats", "nats://127.0.0.1:1", "nats: cannot connect to nats://127.0.0.1:1")
+
+
+def test_replicas_each_read_their_own_subject(nats_server: NatsServer, tmp_path: Path) -> None:  # noqa: F811
+    c = Client(nats_server.url)
+    try:
+        c.stream("P", ["p.*"])
+        for r in (0, 1):
+            c.publish(f"p.{r}", [orjson.dumps({"replica": r, "k": k}) for k in range(3)], first=10 * r)
+        got = {}
+        for r in (0, 1):
+            s = NatsSource(stream="P", url=nats_server.url, subject="p.{replica}")
+            s.context = StageContext(name="src", replica=r, replicas=2, run_dir=tmp_path)
+            s.setup()
+            got[r] = drive(s, 3)
+            s.committed(s.snapshot())
+            s.teardown()
+            assert c.consumer("P", f"src_{r}").num_pending == 0
+        assert [x["replica"] for x in got[0]] == [0, 0, 0] and [x["replica"] for x in got[1]] == [1, 1, 1]
+        assert [x["id"] for x in got[1]] == [4, 5, 6]                 # stream sequences: increasing per replica
+        single = NatsSource(stream="P", url=nats_server.url, subject="p.0")
+        single.context = StageContext(name="one", replica=0, replicas=2, run_dir=tmp_path)
+        with pytest.raises(ValueError, match=r"several replicas need a subject with \{replica\}"):
+            single.setup()
+    finally:
+        c.close()
