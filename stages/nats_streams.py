@@ -67,7 +67,8 @@ from streampipe.stages.brokers import Backoff, LoopThread, check_url, decode, en
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")             # stream and durable names: no '.', '*', '>' or spaces
 SUBJECT = re.compile(r"[^\s]{1,500}")
-CONNECT_TIMEOUT_S = 5.0      # the first connection; setup fails after it
+CONNECT_TIMEOUT_S = 5.0      # one connection attempt
+FIRST_CONNECT_TRIES = 2      # setup fails after twice that without a connection (a server starting up gets a second try)
 RECONNECT_WAIT_S = 0.25      # nats-py's wait between reconnect attempts (it retries forever)
 FETCH_WAIT_S = 0.25          # one pull request's wait for messages; the fetch loop asks again after it
 FETCH_LOST_S = 1.0           # ... and a request unanswered this long after it expired was lost (a reconnect)
@@ -120,12 +121,21 @@ async def _connect(url: str, timeout: float, on_event: Any) -> Any:
     async def reconnected() -> None:
         on_event("reconnected")
 
-    async def error(exc: Exception) -> None:
-        on_event(f"error: {type(exc).__name__}: {exc}")
+    errors: list[str] = []
 
-    return await nats.connect(url, connect_timeout=timeout, max_reconnect_attempts=-1, allow_reconnect=True,
-                              reconnect_time_wait=RECONNECT_WAIT_S, disconnected_cb=disconnected,
-                              reconnected_cb=reconnected, error_cb=error)
+    async def error(exc: Exception) -> None:
+        errors.append(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        on_event(f"error: {errors[-1]}")
+
+    # nats-py retries a first connection as it retries a reconnect, forever with max_reconnect_attempts=-1
+    # (what a running stage wants): the first one is bounded here, and fails with the last reason
+    connecting = asyncio.ensure_future(nats.connect(
+        url, connect_timeout=timeout, max_reconnect_attempts=-1, allow_reconnect=True, reconnect_time_wait=RECONNECT_WAIT_S,
+        disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error))
+    try:
+        return await asyncio.wait_for(connecting, timeout * FIRST_CONNECT_TRIES)
+    except asyncio.TimeoutError:
+        raise ConnectionError(errors[-1] if errors else f"no answer in {timeout * FIRST_CONNECT_TRIES:g}s") from None
 
 
 class _Client:
@@ -139,10 +149,11 @@ class _Client:
         self.on_lost: Any = None      # called (in the loop thread) when delivered messages may have been lost
         self.aio = LoopThread(f"nats-{stage}")
         try:
-            self.nc = self.aio.run(_connect(url, connect_timeout_s, self._event), connect_timeout_s * 3 + 5)
+            self.nc = self.aio.run(_connect(url, connect_timeout_s, self._event), connect_timeout_s * FIRST_CONNECT_TRIES + 5)
         except Exception as exc:
             self.aio.stop()
-            raise ConnectionError(f"nats: cannot connect to {safe_url(url)}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+            reason = str(exc) if isinstance(exc, ConnectionError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+            raise ConnectionError(f"nats: cannot connect to {safe_url(url)}: {reason}") from None
         self.js = self.nc.jetstream(timeout=REQUEST_TIMEOUT_S)
 
     def _event(self, what: str) -> None:
