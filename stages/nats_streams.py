@@ -469,6 +469,12 @@ class NatsSink(Stage):
             raise ValueError("timeout_s and connect_timeout_s must be above 0")
         self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
         self.client: _Client | None = None
+        self.ack_sub: Any = None              # the PubAcks come here (made on the first batch, in the loop thread)
+        self.ack_inbox = ""
+        self.attempt = 0
+        self.acks: dict[int, Any] = {}
+        self.awaiting = 0
+        self.all_acked: asyncio.Event | None = None
         self.origin: str | None = None
         self.published = self.duplicates = self.retries = self.undeduplicated = 0
 
@@ -534,14 +540,42 @@ class NatsSink(Stage):
         return []
 
     async def _publish(self, todo: list[int], payloads: list[bytes], headers: list[dict[str, str] | None]) -> list[Any]:
+        """Publish ``todo`` at once, each asking for its PubAck on ``<inbox>.<attempt>.<k>``; the PubAcks
+        (or an exception for each one missing after ``timeout_s``) in the order of ``todo``. One
+        subscription for all, not a request per record: nats-py's request() cost ~4x the messages/s."""
         assert self.client is not None
         nc = self.client.nc
+        if self.ack_sub is None:
+            self.ack_inbox = nc.new_inbox()
+            self.ack_sub = await nc.subscribe(f"{self.ack_inbox}.*.*", cb=self._on_puback, pending_msgs_limit=-1,
+                                              pending_bytes_limit=-1)
+        self.attempt += 1
+        self.acks, self.awaiting = {}, len(todo)
+        self.all_acked = asyncio.Event()
+        prefix = f"{self.ack_inbox}.{self.attempt}."
+        for k in todo:
+            await nc.publish(self.subject, payloads[k], reply=f"{prefix}{k}", headers=headers[k])
+        try:
+            await asyncio.wait_for(self.all_acked.wait(), self.timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        lost = TimeoutError(f"no PubAck in {self.timeout_s:g}s")
+        return [self.acks.get(k, lost) for k in todo]
 
-        async def one(k: int) -> Any:
-            resp = await nc.request(self.subject, payloads[k], timeout=self.timeout_s, headers=headers[k])
-            return orjson.loads(resp.data)
-
-        return list(await asyncio.gather(*(one(k) for k in todo), return_exceptions=True))
+    async def _on_puback(self, msg: Any) -> None:
+        _, _, attempt, k = msg.subject.rsplit(".", 3)
+        if int(attempt) != self.attempt or int(k) in self.acks:
+            return                                    # an answer to an earlier attempt, or a repeat
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:                                    # 503: no stream listening (it is restarting) -> again
+            self.acks[int(k)] = ConnectionError(f"status {status} {msg.headers.get('Description', '')}".strip())
+        else:
+            try:
+                self.acks[int(k)] = orjson.loads(msg.data)
+            except orjson.JSONDecodeError as exc:
+                self.acks[int(k)] = exc
+        if len(self.acks) >= self.awaiting:
+            self.all_acked.set()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"published": self.published}
