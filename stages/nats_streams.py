@@ -574,7 +574,7 @@ class NatsSink(Stage):
                 self.acks[int(k)] = orjson.loads(msg.data)
             except orjson.JSONDecodeError as exc:
                 self.acks[int(k)] = exc
-        if len(self.acks) >= self.awaiting:
+        if len(self.acks) >= self.awaiting and self.all_acked is not None:
             self.all_acked.set()
 
     def stats(self) -> dict[str, Any]:
