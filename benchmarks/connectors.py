@@ -8,8 +8,8 @@ the test extra installs them), started fresh for this run. Each pair reads (or w
 
 - ``nats`` source: ``NatsSource.generate()`` with ``committed()`` every 1,000 records, against
   nats-py ``fetch(1000)`` + ``msg.ack()`` of each message and ``json`` decoding;
-- ``nats_sink``: ``NatsSink.process`` of 1,000-record batches against nats-py ``js.publish`` of
-  each record, 1,000 at a time with ``asyncio.gather``;
+- ``nats_sink``: ``NatsSink.process`` of 1,000-record batches (PubAcks on one subscription)
+  against nats-py ``js.publish`` of each record, 1,000 at a time with ``asyncio.gather``;
 - ``redis`` source: ``RedisStreamSource.generate()`` + ``committed()`` against redis-py
   ``XREADGROUP COUNT 1000`` + ``XACK`` of the batch + decoding;
 - ``redis_sink``: ``RedisStreamSink.write`` (``MULTI``/``EXEC`` of the ``XADD`` s and the marks)
