@@ -32,6 +32,10 @@ BUILTINS: dict[str, Builtin] = {
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
+    "nats": Builtin("streampipe.stages.nats_streams:NatsSource", source=True),
+    "nats_sink": Builtin("streampipe.stages.nats_streams:NatsSink"),
+    "redis": Builtin("streampipe.stages.redis_streams:RedisStreamSource", source=True),
+    "redis_sink": Builtin("streampipe.stages.redis_streams:RedisStreamSink"),
 }
 
 

@@ -122,7 +122,7 @@ def test_default_services_yaml_is_valid() -> None:
 def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     """The README's services.yaml reference example loads."""
     root = Path(__file__).resolve().parent.parent
-    text = (root / "README.md").read_text()
+    text = (root / "README.md").read_text().split("\n## services.yaml\n", 1)[1]
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "mystages.py").write_text(textwrap.dedent("""
         from streampipe import Stage
@@ -132,6 +132,22 @@ def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     """))
     (tmp_path / "services.yaml").write_text(block)
     load_config(tmp_path / "services.yaml")
+
+
+def test_connector_examples_in_readme_are_valid(tmp_path: Path) -> None:
+    """Each services.yaml of the README's Connectors section loads, and its stages take their options
+    (no server needed: a stage's __init__ checks them and connects only in setup)."""
+    from streampipe.stages.registry import load_target
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text().split("\n## Connectors\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert len(blocks) == 3
+    for k, block in enumerate(blocks):
+        (tmp_path / f"{k}.yaml").write_text(block)
+        cfg = load_config(tmp_path / f"{k}.yaml")
+        for stage in cfg.stages.values():
+            load_target(stage.type)(**stage.options)
 
 
 def test_bad_log_rotation_is_a_config_error(tmp_path: Path) -> None:
