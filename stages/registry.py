@@ -32,6 +32,7 @@ BUILTINS: dict[str, Builtin] = {
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
+    "http": Builtin("streampipe.stages.http_source:HttpSource", source=True),
 }
 
 
