@@ -33,6 +33,7 @@ BUILTINS: dict[str, Builtin] = {
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
     "http": Builtin("streampipe.stages.http_source:HttpSource", source=True),
+    "follow": Builtin("streampipe.stages.follow:Follow", source=True),
 }
 
 

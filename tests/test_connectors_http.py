@@ -60,17 +60,6 @@ def raw(port: int, request: bytes) -> bytes:
         return out
 
 
-def written(run_dir: Path) -> list[dict]:
-    path = run_dir / "output" / "records.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
 def test_parse_body_shapes() -> None:
     assert parse_body(b'{"a": 1}') == [{"a": 1}]
     assert parse_body(b'[{"a": 1}, {"b": 2}]') == [{"a": 1}, {"b": 2}]
@@ -157,10 +146,10 @@ def test_http_to_consumer_every_200_arrives_once_across_kills(pipeline, tmp_path
         th.join(max(1.0, deadline - time.monotonic()))
     assert len(ok) == total, f"{total - len(ok)} records never answered 200; answers {dict(codes)}"
 
-    wait_for(lambda: {r.get("k") for r in written(p.run_dir)} >= ok, timeout=60, what="every 200 in the output")
+    wait_for(lambda: {r.get("k") for r in p.output_records()} >= ok, timeout=60, what="every 200 in the output")
     time.sleep(1.0)    # anything still in flight (records of a request that was not answered) lands
-    rows = [r for r in written(p.run_dir) if r["k"] >= 0]
-    ids = [r["id"] for r in written(p.run_dir)]
+    rows = [r for r in p.output_records() if r["k"] >= 0]
+    ids = [r["id"] for r in p.output_records()]
     assert len(ids) == len(set(ids)), "an id written twice"
     seen = Counter(r["k"] for r in rows)
     assert set(seen) == ok
