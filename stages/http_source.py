@@ -27,7 +27,9 @@ upsert by it (the ``postgres`` sink's ``key``).
 
 The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`): at most
 :data:`MAX_CONNECTIONS` open, :data:`READ_TIMEOUT_S` to send a request, the body bounded before
-it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice.
+it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice, and ``validate``
+refuses it without a ``token`` (the token travels in clear: put TLS in front, e.g. a reverse
+proxy, when the port is reachable from other machines).
 
 Options:
     port              TCP port (0: any free one, written to ``state/<stage>.<r>.http-port``)
@@ -67,6 +69,7 @@ SEND_TIMEOUT_S = 2.0         # writing a short answer to a client that does not 
 SELECT_S = 0.1               # how often timeouts and shutdown are looked at
 RESERVE_BLOCK = 100_000      # ids reserved on disk at once: one fsync per this many records
 RETRY_AFTER_S = 1            # what a 429 / 503 tells the client to wait
+LOOPBACK = ("127.0.0.1", "localhost", "::1")   # a host that needs no token
 
 
 class _Conn:
@@ -105,6 +108,19 @@ class HttpSource(Source):
         self._thread: threading.Thread | None = None
         self.listener: socket.socket | None = None
         self._token: bytes | None = None
+
+    @staticmethod
+    def option_problems(options: dict[str, Any]) -> list[tuple[str | None, str]]:
+        """What ``streampipe validate`` refuses beyond the signature: a port open beyond this
+        machine that anyone may post to, and two sources of the token."""
+        problems: list[tuple[str | None, str]] = []
+        host = str(options.get("host", "127.0.0.1"))
+        if host not in LOOPBACK and options.get("token") is None and options.get("token_file") is None:
+            problems.append(("host", f"host {host} opens the ingest port beyond this machine: "
+                                     "set token or token_file so that only your clients may post"))
+        if options.get("token") is not None and options.get("token_file") is not None:
+            problems.append(("token", "give token or token_file, not both"))
+        return problems
 
     # -- the runtime's side -----------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:

@@ -160,3 +160,17 @@ def test_http_to_consumer_every_200_arrives_once_across_kills(pipeline, tmp_path
           f"more than once {total - once} (their client retried after no 200)")
     assert sum(1 for k, n in seen.items() if n > 1 and attempts[k] == 1) == 0
     assert p.row("ingest")["restarts"] == 2 and p.row("sink")["restarts"] == 1
+
+
+def test_an_open_port_needs_a_token(tmp_path: Path) -> None:
+    from streampipe.launcher.config import load_config
+    from streampipe.launcher.errors import ConfigError
+
+    config = tmp_path / "services.yaml"
+    config.write_text("pipeline: p\nstages:\n  ingest:\n    type: http\n    options: {host: 0.0.0.0, port: 8099}\n"
+                      "  sink: {type: consumer, inputs: [ingest]}\n")
+    with pytest.raises(ConfigError, match="host 0.0.0.0 opens the ingest port") as err:
+        load_config(config)
+    assert "stages.ingest.options.host" in str(err.value)
+    config.write_text(config.read_text().replace("port: 8099}", "port: 8099, token: t}"))
+    load_config(config)
