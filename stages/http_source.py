@@ -101,7 +101,6 @@ class HttpSource(Source):
         self.queue: deque[Record] = deque()   # accepted, not generated yet (ids set)
         self.assign = 0               # server thread (under lock): the next id to give
         self.reserved = 0             # ids below this are reserved on disk
-        self.pending = 0              # accepted and not yet answered 200
         self.durable = 0              # ids below this are saved (set by saved(), read by the server)
         self.accepted = self.answered = self.refused = 0
         self._stop = threading.Event()
@@ -192,6 +191,11 @@ class HttpSource(Source):
             self.wake_r.close()
             self.wake_w.close()
 
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet durable (answered or not: a request that timed out still counts)."""
+        return self.assign - self.durable
+
     def stats(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "answered": self.answered, "refused": self.refused,
                 "pending": self.pending, "next_id": self.next, "port": getattr(self, "address", (None, self.port))[1]}
@@ -230,8 +234,6 @@ class HttpSource(Source):
                 while waiting and waiting[0].waiting is not None and waiting[0].waiting[1] <= durable:
                     conn = waiting.popleft()
                     first, end = conn.waiting or (0, 0)
-                    with self.lock:
-                        self.pending -= end - first
                     self.answered += end - first
                     self._respond(sel, conns, conn, 200, {"accepted": end - first, "first_id": first, "last_id": end - 1})
                 for conn in list(conns.values()):
@@ -376,7 +378,6 @@ class HttpSource(Source):
                         record["client_id"] = record.pop("id")
                     record["id"] = i
                 self.assign = first + n
-                self.pending += n
                 self.queue.extend(records)
         if full:
             self._respond(sel, conns, conn, 429, {"error": f"{self.pending} records wait to be durable "
