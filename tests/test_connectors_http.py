@@ -23,7 +23,7 @@ import pytest
 
 from streampipe.stages.http_source import parse_body
 from tests.conftest import wait_for
-from tests.servers import free_port
+from tests.servers import free_port, postgres  # noqa: F401
 
 TOKEN = "s3cret-token"
 PIPELINE = """
@@ -174,3 +174,54 @@ def test_an_open_port_needs_a_token(tmp_path: Path) -> None:
     assert "stages.ingest.options.host" in str(err.value)
     config.write_text(config.read_text().replace("port: 8099}", "port: 8099, token: t}"))
     load_config(config)
+
+
+PG_PIPELINE = """
+pipeline: ingest-pg
+defaults: {{backoff_initial: 0.05, backoff_max: 0.3, max_restarts: 100, ack_timeout: 0.5, heartbeat_timeout: 60}}
+stages:
+  ingest: {{type: http, options: {{port: {port}, token: {token}}}}}
+  events:
+    type: postgres
+    inputs: [ingest]
+    options: {{dsn: "{dsn}", create: true, columns: {{k: k, id: id, record: "*"}}, key: [k], types: {{k: bigint}}}}
+"""
+
+
+@pytest.mark.timeout(180)
+def test_http_to_postgres_upsert_by_client_key_exactly_once_across_kills(pipeline, postgres) -> None:  # noqa: F811
+    """The README's route to exactly once for the client: its own key, and a sink that upserts by it.
+    A body whose 200 was lost is posted again under new ids, and lands on the same rows."""
+    import psycopg
+
+    port = free_port()
+    p = pipeline(PG_PIPELINE.format(port=port, token=TOKEN, dsn=postgres.dsn))
+    p.up()
+    total, per_post = 6_000, 50
+    ok: set[int] = set()
+    retried = 0
+    killed: list[str] = []
+    for at in range(0, total, per_post):
+        keys = range(at, at + per_post)
+        body = json.dumps([{"k": k, "v": k * 3} for k in keys]).encode()
+        if at in (2_000, 4_000):                         # the source, then the sink, killed mid-stream
+            victim = "ingest" if at == 2_000 else "events"
+            os.kill(p.row(victim)["pid"], signal.SIGKILL)
+            killed.append(victim)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                code = post(port, body)[0]
+            except OSError:
+                code = 0
+            if code == 200:
+                ok.update(keys)
+                break
+            retried += 1
+            assert time.monotonic() < deadline, f"no 200 for the body at {at} (last answer {code})"
+            time.sleep(0.05)
+    with psycopg.connect(postgres.dsn) as con:
+        got = con.execute("SELECT count(*), count(DISTINCT k), min(k), max(k), bool_and((record->>'v')::bigint = k * 3) "
+                          "FROM events").fetchone()
+    assert got == (total, total, 0, total - 1, True), got
+    assert len(ok) == total and killed == ["ingest", "events"]
