@@ -25,6 +25,10 @@ were durable) makes a client retry post them again, under new ids: they are then
 twice. A client that needs exactly once puts its own key in the records and lets the sink
 upsert by it (the ``postgres`` sink's ``key``).
 
+Replicas (``replicas: N``) share the port (``SO_REUSEPORT``: the kernel spreads connections over
+them; only processes of the same user can join it); each has its own ids and buffer. Every
+answer closes its connection (``Connection: close``).
+
 The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`): at most
 :data:`MAX_CONNECTIONS` open, :data:`READ_TIMEOUT_S` to send a request, the body bounded before
 it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice, and ``validate``
@@ -150,6 +154,8 @@ class HttpSource(Source):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ctx.replicas > 1:           # the replicas share the port: the kernel spreads the connections
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.listener.bind((self.host, self.port))
         except OSError as exc:
