@@ -36,6 +36,8 @@ BUILTINS: dict[str, Builtin] = {
     "nats_sink": Builtin("streampipe.stages.nats_streams:NatsSink"),
     "redis": Builtin("streampipe.stages.redis_streams:RedisStreamSource", source=True),
     "redis_sink": Builtin("streampipe.stages.redis_streams:RedisStreamSink"),
+    "http": Builtin("streampipe.stages.http_source:HttpSource", source=True),
+    "follow": Builtin("streampipe.stages.follow:Follow", source=True),
 }
 
 

@@ -80,6 +80,7 @@ ZERO_COPY_BYTES = 64 << 10      # a message at least this big is sent with copy=
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
 STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
+PROMPT_SAVE_S = 0.01            # ... or this often when it waits on the saves (``saved()``: an HTTP answer holds on it)
 ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often; its acks wait up to this long,
                                 # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
 ACK_SAVE_SHARE = 0.2            # ... and spends at most this share of its time saving (an fsync: 1-100 ms)
@@ -560,6 +561,9 @@ class StageRuntime:
         self.on_origin = getattr(stage, "on_origin", None)
         committed = getattr(stage, "committed", None)      # a source hears which position is done end to end
         self.on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
+        saved = getattr(stage, "saved", None)              # ... and which position is on disk (it then saves promptly)
+        self.on_saved = saved if self.source and getattr(saved, "__func__", None) is not Source.saved else None
+        self.last_saved: dict[str, Any] | None = None     # the committed state written last
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
         self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
@@ -735,7 +739,9 @@ class StageRuntime:
                 for edge in self.edges:
                     edge.resend_late(now)
                 next_resend = now + RESEND_CHECK_S
-            if self.source and self.committed is not None and now >= next_save:
+            if self.source and self.committed is not None and (
+                    now >= next_save or (self.on_saved is not None and self.committed is not self.last_saved
+                                         and now >= next_save - STATE_SAVE_S + PROMPT_SAVE_S)):
                 self.save_state()
                 next_save = now + STATE_SAVE_S
 
@@ -1298,6 +1304,9 @@ class StageRuntime:
         save_state(self.state_path, saved)
         if self.source:
             self.watermark = top    # only now: it never runs ahead of the position a restart resumes at
+            self.last_saved = state
+            if self.on_saved is not None:
+                self.on_saved(state)
 
     def restore_origin(self, saved: dict[str, Any]) -> None:
         """A source's generation and the watermark committed with its position (``save_state``).
