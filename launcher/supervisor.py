@@ -277,7 +277,7 @@ class Supervisor:
     # -- set-up ------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
         logger.add(self.rd.logs / "supervisor.jsonl", serialize=True, level="DEBUG", rotation=self.cfg.logging.rotation,
-                   retention=self.cfg.logging.retention)
+                   retention=self.cfg.logging.retention, diagnose=False)    # no variable values in tracebacks
         logger.configure(extra={"stage": "supervisor", "replica": 0})
 
     def _new_replica(self, name: str, index: int, sc: StageConfig) -> Replica:

@@ -24,7 +24,7 @@ import pytest
 
 from streampipe.stages.http_source import parse_body
 from tests.conftest import wait_for
-from tests.servers import free_port, postgres  # noqa: F401
+from tests.servers import free_port, pg_bindir, postgres  # noqa: F401
 
 TOKEN = "s3cret-token"
 PIPELINE = """
