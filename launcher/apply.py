@@ -147,6 +147,6 @@ async def _start_stage(sup: Supervisor, name: str) -> None:
         if sup.is_source(name) and not await sup.repartition(name):
             return
         for rep in reps:
-            rep.state = "starting"
+            rep.waiting()
             await sup._start_guarded(rep, f"start {rep.ident}")
     await settle(reps, max(r.cfg.ready_timeout for r in reps))

@@ -47,14 +47,14 @@ from streampipe.launcher.apply import apply_config
 from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
 from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
-from streampipe.launcher.replica import Replica, settle
+from streampipe.launcher.replica import SETTLED, Replica, State, settle
 from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from streampipe.launcher.specs import stage_spec
 from streampipe.monitor.events import EventLog
-from streampipe.monitor.health import Judge, Probe
+from streampipe.monitor.health import Probe
 from streampipe.monitor.policy import RestartPolicy, describe_exit
-from streampipe.stages import fence, wire
+from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
 from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
@@ -132,7 +132,7 @@ class Supervisor:
         for name, sc in self.cfg.stages.items():
             self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
             for rep in self.replicas[name]:
-                rep.state = "starting"   # not "stopped" while it waits its turn (fork server, repartition): `up --detach` waits
+                rep.waiting()
             self.locks[name] = asyncio.Lock()
         for what, loop_fn in (("stages", self._serve_stages), ("control", self._serve_control),
                               ("health", self._health_loop), ("history", self._history_loop)):
@@ -229,7 +229,7 @@ class Supervisor:
             # its process runs, but the work meant for it broke: kill it, its exit takes the normal path
             rep.kill_reason = reason
             self.signal_replica(rep, signal.SIGKILL)
-        elif not (rep.wanted_down or self.stopping or rep.state in ("completed", "failed", "stopped")):
+        elif not (rep.wanted_down or self.stopping or rep.state in SETTLED):
             self._after_exit(rep, 1, 0.0, reason)
 
     async def _keep(self, what: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
@@ -281,12 +281,7 @@ class Supervisor:
         logger.configure(extra={"stage": "supervisor", "replica": 0})
 
     def _new_replica(self, name: str, index: int, sc: StageConfig) -> Replica:
-        policy = RestartPolicy(restart=sc.restart, backoff_initial=sc.backoff_initial, backoff_max=sc.backoff_max,
-                               backoff_factor=sc.backoff_factor, min_uptime=sc.min_uptime,
-                               max_restarts=sc.max_restarts, restart_window=sc.restart_window)
-        judge = Judge(heartbeat_timeout=sc.heartbeat_timeout, max_rss_mb=sc.max_rss_mb,
-                      max_cpu_percent=sc.max_cpu_percent, limit_for=sc.limit_for)
-        rep = Replica(stage=name, index=index, cfg=sc, policy=policy, judge=judge)
+        rep = Replica.of(name, index, sc)
         self.by_ident[rep.ident] = rep
         return rep
 
@@ -401,12 +396,7 @@ class Supervisor:
         if rep.pid is not None or self.stopping:   # raced with another start while we awaited the server
             os.kill(pid, signal.SIGKILL)
             return
-        rep.pid, rep.state, rep.started_at = pid, "starting", time.time()
-        rep.ready_at, rep.last_beat, rep.hb, rep.kill_reason, rep.wanted_down = None, None, {}, "", False
-        rep.spawn_mode = mode
-        rep.exited.clear()
-        rep.settled.clear()
-        rep.probe = Probe(pid)
+        rep.spawned(pid, mode, Probe(pid))
         self.by_pid[pid] = rep
         assert self.events is not None
         self.events.emit("start", rep.stage, rep.index, pid, reason=f"{mode} spawn in {1000 * (time.monotonic() - t0):.1f} ms",
@@ -471,16 +461,14 @@ class Supervisor:
                 rep.last_error = rep.kill_reason or tail or rep.last_exit
             elif tail and rep.last_error not in tail:
                 rep.last_error = f"{rep.last_error}\n{tail}"
-        rep.pid = None
-        rep.probe = None
-        rep.exited.set()
+        rep.gone()
         self.retell_drains()
         self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
-        if code == 0 and rep.state != "completed" and self.is_source(rep.stage):
+        if code == 0 and rep.state != State.COMPLETED and self.is_source(rep.stage):
             saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
             if saved.get("completed"):
-                rep.state = "completed"
-        if rep.state == "completed":
+                rep.completed()
+        if rep.state == State.COMPLETED:
             rep.settled.set()
             return
         self._after_exit(rep, code, uptime if rep.ready_at else 0.0, reason)
@@ -488,31 +476,16 @@ class Supervisor:
     def _after_exit(self, rep: Replica, code: int, uptime: float, reason: str) -> None:
         """The replica is down (exited, or never started): stop, fail, or restart after a backoff."""
         assert self.events is not None
-        if code == fence.FENCED_EXIT and not (rep.wanted_down or self.stopping) and rep.fenced < fencing.FENCED_RETRIES:
-            rep.fenced += 1   # it lost the lock to a stale process and bound nothing: not a crash, not counted
-            rep.state = "starting"
-            self.events.emit("fenced", rep.stage, rep.index, None, reason="another process held the replica's lock; starting it again")
-            asyncio.get_running_loop().call_later(fencing.FENCED_RETRY_DELAY_S,
-                                                  lambda: self.own(self._restart(rep, "fenced"), f"respawn {rep.ident}", rep))
-            return
-        decision = rep.policy.on_exit(time.time(), code, uptime, wanted=rep.wanted_down or self.stopping)
-        if decision.action == "stop":
-            rep.state = "stopped"
-            rep.settled.set()
-            if not rep.wanted_down and not self.stopping:
-                self.events.emit("stopped", rep.stage, rep.index, None, reason=decision.reason)
-            return
-        if decision.action == "fail":
-            rep.state = "failed"
-            rep.settled.set()
-            self.events.emit("failed", rep.stage, rep.index, None, reason=decision.reason, last_error=rep.last_error[-2000:])
-            return
-        rep.restarts += 1
-        rep.state = "starting"       # about to be started again (or in backoff, below)
-        if decision.delay > 0:
-            rep.state, rep.backoff_until = "backoff", time.time() + decision.delay
-            self.events.emit("backoff", rep.stage, rep.index, None, reason=f"restart in {decision.delay:.2f}s after {reason}")
-        asyncio.get_running_loop().call_later(decision.delay, lambda: self.own(self._restart(rep, reason), f"respawn {rep.ident}", rep))
+        after = rep.after_exit(code, uptime, self.stopping, time.time())
+        if after.event == "failed":
+            self.events.emit("failed", rep.stage, rep.index, None, reason=after.reason, last_error=rep.last_error[-2000:])
+        elif after.event == "backoff":
+            self.events.emit("backoff", rep.stage, rep.index, None, reason=f"{after.reason} after {reason}")
+        elif after.event:
+            self.events.emit(after.event, rep.stage, rep.index, None, reason=after.reason)
+        if after.restart:
+            why = "fenced" if after.event == "fenced" else reason
+            asyncio.get_running_loop().call_later(after.delay, lambda: self.own(self._restart(rep, why), f"respawn {rep.ident}", rep))
 
     async def _restart(self, rep: Replica, reason: str) -> None:
         """A respawn (after an exit and its backoff); any failure goes back through the policy."""
@@ -555,15 +528,11 @@ class Supervisor:
         (a hung or over-limit replica, one not READY yet) is a SIGTERM.
         """
         if rep.pid is None:
-            if wanted and rep.state in ("backoff", "starting"):
-                rep.wanted_down = True
-                rep.state = "stopped"
+            if wanted:
+                rep.cancel_start()
             return
-        rep.wanted_down = rep.wanted_down or wanted
-        rep.kill_reason = reason
-        drain = wanted and rep.state in ("running", "blocked") and self.stage_sock is not None
-        if rep.state != "completed":
-            rep.state = "stopping"
+        drain = wanted and rep.live and self.stage_sock is not None
+        rep.stopping(wanted, reason)
         grace = rep.cfg.stop_grace if grace is None else grace
         if drain:
             self.drains[rep.ident] = rep
@@ -593,7 +562,7 @@ class Supervisor:
         endpoint = self.endpoint("i", rep.stage, rep.index)
         told = []
         for up, edge in self.upstream_replicas(rep.stage):
-            if up.pid is not None and up.state in ("running", "blocked", "stopping"):
+            if up.pid is not None and (up.live or up.state == State.STOPPING):
                 self.tell(up, "fence", edge=edge, endpoint=endpoint, on=on)
                 told.append(self.endpoint("a", up.stage, up.index))
         return sorted(set(told))
@@ -669,24 +638,9 @@ class Supervisor:
         now = time.time()
         assert self.events is not None
         if op == "hb":
-            rep.last_beat = time.monotonic()
-            prev_t, prev_n = rep._rate_mark
-            n = int(msg.get("records_in", 0))
-            if prev_t and now - prev_t >= 1.0:
-                rep.rate = max(0.0, (n - prev_n) / (now - prev_t))
-                rep._rate_mark = (now, n)
-            elif not prev_t:
-                rep._rate_mark = (now, n)
-            rep.hb = msg
-            if rep.state in ("running", "blocked"):
-                rep.state = "blocked" if msg.get("blocked") else "running"
-            if msg.get("last_error"):
-                rep.last_error = msg["last_error"]
+            rep.beat(msg, now)
         elif op == "ready":
-            rep.ready_at, rep.last_beat, rep.fenced = now, time.monotonic(), 0
-            if rep.state == "starting":
-                rep.state = "running"
-            rep.settled.set()
+            rep.ready(now)
             if rep.cfg.inputs:   # its spec may predate a scale upstream
                 self.tell(rep, "peers", acks=self.ack_peers(rep.stage))
             if self.drains:
@@ -696,8 +650,7 @@ class Supervisor:
         elif op == "error":
             rep.last_error = f"{msg.get('error', '')}\n{msg.get('traceback', '')}".strip()
         elif op == "completed":
-            rep.state = "completed"
-            rep.settled.set()
+            rep.completed()
             self.events.emit("completed", rep.stage, rep.index, rep.pid, reason=f"end of stream after {msg.get('records_out', '?')} records")
 
     def tell(self, rep: Replica, op: str, **fields: Any) -> None:
@@ -859,8 +812,7 @@ class Supervisor:
         error = str(answer.get("error", "repartition failed"))
         logger.error(error)
         for rep in reps:
-            rep.state, rep.last_error = "failed", error
-            rep.settled.set()
+            rep.failed(error)
         self.events.emit("failed", stage, None, None, reason="cannot repartition its saved positions", last_error=error)
         return False
 
@@ -882,7 +834,7 @@ class Supervisor:
                 if rep.pid is not None:
                     await self.stop_replica(rep, reason="restart requested")
                 rep.wanted_down = False
-                if rep.state != "completed" and not self.stopping:
+                if rep.state != State.COMPLETED and not self.stopping:
                     await self._start_guarded(rep, f"restart {rep.ident}")
                     await settle([rep], rep.cfg.ready_timeout)
             return {"ok": True, "stage": stage, "replicas": len(self.replicas[stage])}
@@ -900,14 +852,9 @@ class Supervisor:
                     if rep.reading.zombie:
                         self._reap()
                         continue
-                    if rep.state == "starting" and time.time() - rep.started_at > rep.cfg.ready_timeout:
-                        self._kill_unhealthy(rep, f"not READY after ready_timeout {rep.cfg.ready_timeout:g}s", "hung")
-                        continue
-                    if rep.state not in ("running", "blocked"):
-                        continue
-                    verdict = rep.judge.verdict(now_m, rep.last_beat, rep.reading)
-                    if verdict:
-                        self._kill_unhealthy(rep, verdict, "hung" if verdict.startswith("hung") else "limit")
+                    unhealthy = rep.health(now_m)
+                    if unhealthy:
+                        self._kill_unhealthy(rep, unhealthy[1], unhealthy[0])
             self.rejects.flush()   # the count of malformed messages not logged yet, if any
             self.snapshot = self.status()
 
