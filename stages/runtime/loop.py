@@ -1,54 +1,12 @@
-"""The stage process: sockets, batching, framing, acknowledgements, heartbeats, drain on SIGTERM.
-
-One :class:`StageRuntime` runs in each stage replica process. It is a single-threaded loop
-around one ``zmq.Poller``; the stage's own code (``process`` / ``generate``) runs inside that
-loop, so a heartbeat proves the loop is alive (a stage stuck in ``process`` stops beating and the
-supervisor replaces it as hung).
-
-Sockets of one replica::
-
-    PULL  bind    <input>        records from every upstream stage (absent for a source)
-    PULL  bind    <ack>          acknowledgements from downstream replicas
-    PUSH  connect edge endpoints one per replica of each output edge's dest (:class:`Link`)
-    PUSH  connect <ack of src>   acknowledgements back to each upstream sender (lazily)
-    DEALER connect <control>     hello / ready / heartbeats up, endpoint changes and stop down
-
-Delivery ``at-least-once``: a sender keeps every batch until its receiver acknowledges it and
-resends it, to the same replica, when the ack is late (the receiver died with it queued, or is
-slow); a receiver drops a copy of a batch it has taken already (:meth:`StageRuntime.copy_of_seen`). A transform acknowledges an
-input batch only once every batch it produced from it is acknowledged downstream, so an ack at
-the source means the record reached the sink. ``max_inflight`` unacknowledged batches per edge
-bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
-
-Origins and watermarks (what makes the sink's dedup exact without a clock): a source replica
-stamps every DATA header with its origin ``o`` (``"<stage>.<replica>/<generation>"``, the
-generation of its id space kept in its state file) and, under at-least-once, a watermark ``w``:
-one more than the highest id in every batch up to its committed position *as saved in its state
-file*, so every id of this origin below ``w`` is acknowledged end to end and a restarted or
-repartitioned replica never emits an id below a watermark it announced (a watermark ahead of the
-saved position would let a new generation re-emit ids the sink can no longer tell from another
-partition's, see :mod:`streampipe.stages.seen`). A transform copies ``o`` and ``w`` from an input
-batch onto every batch it cuts from it; a stage that defines ``on_origin(origin, watermark)``
-(the consumer) is told them before each ``process``. This needs integer ids that increase per
-source replica. A source whose ids stop increasing freezes its watermark where it was (the sink
-then keeps that origin's ids exactly; ``ids_out_of_order`` in its stats) and dead-letters a record
-whose id is below the watermark it already announced: a sink would take it for a duplicate.
-Records without an integer id do not take part.
-"""
+"""The loop of one stage replica: :class:`StageRuntime` owns the poller and the sockets (see the
+package docstring for the protocol)."""
 
 from __future__ import annotations
 
-import bisect
-import ctypes
-import faulthandler
-import gc
 import os
-import signal
-import sys
-import threading
 import time
 import traceback
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,471 +15,34 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from streampipe._rotating import watch_stdio
-from streampipe.stages import fence, network, wire
+from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
-from streampipe.stages.api import Record, Source, Stage, StageContext, columnar_source, is_source
+from streampipe.stages.api import Record, Source, Stage, columnar_source, is_source
 from streampipe.stages.columns import Columns
 from streampipe.stages.delivery import Delivered
 from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
-from streampipe.stages.registry import load_stage
-from streampipe.stages.seen import SeenByOrigin
-from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
-from streampipe.stages.state import DeadLetters, load_replica_state, read_layout, save_state
-
-HEARTBEAT_INTERVAL_S = 0.25     # 40 beats inside the default 10 s heartbeat_timeout
-RESEND_CHECK_S = 0.05           # how often unacked batches are checked for a late ack
-IDLE_WAIT_MS = 2                # a source that yielded None is asked again after this
-ACK_FLUSH_EVERY = 16            # acks sent after this many batches, not only once per loop pass
-SOURCE_BATCHES_PER_TICK = 8     # batches a busy source makes between two looks at its sockets
-MAX_MSGS_PER_TICK = 64          # input messages handled before serving acks/heartbeats again
-ZERO_COPY_BYTES = 64 << 10      # a message at least this big is sent with copy=False (below it costs more)
-EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
-EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
-STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
-ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often; its acks wait up to this long,
-                                # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
-ACK_SAVE_SHARE = 0.2            # ... and spends at most this share of its time saving (an fsync: 1-100 ms)
-RECONNECT_IVL_MS = 10           # PUSH reconnect timer: ZeroMQ's 100 ms default delays respawn
-MAX_SENDERS = 512               # run-stage: ack endpoints remembered (and ack sockets kept open)
-LOG_ERRORS_PER_S = 10          # failed records logged with a traceback per second; the rest counted
-LATENCY_BUCKETS_MS = (0.1, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0)
-GC_GEN0 = 20_000                # allocations between young collections (CPython's default 700 made a
-                                # 1000-record batch of dicts trigger ~3 of them: half of msgpack decode's time)
-
-ADOPT_WAIT_S = 2.0              # a forked stage waits at most this long to be adopted by the supervisor
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_START_FAILED = 3
-
-
-class InToken:
-    """An input batch awaiting the acks of what it produced before it is acknowledged."""
-
-    __slots__ = ("ack", "edge", "ep", "seq", "outstanding")
-
-    def __init__(self, header: dict[str, Any]) -> None:
-        self.ack, self.edge, self.ep, self.seq = header["ack"], header["e"], header["ep"], header["seq"]
-        self.outstanding = 0
-
-
-class Taken:
-    """The seqs of one sender's batches this process has taken: all below ``mark`` (the sender
-    said, by its ``lo``, that every batch below it is acknowledged) and those in ``above``, which
-    holds only what is still in flight."""
-
-    __slots__ = ("mark", "above")
-
-    def __init__(self) -> None:
-        self.mark = 0
-        self.above: set[int] = set()
-
-    def __contains__(self, seq: int) -> bool:
-        return seq < self.mark or seq in self.above
-
-    def add(self, seq: int) -> None:
-        self.above.add(seq)
-
-    def close_below(self, lo: int) -> None:
-        if lo > self.mark:
-            self.mark = lo
-            if self.above:
-                self.above = {s for s in self.above if s >= lo}
-
-
-class Mark:
-    """A source position: committed once every batch cut with it is acknowledged.
-
-    ``top`` is one more than the highest id pulled up to this position: the origin's watermark
-    once the mark is committed.
-    """
-
-    __slots__ = ("state", "top", "outstanding")
-
-    def __init__(self, state: dict[str, Any], top: int | None) -> None:
-        self.state, self.top, self.outstanding = state, top, 0
-
-
-def stamp_of(header: dict[str, Any]) -> tuple[str | None, int | None]:
-    """The ``(origin, watermark)`` a received batch carries (None for what is absent or mistyped)."""
-    o, w = header.get("o"), header.get("w")
-    return (o if type(o) is str else None), (w if type(w) is int else None)
-
-
-class OutBatch:
-    __slots__ = ("seq", "frames", "n", "parent", "sent_at", "tries", "copy", "link")
-
-    def __init__(self, seq: int, frames: list[bytes], n: int, parent: InToken | Mark | None) -> None:
-        self.seq, self.frames, self.n, self.parent = seq, frames, n, parent
-        self.sent_at, self.tries = 0.0, 0
-        self.copy = len(frames) <= 2 or sum(len(f) for f in frames) < ZERO_COPY_BYTES
-        self.link: Link | None = None     # the replica it went to: a resend goes there again
-
-
-ID_BLOCK = 16384   # ids of one block go to the same replica of a dest partitioned by id: big enough
-                   # that few batches straddle two (a 1000-record batch of a strided origin spans 2000
-                   # ids), small enough that replicas take turns every ~40 ms at 400 k records/s
-_GOLDEN64 = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-
-
-def replica_of_ids(ids: np.ndarray, n: int) -> np.ndarray:
-    """The replica (of ``n``) each id goes to: a hash of its block of ``ID_BLOCK`` ids, so
-    consecutive ids travel together and every sender, in any process, agrees."""
-    blocks = (ids // ID_BLOCK).astype(np.uint64)
-    return ((blocks * np.uint64(_GOLDEN64)) >> np.uint64(32)) % np.uint64(n)
-
-
-def replica_of_id(i: int, n: int) -> int:
-    """:func:`replica_of_ids` for one Python int."""
-    return ((((i // ID_BLOCK) & _MASK64) * _GOLDEN64 & _MASK64) >> 32) % n
-
-
-def split_by_id(records: list[Record] | Columns, n: int) -> list[tuple[int | None, list[Record] | Columns]]:
-    """``records`` split by the replica their ids go to; records without an integer id go
-    together under None (any replica: nothing deduplicates them)."""
-    if isinstance(records, Columns):
-        ids = records.data.get("id")
-        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids):
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo // ID_BLOCK == hi // ID_BLOCK:      # one block (the usual case): no per-id hash
-                return [(replica_of_id(lo, n), records)]
-            k = replica_of_ids(ids, n)
-            first = int(k[0])
-            if bool((k == first).all()):
-                return [(first, records)]
-            return [(int(j), records.take(k == j)) for j in np.unique(k).tolist()]
-        records = records.to_records()
-    groups: dict[int | None, list[Record]] = {}
-    for r in records:
-        i = r.get("id")
-        groups.setdefault(replica_of_id(i, n) if type(i) is int else None, []).append(r)
-    return list(groups.items())
-
-
-class Link:
-    """One replica of an edge's destination: a PUSH connected to it alone, the batches waiting
-    to go to it (resends: a batch goes back to the replica it went to)."""
-
-    def __init__(self, edge: Edge, endpoint: str) -> None:
-        rt = edge.rt
-        self.endpoint = endpoint
-        self.sock = rt.ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.SNDHWM, rt.spec.hwm)
-        self.sock.setsockopt(zmq.LINGER, -1 if not rt.acked else 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        if edge.immediate:      # a replica that is down takes no new batch: they go to the live ones
-            self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        if rt.curve is not None:
-            rt.curve.client(self.sock)
-        self.reach = network.Reach(self.sock)
-        self.sock.connect(network.connect_from(endpoint, rt.spec.bind_host))
-        self.outq: deque[OutBatch] = deque()
-        # a replica that is draining (a graceful stop): nothing more goes to it, not even a resend,
-        # and a FENCE tells it so; what waits for it stays in outq until it is replaced
-        self.fenced = False
-        self.fence_due = False
-
-    def close(self, linger: int) -> None:
-        self.reach.close()
-        self.sock.close(linger=linger)
-
-
-class Edge:
-    """The sending end of one pipeline edge: one :class:`Link` per replica of its dest.
-
-    A new batch goes to the replica holding the fewest unacknowledged batches among those with a
-    live connection (a slow replica gets fewer; a dead one none). A batch resent after
-    ``ack_timeout`` goes back to the replica it went to, never to another: a replica that was
-    only slow has it (or has written it) already, and drops the copy by its ids or its sender's
-    sequence, where another replica could not tell it from a new batch. A sink with replicas
-    therefore writes each id once across its files. Only a replica that leaves the edge (scaled
-    down, its address gone) hands its batches to the others.
-
-    To a dest partitioned by id (``keyed``: the consumer, or ``partition: id``) a batch is split
-    by the blocks of its ids and each part goes to the replica its block hashes to, so an id
-    reaches the same replica even when a transform that crashed processes its batch again and
-    cuts it differently. A replica that is down holds up its share until it is back (as a
-    partition would); its parts wait in its link's queue.
-    """
-
-    def __init__(self, rt: StageRuntime, spec: EdgeSpec, immediate: bool = False) -> None:
-        self.rt, self.name, self.output, self.dest = rt, spec.name, spec.output, spec.dest
-        self.immediate = immediate
-        self.keyed = spec.keyed and rt.acked        # records go to a replica by their id's block
-        self.links: dict[str, Link] = {}
-        self.by_key: list[Link] = []                # the links in the order every sender agrees on
-        self.endpoints: list[str] = []
-        self.ack_endpoint = rt.spec.ack           # what its headers name (run-stage: the advertised one)
-        self.seq = 0
-        self.turn = 0                             # rotates the choice among equally loaded replicas
-        self.pending: list[Record] = []
-        self.pending_cols: list[Columns] = []     # a columnar source's batches not cut yet
-        self.pending_since = 0.0
-        self.outq: deque[OutBatch] = deque()      # new batches, not given to a replica yet
-        self.unacked: dict[int, OutBatch] = {}
-        self.rtt = 0.0
-        self.eos_from: set[str] = set()
-        self.connect(spec.endpoints)
-
-    def fence(self, endpoint: str, on: bool) -> None:
-        """Send nothing more to the replica at ``endpoint`` (it drains to stop), or again (it exited)."""
-        link = self.links.get(endpoint)
-        if link is not None:
-            link.fenced = link.fence_due = on
-
-    def _send_fence(self, link: Link) -> None:
-        """The FENCE after the last batch sent to ``link`` (one socket per replica: it arrives after them)."""
-        header = {"src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name, "ep": self.rt.epoch,
-                  "seq": self.seq, "ack": self.ack_endpoint}
-        try:
-            link.sock.send_multipart(wire.fence_frames(header), flags=zmq.NOBLOCK)
-            link.fence_due = False
-        except zmq.Again:
-            pass    # its queue is full: the next send() tries again
-
-    def connect(self, endpoints: list[str]) -> None:
-        """Connect to the replicas at ``endpoints`` and drop the others. Batches waiting for or
-        in flight to a dropped one are given to the others."""
-        for ep in endpoints:
-            if ep not in self.links:
-                self.links[ep] = Link(self, ep)
-        for ep in list(self.links):
-            if ep not in endpoints:
-                link = self.links.pop(ep)
-                orphans = list(link.outq) + [ob for ob in self.unacked.values() if ob.link is link]
-                for ob in orphans:
-                    self.unacked.pop(ob.seq, None)
-                    ob.link = None
-                self.outq.extendleft(sorted(orphans, key=lambda ob: ob.seq, reverse=True))
-                link.close(linger=0)
-        self.endpoints = list(endpoints)
-        self.by_key = [self.links[ep] for ep in sorted(self.links)]
-
-    def lowest_unacked(self) -> int:
-        """The lowest seq of this edge not acknowledged yet (the next one when all are): every
-        batch below it is acknowledged, so a receiver can forget having seen it."""
-        lo = self.seq
-        if self.unacked:
-            lo = min(lo, min(self.unacked))
-        for q in (self.outq, *(link.outq for link in self.links.values())):
-            if q:
-                lo = min(lo, min(ob.seq for ob in q))
-        return lo
-
-    @property
-    def queued(self) -> bool:
-        """Whether a batch waits to be sent (new, or a resend for its replica), or a FENCE."""
-        return bool(self.outq) or any(link.outq or link.fence_due for link in self.links.values())
-
-    def waiting_socks(self) -> list[zmq.Socket[bytes]]:
-        """The sockets a blocked sender waits on to become writable (a fenced replica's is not waited on)."""
-        open_links = [link for link in self.links.values() if not link.fenced]
-        if self.outq:
-            return [link.sock for link in open_links]
-        return [link.sock for link in open_links if link.outq]
-
-    def reach_update(self, now: float) -> None:
-        for link in self.links.values():
-            link.reach.update(now)
-
-    def unreachable(self, now: float, after: float) -> bool:
-        """No replica has had a live connection for ``after`` seconds."""
-        return bool(self.links) and all(link.reach.unreachable(now, after) for link in self.links.values())
-
-    def close(self, linger: int) -> None:
-        for link in self.links.values():
-            link.close(linger)
-
-    @property
-    def load(self) -> int:
-        return len(self.outq) + sum(len(link.outq) for link in self.links.values()) + len(self.unacked)
-
-    def full(self) -> bool:
-        return self.load >= (self.rt.spec.max_inflight if self.rt.acked else 1)
-
-    def cut(self, records: list[Record] | Columns, parent: InToken | Mark | None,
-            stamp: tuple[str | None, int | None] = (None, None)) -> None:
-        """Frame ``records`` (a list of records or columns) as one batch stamped with ``(origin,
-        watermark)`` and queue it for sending; to a dest partitioned by id, one batch per replica
-        its records' ids go to (:func:`replica_of_ids`).
-
-        A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)
-        is cut in halves; a single record over it goes to the dead-letter file.
-        """
-        if self.keyed and len(self.by_key) > 1:
-            for k, part in split_by_id(records, len(self.by_key)):
-                self._cut(part, parent, stamp, None if k is None else self.by_key[k])
-            return
-        self._cut(records, parent, stamp, None)
-
-    def _cut(self, records: list[Record] | Columns, parent: InToken | Mark | None,
-             stamp: tuple[str | None, int | None], link: Link | None) -> None:
-        self.seq += 1
-        header = {"k": "d", "src": self.rt.spec.name, "r": self.rt.spec.replica, "e": self.name,
-                  "ep": self.rt.epoch, "seq": self.seq, "n": len(records), "t": time.time(),
-                  "ack": self.ack_endpoint if self.rt.acked else None, "o": stamp[0], "w": stamp[1]}
-        if self.rt.acked:
-            header["lo"] = self.lowest_unacked()
-        try:
-            frames = wire.data_frames(header, records)
-        except (TypeError, ValueError, OverflowError):
-            records = self.rt.keep_sendable(records)      # dead-letter what cannot cross the wire
-            if not records:
-                return
-            header["n"] = len(records)
-            frames = wire.data_frames(header, records)
-        size = max(len(f) for f in frames[1:]) if len(frames) > 1 else 0
-        if size > self.rt.spec.max_message_bytes:
-            self.seq -= 1            # nothing was queued under it
-            if len(records) == 1:
-                record = records.to_records()[0] if isinstance(records, Columns) else records[0]
-                self.rt.reject_output(record, f"a record of {size} bytes is over max_message_mb")
-                return
-            half = len(records) // 2
-            if isinstance(records, Columns):
-                self._cut(records.rows(0, half), parent, stamp, link)
-                self._cut(records.rows(half, len(records)), parent, stamp, link)
-            else:
-                self._cut(records[:half], parent, stamp, link)
-                self._cut(records[half:], parent, stamp, link)
-            return
-        if parent is not None:
-            parent.outstanding += 1
-        ob = OutBatch(self.seq, frames, len(records), parent)
-        if link is None:
-            self.outq.append(ob)
-        else:                   # its replica is settled by its ids: it waits for that one
-            ob.link = link
-            link.outq.append(ob)
-
-    def flush_pending(self, parent: Mark | None, stamp: tuple[str | None, int | None]) -> None:
-        if self.pending:
-            records, self.pending = self.pending, []
-            self.cut(records, parent, stamp)
-        if self.pending_cols:
-            batch, self.pending_cols = Columns.concat(self.pending_cols), []
-            step = self.rt.spec.max_batch
-            for start in range(0, len(batch), step):
-                self.cut(batch.rows(start, start + step), parent, stamp)
-
-    @property
-    def pending_n(self) -> int:
-        return len(self.pending) + sum(len(c) for c in self.pending_cols)
-
-    def send(self, now: float) -> bool:
-        """Send what is queued without blocking; False when a replica's socket pushed back (HWM)
-        with batches still waiting."""
-        done = True
-        for link in self.links.values():          # resends first, each to its own replica
-            if link.fenced:
-                if link.fence_due:
-                    self._send_fence(link)
-                continue
-            while link.outq:
-                if not self._send_to(link, link.outq[0], now):
-                    done = False
-                    break
-                link.outq.popleft()
-        full: set[Link] = set()
-        while self.outq:
-            chosen = self._choose(full)
-            if chosen is None:
-                return False
-            if self._send_to(chosen, self.outq[0], now):
-                self.outq.popleft()
-            else:
-                full.add(chosen)
-        return done
-
-    def _choose(self, full: set[Link]) -> Link | None:
-        """The replica for a new batch: the least loaded with a live connection, else the least loaded."""
-        links = [link for link in self.links.values() if link not in full and not link.fenced]
-        if not links:
-            return None
-        live = [link for link in links if link.reach.up] or links
-        sent = Counter(ob.link for ob in self.unacked.values())
-        self.turn += 1
-        k = self.turn % len(live)
-        return min(live[k:] + live[:k], key=lambda link: sent[link] + len(link.outq))
-
-    def _send_to(self, link: Link, ob: OutBatch, now: float) -> bool:
-        try:
-            link.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=ob.copy)   # copy=False costs more below 64 KiB
-        except zmq.Again:
-            return False
-        self.rt.records_out += ob.n if ob.tries == 0 else 0
-        if self.rt.acked:
-            ob.link = link
-            ob.sent_at, ob.tries = now, ob.tries + 1
-            self.unacked[ob.seq] = ob
-        return True
-
-    def timeout(self, ob: OutBatch) -> float:
-        base = max(self.rt.spec.ack_timeout, 4.0 * self.rtt)
-        return base * (2 ** min(ob.tries - 1, 4))
-
-    def resend_late(self, now: float) -> None:
-        late = [ob for ob in self.unacked.values() if now - ob.sent_at > self.timeout(ob)]
-        for ob in late:
-            del self.unacked[ob.seq]
-            if ob.link is not None and ob.link.endpoint in self.links:
-                ob.link.outq.append(ob)
-            else:
-                self.outq.appendleft(ob)
-            self.rt.resent += 1
-
-    def acked(self, seq: int, now: float) -> OutBatch | None:
-        """The batch ``seq`` is acknowledged: forget it. A copy queued for a resend (its ack was
-        only late) is taken off the queue, so a replica that replaced the one that acked it never
-        gets it (it could not tell it from a new batch)."""
-        ob = self.unacked.pop(seq, None)
-        if ob is None:
-            return self._unqueue(seq)
-        if ob.tries == 1:
-            sample = now - ob.sent_at
-            self.rtt = sample if self.rtt == 0 else 0.8 * self.rtt + 0.2 * sample
-        return ob
-
-    def _unqueue(self, seq: int) -> OutBatch | None:
-        for q in (self.outq, *(link.outq for link in self.links.values())):
-            for ob in q:
-                if ob.seq == seq and ob.tries:      # sent once already: this ack is its own
-                    q.remove(ob)
-                    return ob
-        return None
-
-
-class ErrorLog:
-    """Logs records that failed in ``process``, with their traceback, at most ``LOG_ERRORS_PER_S`` a second.
-
-    A stream of bad records must not turn into a stream of tracebacks: past the limit, failures
-    are counted and summed up in one line a second (the dead-letter file still has every one).
-    """
-
-    def __init__(self) -> None:
-        self.window_start, self.logged, self.suppressed = 0.0, 0, 0
-
-    def report(self, outcome: Any) -> None:
-        now = time.monotonic()
-        if now - self.window_start >= 1.0:
-            if self.suppressed:
-                logger.warning(f"{self.suppressed} more records failed in the last second (see the dead-letter file)")
-            self.window_start, self.logged, self.suppressed = now, 0, 0
-        excs = iter(outcome.exceptions)
-        for record, error, tb in outcome.rejected:
-            exc = next(excs, None) if tb else None
-            if self.logged >= LOG_ERRORS_PER_S:
-                self.suppressed += 1
-                continue
-            self.logged += 1
-            rid = record.get("id") if isinstance(record, dict) else None
-            if exc is not None:
-                logger.opt(exception=exc).error(f"record {rid} failed in process: {error}; sent to the dead-letter file")
-            else:
-                logger.warning(f"record {rid} rejected: {error}; sent to the dead-letter file")
+from streampipe.stages.runtime.counters import Counters, _packable
+from streampipe.stages.runtime.outputs import Edge, Wiring
+from streampipe.stages.runtime.tokens import InToken, Mark, Taken, stamp_of
+from streampipe.stages.runtime.tunables import (
+    ACK_FLUSH_EVERY,
+    ACK_SAVE_MIN_S,
+    ACK_SAVE_SHARE,
+    EOS_RESEND_S,
+    EOS_WAIT_S,
+    EXIT_OK,
+    HEARTBEAT_INTERVAL_S,
+    IDLE_WAIT_MS,
+    MAX_MSGS_PER_TICK,
+    MAX_SENDERS,
+    RECONNECT_IVL_MS,
+    RESEND_CHECK_S,
+    SOURCE_BATCHES_PER_TICK,
+    STATE_SAVE_S,
+)
+from streampipe.stages.spec import StageSpec
+from streampipe.stages.state import DeadLetters, save_state
 
 
 class StageRuntime:
@@ -541,13 +62,8 @@ class StageRuntime:
         self.drain_from: set[str] | None = None
         self.fenced_by: set[str] = set()
         self.finished = False                     # a source's stream ended
-        self.records_in = self.records_out = self.errors = self.dead = self.resent = 0
-        self.copies_dropped = 0      # input batches that were resent copies of ones taken already
         self.seen_batches: dict[tuple[str, str, int], Taken] = {}     # per sender: seqs taken
         self.in_progress: set[tuple[str, str, int, int]] = set()      # taken, not acknowledged yet
-        self.batches = 0
-        self.lat_ewma_ms = 0.0
-        self.lat_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.blocked = False
         self.marks: deque[Mark] = deque()
         self.committed: dict[str, Any] | None = None
@@ -570,16 +86,14 @@ class StageRuntime:
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
-        self.dead_letters = DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
-                                        spec.file_max_bytes, spec.log_retention)
+        self.counters = Counters(DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
+                                        spec.file_max_bytes, spec.log_retention))
         # the input batch in hand, noted so that a record that kills the process is isolated
         self.journal = (Journal(self.state_path.with_suffix(".inflight"), spec.last_exit)
                         if self.acked and spec.input and spec.control else None)
         self.processor = Processor(stage)
         # route() is called per record only when a named output is actually consumed
         self.routes = getattr(stage.route, "__func__", None) is not Stage.route and any(e.output != "default" for e in spec.edges)
-        self.last_error = ""
-        self.error_log = ErrorLog()
         self.rejects = wire.Rejects()             # malformed messages dropped, by socket
         # the only addresses acks are sent to: the senders the supervisor names, or (run-stage,
         # no supervisor) those a batch arrived from, checked against the connection's peer address
@@ -608,6 +122,23 @@ class StageRuntime:
         self.ackp: zmq.Socket[bytes] | None = None
         self.edges: list[Edge] = []
 
+    # what tests read of the counters (and set: last_error); the parts use self.counters
+    @property
+    def records_in(self) -> int:
+        return self.counters.records_in
+
+    @property
+    def dead(self) -> int:
+        return self.counters.dead
+
+    @property
+    def last_error(self) -> str:
+        return self.counters.last_error
+
+    @last_error.setter
+    def last_error(self, error: str) -> None:
+        self.counters.note_error(error)
+
     # -- set-up ------------------------------------------------------------------------------
     def bind(self) -> None:
         self.ackp = self.ctx.socket(zmq.PULL)
@@ -617,7 +148,8 @@ class StageRuntime:
         self.ackp.bind(self.spec.ack)
         bound_ack = self.ackp.get_string(zmq.LAST_ENDPOINT)     # run-stage may bind port 0
         targets = {e.name: (e.addresses, e.port) for e in self.spec.edges if e.addresses}
-        self.edges = [Edge(self, e, immediate=e.name in targets) for e in self.spec.edges]
+        wiring = Wiring(self.spec, self.epoch, self.acked, self.counters, self.ctx, self.curve)
+        self.edges = [Edge(wiring, e, immediate=e.name in targets) for e in self.spec.edges]
         self.edges_by_name = {e.name: e for e in self.edges}
         if targets:
             self.ack_port = int(bound_ack.rsplit(":", 1)[1])
@@ -866,7 +398,7 @@ class StageRuntime:
         if self.applied_ids is not None:     # per sending stage: a record may come by two paths, once by each
             self.applied_ids.at(f"{header['src']}|{stamp[0]}", stamp[1])
             records, new_ids = self.applied_ids.take_new(records)
-        self.records_in += len(records)
+        self.counters.took(len(records))
         t0 = time.perf_counter()
         if token is None or self.journal is None:
             outcome = self.processor.run(records)
@@ -879,48 +411,16 @@ class StageRuntime:
                 self.journal.begin(key)
                 outcome = self.processor.run(records)
             self.journal.end(key)
-        self.observe_latency((time.perf_counter() - t0) * 1000.0)
+        self.counters.observe_latency((time.perf_counter() - t0) * 1000.0)
         for record, error, tb in outcome.rejected:
-            self.reject(record, error, tb)
+            self.counters.reject(record, error, tb)
         if new_ids is not None:
             self.applied_ids.commit_ids(new_ids)    # type: ignore[union-attr]
         if outcome.rejected:
-            self.error_log.report(outcome)
+            self.counters.error_log.report(outcome)
         self.emit(outcome.records, token, stamp)
         if token is not None and token.outstanding == 0:
             self.queue_ack(token)
-
-    def keep_sendable(self, records: list[Any] | Columns) -> list[Record]:
-        """The records that are maps msgpack can encode; the others go to the dead-letter file."""
-        if isinstance(records, Columns):
-            records = records.to_records()
-        good = []
-        for record in records:
-            try:
-                if not isinstance(record, dict):
-                    raise TypeError(f"output is a {type(record).__name__}, not a map")
-                wire.packb(record)
-            except (TypeError, ValueError, OverflowError) as exc:
-                self.reject_output(record, str(exc))
-                continue
-            good.append(record)
-        return good
-
-    def reject(self, record: Any, error: str, tb: str = "") -> None:
-        """The one way a record goes to the dead-letter file: counted, and the stage's last error."""
-        self.errors += 1
-        self.dead += 1
-        self.last_error = error
-        self.dead_letters.write(record, error, tb)
-
-    def reject_output(self, record: Any, reason: str) -> None:
-        """An output record that cannot be sent: counted and dead-lettered."""
-        self.reject(repr(record)[:2000], f"unsendable output: {reason}")
-
-    def observe_latency(self, ms: float) -> None:
-        self.batches += 1
-        self.lat_ewma_ms = ms if self.batches == 1 else 0.9 * self.lat_ewma_ms + 0.1 * ms
-        self.lat_buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
 
     def emit(self, records: list[Record] | Columns, token: InToken | None, stamp: tuple[str | None, int | None]) -> None:
         """Hand a transform's output for one input batch to the edges: one batch per edge, now.
@@ -952,7 +452,7 @@ class StageRuntime:
             try:
                 output = route(r)
             except Exception as exc:   # a broken route() costs its record, not the stage
-                self.reject(r, f"route() failed: {type(exc).__name__}: {exc}", traceback.format_exc())
+                self.counters.reject(r, f"route() failed: {type(exc).__name__}: {exc}", traceback.format_exc())
                 continue
             groups.setdefault(output, []).append(r)
         return groups
@@ -966,7 +466,7 @@ class StageRuntime:
         except Exception as exc:     # as a broken route(): the batch goes nowhere, its rows are dead-lettered
             error, tb = f"route_columns() failed: {type(exc).__name__}: {exc}", traceback.format_exc()
             for r in batch.to_records():
-                self.reject(r, error, tb)
+                self.counters.reject(r, error, tb)
             return {}
         outputs = np.unique(names).tolist()
         if len(outputs) == 1:
@@ -998,10 +498,10 @@ class StageRuntime:
             taken = self.check_ids(taken)
         rejected = self.stage.take_rejected()
         for record, error, tb in rejected:   # lines a replay could not parse
-            self.reject(record, error, tb)
+            self.counters.reject(record, error, tb)
         if taken:
-            self.observe_latency((time.perf_counter() - t0) * 1000.0)
-            self.records_in += len(taken)
+            self.counters.observe_latency((time.perf_counter() - t0) * 1000.0)
+            self.counters.took(len(taken))
             groups = self.group(taken)
             for edge in self.edges:
                 recs = groups.get(edge.output)
@@ -1036,8 +536,8 @@ class StageRuntime:
         except StopIteration:
             alive = None
         if taken:
-            self.observe_latency((time.perf_counter() - t0) * 1000.0)
-            self.records_in += rows
+            self.counters.observe_latency((time.perf_counter() - t0) * 1000.0)
+            self.counters.took(rows)
             for part in taken:
                 groups = self.group(part)
                 for edge in self.edges:
@@ -1096,7 +596,7 @@ class StageRuntime:
                                    f"{self.origin} stays at {self.watermark}; the sink keeps its ids exactly from now on")
                 self.out_of_order += 1
                 if self.watermark is not None and i < self.watermark:
-                    self.reject(r, f"id {i} is below watermark {self.watermark} that this source replica already "
+                    self.counters.reject(r, f"id {i} is below watermark {self.watermark} that this source replica already "
                                    "announced (ids must increase per source replica): a sink would take it for a duplicate")
                     continue
             elif type(i) is int:
@@ -1166,7 +666,7 @@ class StageRuntime:
             if self.ackpoints is not None:
                 self.ackpoints.close_below(sender, lo)
         if token.seq in seen:
-            self.copies_dropped += 1
+            self.counters.copy_dropped()
             if (token.ack, token.edge, token.ep, token.seq) not in self.in_progress:
                 self.ack_token(token)
             return True
@@ -1374,15 +874,11 @@ class StageRuntime:
 
     def heartbeat(self) -> None:
         self.rejects.flush()
-        self.tell("hb", records_in=self.records_in, records_out=self.records_out, errors=self.errors,
-                  unreachable=self.unreachable(), insecure=self.insecure,
+        self.tell("hb", **self.counters.report(), unreachable=self.unreachable(), insecure=self.insecure,
                   denied=self.curve.log.denied if self.curve is not None else 0,
-                  dead_letters=self.dead, dead_letters_dropped=self.dead_letters.dropped, resent=self.resent,
-                  copies_dropped=self.copies_dropped,
                   malformed=self.rejects.total, blocked=self.blocked,
-                  queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
-                  latency_buckets=self.lat_buckets, batches=self.batches, stats=self.stage_stats(),
-                  last_error=self.last_error, finished=self.finished)
+                  queue=sum(e.load for e in self.edges), stats=self.stage_stats(),
+                  last_error=self.counters.last_error, finished=self.finished)
 
     def stage_stats(self) -> dict[str, Any]:
         """The stage's ``stats()`` as msgpack can carry it; a problem is reported once, and the
@@ -1408,7 +904,7 @@ class StageRuntime:
     def stats_problem(self, problem: str, stats: dict[str, Any]) -> dict[str, Any]:
         if not self.stats_reported:
             self.stats_reported = True
-            self.last_error = problem
+            self.counters.note_error(problem)
             logger.warning(problem)
         return stats
 
@@ -1416,7 +912,8 @@ class StageRuntime:
         self.processor.close()
         if self.journal is not None:
             self.journal.close()
-        self.dead_letters.close()
+        if self.counters.dead_letters is not None:
+            self.counters.dead_letters.close()
         if self.resolver is not None:
             self.resolver.stop()
         linger = 0 if self.acked else 1000
@@ -1432,225 +929,3 @@ class StageRuntime:
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
-
-
-def _packable(value: Any) -> Any:
-    """``value`` if msgpack can carry it, else its repr."""
-    try:
-        wire.packb(value)
-        return value
-    except Exception:
-        try:
-            return repr(value)[:200]
-        except Exception:
-            return f"<unprintable {type(value).__name__}>"
-
-
-# -- process bootstrap ---------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def tune_gc() -> None:
-    """Keep the garbage collector off the per-record path: what exists once the stage is set up
-    (imported modules, a model, the fork server's preloads) is frozen out of every collection, and
-    young collections run every ``GC_GEN0`` allocations. Records that only pass through are freed
-    by reference counting; the collector still runs, for cycles a stage's own code makes."""
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0, gen1, gen2)
-
-
-def die_with_parent(supervisor_pid: int, adopt_wait: float = ADOPT_WAIT_S) -> None:
-    """Make the kernel SIGKILL this process when the supervisor dies, even by SIGKILL.
-
-    A fork-server stage is a grandchild that the supervisor (a child subreaper) adopts when the
-    middle process exits, a few ms after the fork: wait for that first. If the parent is still
-    not the supervisor (no subreaper support), a watcher thread polls the supervisor's pid.
-    """
-    if supervisor_pid <= 0:
-        return
-    deadline = time.monotonic() + adopt_wait
-    while os.getppid() != supervisor_pid and time.monotonic() < deadline:
-        time.sleep(0.0002)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == supervisor_pid:
-        return
-    if not pid_alive(supervisor_pid):
-        os._exit(EXIT_CRASH)
-
-    def watch() -> None:
-        while pid_alive(supervisor_pid):
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists (a zombie counts: use psutil where that matters)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def setup_logging(spec: StageSpec, stdout: bool = False) -> None:
-    """JSON lines into ``logs/<stage>.<r>.jsonl`` (rotated), or to stdout (run-stage: a container's log)."""
-    logger.remove()
-    logger.configure(extra={"stage": spec.name, "replica": spec.replica})
-    if stdout:
-        logger.add(sys.stdout, serialize=True, level=spec.log_level, enqueue=False, backtrace=False)
-        return
-    logs = Path(spec.run_dir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    logger.add(logs / f"{spec.ident}.jsonl", serialize=True, level=spec.log_level,
-               rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False)
-
-
-class Host:
-    """What runs a replica without a supervisor (``streampipe run-stage``) hooks into: it hears
-    everything the replica would tell a supervisor, and keeps a finished source up until stopped
-    (a container that exits after its stream would be restarted for ever)."""
-
-    def on_tell(self, op: str, fields: dict[str, Any]) -> None:
-        pass
-
-    def idle(self, stop: threading.Event) -> None:
-        logger.info("stream completed; idle until stopped")
-        stop.wait()
-
-
-def restore_point(spec: StageSpec) -> dict[str, Any] | None:
-    """A source replica's saved position, refused if it belongs to another replica count.
-
-    The supervisor repartitions the positions before it starts a source whose ``replicas``
-    changed; a replica started another way must not guess (its share of the ids depends on it).
-    """
-    state_dir = Path(spec.run_dir) / "state"
-    layout = read_layout(state_dir, spec.name)
-    if layout is not None and layout.differs(spec.replicas) and not layout.completed:
-        raise RuntimeError(f"the saved positions of {spec.name} are for {layout.replicas} replicas, not {spec.replicas}: "
-                           f"start it with `streampipe up`, which repartitions them, or set replicas: {layout.replicas}")
-    return load_replica_state(state_dir, spec.name, spec.replica)
-
-
-def main(spec: StageSpec, host: Host | None = None) -> int:
-    """Run one stage replica; returns the process exit status. ``host``: run without a supervisor."""
-    stop_requested = threading.Event()
-    rt: StageRuntime | None = None
-
-    def on_term(signum: int, frame: Any) -> None:
-        stop_requested.set()
-        if rt is not None:
-            rt.stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    faulthandler.enable()                                  # a crash in C code: its stack to .stderr
-    faulthandler.register(DUMP_STACK_SIGNAL, all_threads=True)   # the supervisor's word before it kills a hung replica
-    # Ctrl-C is the supervisor's to handle; a replica in the foreground drains on it
-    signal.signal(signal.SIGINT, on_term if host is not None else signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if os.getppid() == spec.supervisor_pid:      # a cold start: arm the death signal at once
-        die_with_parent(spec.supervisor_pid)
-    if not fence.claim(spec.run_dir, spec.ident):   # another process is this replica: bind nothing, write nothing
-        return fence.FENCED_EXIT
-    setup_logging(spec, stdout=host is not None)
-    if host is None:
-        watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)
-    try:
-        stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
-        stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
-                                     run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
-                                     outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch)
-        rt = StageRuntime(spec, stage)
-        if host is not None:
-            rt.on_tell = host.on_tell
-        rt.tell("hello")
-        saved = restore_point(spec) if rt.source else load_replica_state(rt.state_path.parent, spec.name, spec.replica)
-        if saved is not None:
-            if saved.get("completed") and rt.source:
-                logger.info("stream already completed in an earlier run; nothing to do")
-                rt.tell("completed")
-                if host is not None:
-                    host.idle(stop_requested)
-                rt.close()
-                return EXIT_OK
-            stage.restore(saved.get("state") or {})
-            if rt.source:
-                rt.committed = saved.get("state")
-                rt.restore_origin(saved)
-            elif rt.ackpoints is not None:
-                rt.ackpoints.restore(saved.get("acked") or [])
-                rt.applied_ids = Delivered(seen=SeenByOrigin.from_state(saved.get("ids") or {}), repeats=True)
-        rt.bind()
-        stage.setup()
-        tune_gc()
-    except Exception as exc:
-        tb = traceback.format_exc()
-        logger.opt(exception=True).error(f"stage failed to start: {type(exc).__name__}: {exc}")
-        print(tb, file=sys.stderr, flush=True)
-        if rt is None and spec.control:   # failed before the runtime existed: tell the supervisor on a socket of our own
-            ctl: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-            ctl.setsockopt(zmq.IDENTITY, spec.ident.encode())
-            ctl.connect(spec.control)
-            ctl.send(wire.control("error", pid=os.getpid(), error=f"{type(exc).__name__}: {exc}"[-wire.TEXT_MAX_CHARS:],
-                                  traceback=tb[-wire.TEXT_MAX_CHARS:]))
-            ctl.close(linger=500)
-        elif rt is not None:
-            rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
-            rt.close()
-        return EXIT_START_FAILED
-    if stop_requested.is_set():
-        rt.stopping = True
-    rt.tell("ready")
-    # a forked stage is adopted by the supervisor once the fork server's middle process has
-    # exited (set-up overlapped that). READY may go first: if the supervisor died meanwhile,
-    # adoption never comes and die_with_parent exits, so nothing is orphaned.
-    die_with_parent(spec.supervisor_pid)
-    logger.info(f"ready: pid {os.getpid()}, input {spec.input}, outputs {[e.name for e in spec.edges]}")
-    code = EXIT_OK
-    profile_dir = os.environ.get("STREAMPIPE_PROFILE")   # a folder: each stage writes <stage>.<r>.prof there
-    profiler = None
-    if profile_dir:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    try:
-        rt.run()
-        if rt.finished:
-            logger.info(f"stream completed: {rt.records_out} records sent")
-            if host is not None and not stop_requested.is_set():
-                rt.save_state()
-                host.idle(stop_requested)
-    except Exception as exc:
-        tb = traceback.format_exc()
-        logger.opt(exception=True).error(f"stage crashed: {type(exc).__name__}: {exc}")
-        print(tb, file=sys.stderr, flush=True)
-        rt.tell("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
-        code = EXIT_CRASH
-    finally:
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(str(Path(profile_dir or ".") / f"{spec.ident}.prof"))
-        try:
-            if code == EXIT_OK:
-                stage.teardown()
-                rt.save_state()
-        except Exception as exc:
-            logger.opt(exception=True).error(f"teardown failed: {exc}")
-            code = EXIT_CRASH
-        if rt.finished and rt.eos_confirmed():
-            rt.tell("completed", records_out=rt.records_out)
-        rt.heartbeat()
-        rt.tell("bye", code=code)
-        rt.close()
-    return code
