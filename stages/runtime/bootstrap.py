@@ -165,8 +165,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
                 return EXIT_OK
             stage.restore(saved.get("state") or {})
             if rt.source:
-                rt.committed = saved.get("state")
-                rt.restore_origin(saved)
+                rt.cursor.restore(saved)
             elif rt.ackpoints is not None:
                 rt.ackpoints.restore(saved.get("acked") or [])
                 rt.applied_ids = Delivered(seen=SeenByOrigin.from_state(saved.get("ids") or {}), repeats=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from streampipe.stages.delivery import Delivered
 from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.runtime.counters import Counters, _packable
+from streampipe.stages.runtime.cursor import SourceCursor
 from streampipe.stages.runtime.outputs import Edge, Wiring
 from streampipe.stages.runtime.tokens import InToken, Mark, Taken, stamp_of
 from streampipe.stages.runtime.tunables import (
@@ -65,17 +65,9 @@ class StageRuntime:
         self.seen_batches: dict[tuple[str, str, int], Taken] = {}     # per sender: seqs taken
         self.in_progress: set[tuple[str, str, int, int]] = set()      # taken, not acknowledged yet
         self.blocked = False
-        self.marks: deque[Mark] = deque()
-        self.committed: dict[str, Any] | None = None
-        self.generation = 0                       # of the source's id space (bumped when it is repartitioned)
-        self.watermark: int | None = None         # announced: every id of this origin below it is acknowledged
-        self.committed_top: int | None = None     # the watermark of ``committed``: announced once it is saved
-        self.id_top: int | None = None            # one more than the highest id pulled so far
-        self.ordered = True                       # ids have increased so far: the watermark may rise
-        self.out_of_order = 0                     # ids that did not increase
         self.on_origin = getattr(stage, "on_origin", None)
         committed = getattr(stage, "committed", None)      # a source hears which position is done end to end
-        self.on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
+        on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
         self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
@@ -88,6 +80,7 @@ class StageRuntime:
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
         self.counters = Counters(DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
                                         spec.file_max_bytes, spec.log_retention))
+        self.cursor = SourceCursor(spec.name, spec.replica, self.counters, on_commit)
         # the input batch in hand, noted so that a record that kills the process is isolated
         self.journal = (Journal(self.state_path.with_suffix(".inflight"), spec.last_exit)
                         if self.acked and spec.input and spec.control else None)
@@ -267,7 +260,7 @@ class StageRuntime:
                 for edge in self.edges:
                     edge.resend_late(now)
                 next_resend = now + RESEND_CHECK_S
-            if self.source and self.committed is not None and now >= next_save:
+            if self.source and self.cursor.committed is not None and now >= next_save:
                 self.save_state()
                 next_save = now + STATE_SAVE_S
 
@@ -495,7 +488,7 @@ class StageRuntime:
         except StopIteration:
             alive = None
         if taken and self.acked:
-            taken = self.check_ids(taken)
+            taken = self.cursor.check_ids(taken)
         rejected = self.stage.take_rejected()
         for record, error, tb in rejected:   # lines a replay could not parse
             self.counters.reject(record, error, tb)
@@ -529,7 +522,7 @@ class StageRuntime:
                 if not isinstance(batch, Columns):
                     raise TypeError(f"generate_columns() yielded a {type(batch).__name__}, not Columns")
                 if self.acked:
-                    batch = self.check_id_column(batch)
+                    batch = self.cursor.check_id_column(batch)
                 if len(batch):
                     taken.append(batch)
                     rows += len(batch)
@@ -555,73 +548,13 @@ class StageRuntime:
             self.cut_source_batches()
         return bool(taken), alive
 
-    def check_id_column(self, batch: Columns) -> Columns:
-        """``check_ids`` on a columnar batch: one numpy pass when the ids increase (the usual case)."""
-        ids = batch.data.get("id")
-        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu" or not len(ids):
-            if ids is None or not len(batch):
-                return batch
-            return Columns.from_records(self.check_ids(batch.to_records()))   # a list column: per record
-        if (self.id_top is None or int(ids[0]) >= self.id_top) and bool((ids[1:] > ids[:-1]).all()):
-            self.id_top = int(ids[-1]) + 1
-            return batch
-        kept = self.check_ids(batch.to_records())
-        return Columns.from_records(kept) if kept else Columns()
-
-    def check_ids(self, taken: list[Record]) -> list[Record]:
-        """Raise ``id_top`` over the ids of ``taken``; handle ids that do not increase (module docstring).
-
-        Returns the records to send: all of them, unless one has an id below the announced
-        watermark (dead-lettered: the sink would drop it as a duplicate).
-        """
-        top = self.id_top
-        for r in taken:
-            i = r.get("id") if type(r) is dict else None
-            if type(i) is not int:
-                continue
-            if top is None or i >= top:
-                top = i + 1
-            else:
-                break
-        else:
-            self.id_top = top
-            return taken
-        kept: list[Record] = []     # slow path: an id did not increase
-        for r in taken:
-            i = r.get("id") if type(r) is dict else None
-            if type(i) is int and self.id_top is not None and i < self.id_top:
-                if self.ordered:
-                    self.ordered = False
-                    logger.warning(f"source ids stopped increasing (id {i} after {self.id_top - 1}): the watermark of "
-                                   f"{self.origin} stays at {self.watermark}; the sink keeps its ids exactly from now on")
-                self.out_of_order += 1
-                if self.watermark is not None and i < self.watermark:
-                    self.counters.reject(r, f"id {i} is below watermark {self.watermark} that this source replica already "
-                                   "announced (ids must increase per source replica): a sink would take it for a duplicate")
-                    continue
-            elif type(i) is int:
-                self.id_top = i + 1
-            kept.append(r)
-        return kept
-
-    @property
-    def origin(self) -> str:
-        return f"{self.spec.name}.{self.spec.replica}/{self.generation}"
-
     def cut_source_batches(self) -> None:
-        mark = self._mark_for_flush()
-        stamp = (self.origin, self.watermark)
+        mark = self.cursor.mark(self.stage.snapshot()) if self.source and self.acked else None
+        stamp = self.cursor.stamp
         for edge in self.edges:
             edge.flush_pending(mark, stamp)
         if mark is not None:
-            self.advance_commit()   # never past a mark whose batches are still unacknowledged
-
-    def _mark_for_flush(self) -> Mark | None:
-        if not (self.source and self.acked):
-            return None
-        mark = Mark(self.stage.snapshot(), self.id_top)
-        self.marks.append(mark)
-        return mark
+            self.cursor.advance()   # never past a mark whose batches are still unacknowledged
 
     def flush_lingering(self, now: float) -> None:
         """A source's partial batch leaves after ``linger_ms`` (only sources hold partial batches)."""
@@ -744,22 +677,13 @@ class StageRuntime:
                 ob = edge.acked(seq, now)
                 if ob is not None and ob.parent is not None:
                     self.resolve(ob.parent)
-        if self.marks:
-            self.advance_commit()
+        if self.cursor.marks:
+            self.cursor.advance()
 
     def resolve(self, parent: InToken | Mark) -> None:
         parent.outstanding -= 1
         if parent.outstanding == 0 and isinstance(parent, InToken):
             self.queue_ack(parent)
-
-    def advance_commit(self) -> None:
-        while self.marks and self.marks[0].outstanding <= 0:
-            mark = self.marks.popleft()
-            self.committed = mark.state
-            if mark.top is not None:
-                self.committed_top = mark.top
-            if self.on_commit is not None:
-                self.on_commit(mark.state)
 
     def save_at_ack_points(self, now: float, force: bool = False) -> None:
         """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
@@ -773,7 +697,6 @@ class StageRuntime:
         save_state(self.state_path, {"state": state["state"], "ids": state["ids"], "completed": False,
                                      "acked": self.ackpoints.keys()})
         self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
-        self.committed = state["state"]
         for token in tokens:
             self.ack_token(token)
 
@@ -787,28 +710,16 @@ class StageRuntime:
             self.save_at_ack_points(time.monotonic(), force=True)
             self.flush_acks()
             return
-        state = self.committed if self.source and self.acked else self.stage.snapshot()
+        state = self.cursor.committed if self.source and self.acked else self.stage.snapshot()
         if state is None:
             return
         saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed(),
-                                 "generation": self.generation, "replicas": self.spec.replicas}
+                                 "generation": self.cursor.generation, "replicas": self.spec.replicas}
         if self.source:
-            top = self.committed_top if self.ordered and self.committed_top is not None else self.watermark
-            saved["watermark"] = [self.generation, top, self.ordered]
+            top, saved["watermark"] = self.cursor.to_save()
         save_state(self.state_path, saved)
         if self.source:
-            self.watermark = top    # only now: it never runs ahead of the position a restart resumes at
-
-    def restore_origin(self, saved: dict[str, Any]) -> None:
-        """A source's generation and the watermark committed with its position (``save_state``).
-
-        A watermark saved under another generation is dropped: a repartitioned id space starts afresh.
-        """
-        self.generation = int(saved.get("generation") or 0)
-        gen, w, ordered = (list(saved.get("watermark") or []) + [None, None, True])[:3]
-        if gen == self.generation and type(w) is int:
-            self.watermark = self.id_top = w
-            self.ordered = bool(ordered)
+            self.cursor.saved(top)    # only now: it never runs ahead of the position a restart resumes at
 
     @property
     def state_path(self) -> Path:
@@ -897,8 +808,8 @@ class StageRuntime:
             self.stats_problem(f"stats() returned what msgpack cannot carry ({exc}); its values are sent as text", stats)
         if size > wire.STATS_MAX_BYTES:
             return self.stats_problem(f"stats() is {size} bytes packed, over {wire.STATS_MAX_BYTES}: not sent", {})
-        if self.out_of_order:
-            stats = {**stats, "ids_out_of_order": self.out_of_order}
+        if self.cursor.out_of_order:
+            stats = {**stats, "ids_out_of_order": self.cursor.out_of_order}
         return stats
 
     def stats_problem(self, problem: str, stats: dict[str, Any]) -> dict[str, Any]:
