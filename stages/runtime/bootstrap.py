@@ -166,8 +166,8 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
             stage.restore(saved.get("state") or {})
             if rt.source:
                 rt.cursor.restore(saved)
-            elif rt.ackpoints is not None:
-                rt.ackpoints.restore(saved.get("acked") or [])
+            elif rt.ledger.ackpoints is not None:
+                rt.ledger.ackpoints.restore(saved.get("acked") or [])
                 rt.applied_ids = Delivered(seen=SeenByOrigin.from_state(saved.get("ids") or {}), repeats=True)
         rt.bind()
         stage.setup()

@@ -15,7 +15,7 @@ import zmq
 from loguru import logger
 
 from streampipe.stages import network, wire
-from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
+from streampipe.stages.ackpoints import AckPoints
 from streampipe.stages.api import Record, Source, Stage, columnar_source, is_source
 from streampipe.stages.columns import Columns
 from streampipe.stages.delivery import Delivered
@@ -23,12 +23,12 @@ from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.runtime.counters import Counters, _packable
 from streampipe.stages.runtime.cursor import SourceCursor
+from streampipe.stages.runtime.ledger import AckLedger
 from streampipe.stages.runtime.outputs import Edge, Wiring
-from streampipe.stages.runtime.tokens import InToken, Mark, Taken, stamp_of
+from streampipe.stages.runtime.tokens import InToken, stamp_of
 from streampipe.stages.runtime.tunables import (
     ACK_FLUSH_EVERY,
     ACK_SAVE_MIN_S,
-    ACK_SAVE_SHARE,
     EOS_RESEND_S,
     EOS_WAIT_S,
     EXIT_OK,
@@ -62,25 +62,21 @@ class StageRuntime:
         self.drain_from: set[str] | None = None
         self.fenced_by: set[str] = set()
         self.finished = False                     # a source's stream ended
-        self.seen_batches: dict[tuple[str, str, int], Taken] = {}     # per sender: seqs taken
-        self.in_progress: set[tuple[str, str, int, int]] = set()      # taken, not acknowledged yet
         self.blocked = False
         self.on_origin = getattr(stage, "on_origin", None)
         committed = getattr(stage, "committed", None)      # a source hears which position is done end to end
         on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
-        self.ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
+        ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
         # ... and the ids it has applied, per origin, saved with it: a record sent again by a
         # restarted upstream stage (in a batch of another sender life) is not applied twice
         self.applied_ids = Delivered(repeats=True) if stateful else None
-        self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
-        self.acks_pending = 0
-        self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
         self.ack_socks: dict[str, zmq.Socket[bytes]] = {}
         self.counters = Counters(DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
                                         spec.file_max_bytes, spec.log_retention))
         self.cursor = SourceCursor(spec.name, spec.replica, self.counters, on_commit)
+        self.ledger = AckLedger(self.counters, ackpoints)
         # the input batch in hand, noted so that a record that kills the process is isolated
         self.journal = (Journal(self.state_path.with_suffix(".inflight"), spec.last_exit)
                         if self.acked and spec.input and spec.control else None)
@@ -221,7 +217,7 @@ class StageRuntime:
                 if edge.queued:
                     edge.send(now)
             self.blocked = any(e.full() for e in self.edges)
-            if self.ackpoints is not None:
+            if self.ledger.ackpoints is not None:
                 self.save_at_ack_points(now)
             self.flush_acks()
 
@@ -350,7 +346,7 @@ class StageRuntime:
                 return
             self.handle(frames)
             self.blocked = any(e.full() for e in self.edges)
-            if self.acks_pending >= ACK_FLUSH_EVERY:
+            if self.ledger.acks_pending >= ACK_FLUSH_EVERY:
                 self.flush_acks()   # upstream's window refills while we work through ours
 
     @staticmethod
@@ -372,18 +368,11 @@ class StageRuntime:
             if header["k"] == wire.FENCE:
                 self.fenced_by.add(header["ack"])
             else:
-                self.on_eos(header)
+                self.ledger.on_eos(header)
             return
         token = InToken(header) if header.get("ack") else None
-        if token is not None and self.copy_of_seen(token, header):
+        if token is not None and (self.ledger.copy_of_seen(token, header) or not self.ledger.admit(token)):
             return
-        if token is not None and self.ackpoints is not None:
-            if self.ackpoints.applied(token):
-                self.ack_token(token)    # in the restored state already: acknowledge, do not count it twice
-                return
-            if self.ackpoints.held(token):
-                return                   # a resent copy: the held ack of the first one answers both
-            self.ackpoints.processed(token)
         stamp = stamp_of(header)
         if self.on_origin is not None:
             self.on_origin(*stamp)
@@ -413,7 +402,7 @@ class StageRuntime:
             self.counters.error_log.report(outcome)
         self.emit(outcome.records, token, stamp)
         if token is not None and token.outstanding == 0:
-            self.queue_ack(token)
+            self.ledger.queue_ack(token)
 
     def emit(self, records: list[Record] | Columns, token: InToken | None, stamp: tuple[str | None, int | None]) -> None:
         """Hand a transform's output for one input batch to the edges: one batch per edge, now.
@@ -465,11 +454,6 @@ class StageRuntime:
         if len(outputs) == 1:
             return {str(outputs[0]): batch}
         return {str(name): batch.take(names == name) for name in outputs}
-
-    def on_eos(self, header: dict[str, Any]) -> None:
-        self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
-        self.eos_headers.append(header)
-        logger.info(f"end of stream from {header['src']}.{header['r']}")
 
     # -- source ------------------------------------------------------------------------------
     def pull_source(self, gen: Iterator[Any], now: float) -> tuple[bool, Iterator[Any] | None]:
@@ -576,81 +560,31 @@ class StageRuntime:
         return all(len(e.eos_from) >= len(e.endpoints) for e in self.edges)
 
     # -- acks --------------------------------------------------------------------------------
-    def copy_of_seen(self, token: InToken, header: dict[str, Any]) -> bool:
-        """Whether this input batch is a resent copy of one this process has taken already
-        (it is dropped: acknowledged again if the first copy's ack has left, else that ack will
-        answer both). Without this a copy resent because an ack was late (not lost) was processed
-        again, and its outputs could go to another replica of the next stage, which could not tell
-        them from new ones: a sink with replicas wrote them twice.
-
-        Known per sender (ack address, edge, epoch) as a set of seqs that the sender's ``lo``
-        (every seq below it is acknowledged) closes: knowledge, no clock. A restarted process
-        knows nothing of its predecessor's batches: what it is resent, it processes."""
-        sender = (token.ack, token.edge, token.ep)
-        seen = self.seen_batches.get(sender)
-        if seen is None:
-            seen = self.seen_batches[sender] = Taken()
-            same = [k for k in self.seen_batches if k[:2] == sender[:2]]
-            for old in same[:-KEEP_SENDER_EPOCHS]:    # a sender's earlier lives: it restarted since
-                del self.seen_batches[old]
-        lo = header.get("lo")
-        if lo is not None:
-            seen.close_below(lo)
-            if self.ackpoints is not None:
-                self.ackpoints.close_below(sender, lo)
-        if token.seq in seen:
-            self.counters.copy_dropped()
-            if (token.ack, token.edge, token.ep, token.seq) not in self.in_progress:
-                self.ack_token(token)
-            return True
-        seen.add(token.seq)
-        self.in_progress.add((token.ack, token.edge, token.ep, token.seq))
-        return False
-
-    def queue_ack(self, token: InToken) -> None:
-        if self.ackpoints is not None:
-            self.ackpoints.due(token)    # sent once a saved snapshot covers it: save_at_ack_points()
-            return
-        self.ack_token(token)
-
-    def ack_token(self, token: InToken) -> None:
-        self.in_progress.discard((token.ack, token.edge, token.ep, token.seq))
-        self.acks_out.setdefault(token.ack, {}).setdefault((token.edge, token.ep), []).append(token.seq)
-        self.acks_pending += 1
-
     def flush_acks(self) -> None:
-        if not self.acks_out:
-            return
-        for endpoint, groups in self.acks_out.items():
-            sock = self.ack_socks.get(endpoint)
-            if sock is None:
-                if endpoint not in self.ack_peers:
-                    continue   # its sender is gone (scaled down) since the input arrived
-                sock = self.ack_socks[endpoint] = self.ctx.socket(zmq.PUSH)
-                if self.curve is not None and endpoint.startswith("tcp://"):
-                    self.curve.client(sock)
-                sock.setsockopt(zmq.LINGER, 200)
-                sock.setsockopt(zmq.SNDHWM, 10_000)
-                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-                sock.connect(network.connect_from(endpoint, self.spec.bind_host))
-            for (edge, ep), seqs in groups.items():
-                if edge == "eos":
-                    for header in self.eos_headers:
-                        if header["ack"] == endpoint:
-                            msg = wire.ack_message(wire.EOS_ACK, header["e"], header["ep"], [header["seq"]], self.spec.ident)
-                            self._send_ack(sock, msg)
-                    self.eos_headers = [h for h in self.eos_headers if h["ack"] != endpoint]
-                    continue
-                self._send_ack(sock, wire.ack_message(wire.ACK, edge, ep, seqs, self.spec.ident))
-        self.acks_out.clear()
-        self.acks_pending = 0
+        self.ledger.flush(self.ack_sock, self.spec.ident)
 
-    @staticmethod
-    def _send_ack(sock: zmq.Socket[bytes], msg: bytes) -> None:
-        try:
-            sock.send(msg, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the sender is gone or swamped: it will resend and we will ack again
+    def ack_sock(self, endpoint: str) -> zmq.Socket[bytes] | None:
+        """The PUSH that acks go to ``endpoint`` on (opened on first use); None for a sender
+        this replica does not feed from (any more)."""
+        sock = self.ack_socks.get(endpoint)
+        if sock is None:
+            if endpoint not in self.ack_peers:
+                return None   # its sender is gone (scaled down) since the input arrived
+            sock = self.ack_socks[endpoint] = self.ctx.socket(zmq.PUSH)
+            if self.curve is not None and endpoint.startswith("tcp://"):
+                self.curve.client(sock)
+            sock.setsockopt(zmq.LINGER, 200)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.connect(network.connect_from(endpoint, self.spec.bind_host))
+        return sock
+
+    def save_at_ack_points(self, now: float, force: bool = False) -> None:
+        self.ledger.save_at_ack_points(now, self.snapshot_with_ids, self.state_path, force)
+
+    @property
+    def acks_out(self) -> dict[str, dict[tuple[str, int], list[int]]]:
+        return self.ledger.acks_out
 
     def read_acks(self) -> None:
         assert self.ackp is not None
@@ -676,29 +610,9 @@ class StageRuntime:
             for seq in msg["s"]:
                 ob = edge.acked(seq, now)
                 if ob is not None and ob.parent is not None:
-                    self.resolve(ob.parent)
+                    self.ledger.resolve(ob.parent)
         if self.cursor.marks:
             self.cursor.advance()
-
-    def resolve(self, parent: InToken | Mark) -> None:
-        parent.outstanding -= 1
-        if parent.outstanding == 0 and isinstance(parent, InToken):
-            self.queue_ack(parent)
-
-    def save_at_ack_points(self, now: float, force: bool = False) -> None:
-        """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
-        assert self.ackpoints is not None
-        self.ackpoints.cut(now, self.snapshot_with_ids, force)
-        ready = self.ackpoints.ready()
-        if ready is None:
-            return
-        state, tokens = ready
-        t0 = time.monotonic()
-        save_state(self.state_path, {"state": state["state"], "ids": state["ids"], "completed": False,
-                                     "acked": self.ackpoints.keys()})
-        self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
-        for token in tokens:
-            self.ack_token(token)
 
     def snapshot_with_ids(self) -> dict[str, Any]:
         """A stateful transform's cut: its snapshot and the ids it has applied, taken together."""
@@ -706,7 +620,7 @@ class StageRuntime:
         return {"state": self.stage.snapshot(), "ids": self.applied_ids.state()}
 
     def save_state(self) -> None:
-        if self.ackpoints is not None:    # on a clean stop: whatever is acknowledged by now, and its acks
+        if self.ledger.ackpoints is not None:    # on a clean stop: whatever is acknowledged by now, and its acks
             self.save_at_ack_points(time.monotonic(), force=True)
             self.flush_acks()
             return
@@ -774,7 +688,7 @@ class StageRuntime:
         self.ack_peers = frozenset(endpoints)
         for endpoint in [e for e in self.ack_socks if e not in self.ack_peers]:
             self.ack_socks.pop(endpoint).close(linger=0)
-        self.eos_headers = [h for h in self.eos_headers if h["ack"] in self.ack_peers]
+        self.ledger.keep_senders(self.ack_peers)
 
     def unreachable(self) -> list[str]:
         """The edges that have had no connected receiver for ``heartbeat_timeout``."""
