@@ -47,6 +47,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from streampipe import __version__
+
+        print(f"streampipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print streampipe's version and exit.")) -> None:
+    """Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them."""
+
+
 @functools.cache
 def _console() -> Console:
     """The console for a command's output (made on first use: rich costs ~20 ms to import)."""
@@ -130,7 +144,7 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     from streampipe.launcher.supervisor import run_supervisor
 
     logger.remove()
-    logger.add(sys.stderr, level=cfg.logging.level, colorize=None,
+    logger.add(sys.stderr, level=cfg.logging.level, colorize=None, diagnose=False,
                format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
     _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
@@ -332,9 +346,9 @@ def down(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
         stages = _processes([r["pid"] for r in st["stages"] if r["pid"]] + ([st["forkserver_pid"]] if st.get("forkserver_pid") else []))
         grace = DOWN_MARGIN_S + 10.0 * len(st["stages"])
         request(rd, "down")
-    except NotRunning as exc:
-        _err().print(f"no pipeline running: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    except NotRunning as exc:     # as `docker compose down`: stopping what is stopped is done, exit 0
+        _err().print(f"nothing to stop: {exc}", highlight=False)
+        return
     except ControlError as exc:
         # a wedged supervisor: SIGTERM does the same graceful stop; its stages die with it anyway
         if supervisor is None or not supervisor.is_running():
@@ -512,10 +526,12 @@ def events(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
 @app.command()
 def logs(stage: str | None = typer.Argument(None, help="Only this stage (all replicas)."),
          run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
-         follow: bool = typer.Option(False, "--follow", "-f"),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries until Ctrl-C."),
          level: str | None = typer.Option(None, "--level", "-l", help="Minimum level, e.g. WARNING."),
          since: str | None = typer.Option(None, "--since", help="e.g. 30s, 5m, 2h or an ISO time."),
-         as_json: bool = typer.Option(False, "--json"),
+         tail_n: int | None = typer.Option(None, "--tail", "-n", help="Only the last N entries so far (then new ones with -f)."),
+         grep: str | None = typer.Option(None, "--grep", "-g", help="Only entries whose message matches this regular expression."),
+         as_json: bool = typer.Option(False, "--json", help="One JSON object per entry."),
          summary: bool = typer.Option(False, "--summary", help="The log extractor's facts as a table.")) -> None:
     """Merged, time-ordered logs of every stage, colored by stage (like docker compose logs)."""
     from streampipe.launcher.logs import show_logs, show_summary
@@ -523,7 +539,8 @@ def logs(stage: str | None = typer.Argument(None, help="Only this stage (all rep
     rd = resolve_run_dir(run_dir, config)
     if summary:
         raise typer.Exit(show_summary(rd, console=_console(), as_json=as_json))
-    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=_console()))
+    raise typer.Exit(show_logs(rd, stage=stage, follow=follow, level=level, since=since, as_json=as_json, console=_console(),
+                               tail_n=tail_n, grep=grep, err=_err()))
 
 
 @app.command()

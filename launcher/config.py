@@ -30,6 +30,8 @@ import json
 import os
 import subprocess
 import sys
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +45,8 @@ MAX_STAGE_NAME_BYTES = 64   # "i.<name>.<r>" in a fallback socket folder (/tmp/s
                             # the 107 bytes of a unix socket path (launcher/rundir.py picks the folder to fit)
 # options of the built-in stages that name what they write (relative to the run directory); the
 # evaluator's checkpoint_dir is read (a trainer's folder, a peer's volume on Kubernetes), not written
-OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",)}
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",),
+                                              "sqlite": ("path",)}
 INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"
@@ -313,7 +316,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = f"unknown key{_did_you_mean(str(loc[-1]), _keys_at(loc[:-1]))}" if err["type"] == "extra_forbidden" else err["msg"]
         if err["type"] == "missing":
             msg = "this key is required"
         raise ConfigError(msg, file=path, line=_line_of(index, loc), field=_field(loc)) from None
@@ -325,6 +328,31 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     if check_stages:
         _check_stages(cfg, index)
     return cfg
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` to a misspelt ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model allows at ``loc`` (a pydantic error location below PipelineConfig)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        if part not in model.model_fields:        # a dict key (a stage's name): the dict's value type
+            continue
+        model = model.model_fields[part].annotation
+        while typing.get_origin(model) is not None:   # dict[str, M], M | None, ...
+            args = [a for a in typing.get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if not args:
+                return []
+            model = args[-1]
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [name for name in model.model_fields if name != "path"]
+    return []
 
 
 def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
@@ -402,7 +430,7 @@ def _check_graph(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
             wired.add((src, output or "default"))
             if src not in cfg.stages:
                 known = ", ".join(sorted(cfg.stages))
-                raise ConfigError(f"unknown stage {src!r} (stages: {known})", **where)  # type: ignore[arg-type]
+                raise ConfigError(f"unknown stage {src!r}{_did_you_mean(src, cfg.stages)} (stages: {known})", **where)  # type: ignore[arg-type]
             if src == name:
                 raise ConfigError("a stage cannot read its own output", **where)  # type: ignore[arg-type]
             builtin = BUILTINS.get(cfg.stages[src].type)
@@ -440,7 +468,7 @@ def _check_types(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
     for name, stage in cfg.stages.items():
         module_name, sep, attr = stage.type.partition(":")
         if stage.type not in BUILTINS and (not sep or not module_name or not attr.isidentifier()):
-            raise ConfigError(f"unknown stage type {stage.type!r}: use a built-in ({', '.join(BUILTINS)}), "
+            raise ConfigError(f"unknown stage type {stage.type!r}{_did_you_mean(stage.type, BUILTINS)}: use a built-in ({', '.join(BUILTINS)}), "
                               "'module:Class' or 'module:function'",
                               file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
 

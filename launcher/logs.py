@@ -18,6 +18,7 @@ for older lines. Each file is already in time order, so the backlog is a k-way m
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import heapq
 import json
@@ -129,18 +130,25 @@ def _entries(lines: Iterable[Any]) -> Iterator[LogEntry]:
 
 def show_logs(run_dir: Path, stage: str | None = None, follow: bool = False, level: str | None = None,
               since: str | None = None, as_json: bool = False, console: Console | None = None,
-              stop: threading.Event | None = None) -> int:
+              stop: threading.Event | None = None, tail_n: int | None = None, grep: str | None = None,
+              err: Console | None = None) -> int:
     """Print the run's logs merged in time order; with ``follow``, keep printing until ``stop``.
 
-    ``stage`` is a stage name (all its replicas), ``stage.replica``, or ``supervisor``.
-    Returns 0, 1 (no logs, with a one-line message) or 2 (a bad ``level`` or ``since``).
+    ``stage`` is a stage name (all its replicas), ``stage.replica``, or ``supervisor``;
+    ``tail_n``: only the last ``tail_n`` entries written so far (then, with ``follow``, the new
+    ones); ``grep``: only entries whose message matches this regular expression.
+    Returns 0, 1 (no logs, with a one-line message naming the stages that have logs) or 2 (a bad
+    ``level``, ``since``, ``tail_n`` or ``grep``).
     """
-    err = console or Console(stderr=True)     # a caller's console gets the messages too (tests)
+    err = err or console or Console(stderr=True)     # without ``err``, a caller's console gets the messages too (tests)
     console = console or Console()
     try:
         min_no = level_no(level)
         since_t = parse_since(since)
-    except ValueError as exc:
+        pattern = re.compile(grep) if grep is not None else None
+        if tail_n is not None and tail_n < 0:
+            raise ValueError(f"--tail {tail_n}: a count of entries, 0 or more")
+    except (ValueError, re.error) as exc:
         err.print(f"streampipe logs: {exc}", markup=False, highlight=False)
         return 2
     logs = Path(run_dir) / "logs"
@@ -154,21 +162,26 @@ def show_logs(run_dir: Path, stage: str | None = None, follow: bool = False, lev
     def wanted(e: LogEntry) -> bool:
         if stage is not None and stage not in (e.stage, e.ident):
             return False
-        return e.level_no >= min_no and (since_t is None or e.time >= since_t)
+        return (e.level_no >= min_no and (since_t is None or e.time >= since_t)
+                and (pattern is None or pattern.search(e.message) is not None))
 
     patterns = [logs / "*.jsonl", logs / "*.stderr"]
     files = [p for pattern in patterns for p in Path(logs).glob(pattern.name)] if logs.is_dir() else []
     if not any(wanted_file(p) for p in files) and not follow:
         what = f"for stage {stage!r} " if stage else ""
-        err.print(f"streampipe logs: no logs {what}in {logs}", markup=False, highlight=False)
+        known = sorted({ident_of(p)[0] for p in files})
+        hint = f"; stages with logs: {', '.join(known)}" if known else ""
+        err.print(f"streampipe logs: no logs {what}in {logs}{hint}", markup=False, highlight=False)
         return 1
     printer = _Printer(console, as_json, [p for p in files if wanted_file(p)])
     tail = LogTail(patterns, exclude=lambda p: not wanted_file(p))
     try:
-        backlog = heapq.merge(*(_entries(src) for src in tail.sources()), key=lambda e: e.time)
+        backlog: Iterable[LogEntry] = (e for e in heapq.merge(*(_entries(src) for src in tail.sources()), key=lambda e: e.time)
+                                       if wanted(e))
+        if tail_n is not None:
+            backlog = collections.deque(backlog, maxlen=tail_n)
         for entry in backlog:
-            if wanted(entry):
-                printer.print(entry)
+            printer.print(entry)
         if not follow:
             return 0
         stop = stop or threading.Event()

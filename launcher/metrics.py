@@ -1,12 +1,12 @@
 """Prometheus metrics of a running pipeline (``streampipe up --metrics-port PORT``).
 
 Served by prometheus_client on 127.0.0.1 only, from the supervisor's own view (heartbeats and
-psutil readings), so scraping costs the stages nothing. Every series is labelled by ``stage``
-and ``replica``:
+psutil readings), so scraping costs the stages nothing. Every series is labelled by
+``pipeline`` (two pipelines on one Prometheus never collide), ``stage`` and ``replica``:
 
     streampipe_records_in_total / _records_out_total / _dead_letters_total / _errors_total
     streampipe_malformed_total (malformed messages a replica dropped on its input, ack, control sockets)
-    streampipe_supervisor_malformed_total{socket=stages|control} (the supervisor's, no stage label)
+    streampipe_supervisor_malformed_total{pipeline, socket=stages|control} (the supervisor's, no stage label)
     streampipe_restarts_total, streampipe_up (1 running or blocked), streampipe_blocked
     streampipe_cpu_percent, streampipe_rss_bytes
     streampipe_batch_latency_seconds (histogram of ``process`` time per batch)
@@ -27,7 +27,7 @@ from streampipe.stages.runtime import LATENCY_BUCKETS_MS
 if TYPE_CHECKING:
     from streampipe.launcher.supervisor import Supervisor
 
-LABELS = ["stage", "replica"]
+LABELS = ["pipeline", "stage", "replica"]   # pipeline: two pipelines scraped by one Prometheus never collide
 COUNTERS = (("records_in", "Records received (a source: produced)"), ("records_out", "Records sent downstream"),
             ("dead_letters", "Records sent to the dead-letter file"), ("errors", "Records that failed in process"),
             ("restarts", "Restarts by the supervisor"), ("malformed", "Malformed messages dropped by the replica"))
@@ -42,6 +42,7 @@ class PipelineCollector:
     def collect(self) -> Iterator[Any]:
         snapshot = self.snapshot() or {"stages": []}
         rows = snapshot["stages"]
+        pipeline = str(snapshot.get("pipeline", ""))
         counters = {name: CounterMetricFamily(f"streampipe_{name}", doc, labels=LABELS) for name, doc in COUNTERS}
         up = GaugeMetricFamily("streampipe_up", "1 when the replica is running or blocked", labels=LABELS)
         blocked = GaugeMetricFamily("streampipe_blocked", "1 when waiting on a slow downstream", labels=LABELS)
@@ -54,7 +55,7 @@ class PipelineCollector:
                                         "receiver for heartbeat_timeout", labels=LABELS + ["edge"])
         denied = CounterMetricFamily("streampipe_curve_denied", "Connections refused by CURVE authentication", labels=LABELS)
         for r in rows:
-            labels = [r["name"], str(r["replica"])]
+            labels = [pipeline, r["name"], str(r["replica"])]
             for name, family in counters.items():
                 family.add_metric(labels, float(r.get(name, 0) or 0))
             up.add_metric(labels, 1.0 if r["state"] in ("running", "blocked") else 0.0)
@@ -78,9 +79,9 @@ class PipelineCollector:
             if isinstance(stats.get("metric"), (int, float)):
                 metric.add_metric(labels + [str(stats.get("metric_name", "metric"))], float(stats["metric"]))
         sup_malformed = CounterMetricFamily("streampipe_supervisor_malformed", "Malformed messages the supervisor dropped",
-                                            labels=["socket"])
+                                            labels=["pipeline", "socket"])
         for sock in ("stages", "control"):
-            sup_malformed.add_metric([sock], float(snapshot.get("malformed", {}).get(sock, 0)))
+            sup_malformed.add_metric([pipeline, sock], float(snapshot.get("malformed", {}).get(sock, 0)))
         yield sup_malformed
         yield from counters.values()
         yield from (up, blocked, cpu, rss, latency, version, metric, unreachable, denied)

@@ -146,7 +146,7 @@ class Health(Host):
             cpu, rss = 0.0, 0
         row = {**self.hb, "name": self.spec.name, "replica": self.spec.replica, "state": self.state,
                "restarts": 0, "cpu_percent": cpu, "rss_bytes": rss, "dead_letters": self.hb.get("dead_letters", 0)}
-        return {"stages": [row], "malformed": {}}
+        return {"pipeline": self.spec.pipeline, "stages": [row], "malformed": {}}
 
 
 def serve_health(health: Health, port: int, host: str = "0.0.0.0") -> HealthServer:

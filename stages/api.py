@@ -213,13 +213,20 @@ class Source(Stage):
         loop, in order; a crash before it means those messages come again (and are dropped by
         the sinks' dedup when the records keep their ids)."""
 
+    def saved(self, state: dict[str, Any]) -> None:
+        """``state`` (a position :meth:`committed` was given) is now in the replica's state file:
+        a restart resumes from it or later. A source that defines this hook has its position
+        saved as soon as it commits (every ``PROMPT_SAVE_S``, not every ``STATE_SAVE_S``), so it
+        can tell its client "durable" without waiting a second: the HTTP source answers 200 here.
+        Called in the stage's loop, in order."""
+
     def process(self, batch: Batch) -> Iterable[Record]:  # pragma: no cover - sources have no input
         raise TypeError(f"{type(self).__name__} is a source: it has no input to process")
 
 
 Kind = Literal["source", "transform", "function"]
 
-HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats", "committed")
+HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats", "committed", "saved")
 
 
 class Sink(Stage):

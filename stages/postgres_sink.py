@@ -41,6 +41,7 @@ from typing import Any
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Sink
+from streampipe.stages.brokers import encode
 from streampipe.stages.seen import holdable
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -243,7 +244,7 @@ class PostgresSink(Sink):
             else:
                 raise Missing(f"record has no field {field!r} for column {col!r}")
             if col in self.json_cols:
-                value = self._jsonb(_plain(value))
+                value = self._jsonb(value, dumps=encode)   # orjson: numpy values too, ~3x json's speed
             elif field == "id" and not holdable(value):
                 value = value if value is None or isinstance(value, (int, str)) else str(value)
             out.append(value)
@@ -264,12 +265,3 @@ class PostgresSink(Sink):
             finally:
                 self.conn = None
 
-
-def _plain(value: Any) -> Any:
-    """A value JSON carries: numpy scalars and arrays (from a columnar stage) as Python ones."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    tolist = getattr(value, "tolist", None)
-    return tolist() if callable(tolist) else value

@@ -32,6 +32,12 @@ BUILTINS: dict[str, Builtin] = {
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
+    "nats": Builtin("streampipe.stages.nats_streams:NatsSource", source=True),
+    "nats_sink": Builtin("streampipe.stages.nats_streams:NatsSink"),
+    "redis": Builtin("streampipe.stages.redis_streams:RedisStreamSource", source=True),
+    "redis_sink": Builtin("streampipe.stages.redis_streams:RedisStreamSink"),
+    "http": Builtin("streampipe.stages.http_source:HttpSource", source=True),
+    "follow": Builtin("streampipe.stages.follow:Follow", source=True),
 }
 
 
@@ -54,7 +60,11 @@ def load_target(type_: str, config_dir: Path | None = None) -> Any:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise NotDefined(f"module {module_name!r} defines no {attr!r}") from None
+        import difflib
+
+        close = difflib.get_close_matches(attr, [n for n in vars(module) if not n.startswith("_")], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise NotDefined(f"module {module_name!r} defines no {attr!r}{hint}") from None
 
 
 def load_stage(type_: str, options: dict[str, Any], config_dir: Path | None = None) -> Stage:

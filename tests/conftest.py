@@ -128,16 +128,19 @@ class Pipeline:
         return [e for e in read_events(self.run_dir / "events.jsonl") if kind is None or e["event"] == kind]
 
     def output_ids(self, name: str = "output/records.jsonl") -> list[int]:
+        return [r["id"] for r in self.output_records(name)]
+
+    def output_records(self, name: str = "output/records.jsonl") -> list[dict[str, Any]]:
         path = self.run_dir / name
         if not path.exists():
             return []
-        ids = []
+        records = []
         for line in path.read_text().splitlines():
             try:
-                ids.append(json.loads(line)["id"])
+                records.append(json.loads(line))
             except ValueError:
                 pass  # a line being written right now
-        return ids
+        return records
 
     def down(self) -> subprocess.CompletedProcess[str]:
         return cli("down", "--config", str(self.config), cwd=self.folder, timeout=120)

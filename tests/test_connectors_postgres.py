@@ -22,7 +22,7 @@ from streampipe.stages.delivery import ExactSink
 from streampipe.stages.postgres_sink import PostgresSink
 from streampipe.stages.process import Processor
 from tests.conftest import wait_for
-from tests.servers import Postgres, postgres  # noqa: F401
+from tests.servers import Postgres, pg_bindir, postgres  # noqa: F401
 
 
 def rows(dsn: str, query: str) -> list[tuple]:

@@ -82,7 +82,23 @@ def test_stage_filter_and_level(tmp_path):
     assert _messages(buf.getvalue()) == ["norm1 one"]
     console, buf = _console()
     assert show_logs(run, stage="nosuch", console=console) == 1
-    assert "no logs" in buf.getvalue()
+    assert "no logs for stage 'nosuch'" in buf.getvalue()
+    assert "stages with logs: generator, normalizer, supervisor" in " ".join(buf.getvalue().split())
+
+
+def test_tail_and_grep(tmp_path):
+    run = _run_dir(tmp_path)
+    console, buf = _console()
+    assert show_logs(run, tail_n=3, console=console) == 0
+    assert _messages(buf.getvalue()) == ["norm bad", "sup stop", "raw line on stderr"]
+    console, buf = _console()
+    assert show_logs(run, grep=r"^norm", tail_n=2, console=console) == 0
+    assert _messages(buf.getvalue()) == ["norm1 one", "norm bad"]
+    console, buf = _console()
+    assert show_logs(run, tail_n=0, console=console) == 0 and _messages(buf.getvalue()) == []
+    for bad in ({"grep": "("}, {"tail_n": -1}):
+        console, buf = _console()
+        assert show_logs(run, console=console, **bad) == 2, bad   # type: ignore[arg-type]
 
 
 def test_since(tmp_path):

@@ -78,12 +78,12 @@ def test_exception_reaches_log_facts_and_metrics(pipeline, tmp_path: Path) -> No
     assert "crafted record" in logs and "consumer" not in logs
     # metrics: expected names, values that grow while data flows
     first = wait_for(lambda: scrape(port), timeout=15, what="the metrics endpoint")
-    key = 'streampipe_records_in_total{replica="0",stage="consumer"}'
-    assert key in first and 'streampipe_up{replica="0",stage="picky"}' in first
-    assert first['streampipe_up{replica="0",stage="picky"}'] == 1.0
-    assert first['streampipe_errors_total{replica="0",stage="picky"}'] >= 1
+    key = 'streampipe_records_in_total{pipeline="obs",replica="0",stage="consumer"}'
+    assert key in first and 'streampipe_up{pipeline="obs",replica="0",stage="picky"}' in first
+    assert first['streampipe_up{pipeline="obs",replica="0",stage="picky"}'] == 1.0
+    assert first['streampipe_errors_total{pipeline="obs",replica="0",stage="picky"}'] >= 1
     assert any(k.startswith("streampipe_batch_latency_seconds_bucket") for k in first)
-    assert first['streampipe_rss_bytes{replica="0",stage="consumer"}'] > 0
+    assert first['streampipe_rss_bytes{pipeline="obs",replica="0",stage="consumer"}'] > 0
     wait_for(lambda: scrape(port)[key] > first[key], timeout=15, what="records_in to grow")
 
 

@@ -36,6 +36,7 @@ from streampipe.stages.runtime.tunables import (
     IDLE_WAIT_MS,
     MAX_MSGS_PER_TICK,
     MAX_SENDERS,
+    PROMPT_SAVE_S,
     RECONNECT_IVL_MS,
     RESEND_CHECK_S,
     SOURCE_BATCHES_PER_TICK,
@@ -66,6 +67,9 @@ class StageRuntime:
         self.on_origin = getattr(stage, "on_origin", None)
         committed = getattr(stage, "committed", None)      # a source hears which position is done end to end
         on_commit = committed if self.source and getattr(committed, "__func__", None) is not Source.committed else None
+        saved = getattr(stage, "saved", None)              # ... and which position is on disk (it then saves promptly)
+        self.on_saved = saved if self.source and getattr(saved, "__func__", None) is not Source.saved else None
+        self.last_saved: dict[str, Any] | None = None     # the committed state written last
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
         stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
         ackpoints = AckPoints(ACK_SAVE_MIN_S) if stateful else None
@@ -256,7 +260,9 @@ class StageRuntime:
                 for edge in self.edges:
                     edge.resend_late(now)
                 next_resend = now + RESEND_CHECK_S
-            if self.source and self.cursor.committed is not None and now >= next_save:
+            if self.source and self.cursor.committed is not None and (
+                    now >= next_save or (self.on_saved is not None and self.cursor.committed is not self.last_saved
+                                         and now >= next_save - STATE_SAVE_S + PROMPT_SAVE_S)):
                 self.save_state()
                 next_save = now + STATE_SAVE_S
 
@@ -634,6 +640,9 @@ class StageRuntime:
         save_state(self.state_path, saved)
         if self.source:
             self.cursor.saved(top)    # only now: it never runs ahead of the position a restart resumes at
+            self.last_saved = state
+            if self.on_saved is not None:
+                self.on_saved(state)
 
     @property
     def state_path(self) -> Path:

@@ -12,6 +12,7 @@ ZERO_COPY_BYTES = 64 << 10      # a message at least this big is sent with copy=
 EOS_RESEND_S = 0.5              # an end-of-stream not acknowledged is sent again after this
 EOS_WAIT_S = 60.0               # give up waiting for downstream to confirm end-of-stream
 STATE_SAVE_S = 1.0              # a source commits its position at most this often (an fsync: ~ms on a busy disk)
+PROMPT_SAVE_S = 0.01            # ... or this often when it waits on the saves (``saved()``: an HTTP answer holds on it)
 ACK_SAVE_MIN_S = 0.02           # a stateful transform saves at most this often; its acks wait up to this long,
                                 # which a window of max_inflight=128 batches absorbs up to 6,400 batches/s
 ACK_SAVE_SHARE = 0.2            # ... and spends at most this share of its time saving (an fsync: 1-100 ms)
