@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 from streampipe.launcher import fencing
@@ -33,7 +33,7 @@ from streampipe.monitor.policy import Decision, RestartPolicy
 from streampipe.stages import fence
 
 
-class State(StrEnum):
+class State(str, Enum):
     """What ``status`` shows for a replica (a ``str``: the JSON and the CLI see plain names)."""
 
     STARTING = "starting"     # spawned, or about to be, and not READY yet
@@ -215,7 +215,7 @@ class Replica:
     def status(self, now: float) -> dict[str, Any]:
         hb = self.hb
         return {
-            "name": self.stage, "replica": self.index, "pid": self.pid, "state": str(self.state),
+            "name": self.stage, "replica": self.index, "pid": self.pid, "state": self.state.value,
             "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
             "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
             "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
