@@ -166,6 +166,7 @@ class Reach:
                                                | zmq.EVENT_MONITOR_STOPPED,
                                                addr=f"inproc://streampipe.reach.{next(Reach._made)}")
         self.up: set[str] = set()
+        self.handshakes = 0                       # connections made so far (a new peer process makes one)
         self.none_since: float | None = time.monotonic()
 
     def update(self, now: float) -> None:
@@ -181,6 +182,7 @@ class Reach:
             endpoint = event["endpoint"].decode(errors="replace") if isinstance(event["endpoint"], bytes) else str(event["endpoint"])
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.up.add(endpoint)
+                self.handshakes += 1
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.up.discard(endpoint)
         if self.up:

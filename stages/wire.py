@@ -63,6 +63,7 @@ EOS = "eos"
 FENCE = "f"
 ACK = "a"
 EOS_ACK = "ea"
+LEAVE = "l"     # on the ack channel, run-stage: "I stop: send me nothing more, and a FENCE behind your last batch"
 
 CONTROL_MAX_BYTES = 1 << 20     # MAXMSGSIZE of ack and control sockets: a heartbeat is ~1 KB, an ack
                                 # a list of at most a few thousand seqs; a stage caps its stats and texts
@@ -325,9 +326,11 @@ def read_columns(desc: list[Any], n: int, frames: list[bytes]) -> Columns:
 def read_ack(data: bytes) -> dict[str, Any]:
     """Check a received ACK / EOSACK; raises :class:`Malformed`."""
     msg = _decode(data, "ack")
-    if type(msg) is not dict or msg.get("k") not in (ACK, EOS_ACK):
+    if type(msg) is not dict or msg.get("k") not in (ACK, EOS_ACK, LEAVE):
         raise Malformed("not an ack message")
     _check(msg, ACK_FIELDS, "ack", True)
+    if msg["k"] == LEAVE and type(msg.get("at")) is not str:
+        raise Malformed("a leave without the endpoint that leaves")
     return msg
 
 
@@ -400,6 +403,11 @@ class Rejects:
 def ack_message(kind: str, edge: str, epoch: int, seqs: list[int], sender: str) -> bytes:
     """An ACK or EOSACK for ``seqs`` of one edge and sender incarnation."""
     return _packb({"k": kind, "e": edge, "ep": epoch, "s": seqs, "from": sender})
+
+
+def leave_message(edge: str, epoch: int, sender: str, at: str) -> bytes:
+    """A LEAVE: the replica whose input is ``at`` stops (run-stage SIGTERM) and drains from this sender."""
+    return _packb({"k": LEAVE, "e": edge, "ep": epoch, "s": [], "from": sender, "at": at})
 
 
 def control(op: str, **fields: Any) -> bytes:

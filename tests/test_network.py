@@ -65,8 +65,11 @@ def test_curve_pipeline_exactly_once_and_strangers_get_nothing(stages: Stages, t
     run_dir = tmp_path / ".streampipe"
     wait_for(lambda: len(sink_ids(run_dir)) > n // 5, timeout=60, what="the stream flowing through both replicas")
 
-    # replica 1 leaves (SIGTERM drains it, exit 0); an impostor without the server key takes its address
+    # replica 1 leaves (SIGTERM drains it, exit 0): with no supervisor to say so, it tells the
+    # generator itself (a LEAVE), which fences it; an impostor without the server key takes its address
     assert stages.stop("norm1") == 0
+    assert "stop_grace ran out" not in stages.log("norm1"), stages.log("norm1")[-2000:]
+    wait_for(lambda: "nothing more goes to" in stages.log("generator"), timeout=10, what="the generator fencing norm1")
     ctx = zmq.Context()
     impostor = ctx.socket(zmq.PULL)
     fake_public, fake_secret = zmq.curve_keypair()

@@ -62,6 +62,10 @@ class StageRuntime:
         # follows) is awaited before the input is complete; None: stop taking input at once
         self.drain_from: set[str] | None = None
         self.fenced_by: set[str] = set()
+        # run-stage (no supervisor to tell the senders): each sender's ack endpoint -> the (edge,
+        # epoch) it last sent on; a SIGTERM asks each to fence this replica itself (``leave``)
+        self.senders: dict[str, tuple[str, int]] = {}
+        self.leaving = False
         self.finished = False                     # a source's stream ended
         self.blocked = False
         self.on_origin = getattr(stage, "on_origin", None)
@@ -215,6 +219,8 @@ class StageRuntime:
             if self.stopping and deadline == float("inf"):
                 deadline = now + max(0.5, self.spec.stop_grace - 0.75)
                 gen = None
+                if self.drain_from is None and not self.spec.control and self.inp is not None and self.acked:
+                    self.leave()
             if self.resolver is not None and self.resolver.version != self.resolved_version:
                 self.apply_resolved()
             for edge in self.edges:
@@ -370,6 +376,9 @@ class StageRuntime:
             return
         if peers is not None and header.get("ack"):
             self.learn_sender(header["ack"])
+            self.senders[header["ack"]] = (header["e"], header["ep"])
+            if self.leaving and header["ack"] not in (self.drain_from or ()):
+                self.leave_to(header["ack"])    # a sender first heard from while draining
         if records is None:
             if header["k"] == wire.FENCE:
                 self.fenced_by.add(header["ack"])
@@ -592,6 +601,28 @@ class StageRuntime:
     def acks_out(self) -> dict[str, dict[tuple[str, int], list[int]]]:
         return self.ledger.acks_out
 
+    def leave(self) -> None:
+        """A SIGTERM without a supervisor: ask every sender heard from to send this replica nothing
+        more and a FENCE behind its last batch; the drain ends once every FENCE is in (as the
+        supervisor's drain does), so upstream resends nothing to an address that may not come back."""
+        self.leaving, self.drain_from = True, set()
+        for endpoint in list(self.senders):
+            self.leave_to(endpoint)
+
+    def leave_to(self, endpoint: str) -> None:
+        assert self.drain_from is not None and self.spec.input is not None
+        edge, epoch = self.senders[endpoint]
+        sock = self.ack_sock(endpoint)
+        if sock is None:
+            return            # a sender forgotten (MAX_SENDERS): nothing to wait for
+        host = network.advertised_host(self.spec.advertise_host, self.spec.bind_host, [endpoint])
+        at = f"tcp://{host}:{self.spec.input.rsplit(':', 1)[-1]}"
+        try:
+            sock.send(wire.leave_message(edge, epoch, self.spec.ident, at), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning(f"cannot tell {endpoint} that this replica stops: its FENCE is awaited until stop_grace")
+        self.drain_from.add(endpoint)
+
     def read_acks(self) -> None:
         assert self.ackp is not None
         now = time.monotonic()
@@ -612,6 +643,12 @@ class StageRuntime:
                 continue  # meant for an earlier incarnation of this replica
             if msg["k"] == wire.EOS_ACK:
                 edge.eos_from.add(msg["from"])
+                continue
+            if msg["k"] == wire.LEAVE:
+                if edge.leave(msg["at"]):
+                    logger.info(f"{msg['from'][:80]} stops: nothing more goes to {msg['at'][:120]} until a new process is there")
+                else:
+                    logger.warning(f"{msg['from'][:80]} stops at {msg['at'][:120]}, which edge {edge.name} does not send to")
                 continue
             for seq in msg["s"]:
                 ob = edge.acked(seq, now)

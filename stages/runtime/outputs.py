@@ -127,6 +127,9 @@ class Link:
         # and a FENCE tells it so; what waits for it stays in outq until it is replaced
         self.fenced = False
         self.fence_due = False
+        # run-stage: fenced at its replica's own word (a LEAVE); fenced until a new process there
+        # completes a handshake (the one that left never makes another)
+        self.left_at: int | None = None           # reach.handshakes when it left
 
     def close(self, linger: int) -> None:
         self.reach.close()
@@ -175,6 +178,22 @@ class Edge:
         link = self.links.get(endpoint)
         if link is not None:
             link.fenced = link.fence_due = on
+
+    def leave(self, endpoint: str) -> bool:
+        """The replica at ``endpoint`` stops (it said so: run-stage, no supervisor to say it): fence
+        it as :meth:`fence` does, until a new process there connects. ``endpoint`` is its input as
+        it announces it; a replica bound to every interface is matched by its port alone when one
+        link has that port."""
+        link = self.links.get(endpoint)
+        if link is None:
+            port = endpoint.rsplit(":", 1)[-1]
+            same_port = [lk for lk in self.links.values() if lk.endpoint.rsplit(":", 1)[-1] == port]
+            link = same_port[0] if len(same_port) == 1 else None
+        if link is None:
+            return False
+        link.fenced = link.fence_due = True
+        link.left_at = link.reach.handshakes
+        return True
 
     def _send_fence(self, link: Link) -> None:
         """The FENCE after the last batch sent to ``link`` (one socket per replica: it arrives after them)."""
@@ -230,6 +249,9 @@ class Edge:
     def reach_update(self, now: float) -> None:
         for link in self.links.values():
             link.reach.update(now)
+            if link.left_at is not None and link.reach.handshakes > link.left_at:
+                link.left_at = None                 # a new process at its address: it takes batches again
+                link.fenced = link.fence_due = False
 
     def unreachable(self, now: float, after: float) -> bool:
         """No replica has had a live connection for ``after`` seconds."""
