@@ -36,6 +36,7 @@ class FakeSock:
 class FakeReach:
     def __init__(self) -> None:
         self.up = {"tcp"}
+        self.handshakes = 1
 
     def update(self, now: float) -> None:
         pass
@@ -166,3 +167,33 @@ def test_a_fenced_link_gets_a_fence_and_no_new_batch() -> None:
     a, b = w.socks["ipc://dest.0"], w.socks["ipc://dest.1"]
     assert len(b.sent) == 2
     assert len(a.sent) == 1 and wire.unpackb(a.sent[0][0])["k"] == wire.FENCE
+
+
+def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() -> None:
+    """Run-stage: a SIGTERMed replica's LEAVE fences its link (a FENCE behind the last batch sent
+    to it, nothing more after, resends included) until its address completes a new handshake."""
+    wiring = FakeWiring()
+    e = Edge(wiring, EdgeSpec("default>dest", "default", "dest", ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"]))
+    leaving, staying = wiring.socks["tcp://10.0.0.2:5555"], wiring.socks["tcp://10.0.0.1:5555"]
+    assert not e.leave("tcp://10.0.0.9:5555"), "a port two links share names neither of them"
+    assert e.leave("tcp://10.0.0.2:5555")
+    for n in range(3):
+        e.cut(records(range(n * 10, n * 10 + 10)), None)
+    e.send(now=0.0)
+    assert [wire.unpackb(f[0])["k"] for f in leaving.sent] == [wire.FENCE]
+    assert len(staying.sent) == 3
+    e.resend_late(now=10.0)
+    e.send(now=10.0)
+    assert len(leaving.sent) == 1 and len(staying.sent) == 6, "resends go back to the replica still there"
+    e.reach_update(now=11.0)
+    assert e.links["tcp://10.0.0.2:5555"].fenced, "no new process there yet"
+    e.links["tcp://10.0.0.2:5555"].reach.handshakes += 1          # a new process at the address connects
+    e.reach_update(now=12.0)
+    assert not e.links["tcp://10.0.0.2:5555"].fenced
+
+
+def test_a_replica_bound_to_every_interface_is_matched_by_its_port() -> None:
+    wiring = FakeWiring()
+    e = Edge(wiring, EdgeSpec("default>dest", "default", "dest", ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:6666"]))
+    assert e.leave("tcp://192.168.1.7:6666") and e.links["tcp://10.0.0.2:6666"].fenced
+    assert not e.links["tcp://10.0.0.1:5555"].fenced
