@@ -249,6 +249,8 @@ def _info(row: dict[str, Any]) -> str:
         parts.append(f"backoff {row['backoff_s']:.1f}s")
     if row.get("blocked"):
         parts.append("blocked")
+    if row.get("waiting"):
+        parts.append(f"waiting for {row['waiting']}")
     if "model_version" in stats:
         metric = stats.get("metric")
         parts.append(f"model v{stats['model_version']}" + (f" {stats.get('metric_name', 'metric')}={metric:.3f}" if isinstance(metric, (int, float)) else ""))

@@ -68,6 +68,16 @@ class StageContext:
     config_dir: Path = field(default_factory=Path.cwd)
     outputs: tuple[str, ...] = ("default",)
     max_batch: int = 1000     # records per batch the runtime cuts: a columnar source yields batches of this size
+    beat: Callable[[str], None] | None = field(default=None, repr=False)   # set by the runtime (keepalive)
+
+    def keepalive(self, waiting_for: str) -> None:
+        """Say, from inside a long call, that the stage waits on purpose and is not hung: a sink
+        whose database went away calls it in its reconnect loop. The runtime sends a heartbeat (at
+        most 4 a second) naming ``waiting_for``, which ``status`` shows, so the supervisor (or
+        run-stage's ``/healthz``) does not take it for hung after ``heartbeat_timeout``. Cheap:
+        call it on every turn of the wait. Outside a runtime (a test) it does nothing."""
+        if self.beat is not None:
+            self.beat(waiting_for)
 
     def resolve_output(self, path: str | os.PathLike[str]) -> Path:
         """A path the stage writes: relative paths resolve against the run directory."""

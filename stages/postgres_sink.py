@@ -225,6 +225,7 @@ class PostgresSink(Sink):
         except Exception:
             pass
         while True:
+            self.context.keepalive(f"postgres at {self._safe_dsn()}")   # waiting, not hung
             time.sleep(delay)
             try:
                 self.conn = self._connect()

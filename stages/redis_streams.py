@@ -394,6 +394,7 @@ class RedisStreamSink(Sink):
                 if not unsure:
                     logger.warning(f"redis: connection lost ({exc}); retrying")
                 unsure = True
+                self.context.keepalive(f"redis at {safe_url(self.url)}")     # waiting, not hung
                 time.sleep(backoff.next())
         if unsure:
             self.reconnects += 1

@@ -69,7 +69,11 @@ def test_curve_pipeline_exactly_once_and_strangers_get_nothing(stages: Stages, t
     # generator itself (a LEAVE), which fences it; an impostor without the server key takes its address
     assert stages.stop("norm1") == 0
     assert "stop_grace ran out" not in stages.log("norm1"), stages.log("norm1")[-2000:]
-    wait_for(lambda: "nothing more goes to" in stages.log("generator"), timeout=10, what="the generator fencing norm1")
+    try:
+        wait_for(lambda: "nothing more goes to" in stages.log("generator"), timeout=10, what="the generator fencing norm1")
+    except BaseException:
+        print("GENERATOR", stages.log("generator")[-3000:], "NORM1", stages.log("norm1")[-5000:])
+        raise
     ctx = zmq.Context()
     impostor = ctx.socket(zmq.PULL)
     fake_public, fake_secret = zmq.curve_keypair()

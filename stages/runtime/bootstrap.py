@@ -151,6 +151,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
                                      outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch)
         rt = StageRuntime(spec, stage)
+        stage.context.beat = rt.keepalive
         if host is not None:
             rt.on_tell = host.on_tell
         rt.tell("hello")

@@ -66,6 +66,8 @@ class StageRuntime:
         # epoch) it last sent on; a SIGTERM asks each to fence this replica itself (``leave``)
         self.senders: dict[str, tuple[str, int]] = {}
         self.leaving = False
+        self.waiting_for = ""                     # what a stage said it waits for (keepalive), this beat
+        self.kept_alive_at = 0.0
         self.finished = False                     # a source's stream ended
         self.blocked = False
         self.on_origin = getattr(stage, "on_origin", None)
@@ -743,9 +745,22 @@ class StageRuntime:
             edge.reach_update(now)
         return [e.name for e in self.edges if e.unreachable(now, self.spec.heartbeat_timeout)]
 
+    def keepalive(self, waiting_for: str) -> None:
+        """``StageContext.keepalive``: a heartbeat from inside a stage's long call, throttled."""
+        now = time.monotonic()
+        if now - self.kept_alive_at < HEARTBEAT_INTERVAL_S:
+            return
+        self.kept_alive_at = now
+        self.waiting_for = waiting_for[:200]
+        try:
+            self.heartbeat()
+        finally:
+            self.waiting_for = ""       # the loop's next own heartbeat says it no longer waits
+
     def heartbeat(self) -> None:
         self.rejects.flush()
         self.tell("hb", **self.counters.report(), unreachable=self.unreachable(), insecure=self.insecure,
+                  waiting=self.waiting_for,
                   denied=self.curve.log.denied if self.curve is not None else 0,
                   malformed=self.rejects.total, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), stats=self.stage_stats(),
