@@ -72,3 +72,35 @@ def test_a_sink_waiting_with_keepalive_is_not_taken_for_hung(pipeline, tmp_path:
     wait_for(lambda: p.row("sink").get("waiting", "") == "", timeout=10,
              what="status no longer saying it waits, once the wait is over")
     p.down()
+
+
+LEAKY = '''
+class Leaky:
+    def setup(self):
+        password = "hunter2-" + "x" * 3     # a local a traceback must not print
+        raise ConnectionError("cannot reach the store", len(password))
+
+    def process(self, batch):
+        return batch
+'''
+
+
+@pytest.mark.timeout(120)
+def test_tracebacks_in_logs_show_no_variable_values(pipeline, tmp_path: Path) -> None:
+    """loguru's ``diagnose`` is off in every process: a stage that fails to start is logged with
+    its traceback, and no local variable's value with it (no dumps of user data)."""
+    (tmp_path / "leaky.py").write_text(LEAKY)
+    p = pipeline("""\
+        pipeline: leaky
+        stages:
+          generator: {type: generator, options: {count: 200, rate: 400, seed: 1}}
+          leaky: {type: "leaky:Leaky", inputs: [generator], max_restarts: 0}
+          sink: {type: consumer, inputs: [leaky]}
+        """)
+    p.up(expect=1)
+    log = p.run_dir / "logs" / "leaky.0.jsonl"
+    wait_for(lambda: log.exists() and "cannot reach the store" in log.read_text() and "Traceback" in log.read_text(),
+             timeout=60, what="the failed start logged with its traceback")
+    text = "".join(f.read_text(errors="replace") for f in (p.run_dir / "logs").glob("*"))
+    assert "hunter2" not in text
+    p.down()

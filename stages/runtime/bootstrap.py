@@ -87,12 +87,13 @@ def setup_logging(spec: StageSpec, stdout: bool = False) -> None:
     logger.remove()
     logger.configure(extra={"stage": spec.name, "replica": spec.replica})
     if stdout:
-        logger.add(sys.stdout, serialize=True, level=spec.log_level, enqueue=False, backtrace=False)
+        logger.add(sys.stdout, serialize=True, level=spec.log_level, enqueue=False, backtrace=False, diagnose=False)
         return
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     logger.add(logs / f"{spec.ident}.jsonl", serialize=True, level=spec.log_level,
-               rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False)
+               rotation=spec.log_rotation, retention=spec.log_retention, enqueue=False, backtrace=False,
+               diagnose=False)    # a traceback shows no variable values: no dumps of user data
 
 
 class Host:
