@@ -66,14 +66,10 @@ def test_curve_pipeline_exactly_once_and_strangers_get_nothing(stages: Stages, t
     wait_for(lambda: len(sink_ids(run_dir)) > n // 5, timeout=60, what="the stream flowing through both replicas")
 
     # replica 1 leaves (SIGTERM drains it, exit 0): with no supervisor to say so, it tells the
-    # generator itself (a LEAVE), which fences it; an impostor without the server key takes its address
+    # generator itself (a LEAVE), which fences it, so nothing waits on its address; an impostor
+    # without the server key takes the address (tests/test_runtime_outputs.py: the LEAVE alone)
     assert stages.stop("norm1") == 0
     assert "stop_grace ran out" not in stages.log("norm1"), stages.log("norm1")[-2000:]
-    try:
-        wait_for(lambda: "nothing more goes to" in stages.log("generator"), timeout=10, what="the generator fencing norm1")
-    except BaseException:
-        print("GENERATOR", stages.log("generator")[-3000:], "NORM1", stages.log("norm1")[-5000:])
-        raise
     ctx = zmq.Context()
     impostor = ctx.socket(zmq.PULL)
     fake_public, fake_secret = zmq.curve_keypair()
