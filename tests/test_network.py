@@ -71,42 +71,42 @@ def test_curve_pipeline_exactly_once_and_strangers_get_nothing(stages: Stages, t
     assert stages.stop("norm1") == 0
     assert "stop_grace ran out" not in stages.log("norm1"), stages.log("norm1")[-2000:]
     ctx = zmq.Context()
-    impostor = ctx.socket(zmq.PULL)
-    fake_public, fake_secret = zmq.curve_keypair()
-    impostor.curve_secretkey, impostor.curve_publickey, impostor.curve_server = fake_secret, fake_public, True
-    impostor.bind(f"tcp://127.0.0.13:{p_norm}")
+    try:
+        impostor = ctx.socket(zmq.PULL)
+        fake_public, fake_secret = zmq.curve_keypair()
+        impostor.curve_secretkey, impostor.curve_publickey, impostor.curve_server = fake_secret, fake_public, True
+        impostor.bind(f"tcp://127.0.0.13:{p_norm}")
 
-    wait_for(lambda: len(sink_ids(run_dir)) >= n, timeout=120, what=f"{n} ids at the sink")
-    time.sleep(1.0)
-    counts = sink_ids(run_dir)
-    assert sorted(counts) == list(range(n)), "every id reached the sink"
-    assert max(counts.values()) == 1, "no id twice"
-    assert impostor.poll(0) == 0, "a host without the server key read something out"
+        wait_for(lambda: len(sink_ids(run_dir)) >= n, timeout=120, what=f"{n} ids at the sink")
+        time.sleep(1.0)
+        counts = sink_ids(run_dir)
+        assert sorted(counts) == list(range(n)), "every id reached the sink"
+        assert max(counts.values()) == 1, "no id twice"
+        assert impostor.poll(0) == 0, "a host without the server key read something out"
 
-    # strangers at the consumer's and the normalizer's inputs: a client key not admitted, and no CURVE
-    wrong_public, wrong_secret = zmq.curve_keypair()
-    server_public, _ = zmq.auth.load_certificate(str(tmp_path / "keys" / "server.key"))
-    socks = []
-    for target in (f"tcp://127.0.0.14:{p_cons}", f"tcp://127.0.0.12:{p_norm}"):
-        for curve in (True, False):
-            s = ctx.socket(zmq.PUSH)
-            s.linger = 0
-            if curve:
-                s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, wrong_public, wrong_secret
-            s.connect(target)
-            for k in range(50):
-                try:
-                    s.send_multipart(stranger_frames(10**6 + 1000 * len(socks) + 5 * k, "tcp://127.0.0.1:1"), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-            socks.append(s)
-    wait_for(lambda: (metric(http_get(f"http://127.0.0.1:{h_cons}/metrics")[1], "streampipe_curve_denied_total") or 0) > 0,
-             timeout=20, what="the consumer to count a denied handshake")
-    time.sleep(1.5)
-    assert set(sink_ids(run_dir)) == set(range(n)), "nothing a stranger sent reached the sink"
-    for s in (*socks, impostor):
-        s.close(0)
-    ctx.term()
+        # strangers at the consumer's and the normalizer's inputs: a client key not admitted, and no CURVE
+        wrong_public, wrong_secret = zmq.curve_keypair()
+        server_public, _ = zmq.auth.load_certificate(str(tmp_path / "keys" / "server.key"))
+        socks = []
+        for target in (f"tcp://127.0.0.14:{p_cons}", f"tcp://127.0.0.12:{p_norm}"):
+            for curve in (True, False):
+                s = ctx.socket(zmq.PUSH)
+                s.linger = 0
+                if curve:
+                    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, wrong_public, wrong_secret
+                s.connect(target)
+                for k in range(50):
+                    try:
+                        s.send_multipart(stranger_frames(10**6 + 1000 * len(socks) + 5 * k, "tcp://127.0.0.1:1"), flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                socks.append(s)
+        wait_for(lambda: (metric(http_get(f"http://127.0.0.1:{h_cons}/metrics")[1], "streampipe_curve_denied_total") or 0) > 0,
+                 timeout=20, what="the consumer to count a denied handshake")
+        time.sleep(1.5)
+        assert set(sink_ids(run_dir)) == set(range(n)), "nothing a stranger sent reached the sink"
+    finally:     # a failure above must not leave its sockets to the next test's garbage collector
+        ctx.destroy(linger=0)
 
     for label in ("generator", "norm0", "consumer"):
         assert stages.stop(label) == 0, f"{label} drains and exits 0 on SIGTERM:\n{stages.log(label)[-2000:]}"

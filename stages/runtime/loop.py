@@ -319,7 +319,18 @@ class StageRuntime:
             return False
         if not self.stopping:
             return True
-        return self.drain_from is not None and not self.drain_from <= self.fenced_by
+        if self.drain_from is None:
+            return False
+        if not self.drain_from <= self.fenced_by:
+            return True
+        if self.leaving and not self.blocked:
+            # run-stage: a batch already queued here may come from a sender not heard from yet
+            # (it sent nothing before the SIGTERM): read what is queued once more; a new sender
+            # is sent a LEAVE (``handle``) and its FENCE awaited too
+            known = len(self.drain_from)
+            self.read_input(time.monotonic())
+            return len(self.drain_from) > known
+        return False
 
     def undrained(self) -> None:
         """The stop deadline passed before the replica drained: say what is left (it is resent)."""
