@@ -29,6 +29,7 @@ BUILTINS: dict[str, Builtin] = {
     "consumer": Builtin("streampipe.stages.consumer:Consumer"),
     "trainer": Builtin("streampipe.stages.trainer:Trainer"),
     "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
+    "predictor": Builtin("streampipe.stages.predictor:Predictor"),
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),

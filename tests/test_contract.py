@@ -31,6 +31,7 @@ from streampipe.stages.generator import Generator
 from streampipe.stages.http_source import HttpSource
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
+from streampipe.stages.predictor import Predictor
 from streampipe.stages.registry import BUILTINS, load_target
 from streampipe.stages.sqlite_sink import SqliteSink
 from streampipe.stages.trainer import Trainer
@@ -74,6 +75,7 @@ TRANSFORMS: dict[str, Any] = {
     "sqlite": lambda tmp: lambda: ExactSink(SqliteSink(path="out.db")),     # as load_stage gives it
     "trainer": lambda tmp: lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
+    "predictor": lambda tmp: lambda: Predictor(poll_seconds=0),
     "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
@@ -95,7 +97,7 @@ CHECKS_OF = {**{name: [*ALL_CHECKS, "bad records"] for name in TRANSFORMS}, **{n
 def prepare(name: str, folder: Path) -> None:
     """What a stage's run directory holds before its check: the evaluator scores (and so checks
     records) once a model exists; the log extractor reads the logs there."""
-    if name == "evaluator":
+    if name in ("evaluator", "predictor"):
         run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [records(200)], run_dir=folder)
     if name == "follow":
         (folder / "app.jsonl").write_text("".join(json.dumps({"n": i}) + "\n" for i in range(150)))
