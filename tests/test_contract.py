@@ -33,6 +33,7 @@ from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.predictor import Predictor
 from streampipe.stages.registry import BUILTINS, load_target
+from streampipe.stages.serve import Serve
 from streampipe.stages.sqlite_sink import SqliteSink
 from streampipe.stages.trainer import Trainer
 from streampipe.testing import StageContractError, StageReport, check_stage, run_stage
@@ -82,6 +83,7 @@ SOURCES: dict[str, Any] = {
     "generator": lambda tmp: lambda: Generator(count=500, seed=1),
     "log_extractor": lambda tmp: lambda: LogExtractor(window_s=1),
     "http": lambda tmp: lambda: HttpSource(port=0),
+    "serve": lambda tmp: lambda: Serve(port=0),
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
 STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
