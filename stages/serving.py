@@ -101,11 +101,15 @@ def reason(exc: BaseException) -> str:
 
 
 class ModelFollower:
-    """The newest valid checkpoint of ``folder``, swapped in by :meth:`poll` (see the module docstring)."""
+    """The newest valid checkpoint of ``folder``, swapped in by :meth:`poll` (see the module docstring).
 
-    def __init__(self, folder: Path, poll_seconds: float = 0.25) -> None:
+    With ``pinned`` it serves that one version instead, loaded (and probed) once it is committed,
+    never swapped: the fixed side of an A/B comparison."""
+
+    def __init__(self, folder: Path, poll_seconds: float = 0.25, pinned: int | None = None) -> None:
         self.folder = folder
         self.poll_seconds = float(poll_seconds)
+        self.pinned = pinned
         self.current: Served | None = None
         self.bad: set[int] = set()
         self.swaps = 0
@@ -128,7 +132,7 @@ class ModelFollower:
             return None
         self._polled_at = now
         while True:
-            cp = checkpoints.load_newest(self.folder, above=self.version, skip=self.bad)
+            cp = self._candidate()
             if cp is None:
                 return None
             try:
@@ -146,6 +150,21 @@ class ModelFollower:
                         f"{cp.meta.get('records_seen')} records)"
                         + (f", after version {previous.version}" if previous else ""))
             return candidate
+
+    def _candidate(self) -> checkpoints.Checkpoint | None:
+        """The version to try next: the newest valid one above the current, or the pinned one."""
+        if self.pinned is None:
+            return checkpoints.load_newest(self.folder, above=self.version, skip=self.bad)
+        if self.current is not None or self.pinned in self.bad:
+            return None
+        if self.pinned not in checkpoints.committed_versions(self.folder):
+            return None                   # not written yet (or pruned): looked for again at the next poll
+        try:
+            return checkpoints.load(self.folder, self.pinned)
+        except checkpoints.CheckpointError as exc:
+            logger.warning(f"pinned checkpoint in {self.folder} cannot serve: {exc}")
+            self.bad.add(self.pinned)
+            return None
 
     def _probe(self, served: Served) -> None:
         sample = self.sample               # the rows the stream carries: a model that cannot take them is no use

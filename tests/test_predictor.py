@@ -137,6 +137,57 @@ def test_a_bad_newest_checkpoint_is_skipped_and_the_previous_keeps_serving(
     assert pred.stats()["skipped_versions"] == 3
 
 
+def test_pinned_version_scores_beside_the_newest(tmp_path: Path, warnings_logged: list[str]) -> None:  # noqa: F811
+    train, _ = stream(8000)
+    trainer = started(Trainer(checkpoint_every=10**9, checkpoint_seconds=0), tmp_path)
+    pred = started(Predictor(poll_seconds=0, pinned=2), tmp_path)
+    folder = tmp_path / "checkpoints"
+    trainer.process(train[0])
+    trainer.checkpoint()                                                  # v1 only: the pinned v2 is not there
+    out = pred.process(train[1])
+    assert {(r["model_version"], r["shadow_model_version"]) for r in out} == {(1, None)}
+    assert all(r["shadow_prediction"] is None and r["shadow_probabilities"] is None for r in out)
+    for b in train[2:6]:
+        trainer.process(b)
+        trainer.checkpoint()                                              # v2 .. v5
+    out = pred.process(train[6])
+    assert {(r["model_version"], r["shadow_model_version"]) for r in out} == {(5, 2)}
+    assert_matches_checkpoint(out, folder)
+    shadow = [{"model_version": 2, "prediction": r["shadow_prediction"], "probabilities": r["shadow_probabilities"],
+               "x": r["x"]} for r in out]
+    assert_matches_checkpoint(shadow, folder)
+    # the same as columns
+    cols = pred.process(Columns.from_records(train[7]))
+    assert cols["shadow_model_version"].tolist() == [2] * len(train[7]) and cols["model_version"].tolist() == [5] * len(train[7])
+    assert pred.stats()["shadow_version"] == 2
+    assert not warnings_logged
+
+
+def test_shadow_trainer_scores_the_same_records(tmp_path: Path, warnings_logged: list[str]) -> None:  # noqa: F811
+    train, _ = stream(6000)
+    run_stage(Trainer(checkpoint_seconds=0), train[:10], run_dir=tmp_path)                      # A: checkpoints/
+    run_stage(Trainer(checkpoint_seconds=0, checkpoint_dir="other", params={"alpha": 0.01}), train[:10],
+              run_dir=tmp_path)                                                                 # B: other/
+    pred = started(Predictor(poll_seconds=0, shadow_dir="other", shadow_prefix="b_"), tmp_path)
+    out = pred.process(train[12])
+    assert {(r["model_version"], r["b_model_version"]) for r in out} == {(1, 1)}
+    a = checkpoints.load(tmp_path / "checkpoints", 1).model
+    b = checkpoints.load(tmp_path / "other", 1).model
+    X = features(out)
+    assert [r["prediction"] for r in out] == a.predict(X).tolist()
+    assert [r["b_prediction"] for r in out] == b.predict(X).tolist()
+    np.testing.assert_allclose([r["b_probabilities"] for r in out], b.predict_proba(X), rtol=1e-12, atol=0)
+    assert not np.allclose(a.predict_proba(X), b.predict_proba(X))       # two models indeed
+    # a shadow version that cannot score these rows: its fields are null, the main ones untouched
+    narrow = SGDClassifier(loss="log_loss").fit(np.zeros((4, 3)) + [[0], [1], [0], [1]], [0, 1, 0, 1])
+    checkpoints.save(tmp_path / "other", 2, narrow, {"features": "x"})
+    out = pred.process(train[13])
+    assert {(r["model_version"], r["b_model_version"]) for r in out} == {(1, 1)}    # v2 skipped: the probe failed
+    assert any("version 2 fails to predict" in m for m in warnings_logged)
+    with pytest.raises(ValueError, match="not both"):
+        Predictor(pinned=1, shadow_dir="other")
+
+
 def test_no_label_needed_and_a_record_without_features_is_dead_lettered(tmp_path: Path) -> None:
     train, _ = stream(3000)
     run_stage(Trainer(checkpoint_seconds=0), train, run_dir=tmp_path)
