@@ -12,7 +12,8 @@ every size and wait bounded. The pieces they share:
 - :func:`parse_head` (request line and headers) and :func:`response` (a JSON answer's bytes);
 - :class:`JsonServer`: the whole loop for a stage whose every request is answered at once by a
   ``handler(Request) -> Answer`` (the serve stage). Connections are kept alive (HTTP/1.1 unless
-  ``Connection: close``; pipelined requests are answered in order), a request has
+  ``Connection: close``; pipelined requests are answered in order; ``Expect: 100-continue`` is
+  answered), a request has
   :data:`READ_TIMEOUT_S` to arrive once begun, an idle connection is closed after
   :data:`IDLE_TIMEOUT_S`, at most :data:`MAX_CONNECTIONS` are open (one more gets a 503), a body
   is bounded before it is read, and a handler that raises gives a 500, never a dead server.
@@ -222,6 +223,7 @@ def drop(sel: selectors.BaseSelector, conns: dict[socket.socket, Any], sock: soc
 
 
 Handler = Callable[[Request], Answer]
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass
@@ -324,6 +326,8 @@ class JsonServer:
                     self._finish(sel, conns, conn, Answer(code, why), False)
                     return False
             conn.head, conn.body_at, conn.need = head, end + 4, end + 4 + length
+            if len(conn.buf) < conn.need and head.headers.get("expect", "").lower() == "100-continue":
+                send(conn.sock, CONTINUE)      # curl waits a second for it before a body over 1 KiB
         if len(conn.buf) < conn.need:
             return False
         head, body = conn.head, bytes(conn.buf[conn.body_at:conn.need])

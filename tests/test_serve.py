@@ -5,13 +5,16 @@ them. Answers equal ``model.predict`` / ``predict_proba`` of the version they na
 a list; ``GET /model`` names the version and its last hold-out row; a checkpoint written while two
 clients keep posting serves within a second and no request fails during the swap; a garbage
 newest checkpoint is skipped while the previous keeps serving; bad bodies get 400 with a reason,
-a missing or wrong token 401, and the stage keeps its pid and its restart count of 0 throughout.
+a missing or wrong token 401, a body too large 413, none 411; pipelined requests on a kept-alive
+connection and ``Expect: 100-continue`` are answered; the stage keeps its pid and its restart
+count of 0 throughout.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -87,6 +90,16 @@ def ask(port: int, method: str, path: str, body: Any = None, token: str | None =
         c.close()
 
 
+def raw(port: int, request: bytes) -> bytes:
+    """Bytes in, every byte the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
 def records(X: np.ndarray) -> list[dict[str, Any]]:
     return [{"id": i, "x": row.tolist()} for i, row in enumerate(X)]
 
@@ -141,6 +154,19 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
     assert ask(port, "GET", "/model", token="wrong")[0] == 401
     assert c.call("GET", "/nothing")[0] == 404 and c.call("GET", "/predict")[0] == 405
     assert c.call("POST", "/predict", records(X[:2]))[0] == 200      # the same connection still serves
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    one = json.dumps(records(X[:1])[0]).encode()
+    post = b"POST /predict HTTP/1.1\r\nHost: x\r\n" + auth + f"Content-Length: {len(one)}\r\n\r\n".encode() + one
+    answers = raw(port, post + post + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")   # pipelined
+    assert answers.count(b"HTTP/1.1 200 OK") == 3 and answers.count(b'"model_version":1') == 2
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # curl's Expect: 100-continue
+        s.sendall(post.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n").split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(one)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    assert raw(port, b"POST /predict HTTP/1.1\r\n" + auth + b"Content-Length: 99999999\r\n\r\n").startswith(b"HTTP/1.1 413")
+    assert raw(port, b"POST /predict HTTP/1.1\r\n" + auth + b"\r\n").startswith(b"HTTP/1.1 411")
+    assert raw(port, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
 
     # -- a swap while two clients keep posting: no request fails, v2 within a second
     log: list[tuple[float, int, int]] = []            # (time answered, status, version)
