@@ -27,6 +27,7 @@ from sklearn.linear_model import SGDClassifier
 from streampipe.stages import checkpoints
 from tests.conftest import wait_for
 from tests.servers import free_port
+from tests.test_connectors_http import raw  # bytes in, every byte answered until the server closes
 
 TOKEN = "serve-token"
 PIPELINE = """
@@ -88,16 +89,6 @@ def ask(port: int, method: str, path: str, body: Any = None, token: str | None =
         return c.call(method, path, body)
     finally:
         c.close()
-
-
-def raw(port: int, request: bytes) -> bytes:
-    """Bytes in, every byte the server answers until it closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(request)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
 
 
 def records(X: np.ndarray) -> list[dict[str, Any]]:
