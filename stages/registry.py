@@ -31,6 +31,7 @@ BUILTINS: dict[str, Builtin] = {
     "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
     "predictor": Builtin("streampipe.stages.predictor:Predictor"),
     "serve": Builtin("streampipe.stages.serve:Serve", source=True),
+    "compare": Builtin("streampipe.stages.compare:Compare"),
     "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),

@@ -23,6 +23,7 @@ import pytest
 
 from streampipe import Source, Stage
 from streampipe.stages.api import is_source
+from streampipe.stages.compare import Compare
 from streampipe.stages.consumer import Consumer
 from streampipe.stages.delivery import ExactSink
 from streampipe.stages.evaluator import Evaluator
@@ -77,6 +78,7 @@ TRANSFORMS: dict[str, Any] = {
     "trainer": lambda tmp: lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
     "predictor": lambda tmp: lambda: Predictor(poll_seconds=0),
+    "compare": lambda tmp: lambda: Compare(every=100),
     "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
@@ -87,7 +89,7 @@ SOURCES: dict[str, Any] = {
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
 STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
-ACCEPTS_ANY_MAP = {"consumer", "sqlite"}   # nothing is malformed to a sink that writes any map
+ACCEPTS_ANY_MAP = {"consumer", "sqlite", "compare"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
 

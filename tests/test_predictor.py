@@ -11,6 +11,12 @@ Every record at the sink carries a prediction and a version; versions never go b
 over the run with the predictor never restarted; garbage written as the newest checkpoint is
 skipped (its log says why) and never named by a record; sampled records' predictions equal the
 named checkpoint's ``predict`` on their features.
+
+A/B and shadow: a pinned version or a second trainer's newest scores the same records under
+``shadow_`` fields (each equal to its own checkpoint's ``predict``), a shadow that cannot score
+gives nulls and never fails a batch; the ``compare`` sink's accuracy per side and agreement equal
+what the records say; and in real processes, two trainers, the hold-out slice scored by both and
+compared, nothing restarted.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from sklearn.linear_model import SGDClassifier, SGDRegressor
 from streampipe.stages import checkpoints
 from streampipe.stages.api import StageContext
 from streampipe.stages.columns import Columns
+from streampipe.stages.compare import Compare
 from streampipe.stages.predictor import Predictor
 from streampipe.stages.trainer import Trainer
 from streampipe.testing import run_stage
@@ -188,6 +195,29 @@ def test_shadow_trainer_scores_the_same_records(tmp_path: Path, warnings_logged:
         Predictor(pinned=1, shadow_dir="other")
 
 
+def test_compare_scores_both_sides_on_the_same_records(tmp_path: Path) -> None:
+    train, hold = stream(12_000, holdout=0.3)
+    run_stage(Trainer(checkpoint_seconds=0), train, run_dir=tmp_path)
+    run_stage(Trainer(checkpoint_seconds=0, checkpoint_dir="other", params={"alpha": 0.05}), train[:4], run_dir=tmp_path)
+    scored = run_stage(Predictor(poll_seconds=0, shadow_dir="other"), hold, run_dir=tmp_path).records
+    cmp = started(Compare(window=500, every=10**9), tmp_path)
+    for i in range(0, len(scored), 200):
+        cmp.process(Columns.from_records(scored[i:i + 200]) if i % 400 else scored[i:i + 200])   # both forms
+    last = scored[-500:]
+    y = [r["y"] for r in last]
+    row = cmp.write_row()
+    assert row["task"] == "classification" and row["records"] == len(scored)
+    assert row["main"] == {"model_version": 2, "accuracy": pytest.approx(np.mean([r["prediction"] == t for r, t in zip(last, y)]), abs=1e-6),
+                           "window": 500}
+    assert row["shadow"]["model_version"] == 1
+    assert row["shadow"]["accuracy"] == pytest.approx(np.mean([r["shadow_prediction"] == t for r, t in zip(last, y)]), abs=1e-6)
+    assert row["agreement"] == pytest.approx(np.mean([r["prediction"] == r["shadow_prediction"] for r in last]), abs=1e-6)
+    cmp.teardown()
+    rows = [json.loads(line) for line in (tmp_path / "compare.jsonl").read_text().splitlines()]
+    assert rows[-1]["main"] == row["main"]
+    assert cmp.stats()["shadow_version"] == 1 and cmp.stats()["metric_name"] == "accuracy"
+
+
 def test_no_label_needed_and_a_record_without_features_is_dead_lettered(tmp_path: Path) -> None:
     train, _ = stream(3000)
     run_stage(Trainer(checkpoint_seconds=0), train, run_dir=tmp_path)
@@ -265,3 +295,40 @@ def test_pipeline_every_record_scored_versions_rise_without_a_restart(pipeline) 
     rng = np.random.default_rng(2)
     sample = [r for r in records[unscored:] if rng.random() < 0.05]
     assert_matches_checkpoint(sample, folder)
+
+
+AB_PIPELINE = """
+pipeline: ab
+defaults: {heartbeat_timeout: 60}
+stages:
+  generator: {type: generator, options: {rate: 2000, seed: 4}}
+  normalizer: {type: normalizer, inputs: [generator], options: {holdout: 0.25}}
+  trainer: {type: trainer, inputs: [normalizer], options: {checkpoint_every: 2000, checkpoint_seconds: 0}}
+  trainer_b:
+    type: trainer
+    inputs: [normalizer]
+    options: {checkpoint_every: 3000, checkpoint_seconds: 0, checkpoint_dir: checkpoints-b, params: {alpha: 0.01}}
+  scored: {type: predictor, inputs: [normalizer.holdout], options: {shadow_dir: checkpoints-b, poll_seconds: 0.2}}
+  compare: {type: compare, inputs: [scored], options: {every: 200, window: 500}}
+"""
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_shadow_trainer_compared_on_the_hold_out_slice(pipeline) -> None:
+    p = pipeline(AB_PIPELINE)
+    p.up()
+    path = p.run_dir / "compare.jsonl"
+
+    def rows() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    wait_for(lambda: any(r["main"]["model_version"] and r["main"]["model_version"] >= 3
+                         and r["shadow"]["model_version"] and r["shadow"]["model_version"] >= 2
+                         and r["main"]["window"] >= 200 for r in rows()), timeout=90, what="both sides scored, v3 / v2")
+    row, scorer = p.row("compare"), p.row("scored")
+    p.down()
+    last = rows()[-1]
+    assert last["task"] == "classification" and last["agreement"] > 0.8
+    assert last["main"]["accuracy"] > 0.8 and last["shadow"]["accuracy"] > 0.8
+    assert row["stats"]["shadow_version"] >= 2 and scorer["stats"]["shadow_version"] >= 2
+    assert row["restarts"] == 0 and scorer["restarts"] == 0
