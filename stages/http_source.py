@@ -29,7 +29,8 @@ Replicas (``replicas: N``) share the port (``SO_REUSEPORT``: the kernel spreads 
 them; only processes of the same user can join it); each has its own ids and buffer. Every
 answer closes its connection (``Connection: close``).
 
-The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`): at most
+The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`; the plumbing
+it shares with the ``serve`` stage is :mod:`streampipe.stages.httpserver`): at most
 :data:`MAX_CONNECTIONS` open, :data:`READ_TIMEOUT_S` to send a request, the body bounded before
 it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice, and ``validate``
 refuses it without a ``token`` (the token travels in clear: put TLS in front, e.g. a reverse
