@@ -7,13 +7,15 @@ clients keep posting serves within a second and no request fails during the swap
 newest checkpoint is skipped while the previous keeps serving; bad bodies get 400 with a reason,
 a missing or wrong token 401, a body too large 413, none 411; pipelined requests on a kept-alive
 connection and ``Expect: 100-continue`` are answered; the stage keeps its pid and its restart
-count of 0 throughout.
+count of 0 throughout, and once SIGKILLed it is restarted and serves the same version again.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -212,6 +214,13 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
     assert row["pid"] == pid and row["restarts"] == 0 and row["state"] == "running"
     assert row["stats"]["model_version"] == 2 and row["stats"]["refused"] == len(bad)
     c.close()
+
+    # -- a stage like any other: SIGKILLed, it is restarted and serves the same version again
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: p.row("api")["pid"] != pid and p.row("api")["state"] == "running", timeout=60, what="api back")
+    wait_for(lambda: ask(port, "GET", "/readyz", token=None)[0] == 200, timeout=30, what="ready again")
+    assert ask(port, "POST", "/predict", records(X[:1])[0])[1]["model_version"] == 2
+    assert p.row("api")["restarts"] == 1
 
 
 @pytest.mark.timeout(60)
