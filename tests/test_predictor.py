@@ -310,6 +310,7 @@ stages:
     options: {checkpoint_every: 3000, checkpoint_seconds: 0, checkpoint_dir: checkpoints-b, params: {alpha: 0.01}}
   scored: {type: predictor, inputs: [normalizer.holdout], options: {shadow_dir: checkpoints-b, poll_seconds: 0.2}}
   compare: {type: compare, inputs: [scored], options: {every: 200, window: 500}}
+  evaluator: {type: evaluator, inputs: [normalizer.holdout], options: {every: 200}}
 """
 
 
@@ -332,3 +333,7 @@ def test_pipeline_shadow_trainer_compared_on_the_hold_out_slice(pipeline) -> Non
     assert last["main"]["accuracy"] > 0.8 and last["shadow"]["accuracy"] > 0.8
     assert row["stats"]["shadow_version"] >= 2 and scorer["stats"]["shadow_version"] >= 2
     assert row["restarts"] == 0 and scorer["restarts"] == 0
+    from streampipe.launcher.report import make_report
+
+    summary = make_report(p.run_dir, p.folder / "report.png")
+    assert f"A/B (compare.jsonl, {last['records']} records): main v{last['main']['model_version']} accuracy" in summary
