@@ -75,6 +75,7 @@ from streampipe.stages.learning import Vectoriser
 from streampipe.stages.serving import ModelFollower, Scores, reason, score
 
 DEFAULT_POLL_S = 0.25    # a new checkpoint serves within this (plus one batch) of its commit
+NOT_BOTH = "give pinned (a version of checkpoint_dir) or shadow_dir (another trainer's), not both"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Predictor(Stage):
         if poll_seconds < 0:
             raise ValueError("poll_seconds must be >= 0")
         if pinned is not None and shadow_dir is not None:
-            raise ValueError("give pinned (a version of checkpoint_dir) or shadow_dir (another trainer's), not both")
+            raise ValueError(NOT_BOTH)
         if pinned is not None and int(pinned) < 1:
             raise ValueError("pinned is a checkpoint version: >= 1")
         self.fields = Fields(prediction, probabilities, version_field)
@@ -124,6 +125,13 @@ class Predictor(Stage):
         self._vectorise = Vectoriser(features or "x", label=None)
         self._serving = 0          # the version the vectoriser is set for
         self._shadow_failed = 0    # the shadow version whose failure was logged
+
+    @staticmethod
+    def option_problems(options: dict[str, Any]) -> list[tuple[str | None, str]]:
+        """What ``streampipe validate`` refuses beyond the signature: two second scorers."""
+        if options.get("pinned") is not None and options.get("shadow_dir") is not None:
+            return [("pinned", NOT_BOTH)]
+        return []
 
     def setup(self) -> None:
         folder = self.context.resolve_output(self.checkpoint_dir)

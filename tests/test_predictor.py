@@ -240,7 +240,10 @@ def test_options_are_checked_by_validate(tmp_path: Path) -> None:
     config.write_text(base + "    options: {poll_seconds: soon}\n")
     with pytest.raises(ConfigError, match="poll_seconds"):
         load_config(config)
-    config.write_text(base + "    options: {checkpoint_dir: ckpt, probabilities: null, poll_seconds: 1}\n")
+    config.write_text(base + "    options: {pinned: 3, shadow_dir: other}\n")
+    with pytest.raises(ConfigError, match="stages.pred.options.pinned.*not both"):
+        load_config(config)
+    config.write_text(base + "    options: {checkpoint_dir: ckpt, probabilities: null, poll_seconds: 1, pinned: 2}\n")
     load_config(config)
     with pytest.raises(ValueError, match="distinct"):
         Predictor(prediction="y", version_field="y")
