@@ -163,10 +163,11 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
 
     # -- a swap while two clients keep posting: no request fails, v2 within a second
     log: list[tuple[float, int, int]] = []            # (time answered, status, version)
+    per_client: dict[int, list[int]] = {0: [], 1: []}  # each client's versions, in the order it got them
     stop = threading.Event()
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(me_id: int) -> None:
         me = Client(port)
         body = records(X[:1])[0]
         while not stop.is_set():
@@ -177,9 +178,10 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
                 code, version = -1, -1
             with lock:
                 log.append((time.monotonic(), code, version))
+                per_client[me_id].append(version)
         me.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(2)]
     for t in threads:
         t.start()
     wait_for(lambda: len(log) > 200, timeout=30, what="requests flowing")
@@ -194,7 +196,7 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
         t.join(15)
     assert all(code == 200 for _, code, _ in log), {code for _, code, _ in log}
     assert {v for _, _, v in log} == {1, 2}
-    assert all(v == 2 for t, _, v in log if t > first_v2 + 0.05)      # the swap does not go back
+    assert all(vs == sorted(vs) and vs[-1] == 2 for vs in per_client.values())   # the swap does not go back
     took = first_v2 - saved_at
     print(f"\n{len(log)} requests during the swap, all 200; version 2 served {took * 1000:.0f} ms after its commit")
     assert took < 1.0
