@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,28 +215,28 @@ def bench_predictor(records: list[dict[str, Any]], folder: Path, repeat: int) ->
     n = sum(len(b) for b in lists)
     model = checkpoints.load(folder, checkpoints.latest_version(folder)).model
 
+    def timed(step: Callable[[Any], object], items: list[Any]) -> float:
+        """records/s of ``step`` over ``items``, PASSES times, after a warm-up."""
+        for item in items[:WARMUP_BATCHES]:
+            step(item)
+        t = time.perf_counter()
+        for _ in range(PASSES):
+            for item in items:
+                step(item)
+        return PASSES * n / (time.perf_counter() - t)
+
     def stage(batches: list[Any], probabilities: str | None) -> float:
         pred = Predictor(probabilities=probabilities)
         pred.context = StageContext(run_dir=folder.parent)
         pred.setup()
-        for b in batches[:WARMUP_BATCHES]:
-            pred.process(b)
-        t = time.perf_counter()
-        for _ in range(PASSES):
-            for b in batches:
-                pred.process(b)
-        return PASSES * n / (time.perf_counter() - t)
+        return timed(pred.process, batches)
 
     def bare(proba: bool) -> float:
-        for X in arrays[:WARMUP_BATCHES]:
+        def step(X: Any) -> None:
             model.predict(X)
-        t = time.perf_counter()
-        for _ in range(PASSES):
-            for X in arrays:
-                model.predict(X)
-                if proba:
-                    model.predict_proba(X)
-        return PASSES * n / (time.perf_counter() - t)
+            if proba:
+                model.predict_proba(X)
+        return timed(step, arrays)
 
     cases = {  # name: (stage run, baseline run)
         "columns, with probabilities": (lambda: stage(columns, "probabilities"), lambda: bare(True)),
