@@ -16,7 +16,8 @@ every size and wait bounded. The pieces they share:
   answered), a request has
   :data:`READ_TIMEOUT_S` to arrive once begun, an idle connection is closed after
   :data:`IDLE_TIMEOUT_S`, at most :data:`MAX_CONNECTIONS` are open (one more gets a 503), a body
-  is bounded before it is read, and a handler that raises gives a 500, never a dead server.
+  is bounded before it is read (and refused unread without the token), and a handler that raises
+  gives a 500, never a dead server.
 
 The http source keeps its own loop: its answers wait until records are durable.
 
@@ -319,6 +320,11 @@ class JsonServer:
             if head is None:
                 self._finish(sel, conns, conn, Answer(400, {"error": "bad request line"}), False)
                 return False
+            if head.path not in self.open_paths and not authorized(head.headers, self.token):
+                self.requests += 1
+                self.errors += 1        # refused before its body is read: the connection closes
+                self._finish(sel, conns, conn, Answer(401, UNAUTHORIZED[0], UNAUTHORIZED[1]), False)
+                return False
             length = 0
             if head.method in ("POST", "PUT", "PATCH") or "content-length" in head.headers:
                 length, code, why = content_length(head.headers, self.max_body)
@@ -336,13 +342,10 @@ class JsonServer:
         connection = head.headers.get("connection", "").lower()
         keep = connection != "close" if head.version == "HTTP/1.1" else connection == "keep-alive"
         self.requests += 1
-        if head.path not in self.open_paths and not authorized(head.headers, self.token):
-            answer = Answer(401, UNAUTHORIZED[0], UNAUTHORIZED[1])
-        else:
-            try:
-                answer = self.handler(Request(head, body))
-            except Exception as exc:   # a request must never take the server down
-                answer = Answer(500, {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        try:
+            answer = self.handler(Request(head, body))
+        except Exception as exc:   # a request must never take the server down
+            answer = Answer(500, {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
         if answer.code >= 400:
             self.errors += 1
         return self._finish(sel, conns, conn, answer, keep)

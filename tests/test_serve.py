@@ -159,6 +159,8 @@ def test_predict_matches_the_checkpoint_and_swaps_live(pipeline, tmp_path: Path)
         assert s.recv(4096).startswith(b"HTTP/1.1 200 OK")
     assert raw(port, b"POST /predict HTTP/1.1\r\n" + auth + b"Content-Length: 99999999\r\n\r\n").startswith(b"HTTP/1.1 413")
     assert raw(port, b"POST /predict HTTP/1.1\r\n" + auth + b"\r\n").startswith(b"HTTP/1.1 411")
+    # no token: refused from the head, the body (never sent here) not waited for
+    assert raw(port, b"POST /predict HTTP/1.1\r\nContent-Length: 500000\r\n\r\n").startswith(b"HTTP/1.1 401")
     assert raw(port, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
 
     # -- a swap while two clients keep posting: no request fails, v2 within a second
