@@ -32,6 +32,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -268,9 +269,12 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="streampipe-serving-"))
     err.print(f"training a model in {work}")
-    records, folder = build(args.records, work)
-    http = bench_http(records, folder, args) if args.only != "predictor" else None
-    stage = bench_predictor(records, folder, args.repeat) if args.only != "http" else None
+    try:
+        records, folder = build(args.records, work)
+        http = bench_http(records, folder, args) if args.only != "predictor" else None
+        stage = bench_predictor(records, folder, args.repeat) if args.only != "http" else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     if http is not None:
         t1 = Table(title=f"POST /predict, one record a request, one kept-alive client; medians of {args.repeat}")
