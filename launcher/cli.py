@@ -1,6 +1,6 @@
 """The ``streampipe`` command line (typer).
 
-    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--metrics-port PORT]
+    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--exit-when-done] [--metrics-port PORT]
     streampipe status [--run-dir DIR] [--json] [--watch]
     streampipe down [--run-dir DIR]
     streampipe validate [--config PATH]
@@ -132,12 +132,15 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
        detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once every stage is READY."),
        metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
        watch: bool = typer.Option(False, "--watch", "-w", help="Apply edits of the config; restart a stage whose module is edited."),
+       exit_when_done: bool = typer.Option(False, "--exit-when-done",
+                                           help="A batch job: stop once every source completed and what it sent is done "
+                                                "(exit 0), or once a stage failed for good (exit 1)."),
        ) -> None:
     """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
     cfg = _config(config)
     rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
     if detach:
-        raise typer.Exit(_detach(cfg, rd, metrics_port, watch))
+        raise typer.Exit(_detach(cfg, rd, metrics_port, watch, exit_when_done))
     from loguru import logger
 
     from streampipe.launcher.errors import AlreadyRunning
@@ -149,13 +152,14 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
     _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
     try:
-        code = run_supervisor(cfg, rd, metrics_port, watch)
+        code = run_supervisor(cfg, rd, metrics_port, watch, exit_when_done)
     except AlreadyRunning as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
 
 
-def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False) -> int:
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False,
+            exit_when_done: bool = False) -> int:
     from streampipe.launcher.control import request
     from streampipe.launcher.rundir import RunDir
     from streampipe.launcher.spawn import child_env, spawn_cold
@@ -171,6 +175,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
         argv += ["--metrics-port", str(metrics_port)]
     if watch:
         argv.append("--watch")
+    if exit_when_done:
+        argv.append("--exit-when-done")
     log = rd / "supervisor.out"
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S
@@ -422,7 +428,8 @@ def restart(stage: str = typer.Argument(..., help="The stage to restart, replica
         reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
     except StreampipeError as exc:
         raise _fail(exc) from None
-    _console().print(f"restarted {stage}: {reply['replicas']} replicas")
+    n = reply["replicas"]
+    _console().print(f"restarted {stage}: {n} replica{'' if n == 1 else 's'}")
 
 
 @app.command()

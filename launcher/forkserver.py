@@ -40,6 +40,7 @@ FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only (see stop_if_faulted)
 BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "streampipe.stages.runtime", "streampipe.stages.generator",
                 "streampipe.stages.normalizer", "streampipe.stages.consumer"]
 HEAVY_PRELOAD = ["sklearn", "sklearn.linear_model", "sklearn.metrics", "joblib", "scipy.stats"]
+LEARNING_TYPES = ("trainer", "evaluator", "predictor", "serve")   # built-ins that load scikit-learn models
 
 
 def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[str, str]]:
@@ -49,7 +50,7 @@ def preload(types: list[str], config_dir: str) -> tuple[dict[str, list], dict[st
     if config_dir not in sys.path:
         sys.path.insert(0, config_dir)
     wanted = list(BASE_PRELOAD)
-    if any(t in ("trainer", "evaluator") for t in types):
+    if any(t in LEARNING_TYPES for t in types):
         wanted += HEAVY_PRELOAD
     wanted += [target_of(t).partition(":")[0] for t in types]
     mtimes: dict[str, list] = {}

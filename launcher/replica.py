@@ -165,8 +165,9 @@ class Replica:
             self.state = State.STOPPING
 
     def gone(self) -> None:
-        """Its process is gone (reaped)."""
+        """Its process is gone (reaped): nothing it measured stays on show (cpu, rss, rate)."""
         self.pid, self.probe = None, None
+        self.reading, self.rate, self._rate_mark = Reading(), 0.0, (0.0, 0)
         self.exited.set()
 
     def health(self, now_m: float) -> tuple[str, str] | None:

@@ -9,6 +9,9 @@ Reads ``<run dir>/metrics.jsonl`` (the evaluator's rows), ``<run dir>/status-his
   trainer's replicas between samples) or, without it, from the checkpoints (records seen
   between two versions).
 
+With a ``compare`` sink in the run (``compare.jsonl``), the summary also says how the
+predictor's two sides (A/B, shadow) did on the same records.
+
 >>> import json, tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> rows = [{"time": 100.0 + i, "model_version": 1 + i // 2, "records_evaluated": 500 * (i + 1),
@@ -192,5 +195,38 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, 
                      f"(from {source})")
     else:
         lines.append("trainer throughput: no data (no status-history.jsonl and fewer than two checkpoints)")
+    comparison = compare_line(run_dir / "compare.jsonl")
+    if comparison:
+        lines.append(comparison)
     lines.append(f"figure: {out}")
     return "\n".join(lines)
+
+
+def compare_line(path: Path) -> str | None:
+    """The ``compare`` sink's last row as one line (a predictor's main and shadow sides), or None.
+
+    >>> import json, tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "compare.jsonl"
+    >>> _ = p.write_text(json.dumps({"records": 3000, "task": "classification", "agreement": 0.994,
+    ...     "main": {"model_version": 5, "accuracy": 0.975, "window": 1000},
+    ...     "shadow": {"model_version": 4, "accuracy": 0.961, "window": 1000}}) + "\\n")
+    >>> print(compare_line(p))
+    A/B (compare.jsonl, 3000 records): main v5 accuracy 0.975, shadow v4 accuracy 0.961 (last 1000 / 1000 records); agreement 0.994
+    """
+    rows = [r for r in read_jsonl(path) if isinstance(r.get("main"), dict) and isinstance(r.get("shadow"), dict)] \
+        if path.exists() else []
+    if not rows:
+        return None
+    last = rows[-1]
+    metric = "mae" if last.get("task") == "regression" else "accuracy"
+
+    def side(name: str) -> str:
+        s = last[name]
+        value = s.get(metric)
+        return f"{name} v{s.get('model_version')} {metric} {value:.4g}" if isinstance(value, (int, float)) \
+            else f"{name} v{s.get('model_version')} {metric} n/a"
+
+    agreement = last.get("agreement")
+    agree = f"; agreement {agreement:.4g}" if isinstance(agreement, (int, float)) else ""
+    return (f"A/B ({path.name}, {last.get('records')} records): {side('main')}, {side('shadow')} "
+            f"(last {last['main'].get('window')} / {last['shadow'].get('window')} records){agree}")

@@ -73,9 +73,11 @@ LOOP_RESTART_WINDOW_S = 60.0    # ... in this long is broken, not unlucky: stop 
 
 class Supervisor:
     def __init__(self, cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
-                 watch: bool = False) -> None:
+                 watch: bool = False, exit_when_done: bool = False) -> None:
         self.cfg = cfg
         self.watch = watch                                   # up --watch: launcher/watch.py
+        self.exit_when_done = exit_when_done                 # up --exit-when-done: a batch job
+        self.done_code = 0                                   # ... 1 once a stage failed for good
         self.rd = RunDir(run_dir or cfg.default_run_dir())
         self.metrics_port = metrics_port
         self.replicas: dict[str, list[Replica]] = {}
@@ -155,7 +157,7 @@ class Supervisor:
 
                 self.own(watch(self), "watch")
             await self.stop_requested.wait()
-            code = self.exit_code
+            code = self.exit_code or self.done_code
         except StreampipeError as exc:
             logger.error(str(exc))
             code = exc.exit_code
@@ -461,9 +463,10 @@ class Supervisor:
                 rep.last_error = rep.kill_reason or tail or rep.last_exit
             elif tail and rep.last_error not in tail:
                 rep.last_error = f"{rep.last_error}\n{tail}"
+        pid = rep.pid
         rep.gone()
         self.retell_drains()
-        self.events.emit("exit", rep.stage, rep.index, None, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
+        self.events.emit("exit", rep.stage, rep.index, pid, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
         if code == 0 and rep.state != State.COMPLETED and self.is_source(rep.stage):
             saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
             if saved.get("completed"):
@@ -857,6 +860,24 @@ class Supervisor:
                         self._kill_unhealthy(rep, unhealthy[1], unhealthy[0])
             self.rejects.flush()   # the count of malformed messages not logged yet, if any
             self.snapshot = self.status()
+            if self.exit_when_done and self.started and not self.stop_requested.is_set():
+                self.stop_if_done()
+
+    def stop_if_done(self) -> None:
+        """``up --exit-when-done``: stop once every source replica has completed (its end of stream
+        acknowledged, so every batch it sent is done end to end), or with exit status 1 once a
+        replica has failed for good (its restarts used up: it will not come back on its own)."""
+        assert self.events is not None
+        failed = [r.ident for reps in self.replicas.values() for r in reps if r.state == State.FAILED]
+        sources = [r for name, reps in self.replicas.items() if self.is_source(name) for r in reps]
+        if failed:
+            self.done_code = 1
+            self.events.emit("done", reason=f"failed: {', '.join(failed)}; stopping the pipeline (exit status 1)")
+        elif sources and all(r.state == State.COMPLETED for r in sources):
+            self.events.emit("done", reason="every source completed and what it sent is done; stopping the pipeline")
+        else:
+            return
+        self.request_stop()
 
     def _kill_unhealthy(self, rep: Replica, reason: str, event: str) -> None:
         assert self.events is not None
@@ -912,5 +933,5 @@ def free_port(host: str) -> int:
 
 
 def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,
-                   watch: bool = False) -> int:
-    return asyncio.run(Supervisor(cfg, run_dir, metrics_port, watch).run())
+                   watch: bool = False, exit_when_done: bool = False) -> int:
+    return asyncio.run(Supervisor(cfg, run_dir, metrics_port, watch, exit_when_done).run())

@@ -29,7 +29,8 @@ Replicas (``replicas: N``) share the port (``SO_REUSEPORT``: the kernel spreads 
 them; only processes of the same user can join it); each has its own ids and buffer. Every
 answer closes its connection (``Connection: close``).
 
-The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`): at most
+The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`; the plumbing
+it shares with the ``serve`` stage is :mod:`streampipe.stages.httpserver`): at most
 :data:`MAX_CONNECTIONS` open, :data:`READ_TIMEOUT_S` to send a request, the body bounded before
 it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice, and ``validate``
 refuses it without a ``token`` (the token travels in clear: put TLS in front, e.g. a reverse
@@ -51,7 +52,6 @@ Options:
 
 from __future__ import annotations
 
-import hmac
 import json
 import selectors
 import socket
@@ -59,21 +59,32 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from streampipe.stages.api import Record, Source
+from streampipe.stages.httpserver import (
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    READ_TIMEOUT_S,
+    SELECT_S,
+    UNAUTHORIZED,
+    accept_all,
+    authorized,
+    check_listen_options,
+    content_length,
+    drop,
+    listen,
+    load_token,
+    open_port_problems,
+    parse_head,
+    receive,
+    response,
+    send,
+)
 from streampipe.stages.state import atomic_write
 
-READ_TIMEOUT_S = 10.0        # to send the request line, headers and body; a slow client is closed after it
-MAX_HEADER_BYTES = 16384     # request line and headers
-MAX_CONNECTIONS = 256        # open at once (waiting for their answer included); a new one past it gets a 503
-SEND_TIMEOUT_S = 2.0         # writing a short answer to a client that does not read
-SELECT_S = 0.1               # how often timeouts and shutdown are looked at
 RESERVE_BLOCK = 100_000      # ids reserved on disk at once: one fsync per this many records
-RETRY_AFTER_S = 1            # what a 429 / 503 tells the client to wait
-LOOPBACK = ("127.0.0.1", "localhost", "::1")   # a host that needs no token
 
 
 class _Conn:
@@ -91,10 +102,7 @@ class HttpSource(Source):
                  token_file: str | None = None, max_body_bytes: int = 4 << 20, max_pending: int = 20_000,
                  reply_timeout_s: float = 30.0) -> None:
         super().__init__()
-        if not 0 <= int(port) < 65536:
-            raise ValueError(f"port {port} is not a TCP port")
-        if token is not None and token_file is not None:
-            raise ValueError("give token or token_file, not both")
+        check_listen_options(port, token, token_file)
         if int(max_body_bytes) < 1 or int(max_pending) < 1 or float(reply_timeout_s) <= 0:
             raise ValueError("max_body_bytes, max_pending and reply_timeout_s must be > 0")
         self.port, self.host, self.path = int(port), host, path
@@ -116,14 +124,7 @@ class HttpSource(Source):
     def option_problems(options: dict[str, Any]) -> list[tuple[str | None, str]]:
         """What ``streampipe validate`` refuses beyond the signature: a port open beyond this
         machine that anyone may post to, and two sources of the token."""
-        problems: list[tuple[str | None, str]] = []
-        host = str(options.get("host", "127.0.0.1"))
-        if host not in LOOPBACK and options.get("token") is None and options.get("token_file") is None:
-            problems.append(("host", f"host {host} opens the ingest port beyond this machine: "
-                                     "set token or token_file so that only your clients may post"))
-        if options.get("token") is not None and options.get("token_file") is not None:
-            problems.append(("token", "give token or token_file, not both"))
-        return problems
+        return open_port_problems(options, "ingest")
 
     # -- the runtime's side -----------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
@@ -144,25 +145,8 @@ class HttpSource(Source):
         # past everything an earlier life may have sent: its saved position lags what it sent
         self.assign = self.reserved = self.durable = max(self.next, reserved)
         self.next = self.assign
-        if self.token_file is not None:
-            text = ctx.resolve_input(self.token_file).read_text().strip()
-            if not text:
-                raise ValueError(f"token_file {self.token_file} is empty")
-            self._token = text.encode()
-        elif self.token is not None:
-            self._token = str(self.token).encode()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if ctx.replicas > 1:           # the replicas share the port: the kernel spreads the connections
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            self.listener.bind((self.host, self.port))
-        except OSError as exc:
-            self.listener.close()
-            raise OSError(f"http source cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        self.listener.listen(MAX_CONNECTIONS)
-        self.listener.setblocking(False)
+        self._token = load_token(ctx, self.token, self.token_file)
+        self.listener = listen(self.host, self.port, "http source", reuse_port=ctx.replicas > 1)
         self.address = self.listener.getsockname()
         atomic_write(state_dir / f"{ctx.name}.{ctx.replica}.http-port", f"{self.address[1]}\n".encode())
         self.wake_r, self.wake_w = socket.socketpair()
@@ -262,13 +246,7 @@ class HttpSource(Source):
 
     def _accept(self, sel: selectors.BaseSelector, conns: dict[socket.socket, _Conn]) -> None:
         assert self.listener is not None
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:          # EMFILE and the like: the backlog waits for the next round
-                return
+        for sock in accept_all(self.listener):
             conn = _Conn(sock, time.monotonic() + READ_TIMEOUT_S)
             if len(conns) >= MAX_CONNECTIONS:
                 conns[sock] = conn
@@ -280,12 +258,9 @@ class HttpSource(Source):
 
     def _read(self, sel: selectors.BaseSelector, conns: dict[socket.socket, _Conn], conn: _Conn,
               waiting: deque[_Conn]) -> None:
-        try:
-            chunk = conn.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
+        chunk = receive(conn.sock)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             if conn.waiting is None:
                 self._close(sel, conns, conn)
@@ -309,17 +284,11 @@ class HttpSource(Source):
     def _head(self, sel: selectors.BaseSelector, conns: dict[socket.socket, _Conn], conn: _Conn,
               head: bytes, body_at: int) -> bool:
         """Check the request line and headers; False once answered."""
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        parsed = parse_head(head)
+        if parsed is None:
             self._respond(sel, conns, conn, 400, {"error": "bad request line"})
             return False
-        method, target = parts[0], parts[1].split("?", 1)[0]
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
+        method, target, headers = parsed.method, parsed.path, parsed.headers
         if method == "GET" and target == "/healthz":
             self._respond(sel, conns, conn, 200, {"ok": True, "pending": self.pending})
             return False
@@ -329,25 +298,12 @@ class HttpSource(Source):
         if method != "POST":
             self._respond(sel, conns, conn, 405, {"error": "only POST"})
             return False
-        if self._token is not None:
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self._token)):
-                self._respond(sel, conns, conn, 401, {"error": "a valid Authorization: Bearer <token> is required"},
-                              extra="WWW-Authenticate: Bearer\r\n")
-                return False
-        if "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" not in headers:
-            self._respond(sel, conns, conn, 411, {"error": "a Content-Length is required"})
+        if not authorized(headers, self._token):
+            self._respond(sel, conns, conn, 401, UNAUTHORIZED[0], extra=UNAUTHORIZED[1])
             return False
-        try:
-            length = int(headers["content-length"])
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._respond(sel, conns, conn, 400, {"error": "bad Content-Length"})
-            return False
-        if length > self.max_body:
-            self._respond(sel, conns, conn, 413, {"error": f"body of {length} bytes: at most {self.max_body}"})
+        length, code, why = content_length(headers, self.max_body)
+        if code is not None:
+            self._respond(sel, conns, conn, code, why or {})
             return False
         conn.body_at, conn.need = body_at, body_at + length
         return True
@@ -396,28 +352,12 @@ class HttpSource(Source):
 
     def _respond(self, sel: selectors.BaseSelector, conns: dict[socket.socket, _Conn], conn: _Conn, code: int,
                  body: dict[str, Any], retry: bool = False, extra: str = "") -> None:
-        data = (json.dumps(body) + "\n").encode()
-        if code in (429, 503):
-            retry = True
-        head = (f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n{extra}"
-                f"{f'Retry-After: {RETRY_AFTER_S}' + chr(13) + chr(10) if retry else ''}Connection: close\r\n\r\n")
-        try:
-            conn.sock.setblocking(True)
-            conn.sock.settimeout(SEND_TIMEOUT_S)
-            conn.sock.sendall(head.encode("latin-1") + data)
-        except OSError:
-            pass
+        send(conn.sock, response(code, body, extra, retry=retry))
         self._close(sel, conns, conn)
 
     @staticmethod
     def _close(sel: selectors.BaseSelector, conns: dict[socket.socket, _Conn], conn: _Conn) -> None:
-        if conns.pop(conn.sock, None) is not None:
-            try:
-                sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-        conn.sock.close()
+        drop(sel, conns, conn.sock)
 
 
 def parse_body(body: bytes) -> list[Record]:

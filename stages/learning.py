@@ -36,6 +36,7 @@ from streampipe.stages.api import Batch, Record
 from streampipe.stages.columns import Columns
 
 Reject = Callable[[Record, str], None]
+NO_LABELS = np.empty(0)   # ``y`` of a Vectoriser that reads features only (label=None)
 
 LOG_LOSS_EPS = 1e-15   # sklearn's clip: a confident wrong answer costs ~34.5 nats, not infinity
 DIGITS = 6             # metrics are rounded for JSON lines and status: more digits are noise
@@ -74,11 +75,12 @@ class Vectoriser:
     """Records -> ``(X, y)``; bad records go to ``reject``.
 
     ``classes`` (a sequence) makes labels categorical: a label outside it is rejected. Without
-    it labels must be finite numbers (regression). ``n_features`` is fixed by the first good
+    it labels must be finite numbers (regression). ``label=None`` reads features only (a record
+    to score has no label yet): ``y`` is then empty. ``n_features`` is fixed by the first good
     record unless given.
     """
 
-    def __init__(self, features: str = "x", label: str = "y", classes: Sequence[Any] | None = None,
+    def __init__(self, features: str = "x", label: str | None = "y", classes: Sequence[Any] | None = None,
                  n_features: int | None = None) -> None:
         self.features, self.label = features, label
         self.n_features = n_features
@@ -96,7 +98,7 @@ class Vectoriser:
         f, lab = self.features, self.label
         try:
             X = np.asarray([r[f] for r in batch])
-            y = np.asarray([r[lab] for r in batch])
+            y = NO_LABELS if lab is None else np.asarray([r[lab] for r in batch])
         except (KeyError, TypeError, ValueError, IndexError):
             return self._one_by_one(batch, reject)
         if self._usable(X, y):
@@ -106,7 +108,8 @@ class Vectoriser:
 
     def columns(self, batch: Columns, reject: Reject) -> Arrays:
         """A columnar batch as it is when its columns are usable as they stand, else record by record."""
-        X, y = batch.data.get(self.features), batch.data.get(self.label)
+        X = batch.data.get(self.features)
+        y = NO_LABELS if self.label is None else batch.data.get(self.label)
         if isinstance(X, np.ndarray) and isinstance(y, np.ndarray) and len(batch) and self._usable(X, y):
             self.n_features = X.shape[1]
             return Arrays(batch, X.astype(float, copy=False), y)
@@ -116,7 +119,8 @@ class Vectoriser:
         """Whether ``X`` and ``y`` go to scikit-learn as they are: an n x d numeric, finite ``X`` of
         the known width and labels that fit."""
         return (X.ndim == 2 and X.shape[1] > 0 and X.dtype.kind in "fiu" and y.ndim == 1
-                and self.n_features in (None, X.shape[1]) and bool(np.isfinite(X).all()) and self._labels_ok(y))
+                and self.n_features in (None, X.shape[1]) and bool(np.isfinite(X).all())
+                and (self.label is None or self._labels_ok(y)))
 
     def _labels_ok(self, y: np.ndarray) -> bool:
         if self.classes is None:
@@ -138,7 +142,7 @@ class Vectoriser:
         if not good:
             return Arrays([], np.empty((0, self.n_features or 0)), np.empty(0))
         X = np.asarray([r[self.features] for r in good], dtype=float)
-        y = np.asarray([r[self.label] for r in good])
+        y = NO_LABELS if self.label is None else np.asarray([r[self.label] for r in good])
         return Arrays(good, X, y)
 
     def check(self, record: Any) -> str | None:
@@ -160,6 +164,8 @@ class Vectoriser:
             return f"field {f!r}: expected {self.n_features} values, got {len(vector)}"
         if not all(math.isfinite(v) for v in vector):
             return f"field {f!r}: not finite"
+        if lab is None:
+            return None
         if lab not in record:
             return f"missing label {lab!r}"
         value = record[lab]

@@ -30,3 +30,45 @@ def test_logs_tail_and_grep_through_the_cli(tmp_path: Path) -> None:
     assert _messages(proc.stdout) == ["norm1 one", "norm bad"]
     missing = cli("logs", "nosuch", "--run-dir", str(run), timeout=60)
     assert missing.returncode == 1 and "stages with logs: generator, normalizer, supervisor" in " ".join(missing.stderr.split())
+
+
+def _leftovers(run_dir: Path) -> list[int]:
+    """Processes still running with the run directory on their command line (none, once up returned)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_up_exit_when_done_runs_a_batch_job_to_completion(tmp_path: Path) -> None:
+    """`up --exit-when-done` returns 0 once every source completed and what it sent is done: every
+    record is at the sink when it returns, and nothing of the pipeline runs on."""
+    (tmp_path / "services.yaml").write_text(
+        "pipeline: batch\nstages:\n"
+        "  gen: {type: generator, replicas: 2, options: {count: 3000, rate: 0, seed: 4}}\n"
+        "  norm: {type: normalizer, inputs: [gen]}\n"
+        "  sink: {type: consumer, inputs: [norm]}\n")
+    proc = cli("up", "--exit-when-done", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+
+    ids = [json.loads(line)["id"] for line in (tmp_path / ".streampipe" / "output" / "records.jsonl").read_text().splitlines()]
+    assert sorted(ids) == list(range(3000))
+    events = [json.loads(line) for line in (tmp_path / ".streampipe" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "done" and "every source completed" in e["reason"] for e in events)
+    exits = [e for e in events if e["event"] == "exit"]
+    assert exits and all(isinstance(e["pid"], int) for e in exits), "an exit event names the pid that exited"
+    assert _leftovers(tmp_path / ".streampipe") == []
+
+
+def test_up_exit_when_done_fails_when_a_stage_fails_for_good(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("class Broken:\n    def setup(self):\n        raise RuntimeError('no')\n"
+                                        "    def process(self, batch):\n        return batch\n")
+    (tmp_path / "services.yaml").write_text(
+        "pipeline: broken\nstages:\n"
+        "  gen: {type: generator, options: {rate: 100}}\n"
+        "  bad: {type: 'broken:Broken', inputs: [gen], max_restarts: 1}\n"
+        "  sink: {type: consumer, inputs: [bad]}\n")
+    proc = cli("up", "--exit-when-done", cwd=tmp_path, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "failed: bad.0" in proc.stderr
+    assert _leftovers(tmp_path / ".streampipe") == []

@@ -23,6 +23,7 @@ import pytest
 
 from streampipe import Source, Stage
 from streampipe.stages.api import is_source
+from streampipe.stages.compare import Compare
 from streampipe.stages.consumer import Consumer
 from streampipe.stages.delivery import ExactSink
 from streampipe.stages.evaluator import Evaluator
@@ -31,7 +32,9 @@ from streampipe.stages.generator import Generator
 from streampipe.stages.http_source import HttpSource
 from streampipe.stages.log_extractor import LogExtractor
 from streampipe.stages.normalizer import Normalizer
+from streampipe.stages.predictor import Predictor
 from streampipe.stages.registry import BUILTINS, load_target
+from streampipe.stages.serve import Serve
 from streampipe.stages.sqlite_sink import SqliteSink
 from streampipe.stages.trainer import Trainer
 from streampipe.testing import StageContractError, StageReport, check_stage, run_stage
@@ -74,16 +77,19 @@ TRANSFORMS: dict[str, Any] = {
     "sqlite": lambda tmp: lambda: ExactSink(SqliteSink(path="out.db")),     # as load_stage gives it
     "trainer": lambda tmp: lambda: Trainer(checkpoint_every=100, checkpoint_seconds=0),
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
+    "predictor": lambda tmp: lambda: Predictor(poll_seconds=0),
+    "compare": lambda tmp: lambda: Compare(every=100),
     "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
     "generator": lambda tmp: lambda: Generator(count=500, seed=1),
     "log_extractor": lambda tmp: lambda: LogExtractor(window_s=1),
     "http": lambda tmp: lambda: HttpSource(port=0),
+    "serve": lambda tmp: lambda: Serve(port=0),
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
 STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
-ACCEPTS_ANY_MAP = {"consumer", "sqlite"}   # nothing is malformed to a sink that writes any map
+ACCEPTS_ANY_MAP = {"consumer", "sqlite", "compare"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
 
@@ -95,7 +101,7 @@ CHECKS_OF = {**{name: [*ALL_CHECKS, "bad records"] for name in TRANSFORMS}, **{n
 def prepare(name: str, folder: Path) -> None:
     """What a stage's run directory holds before its check: the evaluator scores (and so checks
     records) once a model exists; the log extractor reads the logs there."""
-    if name == "evaluator":
+    if name in ("evaluator", "predictor"):
         run_stage(Trainer(checkpoint_every=100, checkpoint_seconds=0), [records(200)], run_dir=folder)
     if name == "follow":
         (folder / "app.jsonl").write_text("".join(json.dumps({"n": i}) + "\n" for i in range(150)))

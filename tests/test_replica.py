@@ -38,6 +38,18 @@ def test_spawn_ready_beat_blocked_and_back() -> None:
     assert rep.status(time.time())["state"] == "running"
 
 
+def test_a_replica_gone_shows_no_stale_cpu_rss_or_rate() -> None:
+    rep = replica()
+    rep.spawned(os.getpid(), "fork")
+    rep.ready(0.0)
+    rep.beat({"records_in": 0}, now=0.0)
+    rep.beat({"records_in": 1000}, now=1.0)
+    rep.reading = Reading(alive=True, cpu_percent=97.0, rss_bytes=300 << 20)
+    rep.gone()
+    row = rep.status(time.time())
+    assert (row["cpu_percent"], row["rss_bytes"], row["rate"], row["pid"]) == (0.0, 0, 0.0, None)
+
+
 def test_exits_back_off_then_fail_after_max_restarts() -> None:
     """exit -> restart at once -> backoff doubling -> failed once max_restarts fall in the window."""
     rep = replica(backoff_initial=0.1, backoff_max=1.0, max_restarts=3, restart_window=60)
