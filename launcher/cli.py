@@ -1,7 +1,8 @@
 """The ``streampipe`` command line (typer).
 
     streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--metrics-port PORT]
-    streampipe status [--run-dir DIR] [--json] [--watch]
+    streampipe status [--run-dir DIR] [--json] [--watch] [--wide]   a table that fits the terminal
+    streampipe top [--interval S] [--iterations N]              the status, live
     streampipe down [--run-dir DIR]
     streampipe validate [--config PATH]
     streampipe restart STAGE / scale STAGE N
@@ -34,7 +35,6 @@ from streampipe.launcher.errors import ConfigError, NotRunning, StreampipeError
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
     from streampipe.launcher.config import PipelineConfig
 
@@ -212,100 +212,32 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
     return 1
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n:.0f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f}T"
-
-
-def _fmt_count(n: float) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e4:
-        return f"{n / 1e3:.1f}k"
-    return f"{n:.0f}"
-
-
-def _fmt_uptime(s: float) -> str:
-    if s <= 0:
-        return "-"
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{s // 60:.0f}m{s % 60:02.0f}s"
-    return f"{s // 3600:.0f}h{(s % 3600) // 60:02.0f}m"
-
-
-STATE_STYLE = {"running": "green", "blocked": "yellow", "starting": "cyan", "backoff": "yellow", "stopping": "magenta",
-               "stopped": "dim", "completed": "blue", "failed": "bold red"}
-
-
-def _info(row: dict[str, Any]) -> str:
-    stats = row.get("stats") or {}
-    parts = []
-    if row.get("state") == "backoff":
-        parts.append(f"backoff {row['backoff_s']:.1f}s")
-    if row.get("blocked"):
-        parts.append("blocked")
-    if "model_version" in stats:
-        metric = stats.get("metric")
-        parts.append(f"model v{stats['model_version']}" + (f" {stats.get('metric_name', 'metric')}={metric:.3f}" if isinstance(metric, (int, float)) else ""))
-    for key in ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types", "ids_out_of_order",
-                "ids_below_watermark"):
-        if stats.get(key):
-            parts.append(f"{key}={stats[key]}")
-    if row.get("dead_letters"):
-        parts.append(f"dead={row['dead_letters']}")
-    if row.get("malformed"):
-        parts.append(f"malformed={row['malformed']}")
-    if row.get("dead_letters_dropped"):
-        parts.append(f"dead_dropped={row['dead_letters_dropped']}")
-    if row.get("unreachable"):
-        parts.append(f"unreachable={','.join(row['unreachable'])}")
-    if row.get("denied"):
-        parts.append(f"curve_denied={row['denied']}")
-    if row.get("insecure"):
-        parts.append("INSECURE: tcp without CURVE")
-    return " ".join(parts)
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def status_table(st: dict[str, Any]) -> Table:
-    from rich.table import Table
-
-    malformed = "".join(f"  malformed on {sock}: {n}" for sock, n in sorted((st.get("malformed") or {}).items()))
-    table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
-                        f"delivery {st['delivery']}{malformed}", title_justify="left", header_style="bold")
-    for col, just in (("stage", "left"), ("r", "right"), ("pid", "right"), ("state", "left"), ("uptime", "right"),
-                      ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("fds", "right"), ("thr", "right"), ("in", "right"), ("out", "right"),
-                      ("rate/s", "right"), ("errors", "right"), ("info", "left"), ("last error", "left")):
-        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=60 if col == "last error" else None)  # type: ignore[arg-type]
-    for r in st["stages"]:
-        style = STATE_STYLE.get(r["state"], "")
-        table.add_row(r["name"], str(r["replica"]), str(r["pid"] or "-"), f"[{style}]{r['state']}[/]",
-                      _fmt_uptime(r["uptime_s"]), str(r["restarts"]), f"{r['cpu_percent']:.0f}",
-                      _fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", str(r.get("num_fds") or "-"),
-                      str(r.get("num_threads") or "-"), _fmt_count(r["records_in"]),
-                      _fmt_count(r["records_out"]), _fmt_count(r["rate"]), str(r["errors"]), _info(r),
-                      _last_line(r["last_error"])[:120])
-    return table
-
-
 @app.command()
 def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
            as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
-           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C (as `top`; fitted, not --wide)."),
+           wide: bool = typer.Option(False, "--wide", help="Every column, whatever the terminal's width."),
            ) -> None:
-    """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors."""
+    """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors.
+
+    The table fits the terminal: at 80 columns stage, replica, pid, state, restarts, rate and
+    errors; more columns as the width allows (the info column holds a stage's own ``stats()``);
+    ``--wide`` shows them all."""
+    rd = resolve_run_dir(run_dir, config)
+    if watch:
+        raise typer.Exit(_top(rd, TOP_INTERVAL_S, None))
+    st = _ask_status(rd)
+    if as_json:
+        print(json.dumps(st, indent=2, default=str))
+        return
+    from streampipe.launcher.statusview import print_status
+
+    print_status(_console(), st, wide)
+
+
+def _ask_status(rd: Path) -> dict[str, Any]:
     from streampipe.launcher.control import request
 
-    rd = resolve_run_dir(run_dir, config)
     try:
         st = request(rd, "status")
     except NotRunning as exc:
@@ -314,21 +246,51 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     except StreampipeError as exc:
         raise _fail(exc) from None
     st.pop("ok", None)
-    if as_json:
-        print(json.dumps(st, indent=2, default=str))
-        return
-    if not watch:
-        _console().print(status_table(st))
-        return
+    return st
+
+
+TOP_INTERVAL_S = 1.0    # `top` and `status --watch`: a person reads a table a second
+
+
+@app.command()
+def top(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+        interval: float = typer.Option(TOP_INTERVAL_S, "--interval", "-i", min=0.1, help="Seconds between refreshes."),
+        iterations: int | None = typer.Option(None, "--iterations", "-n", min=1, help="Stop after N refreshes (default: until Ctrl-C)."),
+        ) -> None:
+    """A live view of the status in the terminal (the table of ``status``, refreshed in place); Ctrl-C exits."""
+    raise typer.Exit(_top(resolve_run_dir(run_dir, config), interval, iterations))
+
+
+def _top(rd: Path, interval: float, iterations: int | None) -> int:
+    """Refresh the status table in place (rich Live) until Ctrl-C, ``iterations`` or the pipeline stops.
+    The table is fitted to the terminal's width at each refresh (a resized window is followed)."""
     from rich.live import Live
 
-    with Live(status_table(st), console=_console(), refresh_per_second=2) as live:
+    from streampipe.launcher.control import request
+    from streampipe.launcher.statusview import status_table
+
+    console = _console()
+    st = _ask_status(rd)
+    shown = 0
+    code = 0
+    with Live(status_table(st, console.width), console=console, auto_refresh=False, screen=False,
+              vertical_overflow="visible") as live:
         try:
-            while True:
-                time.sleep(1.0)
-                live.update(status_table(request(rd, "status")))
-        except (KeyboardInterrupt, StreampipeError):
+            while iterations is None or shown < iterations:
+                shown += 1
+                live.update(status_table(st, console.width), refresh=True)
+                if iterations is not None and shown >= iterations:
+                    break
+                time.sleep(interval)
+                st = request(rd, "status")
+                st.pop("ok", None)
+        except KeyboardInterrupt:
             pass
+        except StreampipeError as exc:   # the pipeline stopped under us: say so, below the last picture
+            live.stop()
+            _err().print(f"no pipeline running any more: {exc}", highlight=False)
+            code = 1
+    return code
 
 
 @app.command()

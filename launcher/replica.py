@@ -58,7 +58,7 @@ class Replica:
     def status(self, now: float) -> dict[str, Any]:
         hb = self.hb
         return {
-            "name": self.stage, "replica": self.index, "pid": self.pid, "state": self.state,
+            "name": self.stage, "replica": self.index, "type": self.cfg.type, "pid": self.pid, "state": self.state,
             "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
             "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
             "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
