@@ -8,6 +8,7 @@
     streampipe restart STAGE / scale STAGE N
     streampipe apply [--config services.yaml] [--dry-run]        a changed config, live (also SIGHUP)
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
+    streampipe dashboard [--port P]   (or up --dashboard)           a live web page on 127.0.0.1, token in its URL
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
     streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
@@ -132,12 +133,13 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
        detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; return once every stage is READY."),
        metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT."),
        watch: bool = typer.Option(False, "--watch", "-w", help="Apply edits of the config; restart a stage whose module is edited."),
+       dashboard: bool = typer.Option(False, "--dashboard", help="Also serve the web dashboard on 127.0.0.1 (the URL is printed)."),
        ) -> None:
     """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
     cfg = _config(config)
     rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
     if detach:
-        raise typer.Exit(_detach(cfg, rd, metrics_port, watch))
+        raise typer.Exit(_detach(cfg, rd, metrics_port, watch, dashboard))
     from loguru import logger
 
     from streampipe.launcher.errors import AlreadyRunning
@@ -148,14 +150,27 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
                format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
     _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
+    dash, serving = None, None
+    if dashboard:
+        from streampipe.launcher.dashboard import Dashboard
+
+        dash = Dashboard(rd, url_file=rd / DASHBOARD_URL_FILE)
+        serving = dash.in_thread()
+        _console().print(f"dashboard: {dash.url}", highlight=False, soft_wrap=True)
     try:
         code = run_supervisor(cfg, rd, metrics_port, watch)
     except AlreadyRunning as exc:
         raise _fail(exc) from None
+    finally:
+        if dash is not None:
+            dash.stop(wait=serving)
     raise typer.Exit(code)
 
 
-def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False) -> int:
+DASHBOARD_URL_FILE = "dashboard.url"   # in the run dir (0700), while `up --dashboard` serves it
+
+
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False, dashboard: bool = False) -> int:
     from streampipe.launcher.control import request
     from streampipe.launcher.rundir import RunDir
     from streampipe.launcher.spawn import child_env, spawn_cold
@@ -171,6 +186,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
         argv += ["--metrics-port", str(metrics_port)]
     if watch:
         argv.append("--watch")
+    if dashboard:
+        argv.append("--dashboard")
     log = rd / "supervisor.out"
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S
@@ -207,6 +224,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
             elif time.monotonic() - stable_since >= DETACH_SETTLE_S:   # up, and staying up
                 _console().print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
                               highlight=False)
+                if dashboard and (rd / DASHBOARD_URL_FILE).exists():
+                    _console().print(f"dashboard: {(rd / DASHBOARD_URL_FILE).read_text().strip()}", highlight=False, soft_wrap=True)
                 return 0
     _err().print(f"[red]error:[/] not every stage was READY after {DETACH_TIMEOUT_S:g}s; see `streampipe status`")
     return 1
@@ -376,23 +395,23 @@ def validate(config: Path = ConfigOpt) -> None:
 def restart(stage: str = typer.Argument(..., help="The stage to restart, replica by replica."),
             run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Rolling restart of a stage (also brings a failed stage back)."""
-    from streampipe.launcher.control import request
+    from streampipe.launcher.control import restart_stage
 
     try:
-        reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
+        reply = restart_stage(resolve_run_dir(run_dir, config), stage)
     except StreampipeError as exc:
         raise _fail(exc) from None
     _console().print(f"restarted {stage}: {reply['replicas']} replicas")
 
 
 @app.command()
-def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),
+def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),   # = control.MAX_REPLICAS
           run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Change a stage's number of replicas while data flows."""
-    from streampipe.launcher.control import request
+    from streampipe.launcher.control import scale_stage
 
     try:
-        reply = request(resolve_run_dir(run_dir, config), "scale", timeout=300, stage=stage, replicas=replicas)
+        reply = scale_stage(resolve_run_dir(run_dir, config), stage, replicas)
     except StreampipeError as exc:
         raise _fail(exc) from None
     _console().print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
@@ -520,6 +539,34 @@ def graph(config: Path = ConfigOpt,
     if png is not None:
         render_png(cfg, png)
         _err().print(f"wrote {png}")
+
+
+@app.command()
+def dashboard(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+              port: int = typer.Option(0, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1 (default: a free one)."),
+              ) -> None:
+    """A live web page of the running pipeline on 127.0.0.1: graph with rates, replicas, dead letters,
+    model accuracy, events, restart and scale. Open the URL it prints (it holds the access token);
+    it stops with Ctrl-C or when the pipeline stops."""
+    rd = resolve_run_dir(run_dir, config)
+    _ask_status(rd)                          # no pipeline: say so now, exit 1
+    from loguru import logger
+
+    from streampipe.launcher.dashboard import Dashboard
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", diagnose=False, format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
+
+    try:
+        dash = Dashboard(rd, port=port)
+    except OSError as exc:
+        _err().print(f"[red]error:[/] cannot serve on 127.0.0.1:{port}: {exc.strerror}")
+        raise typer.Exit(1) from None
+    _console().print(f"dashboard of {rd}: {dash.url}\n(Ctrl-C to stop)", highlight=False, soft_wrap=True)
+    code = dash.serve()
+    if code:
+        _err().print("the pipeline stopped; dashboard closed", highlight=False)
+    raise typer.Exit(code)
 
 
 @app.command()

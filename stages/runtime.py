@@ -257,6 +257,7 @@ class Edge:
         self.endpoints: list[str] = []
         self.ack_endpoint = rt.spec.ack           # what its headers name (run-stage: the advertised one)
         self.seq = 0
+        self.sent = 0                             # records sent on this edge (a resend not again): its rate in the dashboard
         self.turn = 0                             # rotates the choice among equally loaded replicas
         self.pending: list[Record] = []
         self.pending_cols: list[Columns] = []     # a columnar source's batches not cut yet
@@ -453,7 +454,9 @@ class Edge:
             link.sock.send_multipart(ob.frames, flags=zmq.NOBLOCK, copy=ob.copy)   # copy=False costs more below 64 KiB
         except zmq.Again:
             return False
-        self.rt.records_out += ob.n if ob.tries == 0 else 0
+        if ob.tries == 0:
+            self.rt.records_out += ob.n
+            self.sent += ob.n
         if self.rt.acked:
             ob.link = link
             ob.sent_at, ob.tries = now, ob.tries + 1
@@ -1389,7 +1392,7 @@ class StageRuntime:
                   dead_letters=self.dead, dead_letters_dropped=self.dead_letters.dropped, resent=self.resent,
                   copies_dropped=self.copies_dropped,
                   malformed=self.rejects.total, blocked=self.blocked,
-                  queue=sum(e.load for e in self.edges), latency_ms=round(self.lat_ewma_ms, 3),
+                  queue=sum(e.load for e in self.edges), edges_out={e.name: e.sent for e in self.edges}, latency_ms=round(self.lat_ewma_ms, 3),
                   latency_buckets=self.lat_buckets, batches=self.batches, stats=self.stage_stats(),
                   last_error=self.last_error, finished=self.finished)
 
