@@ -49,6 +49,7 @@ MAX_STREAMS = 32            # open event streams at once; one more is refused (5
 MAX_BODY_BYTES = 4096       # an action's JSON body is a few dozen bytes
 LOG_LINES = 100             # /api/logs: the last lines of each replica's log
 LOG_TAIL_BYTES = 64 << 10   # ... read from the end of each file
+CLIENT_TIMEOUT_S = 15.0     # a browser sends its request at once and reads an event a second; a silent socket goes
 STATUS_TIMEOUT_S = 5.0      # a status request of the dashboard's tick; longer, the picture says so
 GONE_AFTER = 3              # ticks in a row with no supervisor: the pipeline is down, the dashboard stops
 STATIC = ("index.html", "app.js", "app.css")
@@ -299,6 +300,7 @@ def _handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "streampipe-dashboard"
         protocol_version = "HTTP/1.1"
+        timeout = CLIENT_TIMEOUT_S      # an idle or stalled connection is closed: its thread does not wait forever
 
         def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 (the base class's name)
             logger.debug("dashboard: " + format % args)
