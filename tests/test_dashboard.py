@@ -122,9 +122,9 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def http_status(url: str, data: bytes | None = None) -> int:
+def http_status(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as reply:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {}), timeout=10) as reply:
             return int(reply.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -240,6 +240,8 @@ def test_up_dashboard_and_no_pipeline(pipeline) -> None:
     base, token = url.split("/?token=")
     assert http_status(f"{base}/state") == 401
     assert http_status(f"{base}/state?token={token}") == 200
+    # a page of another site that a DNS name re-pointed at 127.0.0.1 (DNS rebinding) names its own host
+    assert http_status(f"{base}/state?token={token}", headers={"Host": "evil.example"}) == 403
     assert p.down().returncode == 0
     assert not url_file.exists()
     assert not listening(int(base.rsplit(":", 1)[1]))
