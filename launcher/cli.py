@@ -1,12 +1,14 @@
 """The ``streampipe`` command line (typer).
 
-    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--exit-when-done] [--metrics-port PORT]
-    streampipe status [--run-dir DIR] [--json] [--watch]
+    streampipe up [--config services.yaml] [--run-dir DIR] [--detach] [--watch] [--exit-when-done] [--dashboard] [--metrics-port PORT]
+    streampipe status [--run-dir DIR] [--json] [--watch] [--wide]   a table that fits the terminal
+    streampipe top [--interval S] [--iterations N]              the status, live
     streampipe down [--run-dir DIR]
     streampipe validate [--config PATH]
     streampipe restart STAGE / scale STAGE N
     streampipe apply [--config services.yaml] [--dry-run]        a changed config, live (also SIGHUP)
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
+    streampipe dashboard [--port P]   (or up --dashboard)           a live web page on 127.0.0.1, token in its URL
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
     streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
@@ -34,7 +36,6 @@ from streampipe.launcher.errors import ConfigError, NotRunning, StreampipeError
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
     from streampipe.launcher.config import PipelineConfig
 
@@ -135,12 +136,13 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
        exit_when_done: bool = typer.Option(False, "--exit-when-done",
                                            help="A batch job: stop once every source completed and what it sent is done "
                                                 "(exit 0), or once a stage failed for good (exit 1)."),
+       dashboard: bool = typer.Option(False, "--dashboard", help="Also serve the web dashboard on 127.0.0.1 (the URL is printed)."),
        ) -> None:
     """Start the pipeline: one process per stage replica, supervised. Ctrl-C stops it cleanly."""
     cfg = _config(config)
     rd = run_dir.resolve() if run_dir else cfg.default_run_dir()
     if detach:
-        raise typer.Exit(_detach(cfg, rd, metrics_port, watch, exit_when_done))
+        raise typer.Exit(_detach(cfg, rd, metrics_port, watch, dashboard, exit_when_done))
     from loguru import logger
 
     from streampipe.launcher.errors import AlreadyRunning
@@ -151,14 +153,27 @@ def up(config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
                format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
     _console().print(f"[bold]streampipe[/] pipeline [cyan]{cfg.pipeline}[/] from {cfg.path} "
                   f"({len(cfg.stages)} stages, run dir {rd}); Ctrl-C to stop", highlight=False)
+    dash, serving = None, None
+    if dashboard:
+        from streampipe.launcher.dashboard import Dashboard
+
+        dash = Dashboard(rd, url_file=rd / DASHBOARD_URL_FILE)
+        serving = dash.in_thread()
+        _console().print(f"dashboard: {dash.url}", highlight=False, soft_wrap=True)
     try:
         code = run_supervisor(cfg, rd, metrics_port, watch, exit_when_done)
     except AlreadyRunning as exc:
         raise _fail(exc) from None
+    finally:
+        if dash is not None:
+            dash.stop(wait=serving)
     raise typer.Exit(code)
 
 
-def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False,
+DASHBOARD_URL_FILE = "dashboard.url"   # in the run dir (0700), while `up --dashboard` serves it
+
+
+def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool = False, dashboard: bool = False,
             exit_when_done: bool = False) -> int:
     from streampipe.launcher.control import request
     from streampipe.launcher.rundir import RunDir
@@ -177,6 +192,8 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
         argv.append("--watch")
     if exit_when_done:
         argv.append("--exit-when-done")
+    if dashboard:
+        argv.append("--dashboard")
     log = rd / "supervisor.out"
     sup_pid = spawn_cold(argv, log, child_env())
     deadline = time.monotonic() + DETACH_TIMEOUT_S
@@ -213,107 +230,39 @@ def _detach(cfg: PipelineConfig, rd: Path, metrics_port: int | None, watch: bool
             elif time.monotonic() - stable_since >= DETACH_SETTLE_S:   # up, and staying up
                 _console().print(f"pipeline [cyan]{cfg.pipeline}[/] up: {len(ready)} stage processes, supervisor pid {sup_pid}, run dir {rd}",
                               highlight=False)
+                if dashboard and (rd / DASHBOARD_URL_FILE).exists():
+                    _console().print(f"dashboard: {(rd / DASHBOARD_URL_FILE).read_text().strip()}", highlight=False, soft_wrap=True)
                 return 0
     _err().print(f"[red]error:[/] not every stage was READY after {DETACH_TIMEOUT_S:g}s; see `streampipe status`")
     return 1
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n:.0f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f}T"
-
-
-def _fmt_count(n: float) -> str:
-    if n >= 1e6:
-        return f"{n / 1e6:.2f}M"
-    if n >= 1e4:
-        return f"{n / 1e3:.1f}k"
-    return f"{n:.0f}"
-
-
-def _fmt_uptime(s: float) -> str:
-    if s <= 0:
-        return "-"
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{s // 60:.0f}m{s % 60:02.0f}s"
-    return f"{s // 3600:.0f}h{(s % 3600) // 60:02.0f}m"
-
-
-STATE_STYLE = {"running": "green", "blocked": "yellow", "starting": "cyan", "backoff": "yellow", "stopping": "magenta",
-               "stopped": "dim", "completed": "blue", "failed": "bold red"}
-
-
-def _info(row: dict[str, Any]) -> str:
-    stats = row.get("stats") or {}
-    parts = []
-    if row.get("state") == "backoff":
-        parts.append(f"backoff {row['backoff_s']:.1f}s")
-    if row.get("blocked"):
-        parts.append("blocked")
-    if row.get("waiting"):
-        parts.append(f"waiting for {row['waiting']}")
-    if "model_version" in stats:
-        metric = stats.get("metric")
-        parts.append(f"model v{stats['model_version']}" + (f" {stats.get('metric_name', 'metric')}={metric:.3f}" if isinstance(metric, (int, float)) else ""))
-    for key in ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types", "ids_out_of_order",
-                "ids_below_watermark"):
-        if stats.get(key):
-            parts.append(f"{key}={stats[key]}")
-    if row.get("dead_letters"):
-        parts.append(f"dead={row['dead_letters']}")
-    if row.get("malformed"):
-        parts.append(f"malformed={row['malformed']}")
-    if row.get("dead_letters_dropped"):
-        parts.append(f"dead_dropped={row['dead_letters_dropped']}")
-    if row.get("unreachable"):
-        parts.append(f"unreachable={','.join(row['unreachable'])}")
-    if row.get("denied"):
-        parts.append(f"curve_denied={row['denied']}")
-    if row.get("insecure"):
-        parts.append("INSECURE: tcp without CURVE")
-    return " ".join(parts)
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def status_table(st: dict[str, Any]) -> Table:
-    from rich.table import Table
-
-    malformed = "".join(f"  malformed on {sock}: {n}" for sock, n in sorted((st.get("malformed") or {}).items()))
-    table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {_fmt_uptime(st['uptime_s'])}  "
-                        f"delivery {st['delivery']}{malformed}", title_justify="left", header_style="bold")
-    for col, just in (("stage", "left"), ("r", "right"), ("pid", "right"), ("state", "left"), ("uptime", "right"),
-                      ("restarts", "right"), ("cpu%", "right"), ("rss", "right"), ("fds", "right"), ("thr", "right"), ("in", "right"), ("out", "right"),
-                      ("rate/s", "right"), ("errors", "right"), ("info", "left"), ("last error", "left")):
-        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis", max_width=60 if col == "last error" else None)  # type: ignore[arg-type]
-    for r in st["stages"]:
-        style = STATE_STYLE.get(r["state"], "")
-        table.add_row(r["name"], str(r["replica"]), str(r["pid"] or "-"), f"[{style}]{r['state']}[/]",
-                      _fmt_uptime(r["uptime_s"]), str(r["restarts"]), f"{r['cpu_percent']:.0f}",
-                      _fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", str(r.get("num_fds") or "-"),
-                      str(r.get("num_threads") or "-"), _fmt_count(r["records_in"]),
-                      _fmt_count(r["records_out"]), _fmt_count(r["rate"]), str(r["errors"]), _info(r),
-                      _last_line(r["last_error"])[:120])
-    return table
-
-
 @app.command()
 def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
            as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
-           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every second until Ctrl-C (as `top`; fitted, not --wide)."),
+           wide: bool = typer.Option(False, "--wide", help="Every column, whatever the terminal's width."),
            ) -> None:
-    """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors."""
+    """Show every stage replica: pid, state, uptime, restarts, CPU, RSS, records, rate, errors.
+
+    The table fits the terminal: at 80 columns stage, replica, pid, state, restarts, rate and
+    errors; more columns as the width allows (the info column holds a stage's own ``stats()``);
+    ``--wide`` shows them all."""
+    rd = resolve_run_dir(run_dir, config)
+    if watch:
+        raise typer.Exit(_top(rd, TOP_INTERVAL_S, None))
+    st = _ask_status(rd)
+    if as_json:
+        print(json.dumps(st, indent=2, default=str))
+        return
+    from streampipe.launcher.statusview import print_status
+
+    print_status(_console(), st, wide)
+
+
+def _ask_status(rd: Path) -> dict[str, Any]:
     from streampipe.launcher.control import request
 
-    rd = resolve_run_dir(run_dir, config)
     try:
         st = request(rd, "status")
     except NotRunning as exc:
@@ -322,21 +271,51 @@ def status(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     except StreampipeError as exc:
         raise _fail(exc) from None
     st.pop("ok", None)
-    if as_json:
-        print(json.dumps(st, indent=2, default=str))
-        return
-    if not watch:
-        _console().print(status_table(st))
-        return
+    return st
+
+
+TOP_INTERVAL_S = 1.0    # `top` and `status --watch`: a person reads a table a second
+
+
+@app.command()
+def top(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+        interval: float = typer.Option(TOP_INTERVAL_S, "--interval", "-i", min=0.1, help="Seconds between refreshes."),
+        iterations: int | None = typer.Option(None, "--iterations", "-n", min=1, help="Stop after N refreshes (default: until Ctrl-C)."),
+        ) -> None:
+    """A live view of the status in the terminal (the table of ``status``, refreshed in place); Ctrl-C exits."""
+    raise typer.Exit(_top(resolve_run_dir(run_dir, config), interval, iterations))
+
+
+def _top(rd: Path, interval: float, iterations: int | None) -> int:
+    """Refresh the status table in place (rich Live) until Ctrl-C, ``iterations`` or the pipeline stops.
+    The table is fitted to the terminal's width at each refresh (a resized window is followed)."""
     from rich.live import Live
 
-    with Live(status_table(st), console=_console(), refresh_per_second=2) as live:
+    from streampipe.launcher.control import request
+    from streampipe.launcher.statusview import status_table
+
+    console = _console()
+    st = _ask_status(rd)
+    shown = 0
+    code = 0
+    with Live(status_table(st, console.width), console=console, auto_refresh=False, screen=False,
+              vertical_overflow="visible") as live:
         try:
-            while True:
-                time.sleep(1.0)
-                live.update(status_table(request(rd, "status")))
-        except (KeyboardInterrupt, StreampipeError):
+            while iterations is None or shown < iterations:
+                shown += 1
+                live.update(status_table(st, console.width), refresh=True)
+                if iterations is not None and shown >= iterations:
+                    break
+                time.sleep(interval)
+                st = request(rd, "status")
+                st.pop("ok", None)
+        except KeyboardInterrupt:
             pass
+        except StreampipeError as exc:   # the pipeline stopped under us: say so, below the last picture
+            live.stop()
+            _err().print(f"no pipeline running any more: {exc}", highlight=False)
+            code = 1
+    return code
 
 
 @app.command()
@@ -422,10 +401,10 @@ def validate(config: Path = ConfigOpt) -> None:
 def restart(stage: str = typer.Argument(..., help="The stage to restart, replica by replica."),
             run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Rolling restart of a stage (also brings a failed stage back)."""
-    from streampipe.launcher.control import request
+    from streampipe.launcher.control import restart_stage
 
     try:
-        reply = request(resolve_run_dir(run_dir, config), "restart", timeout=300, stage=stage)
+        reply = restart_stage(resolve_run_dir(run_dir, config), stage)
     except StreampipeError as exc:
         raise _fail(exc) from None
     n = reply["replicas"]
@@ -433,13 +412,13 @@ def restart(stage: str = typer.Argument(..., help="The stage to restart, replica
 
 
 @app.command()
-def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),
+def scale(stage: str = typer.Argument(...), replicas: int = typer.Argument(..., min=1, max=64),   # = control.MAX_REPLICAS
           run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt) -> None:
     """Change a stage's number of replicas while data flows."""
-    from streampipe.launcher.control import request
+    from streampipe.launcher.control import scale_stage
 
     try:
-        reply = request(resolve_run_dir(run_dir, config), "scale", timeout=300, stage=stage, replicas=replicas)
+        reply = scale_stage(resolve_run_dir(run_dir, config), stage, replicas)
     except StreampipeError as exc:
         raise _fail(exc) from None
     _console().print(f"scaled {stage}: {reply['before']} -> {reply['after']} replicas")
@@ -567,6 +546,34 @@ def graph(config: Path = ConfigOpt,
     if png is not None:
         render_png(cfg, png)
         _err().print(f"wrote {png}")
+
+
+@app.command()
+def dashboard(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+              port: int = typer.Option(0, "--port", "-p", min=0, max=65535, help="Port on 127.0.0.1 (default: a free one)."),
+              ) -> None:
+    """A live web page of the running pipeline on 127.0.0.1: graph with rates, replicas, dead letters,
+    model accuracy, events, restart and scale. Open the URL it prints (it holds the access token);
+    it stops with Ctrl-C or when the pipeline stops."""
+    rd = resolve_run_dir(run_dir, config)
+    _ask_status(rd)                          # no pipeline: say so now, exit 1
+    from loguru import logger
+
+    from streampipe.launcher.dashboard import Dashboard
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", diagnose=False, format="<green>{time:HH:mm:ss.SSS}</> <level>{level:<7}</> {message}")
+
+    try:
+        dash = Dashboard(rd, port=port)
+    except OSError as exc:
+        _err().print(f"[red]error:[/] cannot serve on 127.0.0.1:{port}: {exc.strerror}")
+        raise typer.Exit(1) from None
+    _console().print(f"dashboard of {rd}: {dash.url}\n(Ctrl-C to stop)", highlight=False, soft_wrap=True)
+    code = dash.serve()
+    if code:
+        _err().print("the pipeline stopped; dashboard closed", highlight=False)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from streampipe.launcher.supervisor import Supervisor
 
 REQUEST_TIMEOUT_S = 10.0    # a busy supervisor answers status in ms; 10 s means it is wedged
+ACTION_TIMEOUT_S = 300.0    # a rolling restart or a scale waits for READY replica by replica
+MAX_REPLICAS = 64           # of one stage: each is a process, and its producers keep a socket per replica
 
 
 class Command:
@@ -80,8 +82,8 @@ class Scale(Command):
 
     async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
         n = int(msg.get("replicas", 0))
-        if not 1 <= n <= 64:
-            raise ControlError("replicas must be between 1 and 64")
+        if not 1 <= n <= MAX_REPLICAS:
+            raise ControlError(f"replicas must be between 1 and {MAX_REPLICAS}")
         stage = _stage_of(sup, msg)
         if sup.is_source(stage):
             # a source's replicas split one stream by their count: their saved positions are
@@ -142,3 +144,15 @@ def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, *
     if not reply.get("ok", False):
         raise ControlError(reply.get("error", "the supervisor refused the command"))
     return reply
+
+
+def restart_stage(run_dir: Path | str, stage: str) -> dict[str, Any]:
+    """``streampipe restart STAGE`` (the CLI and the dashboard): a rolling restart, once it is done."""
+    return request(run_dir, "restart", timeout=ACTION_TIMEOUT_S, stage=stage)
+
+
+def scale_stage(run_dir: Path | str, stage: str, replicas: int) -> dict[str, Any]:
+    """``streampipe scale STAGE N`` (the CLI and the dashboard); the supervisor checks the rest (a source)."""
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ControlError(f"replicas must be between 1 and {MAX_REPLICAS}")
+    return request(run_dir, "scale", timeout=ACTION_TIMEOUT_S, stage=stage, replicas=replicas)

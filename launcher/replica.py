@@ -216,7 +216,7 @@ class Replica:
     def status(self, now: float) -> dict[str, Any]:
         hb = self.hb
         return {
-            "name": self.stage, "replica": self.index, "pid": self.pid, "state": self.state.value,
+            "name": self.stage, "replica": self.index, "type": self.cfg.type, "pid": self.pid, "state": self.state.value,
             "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
             "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
             "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
@@ -224,7 +224,7 @@ class Replica:
             "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
             "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
             "dead_letters": hb.get("dead_letters", 0), "dead_letters_dropped": hb.get("dead_letters_dropped", 0),
-            "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
+            "edges_out": hb.get("edges_out", {}), "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
             "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),
             "latency_ms": hb.get("latency_ms", 0.0), "latency_buckets": hb.get("latency_buckets", []),
             "last_error": self.last_error, "last_exit": self.last_exit,

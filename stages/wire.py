@@ -187,7 +187,7 @@ STAGE_OPS: dict[str, dict[str, tuple[type, ...]]] = {
     "error": {"error": (str,), "traceback": (str,)},
     "hb": {"records_in": (int,), "records_out": (int,), "errors": (int,), "dead_letters": (int,), "resent": (int,),
            "malformed": (int,), "blocked": (bool,), "waiting": (str,), "queue": (int,), "latency_ms": _NUM, "latency_buckets": (list,),
-           "batches": (int,), "stats": (dict,), "last_error": (str,), "finished": (bool,)},
+           "batches": (int,), "stats": (dict,), "edges_out": (dict,), "last_error": (str,), "finished": (bool,)},
 }
 # supervisor -> stage
 SUPERVISOR_OPS: dict[str, dict[str, tuple[type, ...]]] = {

@@ -77,6 +77,8 @@ def test_only_streampipe_lands_in_site_packages(venv: Path) -> None:
     for sub in ("stages", "launcher", "monitor"):
         assert f"streampipe/{sub}/__init__.py" in paths
     assert "streampipe/py.typed" in paths and "../../../bin/streampipe" in paths
+    # the dashboard's page ships inside the package (no CDN): package data
+    assert {f"streampipe/launcher/dashboard_static/{name}" for name in ("index.html", "app.js", "app.css")} <= set(paths)
 
 
 def borrow_dependencies(venv: Path) -> dict[str, str]:

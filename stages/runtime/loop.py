@@ -774,7 +774,8 @@ class StageRuntime:
                   waiting=self.waiting_for,
                   denied=self.curve.log.denied if self.curve is not None else 0,
                   malformed=self.rejects.total, blocked=self.blocked,
-                  queue=sum(e.load for e in self.edges), stats=self.stage_stats(),
+                  queue=sum(e.load for e in self.edges), edges_out={e.name: e.sent for e in self.edges},
+                  stats=self.stage_stats(),
                   last_error=self.counters.last_error, finished=self.finished)
 
     def stage_stats(self) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class Edge:
         self.endpoints: list[str] = []
         self.ack_endpoint = wiring.spec.ack           # what its headers name (run-stage: the advertised one)
         self.seq = 0
+        self.sent = 0                             # records sent on this edge (a resend not again): its rate in the dashboard
         self.turn = 0                             # rotates the choice among equally loaded replicas
         self.pending: list[Record] = []
         self.pending_cols: list[Columns] = []     # a columnar source's batches not cut yet
@@ -380,6 +381,7 @@ class Edge:
             return False
         if ob.tries == 0:
             self.wiring.counters.sent(ob.n)
+            self.sent += ob.n
         if self.wiring.acked:
             ob.link = link
             ob.sent_at, ob.tries = now, ob.tries + 1
