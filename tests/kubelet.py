@@ -440,6 +440,7 @@ class Pod:
         spec = {"hostname": self.name, "scratch": str(scratch), "workdir": self.cluster.image.workdir,
                 "image_files": {k: str(v) for k, v in self.cluster.image.files.items()},
                 "traversable": self.cluster.image.traversable if self.uid != 0 else [], "mounts": self.mounts,
+                "image_paths": self.cluster.image.traversable,
                 "read_only_root": bool(sc.get("readOnlyRootFilesystem")),
                 "no_new_privs": sc.get("allowPrivilegeEscalation") is False,
                 "uid": self.uid, "gid": self.gid, "groups": self.groups, "argv": self.argv(env), "env": env}

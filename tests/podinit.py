@@ -86,9 +86,23 @@ def build_root(spec: dict[str, Any]) -> Path:
         mount("--bind", m["source"], str(target))
         if m["read_only"]:
             mount("-o", "remount,bind,ro", str(target))
+    for path in spec.get("image_paths", []):
+        keep_visible(root, path, [m["path"] for m in spec["mounts"]])
     if spec["read_only_root"]:
         mount("-o", "remount,bind,ro", str(root))
     return root
+
+
+def keep_visible(root: Path, path: str, mounted: list[str]) -> None:
+    """The image's interpreter and streampipe stay where they are even under a pod's volume: here
+    the image is the machine's root, so a virtualenv under ``/tmp`` would vanish below the pod's
+    ``emptyDir`` at ``/tmp``, as it never does in a real image. Bound back in, read-only."""
+    if not any(Path(path).is_relative_to(m) for m in mounted) or not os.path.exists(path):
+        return
+    target = inside(root, path)
+    mount_point(target, os.path.isfile(path))
+    mount("--bind", path, str(target))
+    mount("-o", "remount,bind,ro", str(target))
 
 
 def drop_privileges(spec: dict[str, Any]) -> None:
