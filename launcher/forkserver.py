@@ -35,7 +35,6 @@ from streampipe.stages.proctitle import set_title
 
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
-FAULT_ENV = "STREAMPIPE_TEST_FAULTS"   # tests only (see stop_if_faulted)
 
 BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "streampipe.stages.runtime", "streampipe.stages.generator",
                 "streampipe.stages.normalizer", "streampipe.stages.consumer"]
@@ -164,23 +163,6 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
             os._exit(code)
 
 
-def stop_if_faulted(request: dict) -> None:
-    """Tests only: ``$STREAMPIPE_TEST_FAULTS`` naming ``forkserver-stop:<stage>.<r>`` makes the
-    server SIGSTOP itself once, right after that replica's stage is forked and before the server
-    answers: the worst instant for a spawn timeout (a stage runs that the supervisor never hears
-    of). Once per run directory (a marker file in its ``state/``), so the next server forks on."""
-    faults = {p.strip() for p in os.environ.get(FAULT_ENV, "").split(",")}
-    spec = json.loads(request.get("spec", "{}"))
-    ident = f"{spec.get('name')}.{spec.get('replica')}"
-    if f"forkserver-stop:{ident}" not in faults:
-        return
-    marker = os.path.join(spec.get("run_dir", "."), "state", f".fault-forkserver-stop.{ident}")
-    if os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    os.kill(os.getpid(), signal.SIGSTOP)
-
-
 def serve() -> int:
     config = json.loads(os.environ.get(ENV_VAR, "{}"))
     supervisor_pid = int(config.get("supervisor_pid", os.getppid()))
@@ -204,7 +186,6 @@ def serve() -> int:
             continue
         try:
             reply = {"id": request.get("id"), "pid": middle.spawn(request)}
-            stop_if_faulted(request)
         except Exception as exc:
             reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
         sock.sendall((json.dumps(reply) + "\n").encode())
@@ -213,4 +194,8 @@ def serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    # run under its own name, not as __main__: what imports it by name (a test's fault injection,
+    # tests/faults/sitecustomize.py) sees the code that runs
+    from streampipe.launcher.forkserver import serve as _serve
+
+    sys.exit(_serve())

@@ -14,6 +14,7 @@ import psutil
 from streampipe.stages import fence
 from streampipe.stages.spec import StageSpec
 from tests.conftest import alive, wait_for
+from tests.test_unwedged import fault_env
 
 N = 3000
 CONFIG = f"""\
@@ -62,7 +63,8 @@ def stopped_fork_servers(pipeline: str) -> list[int]:
 def test_a_spawn_answered_after_its_timeout_makes_no_second_process(pipeline, monkeypatch) -> None:
     # the fork server SIGSTOPs itself right after forking consumer.0 and before answering: the
     # supervisor's spawn times out while that stage already runs (issue 21: two consumer.0)
-    monkeypatch.setenv("STREAMPIPE_TEST_FAULTS", "forkserver-stop:consumer.0")
+    for key, value in fault_env("forkserver-stop:consumer.0").items():   # tests/faults/sitecustomize.py
+        monkeypatch.setenv(key, value)
     p = pipeline(CONFIG)
     census = Census("streampipe: consumer.0 [fence]")
     census.start()
