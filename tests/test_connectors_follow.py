@@ -75,7 +75,7 @@ def test_truncation_csv_and_a_rotation_while_down(tmp_path: Path) -> None:
     again.teardown()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)   # four kills and their restarts on a loaded 2-core machine
 def test_follow_through_rotations_and_kills_every_line_once_in_order(pipeline, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -115,7 +115,13 @@ def test_follow_through_rotations_and_kills_every_line_once_in_order(pipeline, t
         wait_for(lambda v=victim, pid=pid: p.row(v)["state"] == "running" and p.row(v)["pid"] != pid,
                  timeout=60, what=f"{victim} back")
     assert done.wait(60)
-    wait_for(lambda: len({r["w"] for r in p.output_records()}) >= total, timeout=60, what="every line out")
+    try:
+        wait_for(lambda: len({r["w"] for r in p.output_records()}) >= total, timeout=120, what="every line out")
+    except BaseException:
+        missing = sorted(set(range(total)) - {r["w"] for r in p.output_records()})
+        print(f"missing {len(missing)}: {missing[:10]}...{missing[-5:]}; rotations at {rotations}; "
+              f"tail {p.row('tail')}")
+        raise
     rows = p.output_records()
     ws = [r["w"] for r in rows]
     assert len(ws) == len(set(ws)) == total, f"{len(ws)} lines written, {len(set(ws))} distinct, of {total}"
