@@ -166,8 +166,10 @@ class Reach:
                                                | zmq.EVENT_MONITOR_STOPPED,
                                                addr=f"inproc://streampipe.reach.{next(Reach._made)}")
         self.up: set[str] = set()
-        self.handshakes = 0                       # connections made so far (a new peer process makes one)
         self.none_since: float | None = time.monotonic()
+        # the order of events read, for :meth:`reconnected_since`
+        self.events = 0
+        self.last_drop = self.last_handshake = -1
 
     def update(self, now: float) -> None:
         while True:
@@ -180,15 +182,28 @@ class Reach:
             except Exception:
                 continue
             endpoint = event["endpoint"].decode(errors="replace") if isinstance(event["endpoint"], bytes) else str(event["endpoint"])
+            self.events += 1
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.up.add(endpoint)
-                self.handshakes += 1
+                self.last_handshake = self.events
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.up.discard(endpoint)
+                self.last_drop = self.events
         if self.up:
             self.none_since = None
         elif self.none_since is None:
             self.none_since = now
+
+    def mark(self, now: float) -> int:
+        """A point in this socket's history, every event the I/O thread has posted so far included."""
+        self.update(now)
+        return self.events
+
+    def reconnected_since(self, mark: int) -> bool:
+        """Whether, since ``mark``, the connection went down and a handshake was made after that:
+        another process at the address (the one there at ``mark`` never handshakes again unless
+        its connection dropped first)."""
+        return mark < self.last_drop < self.last_handshake
 
     def forget(self, endpoint: str) -> None:
         self.up.discard(endpoint)

@@ -7,7 +7,7 @@ from typing import Any
 
 import zmq
 
-from streampipe.stages import wire
+from streampipe.stages import network, wire
 from streampipe.stages.columns import Columns
 from streampipe.stages.runtime.counters import Counters
 from streampipe.stages.runtime.outputs import ID_BLOCK, Edge, Wiring, replica_of_id, split_by_id
@@ -33,13 +33,26 @@ class FakeSock:
         return [wire.unpackb(f[0])["seq"] for f in self.sent]
 
 
-class FakeReach:
+class FakeReach(network.Reach):
+    """A socket monitor without a socket: ``post`` is the I/O thread posting an event, read at
+    the next ``update`` (as a real monitor's are)."""
+
     def __init__(self) -> None:
         self.up = {"tcp"}
-        self.handshakes = 1
+        self.events, self.last_drop, self.last_handshake = 1, -1, 1
+        self.posted: list[str] = []
+
+    def post(self, event: str) -> None:
+        self.posted.append(event)
 
     def update(self, now: float) -> None:
-        pass
+        for event in self.posted:
+            self.events += 1
+            if event == "handshake":
+                self.last_handshake = self.events
+            else:
+                self.last_drop = self.events
+        self.posted.clear()
 
     def unreachable(self, now: float, after: float) -> bool:
         return False
@@ -175,8 +188,10 @@ def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() ->
     wiring = FakeWiring()
     e = Edge(wiring, EdgeSpec("default>dest", "default", "dest", ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"]))
     leaving, staying = wiring.socks["tcp://10.0.0.2:5555"], wiring.socks["tcp://10.0.0.1:5555"]
-    assert not e.leave("tcp://10.0.0.9:5555"), "a port two links share names neither of them"
-    assert e.leave("tcp://10.0.0.2:5555")
+    reach = e.links["tcp://10.0.0.2:5555"].reach
+    reach.post("handshake")     # its first connection's event, posted before the LEAVE, not read yet
+    assert not e.leave("tcp://10.0.0.9:5555", now=0.0), "a port two links share names neither of them"
+    assert e.leave("tcp://10.0.0.2:5555", now=0.0)
     for n in range(3):
         e.cut(records(range(n * 10, n * 10 + 10)), None)
     e.send(now=0.0)
@@ -186,8 +201,14 @@ def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() ->
     e.send(now=10.0)
     assert len(leaving.sent) == 1 and len(staying.sent) == 6, "resends go back to the replica still there"
     e.reach_update(now=11.0)
-    assert e.links["tcp://10.0.0.2:5555"].fenced, "no new process there yet"
-    e.links["tcp://10.0.0.2:5555"].reach.handshakes += 1          # a new process at the address connects
+    assert e.links["tcp://10.0.0.2:5555"].fenced, "no new process there yet (the old connection's handshake is not one)"
+    reach.post("handshake")     # the old process's connection again, without a drop: still the one that left
+    e.reach_update(now=11.5)
+    assert e.links["tcp://10.0.0.2:5555"].fenced
+    reach.post("drop")          # it exits
+    e.reach_update(now=11.7)
+    assert e.links["tcp://10.0.0.2:5555"].fenced
+    reach.post("handshake")     # a new process at the address connects
     e.reach_update(now=12.0)
     assert not e.links["tcp://10.0.0.2:5555"].fenced
 
@@ -195,5 +216,5 @@ def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() ->
 def test_a_replica_bound_to_every_interface_is_matched_by_its_port() -> None:
     wiring = FakeWiring()
     e = Edge(wiring, EdgeSpec("default>dest", "default", "dest", ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:6666"]))
-    assert e.leave("tcp://192.168.1.7:6666") and e.links["tcp://10.0.0.2:6666"].fenced
+    assert e.leave("tcp://192.168.1.7:6666", now=0.0) and e.links["tcp://10.0.0.2:6666"].fenced
     assert not e.links["tcp://10.0.0.1:5555"].fenced

@@ -131,7 +131,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:
         stop_requested.set()
         if rt is not None:
-            rt.stopping = True
+            rt.stop_asked = True
 
     signal.signal(signal.SIGTERM, on_term)
     faulthandler.enable()                                  # a crash in C code: its stack to .stderr
@@ -190,7 +190,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
             rt.close()
         return EXIT_START_FAILED
     if stop_requested.is_set():
-        rt.stopping = True
+        rt.stop_asked = True
     rt.tell("ready")
     # a forked stage is adopted by the supervisor once the fork server's middle process has
     # exited (set-up overlapped that). READY may go first: if the supervisor died meanwhile,

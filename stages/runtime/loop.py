@@ -58,6 +58,9 @@ class StageRuntime:
         self.columnar_source = self.source and columnar_source(stage)
         self.ctx = zmq.Context()
         self.stopping = False
+        # a SIGTERM's word (the handler runs between any two bytecodes): the loop takes it at the
+        # top of an iteration only, so no step of one iteration sees the stop and another not
+        self.stop_asked = False
         # a graceful stop (the supervisor's ``stop``): the senders whose FENCE (nothing more
         # follows) is awaited before the input is complete; None: stop taking input at once
         self.drain_from: set[str] | None = None
@@ -218,6 +221,8 @@ class StageRuntime:
 
         while True:
             now = time.monotonic()
+            if self.stop_asked:
+                self.stopping = True
             if self.stopping and deadline == float("inf"):
                 deadline = now + max(0.5, self.spec.stop_grace - 0.75)
                 gen = None
@@ -658,7 +663,7 @@ class StageRuntime:
                 edge.eos_from.add(msg["from"])
                 continue
             if msg["k"] == wire.LEAVE:
-                if edge.leave(msg["at"]):
+                if edge.leave(msg["at"], now):
                     logger.info(f"{msg['from'][:80]} stops: nothing more goes to {msg['at'][:120]} until a new process is there")
                 else:
                     logger.warning(f"{msg['from'][:80]} stops at {msg['at'][:120]}, which edge {edge.name} does not send to")

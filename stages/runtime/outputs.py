@@ -129,7 +129,7 @@ class Link:
         self.fence_due = False
         # run-stage: fenced at its replica's own word (a LEAVE); fenced until a new process there
         # completes a handshake (the one that left never makes another)
-        self.left_at: int | None = None           # reach.handshakes when it left
+        self.left_at: int | None = None           # reach.mark() when it left
 
     def close(self, linger: int) -> None:
         self.reach.close()
@@ -180,11 +180,12 @@ class Edge:
         if link is not None:
             link.fenced = link.fence_due = on
 
-    def leave(self, endpoint: str) -> bool:
+    def leave(self, endpoint: str, now: float) -> bool:
         """The replica at ``endpoint`` stops (it said so: run-stage, no supervisor to say it): fence
-        it as :meth:`fence` does, until a new process there connects. ``endpoint`` is its input as
-        it announces it; a replica bound to every interface is matched by its port alone when one
-        link has that port."""
+        it as :meth:`fence` does, until a new process there connects (its connection drops, then a
+        handshake: an event of the old connection still unread is not one). ``endpoint`` is its
+        input as it announces it; a replica bound to every interface is matched by its port alone
+        when one link has that port."""
         link = self.links.get(endpoint)
         if link is None:
             port = endpoint.rsplit(":", 1)[-1]
@@ -193,7 +194,7 @@ class Edge:
         if link is None:
             return False
         link.fenced = link.fence_due = True
-        link.left_at = link.reach.handshakes
+        link.left_at = link.reach.mark(now)
         return True
 
     def _send_fence(self, link: Link) -> None:
@@ -250,7 +251,7 @@ class Edge:
     def reach_update(self, now: float) -> None:
         for link in self.links.values():
             link.reach.update(now)
-            if link.left_at is not None and link.reach.handshakes > link.left_at:
+            if link.left_at is not None and link.reach.reconnected_since(link.left_at):
                 link.left_at = None                 # a new process at its address: it takes batches again
                 link.fenced = link.fence_due = False
 
