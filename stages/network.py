@@ -182,17 +182,21 @@ class Reach:
             except Exception:
                 continue
             endpoint = event["endpoint"].decode(errors="replace") if isinstance(event["endpoint"], bytes) else str(event["endpoint"])
-            self.events += 1
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up.add(endpoint)
-                self.last_handshake = self.events
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.up.discard(endpoint)
-                self.last_drop = self.events
+            self.note(event["event"], endpoint)
         if self.up:
             self.none_since = None
         elif self.none_since is None:
             self.none_since = now
+
+    def note(self, kind: int, endpoint: str) -> None:
+        """One monitor event (``zmq.EVENT_*``), in the order the I/O thread posted it."""
+        self.events += 1
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up.add(endpoint)
+            self.last_handshake = self.events
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.up.discard(endpoint)
+            self.last_drop = self.events
 
     def mark(self, now: float) -> int:
         """A point in this socket's history, every event the I/O thread has posted so far included."""

@@ -29,8 +29,10 @@ from streampipe.monitor.events import read_events
 CLI = [sys.executable, "-m", "streampipe"]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition",
+             detail: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``,
+    with what ``detail()`` says of the state then (what is missing, a log's tail)."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -41,7 +43,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         except Exception as exc:  # the thing we wait for may not exist yet
             last_exc = exc
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    pytest.fail(f"timed out after {timeout:g}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else "")
+                + (f"\n{detail()}" if detail is not None else ""))
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:

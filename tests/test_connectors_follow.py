@@ -115,13 +115,10 @@ def test_follow_through_rotations_and_kills_every_line_once_in_order(pipeline, t
         wait_for(lambda v=victim, pid=pid: p.row(v)["state"] == "running" and p.row(v)["pid"] != pid,
                  timeout=60, what=f"{victim} back")
     assert done.wait(60)
-    try:
-        wait_for(lambda: len({r["w"] for r in p.output_records()}) >= total, timeout=120, what="every line out")
-    except BaseException:
-        missing = sorted(set(range(total)) - {r["w"] for r in p.output_records()})
-        print(f"missing {len(missing)}: {missing[:10]}...{missing[-5:]}; rotations at {rotations}; "
-              f"tail {p.row('tail')}")
-        raise
+    def missing() -> str:
+        lost = sorted(set(range(total)) - {r["w"] for r in p.output_records()})
+        return f"missing {len(lost)}: {lost[:10]}...{lost[-5:]}; rotations at {rotations}; tail {p.row('tail')}"
+    wait_for(lambda: len({r["w"] for r in p.output_records()}) >= total, timeout=120, what="every line out", detail=missing)
     rows = p.output_records()
     ws = [r["w"] for r in rows]
     assert len(ws) == len(set(ws)) == total, f"{len(ws)} lines written, {len(set(ws))} distinct, of {total}"

@@ -186,14 +186,12 @@ def nats_pipeline(pipeline: Any, server: NatsServer, count: int, rate: float, tm
         publisher.start()
         broker_chaos(p, server, lambda: c.count("OUT"), count, "out")
         assert done.wait(300), "the publisher did not finish"
-        try:
-            wait_for(lambda: c.count("OUT") >= count, timeout=180, what="every record in OUT")
-        except BaseException:
+        def missing() -> str:
             got = {r["n"] for r in c.read_all("OUT")}
             info = c.consumer("IN", "src")
-            print(f"OUT holds {len(got)} of {count}; missing {sorted(set(range(count)) - got)[:20]}; IN consumer pending "
-                  f"{info.num_pending}, ack pending {info.num_ack_pending}; status {p.status()['stages']}")
-            raise
+            return (f"OUT holds {len(got)} of {count}; missing {sorted(set(range(count)) - got)[:20]}; IN consumer pending "
+                    f"{info.num_pending}, ack pending {info.num_ack_pending}; status {p.status()['stages']}")
+        wait_for(lambda: c.count("OUT") >= count, timeout=180, what="every record in OUT", detail=missing)
         wait_for(lambda: c.consumer("IN", "src").num_ack_pending == 0, timeout=60, what="nothing unacked on IN")
         info = c.consumer("IN", "src")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)

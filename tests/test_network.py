@@ -78,12 +78,10 @@ def test_curve_pipeline_exactly_once_and_strangers_get_nothing(stages: Stages, t
         impostor.curve_secretkey, impostor.curve_publickey, impostor.curve_server = fake_secret, fake_public, True
         impostor.bind(f"tcp://127.0.0.13:{p_norm}")
 
-        try:
-            wait_for(lambda: len(sink_ids(run_dir)) >= n, timeout=90, what=f"{n} ids at the sink")
-        except pytest.fail.Exception:
-            missing = sorted(set(range(n)) - set(sink_ids(run_dir)))
-            raise AssertionError(f"{len(missing)} ids missing at the sink (first {missing[:5]}); the generator's log:\n"
-                                 + stages.log("generator")[-3000:]) from None
+        def missing() -> str:
+            lost = sorted(set(range(n)) - set(sink_ids(run_dir)))
+            return f"{len(lost)} ids missing at the sink (first {lost[:5]}); the generator's log:\n{stages.log('generator')[-3000:]}"
+        wait_for(lambda: len(sink_ids(run_dir)) >= n, timeout=90, what=f"{n} ids at the sink", detail=missing)
         time.sleep(1.0)
         counts = sink_ids(run_dir)
         assert sorted(counts) == list(range(n)), "every id reached the sink"

@@ -35,23 +35,20 @@ class FakeSock:
 
 class FakeReach(network.Reach):
     """A socket monitor without a socket: ``post`` is the I/O thread posting an event, read at
-    the next ``update`` (as a real monitor's are)."""
+    the next ``update`` (as a real monitor's are). It starts with one handshake read."""
 
     def __init__(self) -> None:
-        self.up = {"tcp"}
-        self.events, self.last_drop, self.last_handshake = 1, -1, 1
-        self.posted: list[str] = []
+        self.up: set[str] = set()
+        self.events, self.last_drop, self.last_handshake = 0, -1, -1
+        self.posted: list[int] = []
+        self.note(zmq.EVENT_HANDSHAKE_SUCCEEDED, "tcp")
 
-    def post(self, event: str) -> None:
-        self.posted.append(event)
+    def post(self, kind: int) -> None:
+        self.posted.append(kind)
 
     def update(self, now: float) -> None:
-        for event in self.posted:
-            self.events += 1
-            if event == "handshake":
-                self.last_handshake = self.events
-            else:
-                self.last_drop = self.events
+        for kind in self.posted:
+            self.note(kind, "tcp")
         self.posted.clear()
 
     def unreachable(self, now: float, after: float) -> bool:
@@ -189,7 +186,7 @@ def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() ->
     e = Edge(wiring, EdgeSpec("default>dest", "default", "dest", ["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"]))
     leaving, staying = wiring.socks["tcp://10.0.0.2:5555"], wiring.socks["tcp://10.0.0.1:5555"]
     reach = e.links["tcp://10.0.0.2:5555"].reach
-    reach.post("handshake")     # its first connection's event, posted before the LEAVE, not read yet
+    reach.post(zmq.EVENT_HANDSHAKE_SUCCEEDED)     # its first connection's event, posted before the LEAVE, not read yet
     assert not e.leave("tcp://10.0.0.9:5555", now=0.0), "a port two links share names neither of them"
     assert e.leave("tcp://10.0.0.2:5555", now=0.0)
     for n in range(3):
@@ -202,13 +199,13 @@ def test_a_replica_that_leaves_is_fenced_until_a_new_process_connects_there() ->
     assert len(leaving.sent) == 1 and len(staying.sent) == 6, "resends go back to the replica still there"
     e.reach_update(now=11.0)
     assert e.links["tcp://10.0.0.2:5555"].fenced, "no new process there yet (the old connection's handshake is not one)"
-    reach.post("handshake")     # the old process's connection again, without a drop: still the one that left
+    reach.post(zmq.EVENT_HANDSHAKE_SUCCEEDED)     # the old process's connection again, without a drop: still the one that left
     e.reach_update(now=11.5)
     assert e.links["tcp://10.0.0.2:5555"].fenced
-    reach.post("drop")          # it exits
+    reach.post(zmq.EVENT_DISCONNECTED)          # it exits
     e.reach_update(now=11.7)
     assert e.links["tcp://10.0.0.2:5555"].fenced
-    reach.post("handshake")     # a new process at the address connects
+    reach.post(zmq.EVENT_HANDSHAKE_SUCCEEDED)     # a new process at the address connects
     e.reach_update(now=12.0)
     assert not e.links["tcp://10.0.0.2:5555"].fenced
 

@@ -127,8 +127,8 @@ class Link:
         # and a FENCE tells it so; what waits for it stays in outq until it is replaced
         self.fenced = False
         self.fence_due = False
-        # run-stage: fenced at its replica's own word (a LEAVE); fenced until a new process there
-        # completes a handshake (the one that left never makes another)
+        # run-stage: fenced at its replica's own word (a LEAVE), until its connection drops and a
+        # handshake follows (a new process there: see Reach.reconnected_since)
         self.left_at: int | None = None           # reach.mark() when it left
 
     def close(self, linger: int) -> None:
