@@ -22,7 +22,6 @@ A failure stops the apply where it is (an event says which step); what was done 
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -30,7 +29,7 @@ from loguru import logger
 from streampipe.launcher.config import PipelineConfig
 from streampipe.launcher.errors import ControlError
 from streampipe.launcher.plan import Plan, make_plan
-from streampipe.launcher.replica import settle
+from streampipe.launcher.watcher import Watcher
 
 if TYPE_CHECKING:
     from streampipe.launcher.supervisor import Supervisor
@@ -75,16 +74,14 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
     for change in plan.changed.values():
         if change.settings:
             update = {k: v for k, (_, v) in change.settings.items()}
-            for rep in sup.replicas[change.name]:
-                rep.cfg = rep.cfg.model_copy(update=update)
-                sup.retune(rep)
+            for rep in sup.watchers[change.name].replicas:
+                rep.retune(rep.cfg.model_copy(update=update))
             step(change.name, "settings in place: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in change.settings.items()))
     # 2. the new wiring; the old edges drain
     new_edges = set(new.edges())
     sup.retired, sup.draining = old, [e for e in old.edges() if e not in new_edges]
     for name in plan.added:
-        sup.replicas[name] = [sup._new_replica(name, i, new.stages[name]) for i in range(new.stages[name].replicas)]
-        sup.locks[name] = asyncio.Lock()
+        sup.watchers[name] = Watcher(sup, name, new.stages[name])
     sup.cfg = new
     # 3. new stages, downstream first; their consumers acknowledge them from their first batch
     for name in plan.added:
@@ -94,13 +91,14 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
             _tell_peers(sup, change.name)
             step(change.name, f"inputs {change.inputs[0]} -> {change.inputs[1]}: acknowledges both while the old drain")
     for name in plan.added:
-        await _start_stage(sup, name)
-        step(name, f"added: {len(sup.replicas[name])} replicas started")
+        await sup.watchers[name].start()
+        await sup.watchers[name].settle()
+        step(name, f"added: {len(sup.watchers[name].replicas)} replicas started")
     # 4. replicas
     for change in plan.changed.values():
         if change.replicas:
             target = new.stages[change.name] if change.needs_restart else None
-            await sup.scale(change.name, change.replicas[1], target)
+            await sup.watchers[change.name].scale(change.replicas[1], target)
             step(change.name, f"scaled {change.replicas[0]} -> {change.replicas[1]} replicas")
     # 5. rolling restarts: new spec, new outputs (downstream first: consumers are READY before producers move)
     order = new.downstream_first()
@@ -108,22 +106,16 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
         change = plan.changed[name]
         why = list(change.restart) + (["outputs"] if change.outputs else [])
         step(name, f"rolling restart ({', '.join(why)} changed)")
-        reply = await sup.restart_stage(name, new.stages[name])
+        reply = await sup.watchers[name].restart(new.stages[name])
         if not reply.get("ok"):
             raise RuntimeError(f"rolling restart of {name} failed: {reply.get('error')}")
-        step(name, f"restarted: {len(sup.replicas[name])} replicas run the new spec")
+        step(name, f"restarted: {len(sup.watchers[name].replicas)} replicas run the new spec")
     # 6. removed stages, sources first: nothing sends to them now; they drain and stop
     for name in plan.removed:
-        async with sup.locks.setdefault(name, asyncio.Lock()):
-            reps = sup.replicas[name]
-            for rep in reps:
-                rep.wanted_down = True
-            step(name, f"removing: draining and stopping {len(reps)} replicas")
-            await asyncio.gather(*(sup.stop_replica(r, reason="removed by apply") for r in reps))
-            del sup.replicas[name]
-            for rep in reps:
-                sup.by_ident.pop(rep.ident, None)
-        sup.locks.pop(name, None)
+        watcher = sup.watchers[name]
+        step(name, f"removing: draining and stopping {len(watcher.replicas)} replicas")
+        await watcher.remove("removed by apply")
+        del sup.watchers[name]
         step(name, "removed")
     # 7. the old edges are gone: final acknowledgement peers
     sup.retired, sup.draining = None, []
@@ -135,18 +127,6 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
 
 def _tell_peers(sup: Supervisor, stage: str) -> None:
     acks = sup.ack_peers(stage)
-    for rep in sup.replicas[stage]:
+    for rep in sup.watchers[stage].replicas:
         sup.tell(rep, "peers", acks=acks)
 
-
-async def _start_stage(sup: Supervisor, name: str) -> None:
-    """Start a stage an apply added, as ``up`` does: a source's saved positions first, then each
-    replica; wait until every one is READY, failed or past its ready_timeout."""
-    reps = sup.replicas[name]
-    async with sup.locks[name]:
-        if sup.is_source(name) and not await sup.repartition(name):
-            return
-        for rep in reps:
-            rep.waiting()
-            await sup._start_guarded(rep, f"start {rep.ident}")
-    await settle(reps, max(r.cfg.ready_timeout for r in reps))

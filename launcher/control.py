@@ -61,8 +61,8 @@ class Down(Command):
 
 def _stage_of(sup: Supervisor, msg: dict[str, Any]) -> str:
     stage = msg.get("stage", "")
-    if stage not in sup.replicas:
-        raise ControlError(f"no stage {stage!r} (stages: {', '.join(sup.replicas)})")
+    if stage not in sup.watchers:
+        raise ControlError(f"no stage {stage!r} (stages: {', '.join(sup.watchers)})")
     return stage
 
 
@@ -72,7 +72,7 @@ class Restart(Command):
     name = "restart"
 
     async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
-        return await sup.restart_stage(_stage_of(sup, msg))
+        return await sup.watchers[_stage_of(sup, msg)].restart()
 
 
 class Scale(Command):
@@ -91,7 +91,7 @@ class Scale(Command):
             raise ControlError(f"{stage} is a source and cannot be scaled while it runs: set `replicas: {n}` on it in "
                                f"{sup.cfg.path.name}, then `streampipe down` and `streampipe up`; its saved positions are "
                                f"repartitioned exactly, so no record is skipped or repeated")
-        return await sup.scale(stage, n)
+        return await sup.watchers[stage].scale(n)
 
 
 class Apply(Command):

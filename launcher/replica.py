@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -207,6 +208,29 @@ class Replica:
             self.state, self.backoff_until = State.BACKOFF, now + decision.delay
             return AfterExit(True, decision.delay, "backoff", f"restart in {decision.delay:.2f}s")
         return AfterExit(True, 0.0)
+
+    def retune(self, sc: StageConfig) -> None:
+        """Run under ``sc`` from now on: its supervisor settings go to the restart policy and the
+        health judge in place (their counts and history stay)."""
+        self.cfg = sc
+        policy, judge = self.policy, self.judge
+        policy.restart, policy.backoff_initial, policy.backoff_max = sc.restart, sc.backoff_initial, sc.backoff_max
+        policy.backoff_factor, policy.min_uptime = sc.backoff_factor, sc.min_uptime
+        policy.max_restarts, policy.restart_window = sc.max_restarts, sc.restart_window
+        judge.heartbeat_timeout, judge.max_rss_mb = sc.heartbeat_timeout, sc.max_rss_mb
+        judge.max_cpu_percent, judge.limit_for = sc.max_cpu_percent, sc.limit_for
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to its process and whatever that started (its process group), if it runs."""
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
     @property
     def config_digest(self) -> str:

@@ -30,8 +30,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -44,29 +42,26 @@ from loguru import logger
 from streampipe._rotating import RotatingFile, rotate_stdio
 from streampipe.launcher import fencing
 from streampipe.launcher.apply import apply_config
-from streampipe.launcher.config import Edge, PipelineConfig, StageConfig, load_config
+from streampipe.launcher.config import Edge, PipelineConfig, load_config
 from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
-from streampipe.launcher.replica import SETTLED, Replica, State, settle
+from streampipe.launcher.replica import Replica, State
 from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
 from streampipe.launcher.specs import stage_spec
+from streampipe.launcher.watcher import Watcher
 from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Probe
 from streampipe.monitor.policy import RestartPolicy, describe_exit
 from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
-from streampipe.stages.spec import DUMP_STACK_SIGNAL, EdgeSpec, StageSpec
-from streampipe.stages.state import load_replica_state, read_layout
+from streampipe.stages.spec import EdgeSpec, StageSpec
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
-STDERR_TAIL_LINES = 12          # lines of a dead stage's stderr shown as its last error
 UNCLAIMED_KEEP = 8              # messages kept from a pid start_replica has not registered yet
 UNCLAIMED_PIDS = 64             # ... for at most this many pids (stale replicas' last words)
 UNCLAIMED_TTL_S = 10.0          # ... and for this long: a spawn reply takes ms, and pids are reused
-HUNG_KILL_GRACE_S = 1.0         # a hung loop will not honour SIGTERM; do not wait long
-REPARTITION_TIMEOUT_S = 120.0   # the repartition child imports the source's module (scikit-learn alone ~2 s cold)
 LOOP_MAX_RESTARTS = 5           # a supervisor loop failing more often than this ...
 LOOP_RESTART_WINDOW_S = 60.0    # ... in this long is broken, not unlucky: stop everything, exit 1
 
@@ -80,19 +75,18 @@ class Supervisor:
         self.done_code = 0                                   # ... 1 once a stage failed for good
         self.rd = RunDir(run_dir or cfg.default_run_dir())
         self.metrics_port = metrics_port
-        self.replicas: dict[str, list[Replica]] = {}
+        self.watchers: dict[str, Watcher] = {}              # stage -> its replicas and every change to them
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
         self.early_exits: dict[int, tuple[float, int]] = {}                  # pid -> (seen at, exit code)
         self.ports: dict[tuple[str, str, int], int] = {}
         self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
         self.owned: set[asyncio.Task[Any]] = set()         # every task started: see own()
-        self.locks: dict[str, asyncio.Lock] = {}             # stage -> held by restart, scale, respawn
         self.apply_lock = asyncio.Lock()                     # one `apply` at a time, once the start-up is done
         self.started = False
         self.retired: PipelineConfig | None = None           # during an apply: the config being replaced ...
         self.draining: list[Edge] = []                       # ... and its edges that may still carry data
-        self.drains: dict[str, Replica] = {}                 # replicas in a graceful stop, by ident (see stop_replica)
+        self.drains: dict[str, Replica] = {}                 # replicas in a graceful stop, by ident (see Watcher.stop_replica)
         self.exit_code = 0                                   # 1 once a loop failed for good
         self.fork_starting = False
         self.stop_requested = asyncio.Event()
@@ -117,7 +111,7 @@ class Supervisor:
         if not become_subreaper():
             logger.warning("could not become a child subreaper: fork-server stages are watched by pid only")
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.own(self.reload(), "reload (SIGHUP)"))
@@ -132,10 +126,9 @@ class Supervisor:
         self.control_sock.setsockopt(zmq.MAXMSGSIZE, wire.CONTROL_MAX_BYTES)
         self.control_sock.bind(self.rd.control)
         for name, sc in self.cfg.stages.items():
-            self.replicas[name] = [self._new_replica(name, i, sc) for i in range(sc.replicas)]
-            for rep in self.replicas[name]:
+            self.watchers[name] = Watcher(self, name, sc)
+            for rep in self.watchers[name].replicas:
                 rep.waiting()
-            self.locks[name] = asyncio.Lock()
         for what, loop_fn in (("stages", self._serve_stages), ("control", self._serve_control),
                               ("health", self._health_loop), ("history", self._history_loop)):
             self.own(self._keep(what, loop_fn), what, vital=True)
@@ -175,11 +168,16 @@ class Supervisor:
             for reps in self.replicas.values():
                 for rep in reps:
                     rep.wanted_down = True
-                    self.signal_replica(rep, signal.SIGKILL)
+                    rep.signal(signal.SIGKILL)
             return
         if not self.stop_requested.is_set():
             logger.info("stopping the pipeline (sources first, then downstream); Ctrl-C again to kill at once")
         self.stop_requested.set()
+
+    @property
+    def replicas(self) -> dict[str, list[Replica]]:
+        """Every stage's replicas, by stage (read only: the watchers own them)."""
+        return {name: w.replicas for name, w in self.watchers.items()}
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -218,21 +216,15 @@ class Supervisor:
             self.fail_loudly(f"the supervisor's {what} loop failed: {type(exc).__name__}: {exc}")
 
     def task_failed(self, what: str, rep: Replica | None, exc: BaseException) -> None:
-        """An event for a failed task; a replica's task sends the replica through its policy."""
+        """An event for a failed task; a replica's task sends the replica through its policy (its watcher's)."""
         reason = f"{what}: {type(exc).__name__}: {exc}"
         logger.opt(exception=exc).error(f"task failed: {reason}")
         assert self.events is not None
-        if rep is None:
+        watcher = self.watchers.get(rep.stage) if rep is not None else None
+        if rep is None or watcher is None:
             self.events.emit("task-failed", reason=reason)
             return
-        self.events.emit("task-failed", rep.stage, rep.index, rep.pid, reason=reason)
-        rep.last_error = reason
-        if rep.pid is not None:
-            # its process runs, but the work meant for it broke: kill it, its exit takes the normal path
-            rep.kill_reason = reason
-            self.signal_replica(rep, signal.SIGKILL)
-        elif not (rep.wanted_down or self.stopping or rep.state in SETTLED):
-            self._after_exit(rep, 1, 0.0, reason)
+        watcher.task_failed(what, rep, exc)
 
     async def _keep(self, what: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
         """Run one of the supervisor's loops for as long as the supervisor runs.
@@ -269,23 +261,11 @@ class Supervisor:
             self.events.emit("supervisor", reason=f"{why}: stopping", pid=os.getpid())
         self.request_stop()
 
-    async def _start_guarded(self, rep: Replica, what: str) -> None:
-        """start_replica inside a command or the start-up: a failure is the replica's, not the caller's."""
-        try:
-            await self.start_replica(rep)
-        except Exception as exc:
-            self.task_failed(what, rep, exc)
-
     # -- set-up ------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
         logger.add(self.rd.logs / "supervisor.jsonl", serialize=True, level="DEBUG", rotation=self.cfg.logging.rotation,
                    retention=self.cfg.logging.retention, diagnose=False)    # no variable values in tracebacks
         logger.configure(extra={"stage": "supervisor", "replica": 0})
-
-    def _new_replica(self, name: str, index: int, sc: StageConfig) -> Replica:
-        rep = Replica.of(name, index, sc)
-        self.by_ident[rep.ident] = rep
-        return rep
 
     async def _start_forkserver(self) -> None:
         if self.fork_starting or self.stopping:
@@ -308,27 +288,12 @@ class Supervisor:
         self.events.emit("forkserver", pid=fork.pid, reason=f"preloaded in {time.monotonic() - t0:.2f}s")
 
     async def _start_all(self) -> None:
+        """Each stage's replicas, downstream first; each stage READY (or failed, or timed out) before its producers."""
         for name in self.cfg.downstream_first():
             if self.stop_requested.is_set():
                 return
-            reps = self.replicas[name]
-            async with self.locks[name]:
-                if self.cfg.is_source(name) and not await self.repartition(name):
-                    continue
-                for rep in reps:
-                    await self._start_guarded(rep, f"start {rep.ident}")
-            timeout = max(r.cfg.ready_timeout for r in reps)
-            waiting = [asyncio.create_task(r.settled.wait()) for r in reps]
-            stop = asyncio.create_task(self.stop_requested.wait())
-            everyone: asyncio.Future[Any] = asyncio.gather(*waiting)
-            done, pending = await asyncio.wait([everyone, stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            for t in waiting:
-                t.cancel()
-            late = [r.ident for r in reps if not r.settled.is_set()]
-            if late and not self.stop_requested.is_set():
-                logger.warning(f"{', '.join(late)} not READY after {timeout:g}s; starting its producers anyway")
+            await self.watchers[name].start()
+            await self.watchers[name].settle(until=self.stop_requested)
 
     # -- spawning ----------------------------------------------------------------------------
     def spec_for(self, rep: Replica) -> StageSpec:
@@ -406,7 +371,7 @@ class Supervisor:
         for msg in self.unclaimed.pop(pid, (0.0, []))[1]:
             self._on_stage_message(rep, msg)
         if pid in self.early_exits:
-            asyncio.get_running_loop().call_soon(self._on_exit, self.by_pid.pop(pid), self.early_exits.pop(pid)[1])
+            asyncio.get_running_loop().call_soon(self._exited, self.by_pid.pop(pid), self.early_exits.pop(pid)[1])
 
     async def _clear_fence(self, rep: Replica) -> None:
         """Kill a stale process holding the replica's lock, before another is made (launcher/fencing.py)."""
@@ -421,7 +386,7 @@ class Supervisor:
         await self._start_forkserver()
 
     # -- exits -------------------------------------------------------------------------------
-    def _reap(self) -> None:
+    def reap(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -439,125 +404,18 @@ class Supervisor:
                 continue
             rep = self.by_pid.pop(pid, None)
             if rep is not None and rep.pid == pid:
-                self._on_exit(rep, code)
+                self._exited(rep, code)
             elif rep is None:   # a stage that exited before start_replica registered it, or a stage's orphan
                 self.early_exits[pid] = (time.monotonic(), code)
                 expire(self.early_exits)
 
-    def _on_exit(self, rep: Replica, code: int) -> None:
-        assert self.events is not None
-        if rep.pid is not None:
-            try:   # whatever the stage started dies with it (its process group outlives it)
-                os.killpg(rep.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        now = time.time()
-        uptime = now - rep.started_at
-        rep.last_exit = describe_exit(code)
-        reason = rep.kill_reason or rep.last_exit
-        if (rep.wanted_down or self.stopping) and not rep.kill_reason:
-            reason = f"stopped ({rep.last_exit})"
-        if code != 0 and not rep.wanted_down:
-            tail = self._stderr_tail(rep)
-            if not rep.last_error or rep.kill_reason:
-                rep.last_error = rep.kill_reason or tail or rep.last_exit
-            elif tail and rep.last_error not in tail:
-                rep.last_error = f"{rep.last_error}\n{tail}"
-        pid = rep.pid
-        rep.gone()
-        self.retell_drains()
-        self.events.emit("exit", rep.stage, rep.index, pid, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
-        if code == 0 and rep.state != State.COMPLETED and self.is_source(rep.stage):
-            saved = load_replica_state(self.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message
-            if saved.get("completed"):
-                rep.completed()
-        if rep.state == State.COMPLETED:
-            rep.settled.set()
-            return
-        self._after_exit(rep, code, uptime if rep.ready_at else 0.0, reason)
-
-    def _after_exit(self, rep: Replica, code: int, uptime: float, reason: str) -> None:
-        """The replica is down (exited, or never started): stop, fail, or restart after a backoff."""
-        assert self.events is not None
-        after = rep.after_exit(code, uptime, self.stopping, time.time())
-        if after.event == "failed":
-            self.events.emit("failed", rep.stage, rep.index, None, reason=after.reason, last_error=rep.last_error[-2000:])
-        elif after.event == "backoff":
-            self.events.emit("backoff", rep.stage, rep.index, None, reason=f"{after.reason} after {reason}")
-        elif after.event:
-            self.events.emit(after.event, rep.stage, rep.index, None, reason=after.reason)
-        if after.restart:
-            why = "fenced" if after.event == "fenced" else reason
-            asyncio.get_running_loop().call_later(after.delay, lambda: self.own(self._restart(rep, why), f"respawn {rep.ident}", rep))
-
-    async def _restart(self, rep: Replica, reason: str) -> None:
-        """A respawn (after an exit and its backoff); any failure goes back through the policy."""
-        async with self.locks.setdefault(rep.stage, asyncio.Lock()):
-            if self.stopping or rep.wanted_down or rep.pid is not None or rep not in self.replicas.get(rep.stage, []):
-                return    # stopped, scaled or applied away, or started again by a command meanwhile
-            assert self.events is not None
-            self.events.emit("restart", rep.stage, rep.index, None, reason=reason, restarts=rep.restarts)
-            await self.start_replica(rep)
-
-    def _stderr_tail(self, rep: Replica) -> str:
-        path = self.rd.logs / f"{rep.ident}.stderr"
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - 16384))
-                lines = f.read().decode(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-STDERR_TAIL_LINES:])
-
     # -- killing -----------------------------------------------------------------------------
-    def signal_replica(self, rep: Replica, sig: int) -> None:
-        if rep.pid is None:
-            return
-        try:
-            os.killpg(rep.pid, sig)      # the stage and any children it started
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(rep.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    async def stop_replica(self, rep: Replica, grace: float | None = None, wanted: bool = True, reason: str = "") -> None:
-        """Stop a replica, SIGKILL it after the grace period; returns once it is reaped.
-
-        A wanted stop of a running replica drains it: the replicas sending to it are told to send
-        it nothing more (each answers with a FENCE behind its last batch), and it is told to stop
-        once every FENCE is in, its batches are acknowledged downstream and its acks have gone
-        upstream. Nothing it took is sent again, so nothing is processed twice. Any other stop
-        (a hung or over-limit replica, one not READY yet) is a SIGTERM.
-        """
-        if rep.pid is None:
-            if wanted:
-                rep.cancel_start()
-            return
-        drain = wanted and rep.live and self.stage_sock is not None
-        rep.stopping(wanted, reason)
-        grace = rep.cfg.stop_grace if grace is None else grace
-        if drain:
-            self.drains[rep.ident] = rep
-            self.tell(rep, "stop", senders=self.fence(rep, True))
-        else:
-            self.signal_replica(rep, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(rep.exited.wait(), grace)
-        except asyncio.TimeoutError:
-            assert self.events is not None
-            how = "did not drain" if drain else "still running"
-            self.events.emit("kill", rep.stage, rep.index, rep.pid,
-                             reason=f"{how} {grace:g}s after the stop (stop_grace): SIGKILL; what it had not acknowledged is sent again")
-            self.signal_replica(rep, signal.SIGKILL)
-            try:
-                await asyncio.wait_for(rep.exited.wait(), 5.0)
-            except asyncio.TimeoutError:
-                logger.error(f"{rep.ident} (pid {rep.pid}) did not die after SIGKILL")
-        finally:
-            if drain:
-                self.drains.pop(rep.ident, None)
-                self.fence(rep, False)
+    def _exited(self, rep: Replica, code: int) -> None:
+        watcher = self.watchers.get(rep.stage)
+        if watcher is not None:
+            watcher.on_exit(rep, code)
+        else:   # its stage was removed by an apply that gave up waiting for it
+            rep.gone()
 
     def fence(self, rep: Replica, on: bool) -> list[str]:
         """Tell the running replicas that send to ``rep`` to send it nothing more (``on``) or again;
@@ -581,7 +439,8 @@ class Supervisor:
         order = list(reversed(self.cfg.downstream_first()))
         order = [n for n in self.replicas if n not in order] + order   # a stage an apply was removing: first
         for name in order:
-            await asyncio.gather(*(self.stop_replica(r) for r in self.replicas.get(name, [])))
+            if name in self.watchers:
+                await self.watchers[name].stop()
         if self.fork is not None:
             self.fork.stop()
             pid = self.fork.pid
@@ -597,7 +456,7 @@ class Supervisor:
                     except ProcessLookupError:
                         pass
                     await asyncio.sleep(0.05)
-        self._reap()
+        self.reap()
         owned = list(self.owned)
         for t in owned:
             t.cancel()
@@ -708,17 +567,8 @@ class Supervisor:
 
     def is_source(self, stage: str) -> bool:
         """Whether ``stage`` is a source (also for a stage an apply is removing)."""
-        reps = self.replicas.get(stage)
-        return not reps[0].cfg.inputs if reps else self.cfg.is_source(stage)
-
-    def retune(self, rep: Replica) -> None:
-        """Apply ``rep.cfg``'s supervisor settings to its restart policy and health judge, in place."""
-        sc, policy, judge = rep.cfg, rep.policy, rep.judge
-        policy.restart, policy.backoff_initial, policy.backoff_max = sc.restart, sc.backoff_initial, sc.backoff_max
-        policy.backoff_factor, policy.min_uptime = sc.backoff_factor, sc.min_uptime
-        policy.max_restarts, policy.restart_window = sc.max_restarts, sc.restart_window
-        judge.heartbeat_timeout, judge.max_rss_mb = sc.heartbeat_timeout, sc.max_rss_mb
-        judge.max_cpu_percent, judge.limit_for = sc.max_cpu_percent, sc.limit_for
+        watcher = self.watchers.get(stage)
+        return watcher.is_source() if watcher is not None else self.cfg.is_source(stage)
 
     async def reload(self) -> None:
         """SIGHUP: read the config file again and apply it; a bad file changes nothing (an event says why)."""
@@ -750,114 +600,13 @@ class Supervisor:
             for rep in self.replicas[dest]:
                 self.tell(rep, "peers", acks=acks)
 
-    async def scale(self, stage: str, n: int, cfg: StageConfig | None = None) -> dict[str, Any]:
-        """Set the replica count of ``stage``; new replicas start with ``cfg`` (default: the others')."""
-        async with self.locks[stage]:
-            return await self._scale(stage, n, cfg)
-
-    async def _scale(self, stage: str, n: int, cfg: StageConfig | None = None) -> dict[str, Any]:
-        reps = self.replicas[stage]
-        before = len(reps)
-        assert self.events is not None
-        if n > before:
-            new = [self._new_replica(stage, i, cfg or reps[0].cfg) for i in range(before, n)]
-            reps.extend(new)
-            self.announce_ack_peers(stage)   # before they send: their batches must be acknowledged
-            for rep in new:
-                await self._start_guarded(rep, f"start {rep.ident}")
-            await settle(new, reps[0].cfg.ready_timeout)
-            self.announce_endpoints(stage)
-        elif n < before:
-            gone = reps[n:]
-            await asyncio.gather(*(self.stop_replica(r) for r in gone))   # drained: senders fence them first
-            self.announce_endpoints(stage)       # wanted_down: they leave the senders' edges
-            del reps[n:]
-            for rep in gone:
-                self.by_ident.pop(rep.ident, None)
-            self.announce_ack_peers(stage)   # their receivers close the ack sockets towards them
-        self.events.emit("scale", stage, None, None, reason=f"{before} -> {n} replicas")
-        return {"ok": True, "stage": stage, "before": before, "after": n}
-
-    async def repartition(self, stage: str) -> bool:
-        """Re-deal a source's saved positions when they were taken with another replica count.
-
-        Runs ``python -m streampipe.stages.repartition`` (the supervisor never imports stage
-        code) and waits for it. False when it refused or failed: the stage's replicas are then
-        ``failed`` with its message as their error, and are not started.
-        """
-        reps = self.replicas[stage]
-        layout = read_layout(self.rd.state, stage)
-        if layout is None or not layout.differs(len(reps)):
-            return True
-        assert self.events is not None
-        spec = json.dumps({"name": stage, "type": reps[0].cfg.type, "config_dir": str(self.cfg.config_dir),
-                           "run_dir": str(self.rd.path), "replicas": len(reps)})
-        cmd = [sys.executable, "-m", "streampipe.stages.repartition", spec]
-
-        def run() -> tuple[str, str]:
-            # the exit status may be reaped by _reap (SIGCHLD) first: the answer is the JSON line on stdout
-            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-                try:
-                    return proc.communicate(timeout=REPARTITION_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    return out, f"{err}\nrepartition did not finish in {REPARTITION_TIMEOUT_S:g}s"
-
-        out, err = await asyncio.to_thread(run)
-        try:
-            answer = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            answer = {"ok": False, "error": "\n".join(err.strip().splitlines()[-STDERR_TAIL_LINES:]) or "repartition failed"}
-        if answer.get("ok"):
-            self.events.emit("repartition", stage, None, None, reason=str(answer.get("message", "")))
-            return True
-        error = str(answer.get("error", "repartition failed"))
-        logger.error(error)
-        for rep in reps:
-            rep.failed(error)
-        self.events.emit("failed", stage, None, None, reason="cannot repartition its saved positions", last_error=error)
-        return False
-
-    async def restart_stage(self, stage: str, cfg: StageConfig | None = None) -> dict[str, Any]:
-        """Rolling restart: one replica at a time, each READY before the next goes down.
-
-        ``cfg`` (apply): each replica restarts with this config; one that runs it already is left alone.
-        """
-        async with self.locks[stage]:
-            if self.is_source(stage) and not await self.repartition(stage):
-                return {"ok": False, "error": self.replicas[stage][0].last_error}
-            for rep in list(self.replicas[stage]):
-                if cfg is not None:
-                    if rep.cfg is cfg:
-                        continue
-                    rep.cfg = cfg
-                    self.retune(rep)
-                rep.policy.reset()
-                if rep.pid is not None:
-                    await self.stop_replica(rep, reason="restart requested")
-                rep.wanted_down = False
-                if rep.state != State.COMPLETED and not self.stopping:
-                    await self._start_guarded(rep, f"restart {rep.ident}")
-                    await settle([rep], rep.cfg.ready_timeout)
-            return {"ok": True, "stage": stage, "replicas": len(self.replicas[stage])}
-
     # -- periodic ----------------------------------------------------------------------------
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.poll_interval)   # read each tick: `apply` may change it
             now_m = time.monotonic()
-            for reps in self.replicas.values():
-                for rep in reps:
-                    if rep.probe is None or rep.pid is None or rep.kill_reason:
-                        continue
-                    rep.reading = rep.probe.read()
-                    if rep.reading.zombie:
-                        self._reap()
-                        continue
-                    unhealthy = rep.health(now_m)
-                    if unhealthy:
-                        self._kill_unhealthy(rep, unhealthy[1], unhealthy[0])
+            for watcher in list(self.watchers.values()):
+                watcher.check_health(now_m)
             self.rejects.flush()   # the count of malformed messages not logged yet, if any
             self.snapshot = self.status()
             if self.exit_when_done and self.started and not self.stop_requested.is_set():
@@ -878,16 +627,6 @@ class Supervisor:
         else:
             return
         self.request_stop()
-
-    def _kill_unhealthy(self, rep: Replica, reason: str, event: str) -> None:
-        assert self.events is not None
-        self.events.emit(event, rep.stage, rep.index, rep.pid, reason=reason)
-        rep.last_error = reason
-        if event == "hung":      # its Python stack to its .stderr first (faulthandler): `streampipe logs` shows where
-            self.signal_replica(rep, DUMP_STACK_SIGNAL)
-        # no stage lock: a kill never starts anything, and a hung replica must not wait for a rolling restart
-        self.own(self.stop_replica(rep, grace=min(HUNG_KILL_GRACE_S, rep.cfg.stop_grace), wanted=False, reason=reason),
-                 f"kill {rep.ident}", rep)
 
     async def _history_loop(self) -> None:
         """status-history.jsonl, and the rotation of this process's own output (``up --detach``)."""

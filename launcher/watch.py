@@ -68,8 +68,9 @@ async def watch(sup: Supervisor) -> None:
                 break      # the stage modules may be others now
             for path in sorted(paths & set(modules)):
                 for stage in modules[path]:
-                    if stage in sup.replicas:
+                    watcher = sup.watchers.get(stage)
+                    if watcher is not None:
                         assert sup.events is not None
                         sup.events.emit("apply", stage, None, None, reason=f"{path.name} changed: rolling restart with the new code")
-                        await sup.restart_stage(stage)
+                        await watcher.restart()
         await asyncio.sleep(0)
