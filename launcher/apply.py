@@ -53,7 +53,7 @@ async def apply_config(sup: Supervisor, new: PipelineConfig, dry_run: bool = Fal
         try:
             await _carry_out(sup, plan, new)
         finally:
-            sup.retired, sup.draining = None, []
+            sup.wiring.retired, sup.wiring.draining = None, []
         reply["applied"] = True
         return reply
 
@@ -79,13 +79,13 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
             step(change.name, "settings in place: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in change.settings.items()))
     # 2. the new wiring; the old edges drain
     new_edges = set(new.edges())
-    sup.retired, sup.draining = old, [e for e in old.edges() if e not in new_edges]
+    sup.wiring.retired, sup.wiring.draining = old, [e for e in old.edges() if e not in new_edges]
     for name in plan.added:
         sup.watchers[name] = Watcher(sup, name, new.stages[name])
     sup.cfg = new
     # 3. new stages, downstream first; their consumers acknowledge them from their first batch
     for name in plan.added:
-        sup.announce_ack_peers(name)
+        sup.wiring.announce_ack_peers(name)
     for change in plan.changed.values():
         if change.inputs:
             _tell_peers(sup, change.name)
@@ -118,7 +118,7 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
         del sup.watchers[name]
         step(name, "removed")
     # 7. the old edges are gone: final acknowledgement peers
-    sup.retired, sup.draining = None, []
+    sup.wiring.retired, sup.wiring.draining = None, []
     for change in plan.changed.values():
         if change.inputs:
             _tell_peers(sup, change.name)
@@ -126,7 +126,7 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
 
 
 def _tell_peers(sup: Supervisor, stage: str) -> None:
-    acks = sup.ack_peers(stage)
+    acks = sup.wiring.ack_peers(stage)
     for rep in sup.watchers[stage].replicas:
         sup.tell(rep, "peers", acks=acks)
 

@@ -42,21 +42,20 @@ from loguru import logger
 from streampipe._rotating import RotatingFile, rotate_stdio
 from streampipe.launcher import fencing
 from streampipe.launcher.apply import apply_config
-from streampipe.launcher.config import Edge, PipelineConfig, load_config
+from streampipe.launcher.config import PipelineConfig, load_config
 from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
 from streampipe.launcher.replica import Replica, State
 from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
-from streampipe.launcher.specs import stage_spec
 from streampipe.launcher.watcher import Watcher
+from streampipe.launcher.wiring import Wiring
 from streampipe.monitor.events import EventLog
 from streampipe.monitor.health import Probe
 from streampipe.monitor.policy import RestartPolicy, describe_exit
 from streampipe.stages import wire
 from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import target_of
-from streampipe.stages.spec import EdgeSpec, StageSpec
 
 HISTORY_INTERVAL_S = 2.0        # status-history.jsonl sampling: enough for a throughput curve
 UNCLAIMED_KEEP = 8              # messages kept from a pid start_replica has not registered yet
@@ -79,14 +78,11 @@ class Supervisor:
         self.by_pid: dict[int, Replica] = {}
         self.by_ident: dict[str, Replica] = {}
         self.early_exits: dict[int, tuple[float, int]] = {}                  # pid -> (seen at, exit code)
-        self.ports: dict[tuple[str, str, int], int] = {}
         self.unclaimed: dict[int, tuple[float, list[dict[str, Any]]]] = {}   # pid -> (seen at, messages)
         self.owned: set[asyncio.Task[Any]] = set()         # every task started: see own()
         self.apply_lock = asyncio.Lock()                     # one `apply` at a time, once the start-up is done
         self.started = False
-        self.retired: PipelineConfig | None = None           # during an apply: the config being replaced ...
-        self.draining: list[Edge] = []                       # ... and its edges that may still carry data
-        self.drains: dict[str, Replica] = {}                 # replicas in a graceful stop, by ident (see Watcher.stop_replica)
+        self.wiring = Wiring(self)                           # addresses, edges, fences and drains between the replicas
         self.exit_code = 0                                   # 1 once a loop failed for good
         self.fork_starting = False
         self.stop_requested = asyncio.Event()
@@ -296,44 +292,10 @@ class Supervisor:
             await self.watchers[name].settle(until=self.stop_requested)
 
     # -- spawning ----------------------------------------------------------------------------
-    def spec_for(self, rep: Replica) -> StageSpec:
-        cfg, sc = self.cfg, rep.cfg
-        edges = []
-        if rep.stage not in cfg.stages and self.retired is not None:
-            cfg = self.retired    # a stage an apply is removing keeps its old edges until it stops
-        for e in cfg.edges():
-            if e.src == rep.stage:
-                edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest),
-                                      keyed=cfg.stages[e.dest].partitioned_by_id))
-        tcp = cfg.transport == "tcp"
-        return stage_spec(
-            cfg, sc, rep.index, len(self.replicas[rep.stage]), self.rd.path, control=self.rd.stages,
-            input=self.endpoint("i", rep.stage, rep.index) if sc.inputs else None,
-            ack=self.endpoint("a", rep.stage, rep.index), edges=edges, ack_peers=self.ack_peers(rep.stage),
-            supervisor_pid=os.getpid(), bind_host=cfg.bind_host if tcp else "",
-            curve_keys=str(cfg.keys_dir) if tcp and cfg.security == "curve" and cfg.keys_dir else None)
-
-    def ack_peers(self, stage: str) -> list[str]:
-        """The ack endpoints of every replica feeding ``stage``: the only ones its replicas ack to."""
-        return sorted({self.endpoint("a", r.stage, r.index) for r, _ in self.upstream_replicas(stage)})
-
-    def endpoints_of(self, stage: str) -> list[str]:
-        return [self.endpoint("i", stage, r.index) for r in self.replicas[stage] if not r.wanted_down]
-
-    def endpoint(self, kind: str, stage: str, index: int) -> str:
-        """A replica's input ("i") or ack ("a") endpoint; the same one for every incarnation,
-        so that upstream PUSH sockets reconnect to a replacement by themselves."""
-        if self.cfg.transport == "ipc":
-            return self.rd.endpoint(f"{kind}.{stage}.{index}")
-        key = (kind, stage, index)
-        if key not in self.ports:
-            self.ports[key] = free_port(self.cfg.bind_host)
-        return f"tcp://{self.cfg.bind_host}:{self.ports[key]}"
-
     async def start_replica(self, rep: Replica) -> None:
         if self.stopping or rep.pid is not None:
             return   # stopping, or already running (a restart racing the start-up)
-        spec = self.spec_for(rep)
+        spec = self.wiring.spec_for(rep)
         spec.last_exit = rep.kill_reason or rep.last_exit    # a record in hand at that death is a suspect (stages.poison)
         stderr = self.rd.logs / f"{rep.ident}.stderr"
         module = target_of(rep.cfg.type).partition(":")[0]
@@ -417,23 +379,6 @@ class Supervisor:
         else:   # its stage was removed by an apply that gave up waiting for it
             rep.gone()
 
-    def fence(self, rep: Replica, on: bool) -> list[str]:
-        """Tell the running replicas that send to ``rep`` to send it nothing more (``on``) or again;
-        returns their ack addresses (the FENCEs ``rep`` waits for)."""
-        endpoint = self.endpoint("i", rep.stage, rep.index)
-        told = []
-        for up, edge in self.upstream_replicas(rep.stage):
-            if up.pid is not None and (up.live or up.state == State.STOPPING):
-                self.tell(up, "fence", edge=edge, endpoint=endpoint, on=on)
-                told.append(self.endpoint("a", up.stage, up.index))
-        return sorted(set(told))
-
-    def retell_drains(self) -> None:
-        """A replica exited or became READY: the replicas draining hear again whose FENCE to wait
-        for (an exited sender sends none; a new one has just been told to fence)."""
-        for rep in self.drains.values():
-            self.tell(rep, "stop", senders=self.fence(rep, True))
-
     async def _shutdown(self) -> None:
         self.stopping = True
         order = list(reversed(self.cfg.downstream_first()))
@@ -504,9 +449,9 @@ class Supervisor:
         elif op == "ready":
             rep.ready(now)
             if rep.cfg.inputs:   # its spec may predate a scale upstream
-                self.tell(rep, "peers", acks=self.ack_peers(rep.stage))
-            if self.drains:
-                self.retell_drains()
+                self.tell(rep, "peers", acks=self.wiring.ack_peers(rep.stage))
+            if self.wiring.drains:
+                self.wiring.retell_drains()
             self.events.emit("ready", rep.stage, rep.index, rep.pid, reason=f"ready {now - rep.started_at:.3f}s after start",
                              t_ready=now, spawn=rep.spawn_mode)
         elif op == "error":
@@ -560,11 +505,6 @@ class Supervisor:
         await self._reply(ident, reply)
 
     # -- runtime changes (used by commands) ------------------------------------------------
-    def upstream_replicas(self, stage: str) -> list[tuple[Replica, str]]:
-        """The replicas sending to ``stage`` (during an apply, also on the old edges still draining)."""
-        edges = self.cfg.edges() + [e for e in self.draining if e.src in self.replicas]
-        return [(r, e.name) for e in edges if e.dest == stage for r in self.replicas.get(e.src, [])]
-
     def is_source(self, stage: str) -> bool:
         """Whether ``stage`` is a source (also for a stage an apply is removing)."""
         watcher = self.watchers.get(stage)
@@ -587,18 +527,6 @@ class Supervisor:
             return
         if reply.get("refused"):
             logger.error("SIGHUP: " + "; ".join(reply["refused"]))
-
-    def announce_endpoints(self, stage: str) -> None:
-        endpoints = self.endpoints_of(stage)
-        for rep, edge in self.upstream_replicas(stage):
-            self.tell(rep, "connect", edge=edge, endpoints=endpoints)
-
-    def announce_ack_peers(self, stage: str) -> None:
-        """Tell the stages fed by ``stage`` the ack addresses of its replicas, now that they changed."""
-        for dest in {e.dest for e in self.cfg.edges() if e.src == stage}:
-            acks = self.ack_peers(dest)
-            for rep in self.replicas[dest]:
-                self.tell(rep, "peers", acks=acks)
 
     # -- periodic ----------------------------------------------------------------------------
     async def _health_loop(self) -> None:
@@ -660,15 +588,6 @@ def expire(table: dict[int, Any]) -> None:
         del table[pid]
     while len(table) > UNCLAIMED_PIDS:
         table.pop(next(iter(table)))
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on ``host`` now (the stage binds it a moment later; ZeroMQ sets SO_REUSEADDR)."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def run_supervisor(cfg: PipelineConfig, run_dir: Path | None = None, metrics_port: int | None = None,

@@ -174,19 +174,19 @@ class Watcher:
             before = len(reps)
             if n > before:
                 new = [self.add_replica(cfg or reps[0].cfg) for _ in range(before, n)]
-                sup.announce_ack_peers(self.name)   # before they send: their batches must be acknowledged
+                sup.wiring.announce_ack_peers(self.name)   # before they send: their batches must be acknowledged
                 for rep in new:
                     await self.start_guarded(rep, f"start {rep.ident}")
                 await settle(new, reps[0].cfg.ready_timeout)
-                sup.announce_endpoints(self.name)
+                sup.wiring.announce_endpoints(self.name)
             elif n < before:
                 gone = reps[n:]
                 await asyncio.gather(*(self.stop_replica(r) for r in gone))   # drained: senders fence them first
-                sup.announce_endpoints(self.name)       # wanted_down: they leave the senders' edges
+                sup.wiring.announce_endpoints(self.name)       # wanted_down: they leave the senders' edges
                 del reps[n:]
                 for rep in gone:
                     sup.by_ident.pop(rep.ident, None)
-                sup.announce_ack_peers(self.name)   # their receivers close the ack sockets towards them
+                sup.wiring.announce_ack_peers(self.name)   # their receivers close the ack sockets towards them
             self.events.emit("scale", self.name, None, None, reason=f"{before} -> {n} replicas")
             return {"ok": True, "stage": self.name, "before": before, "after": n}
 
@@ -218,8 +218,8 @@ class Watcher:
         rep.stopping(wanted, reason)
         grace = rep.cfg.stop_grace if grace is None else grace
         if drain:
-            sup.drains[rep.ident] = rep
-            sup.tell(rep, "stop", senders=sup.fence(rep, True))
+            sup.wiring.drains[rep.ident] = rep
+            sup.tell(rep, "stop", senders=sup.wiring.fence(rep, True))
         else:
             rep.signal(signal.SIGTERM)
         try:
@@ -235,8 +235,8 @@ class Watcher:
                 logger.error(f"{rep.ident} (pid {rep.pid}) did not die after SIGKILL")
         finally:
             if drain:
-                sup.drains.pop(rep.ident, None)
-                sup.fence(rep, False)
+                sup.wiring.drains.pop(rep.ident, None)
+                sup.wiring.fence(rep, False)
 
     async def stop(self) -> None:
         """Stop every replica (``down``): each drains, at once."""
@@ -301,7 +301,7 @@ class Watcher:
                 rep.last_error = f"{rep.last_error}\n{tail}"
         pid = rep.pid
         rep.gone()
-        sup.retell_drains()
+        sup.wiring.retell_drains()
         self.events.emit("exit", rep.stage, rep.index, pid, reason=reason, code=code, uptime_s=round(uptime, 3), t_exit=now)
         if code == 0 and rep.state != State.COMPLETED and self.is_source():
             saved = load_replica_state(sup.rd.state, rep.stage, rep.index) or {}   # its exit beat its last message

@@ -43,7 +43,7 @@ class StandIn:
         self.stage_sock = None
         self.by_ident: dict[str, Replica] = {}
         self.watchers: dict[str, Watcher] = {}
-        self.drains: dict[str, Replica] = {}
+        self.wiring = SimpleNamespace(drains={}, retell_drains=lambda: None)
         self.started: list[str] = []
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -55,9 +55,6 @@ class StandIn:
         task = asyncio.get_running_loop().create_task(coro, name=what)
         self.tasks.add(task)
         return task
-
-    def retell_drains(self) -> None:
-        pass
 
     def reap(self) -> None:
         pass
