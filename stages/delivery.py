@@ -129,6 +129,15 @@ class Delivered:
                 ids = ids.astype(np.int64, copy=False)
                 keep = self.fresh_rows(ids)
                 return (batch, ids) if keep is None else (batch.take(keep), ids[keep])
+        ids = [r.get("id") for r in batch]
+        if ids and all(type(i) is int for i in ids):         # the usual case: one pass, as a column
+            try:
+                q = np.array(ids, np.int64)
+            except OverflowError:
+                q = None                                 # an id beyond int64: record by record
+            if q is not None:
+                keep = self.fresh_rows(q)
+                return (list(batch), q) if keep is None else ([r for r, k in zip(batch, keep.tolist()) if k], q[keep])
         fresh = self.fresh(batch)
         return fresh, Delivered.ids_of(fresh)
 
@@ -200,10 +209,10 @@ class ExactSink(Stage):
             hook(origin, watermark)
 
     def process(self, batch: Batch) -> list[Record]:
-        fresh = self.delivered.fresh(batch)
+        fresh, ids = self.delivered.take_new(batch)
         if not fresh:
             return []
-        self.delivered.commit_ids(Delivered.ids_of(fresh))
+        self.delivered.commit_ids(ids)
         marks = self.delivered.marks()
         try:
             self.user.write(fresh, marks)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 import time
+from operator import itemgetter
 from typing import Any
 
 from loguru import logger
@@ -111,9 +112,10 @@ class PostgresSink(Sink):
 
     def setup(self) -> None:
         import psycopg  # here: the CLI validates options without the driver
+        from psycopg import sql
         from psycopg.types.json import Jsonb
 
-        self._psycopg, self._jsonb = psycopg, Jsonb
+        self._psycopg, self._jsonb, self._sql = psycopg, Jsonb, sql
         try:
             self.conn = self._connect()
         except psycopg.OperationalError as exc:
@@ -152,6 +154,12 @@ class PostgresSink(Sink):
         self._fields = list(self.mapping.values())
         self._json_at = [i for i, c in enumerate(self.mapping) if c in self.json_cols]
         self._id_at = [i for i, f in enumerate(self._fields) if f == "id" and list(self.mapping)[i] not in self.json_cols]
+        named = [f for f in self._fields if f != WHOLE]
+        whole = [i for i, f in enumerate(self._fields) if f == WHOLE]
+        # one C call takes every named field (itemgetter); the whole record is put in at its place
+        self._get = (None if len(whole) > 1 or not named else
+                     itemgetter(*named) if len(named) > 1 else (lambda r, g=itemgetter(named[0]): (g(r),)))
+        self._whole_at = whole[0] if whole else None
         if not self.written:
             self.written = self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             self.conn.commit()
@@ -209,9 +217,12 @@ class PostgresSink(Sink):
                         part = rows[start:start + 1000]
                         cur.execute(f"INSERT INTO {t} ({collist}) VALUES {', '.join([places] * len(part))} "
                                     f"ON CONFLICT ({', '.join(self.key)}) {action}", [v for r in part for v in r])
-                cur.execute(f"INSERT INTO {MARKS_TABLE} (sink, marks) VALUES (%s, %s) "
-                            "ON CONFLICT (sink) DO UPDATE SET marks = EXCLUDED.marks", (self.marks_key, marks))
-            self.conn.commit()
+                # the marks' upsert and the COMMIT in one message (one round trip, not two): a
+                # simple query, so its values go as literals; psycopg learns the ended transaction
+                # from the server's answer
+                cur.execute(self._sql.SQL(f"INSERT INTO {MARKS_TABLE} (sink, marks) VALUES ({{}}, {{}}) "
+                                          "ON CONFLICT (sink) DO UPDATE SET marks = EXCLUDED.marks; COMMIT")
+                            .format(self._sql.Literal(self.marks_key), self._sql.Literal(marks)))
         except BaseException:
             try:
                 self.conn.rollback()
@@ -244,7 +255,12 @@ class PostgresSink(Sink):
         ~3x json's speed) in a ``COPY``, which the server parses by the column's type, and as
         ``Jsonb`` in an upsert's parameters."""
         try:
-            out = [record if f == WHOLE else record[f] for f in self._fields]
+            if self._get is None:
+                out = [record if f == WHOLE else record[f] for f in self._fields]
+            else:
+                out = list(self._get(record))
+                if self._whole_at is not None:
+                    out.insert(self._whole_at, record)
         except KeyError:
             col, field = next((c, f) for c, f in self.mapping.items() if f != WHOLE and f not in record)
             raise Missing(f"record has no field {field!r} for column {col!r}") from None
