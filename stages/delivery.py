@@ -29,6 +29,16 @@ killed when. The marks are opaque msgpack; a store keeps them as a blob.
 >>> again = Delivered.from_marks(d.marks()); again.at("generator.0/0", None)
 >>> [r["id"] for r in again.fresh([{"id": 1}, {"id": 4}])]
 [4]
+
+:meth:`Delivered.take_new` (what :class:`ExactSink` writes) gives the same records and their ids,
+in one pass when every id is an int64, record by record otherwise (here an id beyond int64):
+
+>>> fresh, ids = again.take_new([{"id": 4}, {"id": 5}, {"id": 5}, {"id": 2**63}])
+>>> [r["id"] for r in fresh], ids.tolist()
+([4, 5, 9223372036854775808], [4, 5])
+>>> again.commit_ids(ids)
+>>> fresh, ids = again.take_new([{"id": 4}, {"id": 6}, {"id": 6}]); [r["id"] for r in fresh], ids.tolist()
+([6], [6])
 """
 
 from __future__ import annotations

@@ -154,12 +154,12 @@ class PostgresSink(Sink):
         self._fields = list(self.mapping.values())
         self._json_at = [i for i, c in enumerate(self.mapping) if c in self.json_cols]
         self._id_at = [i for i, f in enumerate(self._fields) if f == "id" and list(self.mapping)[i] not in self.json_cols]
+        # one C call takes every named field (itemgetter: a tuple for two or more); the whole
+        # record is put in at its places, in ascending order
         named = [f for f in self._fields if f != WHOLE]
-        whole = [i for i, f in enumerate(self._fields) if f == WHOLE]
-        # one C call takes every named field (itemgetter); the whole record is put in at its place
-        self._get = (None if len(whole) > 1 or not named else
-                     itemgetter(*named) if len(named) > 1 else (lambda r, g=itemgetter(named[0]): (g(r),)))
-        self._whole_at = whole[0] if whole else None
+        self._get = (itemgetter(*named) if len(named) > 1 else
+                     (lambda r, g=itemgetter(named[0]): (g(r),)) if named else (lambda r: ()))
+        self._whole_at = [i for i, f in enumerate(self._fields) if f == WHOLE]
         if not self.written:
             self.written = self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             self.conn.commit()
@@ -255,12 +255,9 @@ class PostgresSink(Sink):
         ~3x json's speed) in a ``COPY``, which the server parses by the column's type, and as
         ``Jsonb`` in an upsert's parameters."""
         try:
-            if self._get is None:
-                out = [record if f == WHOLE else record[f] for f in self._fields]
-            else:
-                out = list(self._get(record))
-                if self._whole_at is not None:
-                    out.insert(self._whole_at, record)
+            out = list(self._get(record))
+            for i in self._whole_at:
+                out.insert(i, record)
         except KeyError:
             col, field = next((c, f) for c, f in self.mapping.items() if f != WHOLE and f not in record)
             raise Missing(f"record has no field {field!r} for column {col!r}") from None
