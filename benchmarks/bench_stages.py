@@ -53,7 +53,7 @@ class LatencySink(Stage):
 
 
 class SklearnStage(Stage):
-    """Stand-in for the trainer (used only if ``stages/trainer.py`` is absent): imports
+    """Stand-in for the trainer (used only if ``stages/builtins/trainer.py`` is absent): imports
     scikit-learn and fits an ``SGDClassifier`` once in ``setup``, then learns from each batch."""
 
     def setup(self) -> None:

@@ -43,7 +43,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))    # tests.servers: the servers of the tests
 
 from streampipe.stages.api import StageContext  # noqa: E402
-from streampipe.stages.brokers import LoopThread  # noqa: E402
+from streampipe.stages.builtins.brokers import LoopThread  # noqa: E402
 from streampipe.stages.delivery import ExactSink  # noqa: E402
 
 BATCH = 1000
@@ -105,7 +105,7 @@ def bench_nats(url: str, n: int, k: int) -> dict[str, tuple[float, float]]:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
-    from streampipe.stages.nats_streams import NatsSink, NatsSource
+    from streampipe.stages.builtins.nats_streams import NatsSink, NatsSource
 
     aio = LoopThread("bench")
     nc = aio.run(nats.connect(url), 10)
@@ -166,7 +166,7 @@ def bench_nats(url: str, n: int, k: int) -> dict[str, tuple[float, float]]:
 def bench_redis(url: str, n: int, k: int) -> dict[str, tuple[float, float]]:
     import redis
 
-    from streampipe.stages.redis_streams import RedisStreamSink, RedisStreamSource
+    from streampipe.stages.builtins.redis_streams import RedisStreamSink, RedisStreamSource
 
     r = redis.Redis.from_url(url)
     data = payloads(n)
@@ -229,7 +229,7 @@ def bench_postgres(dsn: str, n: int, k: int) -> dict[str, tuple[float, float]]:
     import psycopg
     from psycopg.types.json import Jsonb
 
-    from streampipe.stages.postgres_sink import PostgresSink
+    from streampipe.stages.builtins.postgres_sink import PostgresSink
 
     def raw(table: str) -> int:
         recs = records(n)

@@ -53,9 +53,9 @@ def measure(records: int) -> dict[str, float]:
     """records/s of each stage's records path, in this process (the installed streampipe)."""
     from streampipe import StageContext
     from streampipe.stages import runtime, wire
-    from streampipe.stages.consumer import Consumer
-    from streampipe.stages.generator import Generator
-    from streampipe.stages.normalizer import Normalizer
+    from streampipe.stages.builtins.consumer import Consumer
+    from streampipe.stages.builtins.generator import Generator
+    from streampipe.stages.builtins.normalizer import Normalizer
 
     tune = getattr(runtime, "tune_gc", None)      # what the stage process does after setup()
     if tune is not None:

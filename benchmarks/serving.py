@@ -84,9 +84,9 @@ server.serve_forever()
 
 def build(records: int, folder: Path) -> tuple[list[dict[str, Any]], Path]:
     """The default stream, normalised; a trainer checkpoint (version 1) in ``folder/checkpoints``."""
-    from streampipe.stages.generator import Generator
-    from streampipe.stages.normalizer import Normalizer
-    from streampipe.stages.trainer import Trainer
+    from streampipe.stages.builtins.generator import Generator
+    from streampipe.stages.builtins.normalizer import Normalizer
+    from streampipe.stages.builtins.trainer import Trainer
     from streampipe.testing import run_stage
 
     norm = Normalizer()
@@ -170,7 +170,7 @@ def flat_out(port: int, body: bytes, seconds: float) -> float:
 
 
 def bench_http(records: list[dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from streampipe.stages import checkpoints
+    from streampipe.stages.builtins import checkpoints
 
     body = json.dumps(records[0]).encode()
     version = checkpoints.latest_version(folder)
@@ -205,10 +205,10 @@ def bench_http(records: list[dict[str, Any]], folder: Path, args: argparse.Names
 def bench_predictor(records: list[dict[str, Any]], folder: Path, repeat: int) -> dict[str, Any]:
     import numpy as np
 
-    from streampipe.stages import checkpoints
     from streampipe.stages.api import StageContext
+    from streampipe.stages.builtins import checkpoints
+    from streampipe.stages.builtins.predictor import Predictor
     from streampipe.stages.columns import Columns
-    from streampipe.stages.predictor import Predictor
 
     lists = [records[i:i + BATCH] for i in range(0, len(records) - BATCH + 1, BATCH)]
     columns = [Columns.from_records(b) for b in lists]

@@ -184,7 +184,7 @@ def role_mid(a: argparse.Namespace) -> None:
     if a.kind == "normalize":
         norm = peer_work.BatchNormalizer()
     elif a.kind == "sp-normalize":               # raw-stagework: streampipe's own normalizer
-        from streampipe.stages.normalizer import Normalizer
+        from streampipe.stages.builtins.normalizer import Normalizer
 
         sp_norm = Normalizer(columnar=False)
 
@@ -225,7 +225,7 @@ def role_sink(a: argparse.Namespace) -> None:
     f: Any = None
     if a.kind == "consumer":
         from streampipe import StageContext
-        from streampipe.stages.consumer import Consumer
+        from streampipe.stages.builtins.consumer import Consumer
 
         consumer = Consumer(output=str(out_path))
         consumer.context = StageContext(name="consumer", run_dir=out_path.parent)

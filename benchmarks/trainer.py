@@ -71,8 +71,8 @@ print(json.dumps(out))
 
 
 def build_records(n: int) -> list[dict[str, Any]]:
-    from streampipe.stages.generator import Generator
-    from streampipe.stages.normalizer import Normalizer
+    from streampipe.stages.builtins.generator import Generator
+    from streampipe.stages.builtins.normalizer import Normalizer
 
     norm = Normalizer()
     gen = Generator(seed=11).generate()
@@ -84,8 +84,8 @@ def build_records(n: int) -> list[dict[str, Any]]:
 
 def bench_trainer(records: list[dict[str, Any]], batch_size: int, progress: Any, columns: bool = False) -> dict[str, Any]:
     from streampipe import StageContext
+    from streampipe.stages.builtins.trainer import Trainer
     from streampipe.stages.columns import Columns
-    from streampipe.stages.trainer import Trainer
 
     batches: list[Any] = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     if columns:      # what a columnar trainer gets in a pipeline: the feature column as an n x d array

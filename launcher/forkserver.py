@@ -36,8 +36,8 @@ from streampipe.stages.proctitle import set_title
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
 
-BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "streampipe.stages.runtime", "streampipe.stages.generator",
-                "streampipe.stages.normalizer", "streampipe.stages.consumer"]
+BASE_PRELOAD = ["zmq", "msgpack", "numpy", "loguru", "streampipe.stages.runtime", "streampipe.stages.builtins.generator",
+                "streampipe.stages.builtins.normalizer", "streampipe.stages.builtins.consumer"]
 HEAVY_PRELOAD = ["sklearn", "sklearn.linear_model", "sklearn.metrics", "joblib", "scipy.stats"]
 LEARNING_TYPES = ("trainer", "evaluator", "predictor", "serve")   # built-ins that load scikit-learn models
 

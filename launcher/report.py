@@ -43,7 +43,7 @@ LABEL_VERSIONS_UP_TO = 15   # more version lines than this are drawn unlabelled:
 
 
 def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    from streampipe.stages import checkpoints
+    from streampipe.stages.builtins import checkpoints
 
     metas = checkpoints.history(run_dir / "checkpoints")
     names = [str(m["stage"]) for m in metas if isinstance(m.get("stage"), str)]

@@ -192,7 +192,7 @@ class Source(Stage):
     A source whose replicas split one stream (by ``context.replica`` of ``context.replicas``)
     may also implement a classmethod ``repartition(states, replicas) -> list[dict]``: every old
     replica's saved state in, one state per new replica out, together owning exactly what the
-    old ones had left (see :meth:`stages.generator.Generator.repartition`). The supervisor calls
+    old ones had left (see :meth:`stages.builtins.generator.Generator.repartition`). The supervisor calls
     it when ``replicas`` changed between runs; without it such a change is refused.
 
     >>> class Count(Source):

@@ -24,28 +24,28 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "generator": Builtin("streampipe.stages.generator:Generator", ("default", "holdout"), source=True),
-    "normalizer": Builtin("streampipe.stages.normalizer:Normalizer", ("default", "holdout")),
-    "consumer": Builtin("streampipe.stages.consumer:Consumer"),
-    "trainer": Builtin("streampipe.stages.trainer:Trainer"),
-    "evaluator": Builtin("streampipe.stages.evaluator:Evaluator"),
-    "predictor": Builtin("streampipe.stages.predictor:Predictor"),
-    "serve": Builtin("streampipe.stages.serve:Serve", source=True),
-    "compare": Builtin("streampipe.stages.compare:Compare"),
-    "log_extractor": Builtin("streampipe.stages.log_extractor:LogExtractor", source=True),
-    "sqlite": Builtin("streampipe.stages.sqlite_sink:SqliteSink"),
-    "postgres": Builtin("streampipe.stages.postgres_sink:PostgresSink"),
-    "nats": Builtin("streampipe.stages.nats_streams:NatsSource", source=True),
-    "nats_sink": Builtin("streampipe.stages.nats_streams:NatsSink"),
-    "redis": Builtin("streampipe.stages.redis_streams:RedisStreamSource", source=True),
-    "redis_sink": Builtin("streampipe.stages.redis_streams:RedisStreamSink"),
-    "http": Builtin("streampipe.stages.http_source:HttpSource", source=True),
-    "follow": Builtin("streampipe.stages.follow:Follow", source=True),
+    "generator": Builtin("streampipe.stages.builtins.generator:Generator", ("default", "holdout"), source=True),
+    "normalizer": Builtin("streampipe.stages.builtins.normalizer:Normalizer", ("default", "holdout")),
+    "consumer": Builtin("streampipe.stages.builtins.consumer:Consumer"),
+    "trainer": Builtin("streampipe.stages.builtins.trainer:Trainer"),
+    "evaluator": Builtin("streampipe.stages.builtins.evaluator:Evaluator"),
+    "predictor": Builtin("streampipe.stages.builtins.predictor:Predictor"),
+    "serve": Builtin("streampipe.stages.builtins.serve:Serve", source=True),
+    "compare": Builtin("streampipe.stages.builtins.compare:Compare"),
+    "log_extractor": Builtin("streampipe.stages.builtins.log_extractor:LogExtractor", source=True),
+    "sqlite": Builtin("streampipe.stages.builtins.sqlite_sink:SqliteSink"),
+    "postgres": Builtin("streampipe.stages.builtins.postgres_sink:PostgresSink"),
+    "nats": Builtin("streampipe.stages.builtins.nats_streams:NatsSource", source=True),
+    "nats_sink": Builtin("streampipe.stages.builtins.nats_streams:NatsSink"),
+    "redis": Builtin("streampipe.stages.builtins.redis_streams:RedisStreamSource", source=True),
+    "redis_sink": Builtin("streampipe.stages.builtins.redis_streams:RedisStreamSink"),
+    "http": Builtin("streampipe.stages.builtins.http_source:HttpSource", source=True),
+    "follow": Builtin("streampipe.stages.builtins.follow:Follow", source=True),
 }
 
 
 def target_of(type_: str) -> str:
-    """``"generator"`` -> ``"streampipe.stages.generator:Generator"``; ``"pkg.mod:Cls"`` unchanged."""
+    """``"generator"`` -> ``"streampipe.stages.builtins.generator:Generator"``; ``"pkg.mod:Cls"`` unchanged."""
     builtin = BUILTINS.get(type_)
     return builtin.target if builtin else type_
 

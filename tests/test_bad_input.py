@@ -34,7 +34,7 @@ PER_ROUND = {"a.generator.0": 300, "i.normalizer.0": 400, "i.consumer.0": 400, "
 GATED = '''
 from pathlib import Path
 
-from streampipe.stages.generator import Generator
+from streampipe.stages.builtins.generator import Generator
 
 
 class Gated(Generator):

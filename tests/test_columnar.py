@@ -15,9 +15,9 @@ import pytest
 
 from streampipe.stages import wire
 from streampipe.stages.api import Stage, StageContext
+from streampipe.stages.builtins.generator import Generator
+from streampipe.stages.builtins.normalizer import Normalizer
 from streampipe.stages.columns import MISSING, Columns
-from streampipe.stages.generator import Generator
-from streampipe.stages.normalizer import Normalizer
 from streampipe.stages.process import Processor
 from tests.conftest import wait_for
 from tests.test_wire import runtime  # noqa: F401 - the fixture: a stage runtime with real sockets
@@ -318,7 +318,7 @@ def test_a_normalizer_subclass_whose_process_takes_records_keeps_getting_records
 def test_the_trainer_learns_the_same_from_columns_as_from_records(tmp_path: Path) -> None:
     """scikit-learn gets the feature column as it is: the same model as from records, and a bad
     row in a columnar batch is dead-lettered alone with its reason."""
-    from streampipe.stages.trainer import Trainer
+    from streampipe.stages.builtins.trainer import Trainer
 
     gen, norm = Generator(seed=9).generate(), Normalizer(columnar=False)
     batches = [norm.process([next(gen) for _ in range(200)]) for _ in range(10)]

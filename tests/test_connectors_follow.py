@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from streampipe.stages.api import StageContext
-from streampipe.stages.follow import LINE_BITS, Follow
+from streampipe.stages.builtins.follow import LINE_BITS, Follow
 from tests.conftest import wait_for
 
 PIPELINE = """

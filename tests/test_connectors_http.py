@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from streampipe.stages.http_source import parse_body
+from streampipe.stages.builtins.http_source import parse_body
 from tests.conftest import wait_for
 from tests.servers import free_port, pg_bindir, postgres  # noqa: F401
 

@@ -20,8 +20,8 @@ import orjson
 import pytest
 
 from streampipe.stages.api import StageContext
-from streampipe.stages.brokers import LoopThread
-from streampipe.stages.nats_streams import NatsSink, NatsSource
+from streampipe.stages.builtins.brokers import LoopThread
+from streampipe.stages.builtins.nats_streams import NatsSink, NatsSource
 from tests.conftest import wait_for
 from tests.servers import NatsServer, broker_chaos, drive, nats_server, unreachable_at_start  # noqa: F401
 

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from streampipe.stages.api import StageContext
+from streampipe.stages.builtins.postgres_sink import PostgresSink
 from streampipe.stages.delivery import ExactSink
-from streampipe.stages.postgres_sink import PostgresSink
 from streampipe.stages.process import Processor
 from tests.conftest import wait_for
 from tests.servers import Postgres, pg_bindir, postgres  # noqa: F401

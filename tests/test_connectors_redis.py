@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from streampipe.stages.api import StageContext
+from streampipe.stages.builtins.redis_streams import RedisStreamSink, RedisStreamSource, entry_number
 from streampipe.stages.delivery import ExactSink
-from streampipe.stages.redis_streams import RedisStreamSink, RedisStreamSource, entry_number
 from tests.conftest import wait_for
 from tests.servers import Valkey, broker_chaos, drive, unreachable_at_start, valkey  # noqa: F401
 

@@ -23,20 +23,20 @@ import pytest
 
 from streampipe import Source, Stage
 from streampipe.stages.api import is_source
-from streampipe.stages.compare import Compare
-from streampipe.stages.consumer import Consumer
+from streampipe.stages.builtins.compare import Compare
+from streampipe.stages.builtins.consumer import Consumer
+from streampipe.stages.builtins.evaluator import Evaluator
+from streampipe.stages.builtins.follow import Follow
+from streampipe.stages.builtins.generator import Generator
+from streampipe.stages.builtins.http_source import HttpSource
+from streampipe.stages.builtins.log_extractor import LogExtractor
+from streampipe.stages.builtins.normalizer import Normalizer
+from streampipe.stages.builtins.predictor import Predictor
+from streampipe.stages.builtins.serve import Serve
+from streampipe.stages.builtins.sqlite_sink import SqliteSink
+from streampipe.stages.builtins.trainer import Trainer
 from streampipe.stages.delivery import ExactSink
-from streampipe.stages.evaluator import Evaluator
-from streampipe.stages.follow import Follow
-from streampipe.stages.generator import Generator
-from streampipe.stages.http_source import HttpSource
-from streampipe.stages.log_extractor import LogExtractor
-from streampipe.stages.normalizer import Normalizer
-from streampipe.stages.predictor import Predictor
 from streampipe.stages.registry import BUILTINS, load_target
-from streampipe.stages.serve import Serve
-from streampipe.stages.sqlite_sink import SqliteSink
-from streampipe.stages.trainer import Trainer
 from streampipe.testing import StageContractError, StageReport, check_stage, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent

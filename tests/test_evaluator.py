@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from streampipe.stages.api import StageContext
-from streampipe.stages.drift import PageHinkley
-from streampipe.stages.evaluator import Evaluator
-from streampipe.stages.trainer import Trainer
+from streampipe.stages.builtins.drift import PageHinkley
+from streampipe.stages.builtins.evaluator import Evaluator
+from streampipe.stages.builtins.trainer import Trainer
 from streampipe.testing import run_stage
 from tests.test_trainer import stream, warnings_logged  # noqa: F401 - the fixture is used by name
 

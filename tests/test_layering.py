@@ -47,7 +47,7 @@ LAUNCHER_MAY_IMPORT: dict[str, tuple[frozenset[str] | None, str]] = {
                                   "the entry points of a stage process (fork server, run-stage) and its histogram buckets"),
     "streampipe.stages.proctitle": (frozenset({"set_title"}), "`ps` names every process the same way"),
     "streampipe.stages.network": (frozenset({"generate_keys"}), "`keys generate` writes the key folder the stages load"),
-    "streampipe.stages.checkpoints": (None, "`report` reads the trainer's checkpoint metadata"),
+    "streampipe.stages.builtins.checkpoints": (None, "`report` reads the trainer's checkpoint metadata"),
     "streampipe.stages.fence": (None, "one live process per replica: the lock a stage takes, the supervisor clears"),
 }
 SHARED_ROOT_MODULES = ("streampipe._rotating", "streampipe._logtail")

@@ -13,7 +13,7 @@ from loguru import logger
 
 from streampipe._logtail import LogTail, follow_file, ident_of, stream_of
 from streampipe.stages.api import StageContext
-from streampipe.stages.log_extractor import LogExtractor
+from streampipe.stages.builtins.log_extractor import LogExtractor
 
 DEADLINE_S = 10.0
 

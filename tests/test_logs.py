@@ -14,7 +14,7 @@ from rich.console import Console
 
 from streampipe.launcher.logs import parse_since, show_logs, show_summary
 from streampipe.stages.api import StageContext
-from streampipe.stages.log_extractor import LogExtractor
+from streampipe.stages.builtins.log_extractor import LogExtractor
 
 DEADLINE_S = 10.0
 T0 = 1_760_000_000.0     # a fixed epoch time for the records, so order and --since are exact

@@ -11,7 +11,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from streampipe.stages.normalizer import Normalizer
+from streampipe.stages.builtins.normalizer import Normalizer
 from tests.conftest import cli, wait_for
 
 ML = """\

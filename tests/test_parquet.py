@@ -16,11 +16,11 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from streampipe.stages import consumer as consumer_module  # noqa: E402 - after the skip
-from streampipe.stages import parquet_parts  # noqa: E402
 from streampipe.stages.api import StageContext  # noqa: E402
+from streampipe.stages.builtins import consumer as consumer_module  # noqa: E402 - after the skip
+from streampipe.stages.builtins import parquet_parts  # noqa: E402
+from streampipe.stages.builtins.consumer import Consumer  # noqa: E402
 from streampipe.stages.columns import Columns  # noqa: E402
-from streampipe.stages.consumer import Consumer  # noqa: E402
 from streampipe.stages.introspect import option_errors  # noqa: E402
 from tests.conftest import Pipeline, ready_pid, wait_for  # noqa: E402
 

@@ -29,12 +29,12 @@ import numpy as np
 import pytest
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 
-from streampipe.stages import checkpoints
 from streampipe.stages.api import StageContext
+from streampipe.stages.builtins import checkpoints
+from streampipe.stages.builtins.compare import Compare
+from streampipe.stages.builtins.predictor import Predictor
+from streampipe.stages.builtins.trainer import Trainer
 from streampipe.stages.columns import Columns
-from streampipe.stages.compare import Compare
-from streampipe.stages.predictor import Predictor
-from streampipe.stages.trainer import Trainer
 from streampipe.testing import run_stage
 from tests.conftest import wait_for
 from tests.test_trainer import stream, warnings_logged  # noqa: F401 - the fixture is used by name

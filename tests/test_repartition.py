@@ -16,7 +16,7 @@ import pytest
 
 from streampipe.stages import segments
 from streampipe.stages.api import StageContext
-from streampipe.stages.generator import Generator
+from streampipe.stages.builtins.generator import Generator
 from streampipe.stages.repartition import Refused, repartition
 from streampipe.stages.state import load_replica_state, read_layout, replica_file, save_state, write_layout
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from streampipe.launcher.report import make_report, throughput_from_history
-from streampipe.stages.evaluator import Evaluator
-from streampipe.stages.trainer import Trainer
+from streampipe.stages.builtins.evaluator import Evaluator
+from streampipe.stages.builtins.trainer import Trainer
 from streampipe.testing import run_stage
 from tests.test_trainer import stream
 

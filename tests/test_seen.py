@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streampipe.stages.api import StageContext
-from streampipe.stages.consumer import Consumer
+from streampipe.stages.builtins.consumer import Consumer
 from streampipe.stages.seen import NOTHING, SeenByOrigin, SeenIds
 from streampipe.stages.state import save_state
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import SGDClassifier
 
-from streampipe.stages import checkpoints
+from streampipe.stages.builtins import checkpoints
 from tests.conftest import wait_for
 from tests.servers import free_port
 from tests.test_connectors_http import raw  # bytes in, every byte answered until the server closes

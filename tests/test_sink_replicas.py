@@ -16,7 +16,7 @@ from tests.conftest import Pipeline, wait_for
 SLOW_SINK = """\
 import time
 
-from streampipe.stages.consumer import Consumer
+from streampipe.stages.builtins.consumer import Consumer
 
 
 class SlowConsumer(Consumer):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from loguru import logger
 
-from streampipe.stages import checkpoints
-from streampipe.stages.generator import Generator
-from streampipe.stages.normalizer import Normalizer
-from streampipe.stages.trainer import Trainer
+from streampipe.stages.builtins import checkpoints
+from streampipe.stages.builtins.generator import Generator
+from streampipe.stages.builtins.normalizer import Normalizer
+from streampipe.stages.builtins.trainer import Trainer
 from streampipe.testing import run_stage
 
 

@@ -1,6 +1,6 @@
 """Follow log files through rotation and truncation, and parse streampipe's log lines.
 
-One implementation shared by the log extractor stage (:mod:`streampipe.stages.log_extractor`) and
+One implementation shared by the log extractor stage (:mod:`streampipe.stages.builtins.log_extractor`) and
 the CLI (``streampipe logs -f``, :mod:`streampipe.launcher.logs`; ``streampipe events -f``). It serves
 both sides, so it lives at the package root beside :mod:`streampipe._rotating`, which writes the
 rotated files it reads: ``stages`` never imports ``launcher``, and the CLI's reader is no stage code.

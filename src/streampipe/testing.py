@@ -11,7 +11,7 @@ Both accept any object with the stage methods (``process`` or ``generate``; ``se
 ``teardown``, ``snapshot``, ``restore``, ``route`` are optional), a :class:`streampipe.Stage`
 subclass or not, and a plain function called once per record.
 
->>> from streampipe.stages.normalizer import Normalizer
+>>> from streampipe.stages.builtins.normalizer import Normalizer
 >>> run = run_stage(Normalizer(), [[{"id": 0, "x": [1.0], "y": 0}, {"id": 1, "x": "bad", "y": 0}]])
 >>> len(run.records), [reason for _, reason in run.dead_letters]
 (1, ["field 'x': expected vector, got str"])

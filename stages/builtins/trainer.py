@@ -8,7 +8,7 @@ non-numeric features, a vector of the wrong length, a label outside ``classes``)
    updated over the last ``window`` records: accuracy for a classifier, MAE for a regressor;
 2. *train*: ``partial_fit`` on the batch (a classifier gets ``classes=`` on its first call).
 
-Checkpoints (see :mod:`streampipe.stages.checkpoints`): every ``checkpoint_every`` records, every
+Checkpoints (see :mod:`streampipe.stages.builtins.checkpoints`): every ``checkpoint_every`` records, every
 ``checkpoint_seconds`` when new records were learned (0 = only by count), and at teardown, the
 model goes to ``<run dir>/<checkpoint_dir>/model-000042.joblib`` with ``model-000042.json``
 beside it; the ``keep`` newest are kept. On setup the newest *valid* checkpoint is loaded (a
@@ -40,8 +40,8 @@ Options:
     predictions         field name for the prediction in passed-on records, or null
 
 >>> import itertools, tempfile, pathlib
->>> from streampipe.stages.generator import Generator
->>> from streampipe.stages.normalizer import Normalizer
+>>> from streampipe.stages.builtins.generator import Generator
+>>> from streampipe.stages.builtins.normalizer import Normalizer
 >>> from streampipe.testing import run_stage
 >>> norm = Normalizer()
 >>> records = list(itertools.islice(Generator(seed=1).generate(), 4000))
@@ -67,10 +67,10 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.builtins import checkpoints
+from streampipe.stages.builtins.learning import Ring, Vectoriser, import_estimator
 from streampipe.stages.columns import Columns
-from streampipe.stages.learning import Ring, Vectoriser, import_estimator
 
 # scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports
 # this module to read Trainer's options, and must stay fast (sklearn costs ~1.7 s; the fork server

@@ -41,7 +41,7 @@ boundaries (:func:`record_lines`), the same bytes again.
 Parquet (``format: parquet``, needs ``pip install 'streampipe[parquet]'``; ``streampipe validate``
 refuses it without pyarrow): ``output`` is a folder (default ``output/records``) of part files
 ``part-000042.parquet``, one per checkpoint (every ``checkpoint_s`` and at teardown), each record in
-exactly one part (:mod:`streampipe.stages.parquet_parts` has the file protocol). Dedup, labels and
+exactly one part (:mod:`streampipe.stages.builtins.parquet_parts` has the file protocol). Dedup, labels and
 ``status`` are the same as for JSON lines. Why staging rather than the other two designs:
 
 - the runtime acknowledges a batch as soon as :meth:`process` returns, so rows only buffered in
@@ -96,7 +96,7 @@ from streampipe.stages.seen import HIGH, SeenByOrigin
 from streampipe.stages.state import json_default, load_state, save_state
 
 if TYPE_CHECKING:
-    from streampipe.stages.parquet_parts import Parts
+    from streampipe.stages.builtins.parquet_parts import Parts
 
 try:
     import orjson
@@ -216,7 +216,7 @@ class Consumer(Stage):
         (:meth:`Parts.recover`) and checkpoint at once, as :meth:`setup` does for JSON lines."""
         if (problem := self.option_problems({"format": "parquet"})):
             raise RuntimeError(problem[0][1])
-        from streampipe.stages.parquet_parts import Parts
+        from streampipe.stages.builtins.parquet_parts import Parts
 
         saved = load_state(self.state_path) or {}
         next_part = 0
@@ -328,7 +328,7 @@ class Consumer(Stage):
     def _write_columns(self, fresh: Columns) -> bool:
         """Write ``fresh`` as it is; False if it must go record by record."""
         if self._parts is not None:
-            from streampipe.stages.parquet_parts import to_arrow
+            from streampipe.stages.builtins.parquet_parts import to_arrow
 
             if not len(fresh):
                 return True         # all duplicates: no empty batch in the part
@@ -397,7 +397,7 @@ class Consumer(Stage):
     def _write_parquet(self, fresh: list[Record]) -> list[Record]:
         """Stage ``fresh`` for the next part; a record Arrow cannot convert (or fit to the part's
         schema) is dead-lettered. Returns the records staged."""
-        from streampipe.stages.parquet_parts import conform, to_arrow
+        from streampipe.stages.builtins.parquet_parts import conform, to_arrow
 
         if not fresh:
             return []

@@ -2,7 +2,7 @@
 
 A :class:`ModelFollower` watches a trainer's checkpoint folder (an ``os.scandir`` at most every
 ``poll_seconds``, as the evaluator does) and, when a newer version is committed, loads it with
-:func:`streampipe.stages.checkpoints.load_newest` (size, SHA-256 and ``joblib.load`` checked) and
+:func:`streampipe.stages.builtins.checkpoints.load_newest` (size, SHA-256 and ``joblib.load`` checked) and
 *probes* it: ``predict`` (and ``predict_proba``) on a few rows of the last features scored, or on
 a row of zeros of the width the checkpoint declares. A version that fails to load or to predict
 is skipped with a loguru warning that says why (the exception's type and message, never the
@@ -18,7 +18,7 @@ in. :func:`score` is the scoring itself: predictions, the probabilities when the
 
 >>> import tempfile, pathlib, numpy as np
 >>> from sklearn.linear_model import SGDClassifier
->>> from streampipe.stages import checkpoints
+>>> from streampipe.stages.builtins import checkpoints
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> X = np.array([[0.0, 1.0], [1.0, 0.0]] * 10); y = np.array([1, 0] * 10)
 >>> model = SGDClassifier(loss="log_loss", random_state=0).fit(X, y)
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from streampipe.stages import checkpoints
+from streampipe.stages.builtins import checkpoints
 
 PROBE_ROWS = 8            # rows of real features a new checkpoint must score before it serves
 REASON_CHARS = 200        # an exception message in a log line is cut here: no dumps of data

@@ -13,7 +13,7 @@ batch; a newer committed version is loaded, probed on the last rows scored, and 
 *between two batches*: a batch is scored by one version, every record is scored, the stage
 is not restarted. A version that fails to load (torn, damaged, not a model) or to predict is
 skipped with a logged reason and never tried again; the version in service keeps serving
-(:mod:`streampipe.stages.serving`).
+(:mod:`streampipe.stages.builtins.serving`).
 
 Before the first checkpoint exists the records pass with ``prediction``, ``probabilities`` and
 ``model_version`` set to null, at once: a stream is not held for a model that may take a while
@@ -48,9 +48,9 @@ Options:
     shadow_prefix       put before the field names of the second scorer's answers
 
 >>> import itertools, tempfile, pathlib
->>> from streampipe.stages.generator import Generator
->>> from streampipe.stages.normalizer import Normalizer
->>> from streampipe.stages.trainer import Trainer
+>>> from streampipe.stages.builtins.generator import Generator
+>>> from streampipe.stages.builtins.normalizer import Normalizer
+>>> from streampipe.stages.builtins.trainer import Trainer
 >>> from streampipe.testing import run_stage
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> records = Normalizer().process(list(itertools.islice(Generator(seed=1).generate(), 2000)))
@@ -70,9 +70,9 @@ import numpy as np
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.builtins.learning import Vectoriser
+from streampipe.stages.builtins.serving import ModelFollower, Scores, reason, score
 from streampipe.stages.columns import Column, Columns
-from streampipe.stages.learning import Vectoriser
-from streampipe.stages.serving import ModelFollower, Scores, reason, score
 
 DEFAULT_POLL_S = 0.25    # a new checkpoint serves within this (plus one batch) of its commit
 NOT_BOTH = "give pinned (a version of checkpoint_dir) or shadow_dir (another trainer's), not both"

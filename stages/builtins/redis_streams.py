@@ -57,7 +57,7 @@ from typing import Any
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Sink, Source
-from streampipe.stages.brokers import Backoff, check_url, decode, encode, printable, safe_url
+from streampipe.stages.builtins.brokers import Backoff, check_url, decode, encode, printable, safe_url
 
 KEY = re.compile(r"[^\s]{1,500}")
 CONNECT_TIMEOUT_S = 5.0       # one connection attempt; setup fails after it

@@ -30,7 +30,7 @@ them; only processes of the same user can join it); each has its own ids and buf
 answer closes its connection (``Connection: close``).
 
 The server is one thread with one selector (as :mod:`streampipe.launcher.healthserver`; the plumbing
-it shares with the ``serve`` stage is :mod:`streampipe.stages.httpserver`): at most
+it shares with the ``serve`` stage is :mod:`streampipe.stages.builtins.httpserver`): at most
 :data:`MAX_CONNECTIONS` open, :data:`READ_TIMEOUT_S` to send a request, the body bounded before
 it is read. It binds ``host`` (default 127.0.0.1): anything else is an explicit choice, and ``validate``
 refuses it without a ``token`` (the token travels in clear: put TLS in front, e.g. a reverse
@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from streampipe.stages.api import Record, Source
-from streampipe.stages.httpserver import (
+from streampipe.stages.builtins.httpserver import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
     READ_TIMEOUT_S,

@@ -42,7 +42,7 @@ from typing import Any
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Sink
-from streampipe.stages.brokers import encode
+from streampipe.stages.builtins.brokers import encode
 from streampipe.stages.seen import holdable
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")

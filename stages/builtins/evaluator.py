@@ -3,12 +3,12 @@
 Wire it to the normalizer's ``holdout`` output (records the trainer never learns from). It
 watches the checkpoint folder (an ``os.scandir`` at most every ``poll_seconds``) and switches to
 each new version as it appears; a damaged version is skipped with a warning, as the trainer does
-(:mod:`streampipe.stages.checkpoints`). Until a first checkpoint exists records are counted, not scored.
+(:mod:`streampipe.stages.builtins.checkpoints`). Until a first checkpoint exists records are counted, not scored.
 
 Metrics are over the last ``window`` records scored by the *current* version (the window starts
 empty at each new version): accuracy, F1 (of the second class when binary, macro otherwise) and,
 when the model has ``predict_proba``, log-loss, for a classifier; MAE, RMSE and R2 for a
-regressor. A Page-Hinkley test (:mod:`streampipe.stages.drift`) watches the error of every scored record
+regressor. A Page-Hinkley test (:mod:`streampipe.stages.builtins.drift`) watches the error of every scored record
 (0/1 mistakes, or absolute errors) across versions and logs a warning on drift.
 
 Every ``every`` scored records, and when the version changes (closing the outgoing version's
@@ -31,10 +31,10 @@ Options:
     drift_delta, drift_threshold, drift_min_instances   the Page-Hinkley test's settings
 
 >>> import itertools, json, tempfile, pathlib
->>> from streampipe.stages.generator import Generator
->>> from streampipe.stages.normalizer import Normalizer
+>>> from streampipe.stages.builtins.generator import Generator
+>>> from streampipe.stages.builtins.normalizer import Normalizer
 >>> from streampipe.testing import run_stage
->>> from streampipe.stages.trainer import Trainer
+>>> from streampipe.stages.builtins.trainer import Trainer
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> norm = Normalizer(holdout=0.2)
 >>> records = norm.process(list(itertools.islice(Generator(seed=2).generate(), 6000)))
@@ -59,11 +59,11 @@ from typing import IO, Any
 import numpy as np
 from loguru import logger
 
-from streampipe.stages import checkpoints
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.builtins import checkpoints
+from streampipe.stages.builtins.drift import PageHinkley
+from streampipe.stages.builtins.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
 from streampipe.stages.columns import Columns
-from streampipe.stages.drift import PageHinkley
-from streampipe.stages.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
 from streampipe.stages.state import json_default
 
 # scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports

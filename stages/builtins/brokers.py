@@ -1,7 +1,7 @@
 """What the broker connectors share: payload decoding, capped backoff, an asyncio loop in a thread.
 
-The connectors themselves: :mod:`streampipe.stages.nats_streams` (NATS JetStream) and
-:mod:`streampipe.stages.redis_streams` (Redis / Valkey Streams).
+The connectors themselves: :mod:`streampipe.stages.builtins.nats_streams` (NATS JetStream) and
+:mod:`streampipe.stages.builtins.redis_streams` (Redis / Valkey Streams).
 
 >>> decode(b'{"x": 1}')
 {'x': 1}

@@ -63,7 +63,7 @@ import orjson
 from loguru import logger
 
 from streampipe.stages.api import Batch, Record, Source, Stage
-from streampipe.stages.brokers import Backoff, LoopThread, check_url, decode, encode, printable, safe_url
+from streampipe.stages.builtins.brokers import Backoff, LoopThread, check_url, decode, encode, printable, safe_url
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")             # stream and durable names: no '.', '*', '>' or spaces
 SUBJECT = re.compile(r"[^\s]{1,500}")

@@ -47,7 +47,7 @@ from typing import Any
 from loguru import logger
 
 from streampipe.stages.api import Record, Source
-from streampipe.stages.generator import _csv_record
+from streampipe.stages.builtins.generator import _csv_record
 
 READ_BYTES = 1 << 16     # one read(); lines are cut from it
 LINE_BITS = 32           # id = file << LINE_BITS | line: 4 billion lines a file, 2 billion files within int64

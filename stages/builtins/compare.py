@@ -45,8 +45,8 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.builtins.learning import DIGITS, Ring
 from streampipe.stages.columns import MISSING, Columns
-from streampipe.stages.learning import DIGITS, Ring
 from streampipe.stages.state import json_default
 
 

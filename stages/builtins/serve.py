@@ -2,7 +2,7 @@
 
 A stage with no inputs (a source that never emits), so the supervisor starts, watches and
 restarts it and ``status`` shows it like any other. It follows the checkpoint folder as the
-predictor does (:mod:`streampipe.stages.serving`: at most every ``poll_seconds``, a new version
+predictor does (:mod:`streampipe.stages.builtins.serving`: at most every ``poll_seconds``, a new version
 loaded, checked and probed before it serves, a bad one skipped with the reason logged) and
 answers, on ``host:port`` (default 127.0.0.1), from one thread (:class:`~stages.httpserver.JsonServer`):
 
@@ -56,7 +56,7 @@ import numpy as np
 import orjson
 
 from streampipe.stages.api import Record, Source
-from streampipe.stages.httpserver import (
+from streampipe.stages.builtins.httpserver import (
     Answer,
     JsonServer,
     Request,
@@ -65,8 +65,8 @@ from streampipe.stages.httpserver import (
     load_token,
     open_port_problems,
 )
-from streampipe.stages.learning import Vectoriser
-from streampipe.stages.serving import ModelFollower, Served, holdout_scores, score
+from streampipe.stages.builtins.learning import Vectoriser
+from streampipe.stages.builtins.serving import ModelFollower, Served, holdout_scores, score
 from streampipe.stages.state import atomic_write, json_default
 
 DEFAULT_POLL_S = 0.25        # a new checkpoint serves within this (plus its load) of its commit
