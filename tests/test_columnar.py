@@ -112,8 +112,7 @@ class Pass(Stage):
 
 def test_malformed_columnar_input_is_counted_and_dropped(runtime: Any) -> None:  # noqa: F811 - the imported fixture
     rt, _ = runtime
-    rt.stage = Pass()
-    rt.processor = Processor(rt.stage)
+    rt.inputs.processor = Processor(Pass())     # the fixture's runtime, its batches given to a columnar stage
     rt.spec.max_message_bytes = 1 << 20
     good = columnar_frames()
     rt.handle([good[0], good[1][:5], *good[2:]])

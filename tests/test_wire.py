@@ -221,7 +221,7 @@ def test_malformed_input_is_counted_and_dropped(runtime: Any) -> None:
     rt.handle([b"\x00junk"])
     rt.handle(frames())
     assert rt.rejects.counts == {"input": 2} and rt.records_in == 2
-    assert set(rt.acks_out) <= PEERS and not rt.ack_socks
+    assert set(rt.acks_out) <= PEERS and not rt.acks.socks
     assert beat()["malformed"] == 2
 
 
@@ -229,9 +229,9 @@ def test_ack_sockets_only_towards_peers_and_closed_when_they_go(runtime: Any) ->
     rt, _ = runtime
     rt.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed at once
     rt.flush_acks()
-    assert set(rt.ack_socks) == {PEER}
+    assert set(rt.acks.socks) == {PEER}
     rt.set_ack_peers(["ipc:///run/a.generator.1"])
-    assert not rt.ack_socks, "the socket towards a sender that is gone is closed"
+    assert not rt.acks.socks, "the socket towards a sender that is gone is closed"
 
 
 def test_batches_over_the_size_limit_are_split_and_an_oversized_record_dead_lettered(runtime: Any) -> None:

@@ -15,7 +15,7 @@ Sockets of one replica::
 
 Delivery ``at-least-once``: a sender keeps every batch until its receiver acknowledges it and
 resends it, to the same replica, when the ack is late (the receiver died with it queued, or is
-slow); a receiver drops a copy of a batch it has taken already (:meth:`StageRuntime.copy_of_seen`). A transform acknowledges an
+slow); a receiver drops a copy of a batch it has taken already (:meth:`AckLedger.copy_of_seen`). A transform acknowledges an
 input batch only once every batch it produced from it is acknowledged downstream, so an ack at
 the source means the record reached the sink. ``max_inflight`` unacknowledged batches per edge
 bound memory and give backpressure. Delivery ``at-most-once`` skips all of that.
@@ -35,13 +35,20 @@ then keeps that origin's ids exactly; ``ids_out_of_order`` in its stats) and dea
 whose id is below the watermark it already announced: a sink would take it for a duplicate.
 Records without an integer id do not take part.
 
-The package, one module per part::
+The package, one module per part (each owns its state; the loop wires them)::
 
     tunables.py    every timing and size limit, with why
     tokens.py      InToken, Taken, Mark: what the ack ledger counts
-    outputs.py     OutBatch, Link, Edge, id partitioning (split_by_id)
-    counters.py    the error log and stats values
-    loop.py        StageRuntime: the poller, inputs, acks, the source cursor, control
+    loop.py        StageRuntime: the poller, the stop, the end of the stream, acks in, state saves
+    control.py     ControlLink: the DEALER to the supervisor (tell up, read down)
+    inputs.py      Inputs: the PULL socket, copies dropped, ``process`` per batch, the drain
+    router.py      Router: which output edge each record goes to
+    outputs.py     OutBatch, Link, Edge, id partitioning (split_by_id): what goes out, resent, acked
+    producer.py    Producer: a source's one pull path (records or columns) and its cuts
+    cursor.py      SourceCursor: a source's positions, what is committed, origin and watermark
+    ledger.py      AckLedger: what is owed upstream, held acks of a stateful transform, end of stream
+    acksocks.py    AckSockets: where acks may go, one PUSH per sender
+    counters.py    Counters (the one ``reject``), the error log, the stage's stats for the heartbeat
     bootstrap.py   main(): signals, death signal, gc tuning, logging, restore
 """
 

@@ -20,11 +20,9 @@ from loguru import logger
 from streampipe._rotating import watch_stdio
 from streampipe.stages import fence, wire
 from streampipe.stages.api import StageContext
-from streampipe.stages.delivery import Delivered
 from streampipe.stages.registry import load_stage
 from streampipe.stages.runtime.loop import StageRuntime
 from streampipe.stages.runtime.tunables import ADOPT_WAIT_S, EXIT_CRASH, EXIT_OK, EXIT_START_FAILED, GC_GEN0
-from streampipe.stages.seen import SeenByOrigin
 from streampipe.stages.spec import DUMP_STACK_SIGNAL, StageSpec
 from streampipe.stages.state import load_replica_state, read_layout
 
@@ -154,7 +152,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         rt = StageRuntime(spec, stage)
         stage.context.beat = rt.keepalive
         if host is not None:
-            rt.on_tell = host.on_tell
+            rt.control.on_tell = host.on_tell
         rt.tell("hello")
         saved = restore_point(spec) if rt.source else load_replica_state(rt.state_path.parent, spec.name, spec.replica)
         if saved is not None:
@@ -165,12 +163,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
                     host.idle(stop_requested)
                 rt.close()
                 return EXIT_OK
-            stage.restore(saved.get("state") or {})
-            if rt.source:
-                rt.cursor.restore(saved)
-            elif rt.ledger.ackpoints is not None:
-                rt.ledger.ackpoints.restore(saved.get("acked") or [])
-                rt.applied_ids = Delivered(seen=SeenByOrigin.from_state(saved.get("ids") or {}), repeats=True)
+            rt.restore(saved)
         rt.bind()
         stage.setup()
         tune_gc()

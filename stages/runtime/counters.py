@@ -114,3 +114,37 @@ class Counters:
                 "dead_letters_dropped": self.dead_letters.dropped if self.dead_letters is not None else 0,
                 "resent": self.resent, "copies_dropped": self.copies_dropped,
                 "latency_ms": round(self.lat_ewma_ms, 3), "latency_buckets": self.lat_buckets, "batches": self.batches}
+
+
+class StageStats:
+    """A stage's own ``stats()`` as msgpack can carry it, for the heartbeat. A problem is reported
+    once (the stage's last error and a warning) and the heartbeat goes on: a heartbeat that
+    cannot be sent gets the stage killed as hung."""
+
+    def __init__(self, stage: Any, counters: Counters) -> None:
+        self.stage, self.counters = stage, counters
+        self.reported = False
+
+    def read(self) -> dict[str, Any]:
+        try:
+            stats = self.stage.stats()
+            if not isinstance(stats, dict):
+                raise TypeError(f"returned a {type(stats).__name__}, not a dict")
+        except Exception as exc:
+            return self.problem(f"stats() failed: {type(exc).__name__}: {exc}", {"stats_error": str(exc)[:200]})
+        try:
+            size = len(wire.packb(stats))
+        except Exception as exc:
+            stats = {str(k): _packable(v) for k, v in stats.items()}
+            size = len(wire.packb(stats))
+            self.problem(f"stats() returned what msgpack cannot carry ({exc}); its values are sent as text", stats)
+        if size > wire.STATS_MAX_BYTES:
+            return self.problem(f"stats() is {size} bytes packed, over {wire.STATS_MAX_BYTES}: not sent", {})
+        return stats
+
+    def problem(self, problem: str, stats: dict[str, Any]) -> dict[str, Any]:
+        if not self.reported:
+            self.reported = True
+            self.counters.note_error(problem)
+            logger.warning(problem)
+        return stats

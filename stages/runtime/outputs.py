@@ -325,6 +325,16 @@ class Edge:
             ob.link = link
             link.outq.append(ob)
 
+    def hold(self, batch: list[Record] | Columns, now: float) -> None:
+        """A source's records routed here, held until the next cut (``max_batch``, ``linger_ms``
+        or the stream's end: :meth:`flush_pending`)."""
+        if not self.pending_n:
+            self.pending_since = now
+        if isinstance(batch, Columns):
+            self.pending_cols.append(batch)
+        else:
+            self.pending.extend(batch)
+
     def flush_pending(self, parent: Mark | None, stamp: tuple[str | None, int | None]) -> None:
         if self.pending:
             records, self.pending = self.pending, []
