@@ -534,18 +534,19 @@ def logs(stage: str | None = typer.Argument(None, help="Only this stage (all rep
 @app.command()
 def graph(config: Path = ConfigOpt,
           fmt: str = typer.Option("mermaid", "--format", help="mermaid or dot"),
-          png: Path | None = typer.Option(None, "--png", help="Also render the diagram to this PNG file.")) -> None:
-    """Print the pipeline's topology (stages, replicas, edges) as Mermaid or Graphviz dot."""
+          png: Path | None = typer.Option(None, "--png", help="Draw the diagram to this PNG file instead (prints only where).")) -> None:
+    """Print the pipeline's topology (stages, replicas, edges) as Mermaid or Graphviz dot, or draw it (--png)."""
     from streampipe.launcher.graph import render_png, to_dot, to_mermaid
 
     cfg = _config(config, check_stages=False)   # the topology needs no stage code
     if fmt not in ("mermaid", "dot"):
         _err().print("error: --format is mermaid or dot")
         raise typer.Exit(2)
-    print(to_mermaid(cfg) if fmt == "mermaid" else to_dot(cfg))
-    if png is not None:
-        render_png(cfg, png)
-        _err().print(f"wrote {png}")
+    if png is None:
+        print(to_mermaid(cfg) if fmt == "mermaid" else to_dot(cfg))
+        return
+    render_png(cfg, png)
+    _console().print(f"wrote {png}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Every stage is a node labelled with its name, its type and its replicas (``normalizer ×2``);
 every edge is an arrow, labelled with the output it reads when that is a named one
-(``holdout``). Sources are drawn rounded, the rest as boxes.
+(``holdout``), or ``default`` too when a named edge joins the same two stages. Sources are drawn
+rounded, the rest as boxes; in the PNG, edges between the same two stages bend apart.
 
 ``render_png`` uses Graphviz's ``dot`` when it is on ``PATH`` and otherwise draws the graph
 with matplotlib (a layered layout: a stage's layer is its longest distance from a source; the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +40,14 @@ def _mermaid_id(name: str) -> str:
     return f"stage_{safe}" if safe in _MERMAID_RESERVED or safe != name or not safe[:1].isalpha() else safe
 
 
+def edge_labels(cfg: Any) -> list[tuple[Any, str | None]]:
+    """Each edge with its label: the output it reads, or None for a lone ``default`` edge (beside a
+    named edge between the same two stages, ``default`` is named too, so each of the two says which)."""
+    edges = cfg.edges()
+    pairs = Counter((e.src, e.dest) for e in edges)
+    return [(e, None if e.output == "default" and pairs[e.src, e.dest] == 1 else e.output) for e in edges]
+
+
 def to_mermaid(cfg: Any) -> str:
     """A Mermaid flowchart of the pipeline (paste into Markdown inside a ```mermaid block)."""
     sources = _sources(cfg)
@@ -47,8 +57,8 @@ def to_mermaid(cfg: Any) -> str:
         text = f"{title}<br/>{sub}".replace('"', "#quot;")
         shape = f'(["{text}"])' if name in sources else f'["{text}"]'
         out.append(f"    {_mermaid_id(name)}{shape}")
-    for e in cfg.edges():
-        arrow = "-->" if e.output == "default" else f"-->|{e.output}|"
+    for e, text in edge_labels(cfg):
+        arrow = "-->" if text is None else f"-->|{text}|"
         out.append(f"    {_mermaid_id(e.src)} {arrow} {_mermaid_id(e.dest)}")
     return "\n".join(out) + "\n"
 
@@ -69,8 +79,8 @@ def to_dot(cfg: Any) -> str:
         extra = ', fillcolor="#e6f4ea", color="#3a8a4a", shape=box' if name in sources else ""
         label = _dot_str(title)[:-1] + "\\n" + _dot_str(sub)[1:]      # DOT's own line break: \n
         out.append(f"    {_dot_str(name)} [label={label}{extra}];")
-    for e in cfg.edges():
-        label = "" if e.output == "default" else f" [label={_dot_str(e.output)}]"
+    for e, text in edge_labels(cfg):
+        label = "" if text is None else f" [label={_dot_str(text)}]"
         out.append(f"    {_dot_str(e.src)} -> {_dot_str(e.dest)}{label};")
     out.append("}")
     return "\n".join(out) + "\n"
@@ -117,7 +127,26 @@ def render_png(cfg: Any, path: Path, engine: Literal["auto", "dot", "matplotlib"
     _render_matplotlib(cfg, path)
 
 
+EDGE_SPREAD = 0.4       # arc3 bend between two parallel edges (fraction of their chord)
+PORT_GAP = 0.22         # and between their ends on a box (data units; a box is 0.9 high)
+
+
+def edge_bends(n: int, base: float = 0.0) -> list[float]:
+    """The arc3 ``rad`` of each of ``n`` edges between the same two stages: spread around ``base``
+    so that none is drawn over another (``normalizer -> consumer`` by ``default`` and ``holdout``).
+
+    >>> edge_bends(1), edge_bends(2), edge_bends(3, base=0.4)
+    ([0.0], [-0.2, 0.2], [0.0, 0.4, 0.8])
+    """
+    return [round(base + (i - (n - 1) / 2) * EDGE_SPREAD, 6) for i in range(n)]
+
+
 def _render_matplotlib(cfg: Any, path: Path) -> None:
+    figure(cfg).savefig(path, format="png")
+
+
+def figure(cfg: Any) -> Any:
+    """The pipeline drawn by matplotlib (a ``Figure``; ``render_png`` saves it when Graphviz is absent)."""
     # Figure + Agg canvas, not pyplot: no global backend switch, no window, thread-safe enough
     from streampipe.launcher.errors import import_extra
 
@@ -153,16 +182,27 @@ def _render_matplotlib(cfg: Any, path: Path) -> None:
                                     edgecolor="#3a8a4a" if source else "#4a6fa5", linewidth=1.4))
         ax.text(x, y + 0.13, title, ha="center", va="center", fontsize=10, fontweight="bold")
         ax.text(x, y - 0.2, sub, ha="center", va="center", fontsize=8, color="#444444")
-    for e in cfg.edges():
-        (x0, y0), (x1, y1) = pos[e.src], pos[e.dest]
+    parallel: dict[tuple[str, str], list[tuple[Any, str | None]]] = {}     # (src, dest) -> its edges, drawn apart
+    for e, text in edge_labels(cfg):
+        parallel.setdefault((e.src, e.dest), []).append((e, text))
+    for (src, dest), group in parallel.items():
+        (x0, y0), (x1, y1) = pos[src], pos[dest]
         start, end = (x0 + box_w / 2 + 0.05, y0), (x1 - box_w / 2 - 0.05, y1)
+        base = 0.0
         if x1 <= x0:                      # same or earlier layer: go around below
-            start, end = (x0, y0 - box_h / 2 - 0.05), (x1, y1 - box_h / 2 - 0.05)
-        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#555555",
-                                     linewidth=1.2, connectionstyle="arc3,rad=0.0" if x1 > x0 else "arc3,rad=0.4"))
-        if e.output != "default":
-            ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.12, e.output, ha="center", va="bottom",
-                    fontsize=8, color="#7a4a00", style="italic",
+            start, end, base = (x0, y0 - box_h / 2 - 0.05), (x1, y1 - box_h / 2 - 0.05), 0.4
+        for k, (rad, (e, text)) in enumerate(zip(edge_bends(len(group), base), group)):
+            lift = ((len(group) - 1) / 2 - k) * PORT_GAP     # parallel edges leave and reach the boxes apart too
+            a = (start[0], start[1] + lift) if x1 > x0 else (start[0] + lift, start[1])
+            b = (end[0], end[1] + lift) if x1 > x0 else (end[0] + lift, end[1])
+            ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=14, color="#555555", linewidth=1.2,
+                                         connectionstyle=f"arc3,rad={rad:g}", gid=f"edge {src}.{e.output}>{dest}"))
+            if text is None:
+                continue
+            # the curve's midpoint: arc3 bends by rad * the chord, perpendicular to it (half of it at t=0.5)
+            (mx, my), (dx, dy) = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2), (b[0] - a[0], b[1] - a[1])
+            ax.text(mx + rad * dy / 2, my - rad * dx / 2, text, ha="center", va="center",
+                    fontsize=8, color="#7a4a00", style="italic", gid=f"label {src}.{e.output}>{dest}",
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.9})
     ax.text(xlim[0] + 0.15, ylim[1] - 0.15, getattr(cfg, "pipeline", ""), ha="left", va="top", fontsize=11, color="#333333")
-    fig.savefig(path, format="png")
+    return fig

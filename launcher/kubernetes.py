@@ -21,7 +21,19 @@ What is written, per pipeline ``demo`` (objects named ``<pipeline>-<stage>`` in 
   from its consumers, and probes and scrapes on the health port;
 - with ``--service-monitor``, one ServiceMonitor (Prometheus Operator) for the pipeline.
 
-Why no Deployment: streampipe's wire names every sender by stage *and replica index* (sequence
+A ``serve`` stage is the exception: it is stateless (it emits nothing and keeps nothing; the model
+it answers with is the newest checkpoint in the trainer's folder), so it becomes a **Deployment**
+of ``replicas`` pods behind a ClusterIP **Service** on its HTTP port (``http``, plus ``health``),
+each pod run as replica 0 (``--replica 0``: no ordinal needed, none of its ids reach a
+consumer), with an ``emptyDir`` run directory, the trainer's volume mounted read-only for the
+checkpoints (and the evaluator's, when there is one on the same checkpoints, for ``GET /model``'s
+hold-out scores), and its readiness probe on its own ``/readyz`` (ready once a model serves), so
+the Service sends requests only to pods that can answer them. In the pods' ``services.yaml`` it
+binds ``0.0.0.0`` on its ``port``; it must have a ``token`` or a ``token_file`` (the port is open
+to the cluster), and a ``token_file`` is read from the Secret ``<pipeline>-<stage>-token`` (key
+``token``), mounted at :data:`TOKEN_DIR`.
+
+Why no Deployment (but for ``serve``, above): streampipe's wire names every sender by stage *and replica index* (sequence
 numbers, acks and a source's share of the ids are per replica), and ``run-stage`` takes the
 index from the ordinal at the end of the host name. A Deployment's pods have no stable ordinal
 (their random suffix may even end in digits), so two pods could claim one index; a StatefulSet
@@ -36,13 +48,15 @@ hand-edit a file for it. Changed: ``transport: tcp``; ``bind_host: 0.0.0.0`` (pe
 API in ``STREAMPIPE_ADVERTISE_HOST``); per stage with inputs ``address`` (the Service name) and
 ``port`` (the user's, else :data:`DATA_PORT`); per stage with consumers a fixed ``ack_port`` (the
 user's, else :data:`ACK_PORT`) so that NetworkPolicies can name it; with ``security: curve``,
-``keys`` (the Secret's mount); an evaluator's ``checkpoint_dir`` (the trainer's volume, read-only).
+``keys`` (the Secret's mount); an evaluator's, a predictor's and a serve stage's ``checkpoint_dir``
+(the trainer's volume, read-only); a serve stage's ``host``, ``port``, ``token_file`` and ``metrics``.
 
 What cannot map honestly is refused (:class:`ConfigError`, exit 2, with the line): ``restart:
 never`` or ``on-failure`` (Deployments and StatefulSets only restart), a log extractor (it reads
 a run directory's log files, which no pod shares; leave it out with ``--without``), absolute
-output paths (outside the pod's volume), an evaluator reading a trainer of several replicas, and
-names that cannot become Kubernetes names. Settings the kubelet handles its own way are kept and
+output paths (outside the pod's volume), an evaluator (predictor, serve) reading a trainer of several
+replicas, a predictor's ``shadow_dir`` (a second trainer's volume), a serve stage without a token or
+on port 0, and names that cannot become Kubernetes names. Settings the kubelet handles its own way are kept and
 reported as notes (restart backoff and intensity, ``max_cpu_percent`` throttles rather than
 restarts, ``spawn``).
 """
@@ -73,6 +87,7 @@ CLAIM_DIR = "/var/lib/streampipe"          # the pod's volume claim
 RUN_DIR = f"{CLAIM_DIR}/run"
 PEERS_DIR = "/var/lib/streampipe-peers"    # another stage's volume, read-only (the evaluator reads the trainer's)
 KEYS_DIR = "/etc/streampipe/keys"          # the CURVE key Secret
+TOKEN_DIR = "/etc/streampipe/token"        # a serve stage's token Secret (key ``token``)
 RUN_AS = 10001                             # the image's non-root user and group (Dockerfile: USER 10001:10001)
 
 # -- ports: fixed, so that Services and NetworkPolicies can name them ----------------------------------
@@ -91,6 +106,10 @@ PROBE_TIMEOUT_S = 5                        # the health server is a thread of a 
 # The startup probe holds liveness off until /readyz answers, and gives up after the stage's
 # ready_timeout, as the local supervisor does for a stage that never reports READY.
 STARTUP_PERIOD_S = 2
+
+# stages that read a trainer's checkpoint folder (option ``checkpoint_dir``): its volume is mounted in their pods
+READS_CHECKPOINTS = ("evaluator", "predictor", "serve")
+STATELESS = ("serve",)                     # a Deployment behind a ClusterIP Service, not a StatefulSet
 
 STORAGE = "1Gi"                            # per pod run directory, unless --storage says otherwise
 SERVICE_MONITOR_INTERVAL = "15s"           # Prometheus Operator's usual scrape interval
@@ -124,6 +143,13 @@ class StagePlan:
     producers: tuple[str, ...]      # stages it reads from
     consumers: tuple[str, ...]      # stages that read from it
     reads_checkpoints_of: str | None = None   # the evaluator: the trainer whose volume it mounts
+    http_port: int | None = None    # a serve stage: the port its Service forwards requests to
+    reads_metrics_of: str | None = None       # a serve stage: the evaluator whose metrics.jsonl it reads
+    stateless: bool = False         # a Deployment (serve), not a StatefulSet
+
+    def claim_of(self) -> str:
+        """The volume claim of this stage's first pod (a StatefulSet's ``data-<name>-0``)."""
+        return f"data-{self.object_name}-0"
 
 
 @dataclass
@@ -176,6 +202,7 @@ def export(cfg: PipelineConfig, *, image: str, namespace: str | None = None, ser
     plans = _plan(cfg, src, stages, pipeline)
     _refuse(cfg, src, plans)
     notes += _kubelet_notes(cfg, plans)
+    notes += _serve_notes(cfg, plans, pipeline)
     if cfg.security != "curve":
         notes.append("security: none: the data and ack sockets are plaintext inside the cluster; the NetworkPolicies "
                      "admit only each stage's neighbours, and `security: curve` (README, 'Running on Kubernetes') encrypts them")
@@ -186,7 +213,10 @@ def export(cfg: PipelineConfig, *, image: str, namespace: str | None = None, ser
     for plan in plans.values():
         objects.append(_service(meta, plan))
     for plan in plans.values():
-        objects.append(_statefulset(cfg, meta, plan, plans, image=image, digest=digest, storage=storage))
+        if plan.stateless:
+            objects.append(_deployment(cfg, meta, plan, plans, image=image, digest=digest))
+        else:
+            objects.append(_statefulset(cfg, meta, plan, plans, image=image, digest=digest, storage=storage))
     for plan in plans.values():
         objects.append(_network_policy(meta, plan, plans))
     if service_monitor:
@@ -247,20 +277,44 @@ def _plan(cfg: PipelineConfig, src: _Source, stages: list[str], pipeline: str) -
             ack = stage.ack_port or (ACK_PORT if port != ACK_PORT else ACK_PORT + 1)
         if HEALTH_PORT in (port, ack) or (port is not None and port == ack):
             raise src.fail(f"ports must differ: data {port}, ack {ack}, health {HEALTH_PORT}", "stages", name, "port")
-        plans[name] = StagePlan(name, obj, port, ack, tuple(producers[name]), tuple(consumers[name]),
-                                _trainer_of(cfg, src, name, stages))
+        trainer = _trainer_of(cfg, src, name, stages)
+        http_port = _http_port(cfg, src, name) if stage.type in STATELESS else None
+        plans[name] = StagePlan(name, obj, port, ack, tuple(producers[name]), tuple(consumers[name]), trainer,
+                                http_port, _evaluator_of(cfg, name, stages) if http_port else None,
+                                stage.type in STATELESS)
     return plans
 
 
+def _http_port(cfg: PipelineConfig, src: _Source, name: str) -> int:
+    """A serve stage's port, which its Service names: fixed, and not the health port."""
+    port = int(_option(cfg, name, "port"))
+    where = ("stages", name, "options", "port")
+    if port == 0:
+        raise src.fail("port 0 (any free port) cannot be named by a Service: give the serve stage a fixed port", *where)
+    if port == HEALTH_PORT:
+        raise src.fail(f"port {port} is the health port of every pod: give the serve stage another", *where)
+    return port
+
+
+def _evaluator_of(cfg: PipelineConfig, name: str, stages: list[str]) -> str | None:
+    """The evaluator whose metrics file a serve stage reads for ``GET /model`` (same checkpoints and file), if any."""
+    for other in stages:
+        if (cfg.stages[other].type == "evaluator"
+                and _option(cfg, other, "checkpoint_dir") == _option(cfg, name, "checkpoint_dir")
+                and _option(cfg, other, "output") == _option(cfg, name, "metrics")):
+            return other
+    return None
+
+
 def _trainer_of(cfg: PipelineConfig, src: _Source, name: str, stages: list[str]) -> str | None:
-    """The trainer whose checkpoints an evaluator reads (same ``checkpoint_dir``), if any."""
-    if cfg.stages[name].type != "evaluator":
+    """The trainer whose checkpoints an evaluator, a predictor or a serve stage reads (same ``checkpoint_dir``), if any."""
+    if cfg.stages[name].type not in READS_CHECKPOINTS:
         return None
     wanted = _option(cfg, name, "checkpoint_dir")
     for other in stages:
         if cfg.stages[other].type == "trainer" and _option(cfg, other, "checkpoint_dir") == wanted:
             if cfg.stages[other].replicas > 1:
-                raise src.fail(f"the evaluator {name!r} reads the checkpoints of {other!r}, which has {cfg.stages[other].replicas} "
+                raise src.fail(f"the {cfg.stages[name].type} {name!r} reads the checkpoints of {other!r}, which has {cfg.stages[other].replicas} "
                                "replicas; on Kubernetes each replica writes its own volume: set replicas: 1",
                                *src.stage_key(other, "replicas"))
             return other
@@ -293,6 +347,14 @@ def _refuse(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan]) -> N
             raise src.fail("the log extractor reads the log files of a run directory; on Kubernetes each stage logs to its "
                            "pod's stdout (kubectl logs, the cluster's log collector) and has a volume of its own, so it "
                            f"would see nothing: leave it out with --without {name}", "stages", name, "type")
+        if stage.type == "predictor" and stage.options.get("shadow_dir") is not None:
+            raise src.fail("a shadow_dir is a second trainer's folder, on its own volume, which the export does not mount: "
+                           "use pinned (a version of the same trainer), or run the comparison on `streampipe up`",
+                           "stages", name, "options", "shadow_dir")
+        if stage.type in STATELESS and stage.options.get("token") is None and stage.options.get("token_file") is None:
+            raise src.fail("on Kubernetes the serve stage listens on its pod's IP, which every pod of the cluster reaches "
+                           f"through its Service: set token_file (read from the Secret {plans[name].object_name}-token, "
+                           "key token) or token", "stages", name, "options" if stage.options else "type")
         for key in WRITTEN_PATHS.get(stage.type, ()):
             if key in stage.options and Path(str(stage.options[key])).is_absolute():
                 raise src.fail(f"{stage.options[key]!r} is outside the pod's volume (its run directory, {RUN_DIR}): "
@@ -311,6 +373,23 @@ def _kubelet_notes(cfg: PipelineConfig, plans: dict[str, StagePlan]) -> list[str
         if stage.max_cpu_percent is not None:
             notes.append(f"stage {name!r}: max_cpu_percent becomes a CPU limit: the kernel throttles the pod at "
                          f"{stage.max_cpu_percent:g} % instead of restarting it")
+    return notes
+
+
+def _serve_notes(cfg: PipelineConfig, plans: dict[str, StagePlan], pipeline: str) -> list[str]:
+    notes = []
+    for plan in plans.values():
+        if plan.http_port is None:
+            continue
+        name, stage = plan.name, cfg.stages[plan.name]
+        notes.append(f"stage {name!r}: a Deployment of {stage.replicas} pod{'s' if stage.replicas > 1 else ''} behind the "
+                     f"Service {plan.object_name}:{plan.http_port} (POST /predict, GET /model)")
+        if plan.reads_checkpoints_of is not None:
+            notes.append(f"stage {name!r}: its pods run on the node of {plan.reads_checkpoints_of!r}, whose ReadWriteOnce "
+                         "volume holds the checkpoints they serve")
+        if stage.options.get("token") is not None:
+            notes.append(f"stage {name!r}: its token is in the ConfigMap {pipeline!r} in clear: "
+                         f"token_file reads it from the Secret {plan.object_name}-token instead")
     return notes
 
 
@@ -347,15 +426,30 @@ def _pod_config(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan], 
             put(spec, "ack_port", plan.ack_port, f"{where}.ack_port", "fixed, for its NetworkPolicy")
         if plan.reads_checkpoints_of is not None:
             trainer = plans[plan.reads_checkpoints_of]
-            run_dir = Path(RUN_DIR).relative_to(CLAIM_DIR)   # where the trainer's run directory sits in its claim
-            folder = f"{PEERS_DIR}/{trainer.object_name}/{run_dir}/{_option(cfg, trainer.name, 'checkpoint_dir')}"
-            put(spec.setdefault("options", {}), "checkpoint_dir", folder, f"{where}.options.checkpoint_dir",
-                f"the volume of {trainer.name!r}, read-only")
+            put(spec.setdefault("options", {}), "checkpoint_dir", _peer_path(cfg, trainer, "checkpoint_dir"),
+                f"{where}.options.checkpoint_dir", f"the volume of {trainer.name!r}, read-only")
+        if plan.http_port is not None:
+            options = spec.setdefault("options", {})
+            put(options, "host", "0.0.0.0", f"{where}.options.host", "its Service forwards to the pod's IP")
+            put(options, "port", plan.http_port, f"{where}.options.port")
+            if options.get("token_file") is not None:
+                put(options, "token_file", f"{TOKEN_DIR}/token", f"{where}.options.token_file",
+                    f"the Secret {plan.object_name}-token, mounted")
+            if plan.reads_metrics_of is not None:
+                evaluator = plans[plan.reads_metrics_of]
+                put(options, "metrics", _peer_path(cfg, evaluator, "output"), f"{where}.options.metrics",
+                    f"the volume of {evaluator.name!r}, read-only")
     header = [f"# services.yaml of pipeline {cfg.pipeline!r} for its pods, written by `streampipe export kubernetes`",
               f"# from {cfg.path.name}. Changed so that its stages reach each other across pods (nothing else differs;",
               "# the original's comments are not kept). Edit the original and export again rather than this copy.",
               *[f"#   {line}" for line in changes], ""]
     return "\n".join(header) + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def _peer_path(cfg: PipelineConfig, peer: StagePlan, option: str) -> str:
+    """Where a path another stage writes (relative to its run directory) is, in the pods that mount its volume."""
+    run_dir = Path(RUN_DIR).relative_to(CLAIM_DIR)   # where a stage's run directory sits in its claim
+    return f"{PEERS_DIR}/{peer.object_name}/{run_dir}/{_option(cfg, peer.name, option)}"
 
 
 def _network_first(data: dict[str, Any]) -> dict[str, Any]:
@@ -406,9 +500,16 @@ class _Meta:
 
 
 def _service(meta: _Meta, plan: StagePlan) -> dict[str, Any]:
-    """Headless: its DNS name answers with one A record per ready pod, which producers connect to."""
+    """Headless: its DNS name answers with one A record per ready pod, which producers connect to.
+
+    A serve stage's is a ClusterIP Service instead: one address that spreads requests over its ready pods."""
     ports = [{"name": "data", "port": plan.port, "targetPort": "data", "protocol": "TCP"}] if plan.port else []
+    if plan.http_port is not None:
+        ports.append({"name": "http", "port": plan.http_port, "targetPort": "http", "protocol": "TCP"})
     ports.append({"name": "health", "port": HEALTH_PORT, "targetPort": "health", "protocol": "TCP"})
+    if plan.stateless:
+        return meta.object("v1", "Service", plan.object_name, plan, spec={
+            "type": "ClusterIP", "selector": meta.selector(plan), "ports": ports})
     return meta.object("v1", "Service", plan.object_name, plan, spec={
         "clusterIP": "None", "selector": meta.selector(plan), "ports": ports,
         # only ready pods are resolved: a producer never pushes to a receiver whose input is not bound yet
@@ -417,6 +518,37 @@ def _service(meta: _Meta, plan: StagePlan) -> dict[str, Any]:
 
 def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[str, StagePlan], *, image: str,
                  digest: str, storage: str) -> dict[str, Any]:
+    template = _pod_template(cfg, meta, plan, plans, image=image, digest=digest)
+    # a StatefulSet's claim templates cannot change once applied: only the stable selector labels here
+    claim = {"metadata": {"name": "data", "labels": meta.selector(plan)},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage}}}}
+    return meta.object("apps/v1", "StatefulSet", plan.object_name, plan, spec={
+        "serviceName": plan.object_name,
+        "replicas": cfg.stages[plan.name].replicas,
+        # start and stop pods together: stages tolerate absent peers (backpressure), ordering would only be slower
+        "podManagementPolicy": "Parallel",
+        "selector": {"matchLabels": meta.selector(plan)},
+        "template": template,
+        "volumeClaimTemplates": [claim],
+    })
+
+
+def _deployment(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[str, StagePlan], *, image: str,
+                digest: str) -> dict[str, Any]:
+    """A stateless stage (serve): interchangeable pods, its run directory an ``emptyDir``."""
+    template = _pod_template(cfg, meta, plan, plans, image=image, digest=digest)
+    template["spec"]["volumes"].append({"name": "data", "emptyDir": {}})
+    return meta.object("apps/v1", "Deployment", plan.object_name, plan, spec={
+        "replicas": cfg.stages[plan.name].replicas,
+        "selector": {"matchLabels": meta.selector(plan)},
+        # a new pod is ready (a model serves) before an old one goes: a rollout never answers with fewer pods
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": template,
+    })
+
+
+def _pod_template(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[str, StagePlan], *, image: str,
+                  digest: str) -> dict[str, Any]:
     stage = cfg.stages[plan.name]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_PATH, "subPath": "services.yaml", "readOnly": True},
@@ -430,25 +562,38 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
     if cfg.security == "curve":
         mounts.append({"name": "keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append({"name": "keys", "secret": {"secretName": f"{meta.pipeline}-keys", "defaultMode": 0o440}})
+    if plan.http_port is not None and stage.options.get("token_file") is not None:
+        mounts.append({"name": "token", "mountPath": TOKEN_DIR, "readOnly": True})
+        volumes.append({"name": "token", "secret": {"secretName": f"{plan.object_name}-token", "defaultMode": 0o440,
+                                                    "items": [{"key": "token", "path": "token"}]}})
     affinity = None
     if plan.reads_checkpoints_of is not None:
         trainer = plans[plan.reads_checkpoints_of]
         mounts.append({"name": "trainer", "mountPath": f"{PEERS_DIR}/{trainer.object_name}", "readOnly": True})
-        volumes.append({"name": "trainer", "persistentVolumeClaim": {"claimName": f"data-{trainer.object_name}-0", "readOnly": True}})
+        volumes.append({"name": "trainer", "persistentVolumeClaim": {"claimName": trainer.claim_of(), "readOnly": True}})
         # a ReadWriteOnce volume is shared only between pods on one node: run beside the trainer
         affinity = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
             {"labelSelector": {"matchLabels": meta.selector(trainer)}, "topologyKey": "kubernetes.io/hostname"}]}}
+    if plan.reads_metrics_of is not None:     # the evaluator runs beside the trainer too (its own affinity)
+        evaluator = plans[plan.reads_metrics_of]
+        mounts.append({"name": "evaluator", "mountPath": f"{PEERS_DIR}/{evaluator.object_name}", "readOnly": True})
+        volumes.append({"name": "evaluator", "persistentVolumeClaim": {"claimName": evaluator.claim_of(), "readOnly": True}})
     ports = [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}]
+    if plan.http_port is not None:
+        ports.insert(0, {"name": "http", "containerPort": plan.http_port, "protocol": "TCP"})
     if plan.port is not None:
         ports.insert(0, {"name": "data", "containerPort": plan.port, "protocol": "TCP"})
     if plan.ack_port is not None:
         ports.insert(len(ports) - 1, {"name": "ack", "containerPort": plan.ack_port, "protocol": "TCP"})
+    args = ["run-stage", plan.name, "--config", CONFIG_PATH, "--run-dir", RUN_DIR, "--health-port", str(HEALTH_PORT)]
+    if plan.stateless:
+        args[2:2] = ["--replica", "0"]    # a Deployment's pods have no ordinal; each is a whole serve stage
+    # else no --replica: run-stage takes the ordinal at the end of the pod's host name (demo-normalizer-1 -> 1)
     container: dict[str, Any] = {
         "name": "stage",
         "image": image,
         "command": ["streampipe"],
-        # no --replica: run-stage takes the ordinal at the end of the pod's host name (demo-normalizer-1 -> 1)
-        "args": ["run-stage", plan.name, "--config", CONFIG_PATH, "--run-dir", RUN_DIR, "--health-port", str(HEALTH_PORT)],
+        "args": args,
         "env": [
             {"name": "STREAMPIPE_ADVERTISE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -457,7 +602,8 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
         "ports": ports,
         "startupProbe": _probe("/readyz", STARTUP_PERIOD_S, max(1, math.ceil(stage.ready_timeout / STARTUP_PERIOD_S))),
         "livenessProbe": _probe("/healthz", LIVENESS_PERIOD_S, LIVENESS_FAILURES),
-        "readinessProbe": _probe("/readyz", READINESS_PERIOD_S, 1),
+        # a serve pod is ready once a model serves (its own /readyz, no token needed): until then its Service skips it
+        "readinessProbe": _probe("/readyz", READINESS_PERIOD_S, 1, port="http" if plan.http_port else "health"),
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
@@ -479,7 +625,7 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
     }
     if affinity:
         pod_spec["affinity"] = affinity
-    template = {
+    return {
         "metadata": {
             "labels": meta.labels(plan),
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(HEALTH_PORT),
@@ -489,22 +635,10 @@ def _statefulset(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict[
         },
         "spec": pod_spec,
     }
-    # a StatefulSet's claim templates cannot change once applied: only the stable selector labels here
-    claim = {"metadata": {"name": "data", "labels": meta.selector(plan)},
-             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": storage}}}}
-    return meta.object("apps/v1", "StatefulSet", plan.object_name, plan, spec={
-        "serviceName": plan.object_name,
-        "replicas": stage.replicas,
-        # start and stop pods together: stages tolerate absent peers (backpressure), ordering would only be slower
-        "podManagementPolicy": "Parallel",
-        "selector": {"matchLabels": meta.selector(plan)},
-        "template": template,
-        "volumeClaimTemplates": [claim],
-    })
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "health"}, "periodSeconds": period, "failureThreshold": failures,
+def _probe(path: str, period: int, failures: int, port: str = "health") -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures,
             "timeoutSeconds": PROBE_TIMEOUT_S}
 
 
@@ -518,6 +652,8 @@ def _network_policy(meta: _Meta, plan: StagePlan, plans: dict[str, StagePlan]) -
         ingress.append({"from": peers(plan.producers), "ports": [{"protocol": "TCP", "port": plan.port}]})
     if plan.ack_port is not None:
         ingress.append({"from": peers(plan.consumers), "ports": [{"protocol": "TCP", "port": plan.ack_port}]})
+    if plan.http_port is not None:   # requests come from the pipeline's clients, wherever they run (the token admits them)
+        ingress.append({"ports": [{"protocol": "TCP", "port": plan.http_port}]})
     # probes come from the kubelet and scrapes from Prometheus, wherever they run: no peer restriction
     ingress.append({"ports": [{"protocol": "TCP", "port": HEALTH_PORT}]})
     return meta.object("networking.k8s.io/v1", "NetworkPolicy", plan.object_name, plan, spec={

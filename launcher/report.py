@@ -4,7 +4,9 @@ Reads ``<run dir>/metrics.jsonl`` (the evaluator's rows), ``<run dir>/status-his
 (the supervisor's samples, if present) and the checkpoints' metadata, and draws:
 
 - top: the hold-out metrics over time (accuracy / F1 / log-loss, or MAE / RMSE / R2), a dotted
-  line where the evaluated model version changes, a red mark at each drift detection;
+  line where the evaluated model version changes (with more than :data:`MAX_VERSION_LINES`
+  versions, that many lines spread over the run and a tick on the top edge at every change), a
+  red line at each drift detection; the legend beside the plot, where it hides nothing;
 - bottom: the trainer's throughput in records/s, from status-history (records in of the
   trainer's replicas between samples) or, without it, from the checkpoints (records seen
   between two versions).
@@ -23,7 +25,6 @@ run .../tmp...: 6 evaluations, 3000 hold-out records scored, model versions 1..3
 accuracy (hold-out): first 0.8, last 0.85, best 0.85 (version 3)
 drift: 1 point: at 3.0 s (version 2, 2000 records evaluated)
 trainer throughput: 2500 records/s mean while busy, 2500 peak (from checkpoint metadata)
-figure: .../report.png
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from streampipe._rotating import read_json_lines as read_jsonl  # status history
 PRIMARY = {"accuracy": "higher", "mae": "lower", "f1": "higher", "rmse": "lower", "r2": "higher", "log_loss": "lower"}
 SCORES = {"accuracy", "f1", "r2"}          # 0..1, higher is better: they share an axis; losses get the other
 TWIN_COLOURS = {"log_loss": "tab:purple", "r2": "tab:purple", "f1": "tab:brown", "accuracy": "tab:red"}   # apart from the left axis' cycle
-LABEL_VERSIONS_UP_TO = 15   # more version lines than this are drawn unlabelled: the labels would overlap
+MAX_VERSION_LINES = 10      # more version lines than this curtain the plot: a tick each on the top edge, ~10 lines
 
 
 def _trainer_stage(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -108,17 +109,43 @@ def make_report(run_dir: Path, out: Path) -> str:
     names += sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))} - set(names))
     primary = names[0] if names else None
     _draw(rows, rate, names, t0, out, title=f"{run_dir.resolve().parent.name}/{run_dir.name}: hold-out metrics")
-    return _summary(run_dir, rows, rate, primary, t0, out, source)
+    return _summary(run_dir, rows, rate, primary, t0, source)
+
+
+def version_lines(changes: list[tuple[float, Any]]) -> list[tuple[float, Any]]:
+    """The (time, version) changes drawn as labelled lines: all of up to :data:`MAX_VERSION_LINES`,
+    else that many spread evenly from the first to the last.
+
+    >>> [v for _, v in version_lines([(float(i), i + 1) for i in range(100)])]
+    [1, 12, 23, 34, 45, 56, 67, 78, 89, 100]
+    >>> len(version_lines([(0.0, 1), (5.0, 2)]))
+    2
+    """
+    if len(changes) <= MAX_VERSION_LINES:
+        return changes
+    step = (len(changes) - 1) / (MAX_VERSION_LINES - 1)
+    return [changes[round(i * step)] for i in range(MAX_VERSION_LINES)]
 
 
 def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: list[str], t0: float, out: Path,
           title: str) -> None:
+    fig = figure(rows, rate, names, t0, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)
+
+
+def figure(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: list[str], t0: float, title: str) -> Any:
+    """The report's matplotlib ``Figure``: metrics with version and drift lines above, throughput below."""
     from streampipe.launcher.errors import import_extra
 
-    import_extra("matplotlib", "plot", "streampipe report").use("Agg", force=False)
-    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, nothing global to close
+    import_extra("matplotlib", "plot", "streampipe report")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # a bare Figure on an Agg canvas: no pyplot state, no backend switch
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
     ax, ax_rate = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     times = [r["time"] - t0 for r in rows]
     ax_loss = None
@@ -135,23 +162,27 @@ def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: li
                     linestyle="--" if twin else "-", color=TWIN_COLOURS.get(name, "tab:gray") if twin else None)
     changes = [(times[i], rows[i].get("model_version")) for i in range(len(rows))
                if i == 0 or rows[i].get("model_version") != rows[i - 1].get("model_version")]
-    for t, version in changes:
-        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8)
-        if len(changes) <= LABEL_VERSIONS_UP_TO:
-            ax.annotate(f"v{version}", (t, 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
-                        xytext=(2, -10), textcoords="offset points")
+    thinned = len(changes) > MAX_VERSION_LINES
+    for i, (t, version) in enumerate(version_lines(changes)):
+        ax.axvline(t, color="grey", linestyle=":", linewidth=0.8,
+                   label=None if i else "model version (some)" if thinned else "model version")
+        ax.annotate(f"v{version}", (t, 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
+                    xytext=(2, -10), textcoords="offset points")
+    if thinned:         # every change still shows: a short tick on the top edge
+        ax.plot([t for t, _ in changes], [1.0] * len(changes), linestyle="none", marker="|", markersize=6,
+                color="grey", transform=ax.get_xaxis_transform(), clip_on=False, label="each new version")
     drifts = [(t, r) for t, r in zip(times, rows) if r.get("drift")]  # noqa: B905
     for i, (t, _) in enumerate(drifts):
         ax.axvline(t, color="red", linewidth=1.2, alpha=0.8, label="drift" if i == 0 else None)
     ax.set_ylabel("hold-out score" if names and names[0] in SCORES else "hold-out error")
-    ax.set_title(title)
+    ax.set_title(title, pad=10)          # above the version ticks
     handles, labels = ax.get_legend_handles_labels()
     if ax_loss is not None:
         ax_loss.set_ylabel("loss" if names[0] in SCORES else "score")
         h2, l2 = ax_loss.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    if handles:
-        ax.legend(handles, labels, loc="lower right", fontsize=8)
+    if handles:     # beside the plot, not over it: wherever it sat inside, it hid a drift line or a curve
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     ax.grid(alpha=0.3)
     if rate:
         ax_rate.plot([t - t0 for t, _ in rate], [v for _, v in rate], color="tab:green", linewidth=1.2, marker=".", markersize=3)
@@ -163,14 +194,11 @@ def _draw(rows: list[dict[str, Any]], rate: list[tuple[float, float]], names: li
     ax_rate.set_ylim(bottom=0)
     ax_rate.set_xlabel("seconds since the first evaluation")
     ax_rate.grid(alpha=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, out)
+    return fig
 
 
 def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, float]], primary: str | None,
-             t0: float, out: Path, source: str) -> str:
+             t0: float, source: str) -> str:
     versions = [r["model_version"] for r in rows if isinstance(r.get("model_version"), int)]
     lines = [f"run {run_dir}: {len(rows)} evaluations, {rows[-1].get('records_evaluated', 0)} hold-out records scored, "
              f"model versions {min(versions, default=0)}..{max(versions, default=0)}"]
@@ -198,7 +226,6 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, 
     comparison = compare_line(run_dir / "compare.jsonl")
     if comparison:
         lines.append(comparison)
-    lines.append(f"figure: {out}")
     return "\n".join(lines)
 
 

@@ -355,6 +355,20 @@ def test_check_stage_takes_a_plain_function() -> None:
     assert [r["id"] for r, _ in report.dead_letters] == [9]
 
 
+def test_check_stage_takes_a_factory_of_a_function_as_run_stage_takes_the_function() -> None:
+    """A factory may make a function stage (issue 27: "function has neither process() nor generate()"):
+    checked as it runs in a pipeline, and with the output run_stage gives for the same function."""
+    def add_sum(record, field="x"):
+        return {**record, "sum": sum(record[field])}
+
+    report = check_stage(lambda: add_sum, SAMPLE, bad_records=[{"id": 9, "x": "not numbers"}])
+    assert report.stage.endswith("add_sum") and report.checks == [*ALL_CHECKS, "bad records"] and not report.failed
+    assert report.records == run_stage(add_sum, SAMPLE).records
+    assert [r["id"] for r, _ in report.dead_letters] == [9]
+    with pytest.raises(StageContractError, match="init: int has neither process"):
+        check_stage(lambda: 3, SAMPLE)
+
+
 def test_check_stage_fails_when_good_records_beside_bad_ones_are_dead_lettered() -> None:
     class DropsTheBatch(Counter):
         def process(self, batch):

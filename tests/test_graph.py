@@ -7,7 +7,8 @@ import textwrap
 import pytest
 
 from streampipe.launcher.config import load_config
-from streampipe.launcher.graph import layers, render_png, to_dot, to_mermaid
+from streampipe.launcher.graph import figure, layers, render_png, to_dot, to_mermaid
+from tests.conftest import cli
 
 SERVICES = textwrap.dedent("""\
     pipeline: demo
@@ -95,3 +96,41 @@ def test_without_the_plot_extra_the_error_names_it(cfg, tmp_path):
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "pip install 'streampipe[plot]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not list(tmp_path.glob("*.png"))
+
+
+PARALLEL = SERVICES.replace("type: consumer\n    inputs: [normalizer]", "type: consumer\n    inputs: [normalizer, normalizer.holdout]")
+
+
+def test_parallel_edges_are_drawn_apart_and_each_labelled(tmp_path):
+    """issue 27: normalizer -> trainer by `default` and by `holdout` were two arrows on one line."""
+    path = tmp_path / "services.yaml"
+    path.write_text(PARALLEL)
+    cfg = load_config(path)
+    assert "normalizer -->|default| trainer" in to_mermaid(cfg) and "normalizer -->|holdout| trainer" in to_mermaid(cfg)
+    assert '"normalizer" -> "trainer" [label="default"];' in to_dot(cfg)
+    assert "generator --> normalizer" in to_mermaid(cfg), "a lone default edge stays unlabelled"
+    fig = figure(cfg)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    arrows = {p.get_gid(): p for p in fig.axes[0].patches if (p.get_gid() or "").startswith("edge normalizer.")}
+    labels = {t.get_gid(): t for t in fig.axes[0].texts if (t.get_gid() or "").startswith("label normalizer.")}
+    pair = ["normalizer.default>trainer", "normalizer.holdout>trainer"]
+    assert set(pair) <= {g.removeprefix("edge ") for g in arrows}
+    assert [labels[f"label {e}"].get_text() for e in pair] == ["default", "holdout"]
+    one, two = (labels[f"label {e}"].get_window_extent(renderer) for e in pair)
+    assert not one.overlaps(two), "the two labels sit on their own curves"
+    mids = fig.axes[0].transData.transform([arrows[f"edge {e}"].get_path().vertices.mean(axis=0) for e in pair])
+    assert abs(mids[0] - mids[1]).max() > 10, "the two curves are apart (display pixels)"
+    assert "label generator.default>normalizer" not in {t.get_gid() for t in fig.axes[0].texts}
+
+
+def test_graph_png_prints_only_where_it_wrote(tmp_path):
+    path = tmp_path / "services.yaml"
+    path.write_text(PARALLEL)
+    out = tmp_path / "pipeline.png"
+    proc = cli("graph", "--config", str(path), "--png", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"wrote {out}\n" and "flowchart" not in proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = cli("graph", "--config", str(path), cwd=tmp_path)
+    assert proc.stdout.startswith("flowchart LR") and "wrote" not in proc.stdout + proc.stderr

@@ -338,6 +338,118 @@ def test_notes_for_settings_the_kubelet_owns(tmp_path: Path) -> None:
     assert any("throttles the pod at 50 %" in n for n in notes), notes
 
 
+# -- serving: a Deployment behind a Service ---------------------------------------------------------
+
+# the loop on a cluster: a trainer, an evaluator and a predictor on its checkpoints, and a serve stage
+SERVING = """\
+pipeline: shop
+stages:
+  gen: {type: generator}
+  norm: {type: normalizer, inputs: [gen], options: {holdout: 0.1}}
+  trainer: {type: trainer, inputs: [norm]}
+  evaluator: {type: evaluator, inputs: [norm.holdout]}
+  predictor: {type: predictor, inputs: [norm]}
+  scored: {type: consumer, inputs: [predictor]}
+  api:
+    type: serve
+    replicas: 3
+    options: {port: 8080, token_file: api-token}
+"""
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> tuple[k8s.Export, Path]:
+    folder = tmp_path_factory.mktemp("serving")
+    cfg = load_config(write(folder, SERVING, **{"api-token": "s3cret\n"}))
+    return k8s.export(cfg, image="registry.example/shop:1"), folder
+
+
+def test_serve_is_a_deployment_behind_a_cluster_ip_service(serving: tuple[k8s.Export, Path]) -> None:
+    export, _ = serving
+    validate_all(export.objects)
+    assert "shop-api" not in by_kind(export.objects, "StatefulSet")
+    deployment = by_kind(export.objects, "Deployment")["shop-api"]
+    spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
+    assert spec["replicas"] == 3
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0   # a rollout keeps every pod answering
+    c = container(deployment)
+    # every pod is a whole serve stage: replica 0, not an ordinal a Deployment's pod name does not have
+    assert c["args"][:4] == ["run-stage", "api", "--replica", "0"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "health": k8s.HEALTH_PORT}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}   # ready once a model serves
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}} and mounts["data"]["mountPath"] == k8s.CLAIM_DIR
+    # stateless: the checkpoints are read from where the trainer writes them, its volume, read-only, on its node
+    assert volumes["trainer"]["persistentVolumeClaim"] == {"claimName": "data-shop-trainer-0", "readOnly": True}
+    assert volumes["evaluator"]["persistentVolumeClaim"] == {"claimName": "data-shop-evaluator-0", "readOnly": True}
+    assert mounts["trainer"]["readOnly"] is mounts["evaluator"]["readOnly"] is True
+    [term] = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    assert volumes["token"]["secret"]["secretName"] == "shop-api-token"
+    assert mounts["token"]["mountPath"] == k8s.TOKEN_DIR
+    service = by_kind(export.objects, "Service")["shop-api"]
+    assert service["spec"]["type"] == "ClusterIP" and "clusterIP" not in service["spec"]
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "http": (8080, "http"), "health": (k8s.HEALTH_PORT, "health")}
+    policy = by_kind(export.objects, "NetworkPolicy")["shop-api"]["spec"]
+    assert {r["ports"][0]["port"]: "from" in r for r in policy["ingress"]} == {8080: False, k8s.HEALTH_PORT: False}
+    assert any("a Deployment of 3 pods behind the Service shop-api:8080" in n for n in export.notes), export.notes
+    assert any("run on the node of 'trainer'" in n for n in export.notes), export.notes
+    # the predictor reads the same checkpoints: the trainer's volume in its StatefulSet too
+    predictor = by_kind(export.objects, "StatefulSet")["shop-predictor"]
+    assert {v["name"]: v for v in predictor["spec"]["template"]["spec"]["volumes"]}["trainer"] == volumes["trainer"]
+
+
+def test_serve_pod_config_listens_for_its_service(serving: tuple[k8s.Export, Path], tmp_path: Path) -> None:
+    export, _ = serving
+    deployment = by_kind(export.objects, "Deployment")["shop-api"]
+    mounts = {m["name"]: m["mountPath"] for m in container(deployment)["volumeMounts"]}
+    cfg = yaml.safe_load(export.pod_config)
+    options = cfg["stages"]["api"]["options"]
+    assert options["host"] == "0.0.0.0" and options["port"] == 8080
+    assert options["token_file"] == k8s.TOKEN_DIR + "/token"
+    assert options["checkpoint_dir"] == mounts["trainer"] + "/run/checkpoints"
+    assert options["metrics"] == mounts["evaluator"] + "/run/metrics.jsonl"
+    assert cfg["stages"]["predictor"]["options"]["checkpoint_dir"] == options["checkpoint_dir"]
+    # the pods' file passes validate (a host beyond loopback with a token is allowed), as run-stage will check it
+    checked = load_config(write(tmp_path, export.pod_config))
+    assert checked.stages["api"].replicas == 3 and checked.stages["api"].inputs == []
+
+
+SERVE_REFUSED = [
+    ("serve_without_token", "  api: {type: serve, options: {port: 8080}}\n", 8, "stages.api.options", "set token_file"),
+    ("serve_any_port", "  api: {type: serve, options: {port: 0, token: t}}\n", 8, "stages.api.options.port",
+     "cannot be named by a Service"),
+    ("serve_health_port", f"  api: {{type: serve, options: {{port: {k8s.HEALTH_PORT}, token: t}}}}\n", 8,
+     "stages.api.options.port", "the health port"),
+    ("predictor_shadow_dir", "  pr: {type: predictor, inputs: [gen], options: {shadow_dir: other}}\n", 8,
+     "stages.pr.options.shadow_dir", "use pinned"),
+    ("serve_of_trainer_replicas", "  tr: {type: trainer, inputs: [gen], replicas: 2}\n  api: {type: serve, options: {token: t}}\n",
+     8, "stages.tr.replicas", "the serve 'api' reads the checkpoints of 'tr'"),
+]
+
+
+@pytest.mark.parametrize("name,extra,line,field,needle", SERVE_REFUSED, ids=[r[0] for r in SERVE_REFUSED])
+def test_serve_refused_with_line_and_field(tmp_path: Path, name: str, extra: str, line: int, field: str, needle: str) -> None:
+    cfg = load_config(write(tmp_path, SMALL + extra), check_stages=False)
+    with pytest.raises(ConfigError) as exc:
+        k8s.export(cfg, image="i")
+    assert (exc.value.line, exc.value.field) == (line, field), str(exc.value)
+    assert needle in exc.value.reason
+
+
+def test_serve_inline_token_is_noted(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SMALL + "  api: {type: serve, options: {token: t}}\n"), check_stages=False)
+    export = k8s.export(cfg, image="i")
+    validate_all(export.objects)
+    assert any("its token is in the ConfigMap 'p' in clear" in n for n in export.notes), export.notes
+    assert "token" not in {v["name"] for v in by_kind(export.objects, "Deployment")["p-api"]["spec"]["template"]["spec"]["volumes"]}
+
+
 # -- refusals --------------------------------------------------------------------------------------
 
 SMALL = """\

@@ -152,7 +152,8 @@ def test_health_probes_follow_setup_and_a_hung_process(stages: Stages, tmp_path:
     assert http_get(url + "/healthz")[0] == 200, "starting is not hung"
     wait_for(lambda: http_get(url + "/readyz")[0] == 200, timeout=30, what="/readyz 200 after setup()")
     assert http_get(url + "/healthz")[0] == 200
-    assert "streampipe_up" in http_get(url + "/metrics")[1]
+    # labelled by pipeline as under `up`: two pipelines on one Prometheus do not collide (issue 27)
+    assert metric(http_get(url + "/metrics")[1], "streampipe_up", pipeline="probes", stage="slow", replica="0") == 1
     stages.start("generator", "generator", "--bind-host", "127.0.0.17")
     status, body = wait_for(lambda: (got := http_get(url + "/healthz"))[0] == 503 and got, timeout=30,
                             what="/healthz 503 once process() hangs")

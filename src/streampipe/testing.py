@@ -404,14 +404,18 @@ class _Trial:
             factory = lambda: as_stage(target)   # noqa: E731 - a fresh FunctionStage per instance, as in a pipeline
         self.factory, self.run_dir, self.context, self.volatile = factory, run_dir, context, volatile
         self.batches, self.bad, self.limit = batches, bad, limit
+        self.made_function: str | None = None
         first = self.make(first=True)
         if not named:
-            self.name = type(first).__qualname__    # a factory: name the stage it makes
+            self.name = self.made_function or type(first).__qualname__    # a factory: name the stage it makes
         self.report = StageReport(stage=self.name, source=is_source(first))
         self._sample: _Sample | BaseException | None = None
 
     def make(self, first: bool = False) -> Any:
         stage = self.factory()
+        if _is_function_stage(stage):   # a factory of a function stage: run as in a pipeline (and as run_stage does)
+            self.made_function = getattr(stage, "__qualname__", repr(stage))
+            stage = as_stage(stage)
         if not callable(getattr(stage, "process", None)) and not callable(getattr(stage, "generate", None)):
             problem = f"{type(stage).__name__} has neither process() nor generate()"
             if first:   # nothing else can be checked
