@@ -57,8 +57,8 @@ def to_mermaid(cfg: Any) -> str:
         text = f"{title}<br/>{sub}".replace('"', "#quot;")
         shape = f'(["{text}"])' if name in sources else f'["{text}"]'
         out.append(f"    {_mermaid_id(name)}{shape}")
-    for e, text in edge_labels(cfg):
-        arrow = "-->" if text is None else f"-->|{text}|"
+    for e, label in edge_labels(cfg):
+        arrow = "-->" if label is None else f"-->|{label}|"
         out.append(f"    {_mermaid_id(e.src)} {arrow} {_mermaid_id(e.dest)}")
     return "\n".join(out) + "\n"
 
