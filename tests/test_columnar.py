@@ -115,8 +115,8 @@ def test_malformed_columnar_input_is_counted_and_dropped(runtime: Any) -> None: 
     rt.inputs.processor = Processor(Pass())     # the fixture's runtime, its batches given to a columnar stage
     rt.spec.max_message_bytes = 1 << 20
     good = columnar_frames()
-    rt.handle([good[0], good[1][:5], *good[2:]])
-    rt.handle(good)
+    rt.inputs.handle([good[0], good[1][:5], *good[2:]])
+    rt.inputs.handle(good)
     assert rt.rejects.counts == {"input": 1} and rt.records_in == 3
     sent = rt.edges[0].outq[-1]
     assert len(sent.frames) == 6, "a columnar stage's output leaves as columns"

@@ -217,9 +217,9 @@ def test_unpackable_stats_are_sent_as_text_and_reported_once(runtime: Any) -> No
 
 def test_malformed_input_is_counted_and_dropped(runtime: Any) -> None:
     rt, beat = runtime
-    rt.handle(frames({**HEADER, "ack": "ipc:///tmp/unknown"}))
-    rt.handle([b"\x00junk"])
-    rt.handle(frames())
+    rt.inputs.handle(frames({**HEADER, "ack": "ipc:///tmp/unknown"}))
+    rt.inputs.handle([b"\x00junk"])
+    rt.inputs.handle(frames())
     assert rt.rejects.counts == {"input": 2} and rt.records_in == 2
     assert set(rt.acks_out) <= PEERS and not rt.acks.socks
     assert beat()["malformed"] == 2
@@ -227,7 +227,7 @@ def test_malformed_input_is_counted_and_dropped(runtime: Any) -> None:
 
 def test_ack_sockets_only_towards_peers_and_closed_when_they_go(runtime: Any) -> None:
     rt, _ = runtime
-    rt.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed at once
+    rt.inputs.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed at once
     rt.flush_acks()
     assert set(rt.acks.socks) == {PEER}
     rt.set_ack_peers(["ipc:///run/a.generator.1"])

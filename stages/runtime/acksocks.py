@@ -16,7 +16,7 @@ class AckSockets:
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], peers: list[str], learned: bool, bind_host: str,
                  curve: network.Curve | None) -> None:
-        self.ctx, self.bind_host, self.curve, self.learned = ctx, bind_host, curve, learned
+        self.ctx, self.bind_host, self.curve = ctx, bind_host, curve
         self.peers: frozenset[str] | dict[str, None] = {} if learned else frozenset(peers)
         self.socks: dict[str, zmq.Socket[bytes]] = {}
 

@@ -40,18 +40,27 @@ class ControlLink:
             pass
 
     def read(self) -> Iterator[dict[str, Any]]:
-        """The supervisor's messages queued now, checked; a malformed one is counted and dropped."""
+        """The supervisor's messages queued now, checked."""
         assert self.sock is not None
-        while True:
-            try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                yield wire.read_supervisor_message(wire.single(frames))
-            except wire.Malformed as exc:
-                self.rejects.drop("control", str(exc))
+        return checked_messages(self.sock, self.rejects, "control", lambda frames: wire.read_supervisor_message(wire.single(frames)))
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=500)
+
+
+def checked_messages(sock: zmq.Socket[bytes], rejects: wire.Rejects, kind: str,
+                     read: Callable[[list[bytes]], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every message queued on ``sock`` now, as ``read`` makes it; one it finds malformed
+    (:class:`wire.Malformed`) is counted against ``kind`` and dropped."""
+    while True:
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = read(frames)
+        except wire.Malformed as exc:
+            rejects.drop(kind, str(exc))
+            continue
+        yield msg

@@ -18,7 +18,7 @@ from streampipe.stages.api import Source, Stage, is_source
 from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.runtime.acksocks import AckSockets
-from streampipe.stages.runtime.control import ControlLink
+from streampipe.stages.runtime.control import ControlLink, checked_messages
 from streampipe.stages.runtime.counters import Counters, StageStats
 from streampipe.stages.runtime.cursor import SourceCursor
 from streampipe.stages.runtime.inputs import Inputs
@@ -323,10 +323,6 @@ class StageRuntime:
         return all(len(e.eos_from) >= len(e.endpoints) for e in self.edges)
 
     # -- acks --------------------------------------------------------------------------------
-    def handle(self, frames: list[bytes]) -> None:
-        """One message as if it came off the input socket (tests)."""
-        self.inputs.handle(frames)
-
     def flush_acks(self) -> None:
         self.ledger.flush(self.acks.sock, self.spec.ident)
 
@@ -345,19 +341,8 @@ class StageRuntime:
     def read_acks(self) -> None:
         assert self.ackp is not None
         now = time.monotonic()
-        while True:
-            try:
-                frames = self.ackp.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                msg = wire.read_ack(wire.single(frames))
-                edge = self.edges_by_name.get(msg["e"])
-                if edge is None:
-                    raise wire.Malformed(f"ack for an unknown edge {msg['e'][:80]!r}")
-            except wire.Malformed as exc:
-                self.rejects.drop("ack", str(exc))
-                continue
+        for msg in checked_messages(self.ackp, self.rejects, "ack", self._read_ack):
+            edge = self.edges_by_name[msg["e"]]
             if msg["ep"] != self.epoch:
                 continue  # meant for an earlier incarnation of this replica
             if msg["k"] == wire.EOS_ACK:
@@ -375,6 +360,12 @@ class StageRuntime:
                     self.ledger.resolve(ob.parent)
         if self.cursor.marks:
             self.cursor.advance()
+
+    def _read_ack(self, frames: list[bytes]) -> dict[str, Any]:
+        msg = wire.read_ack(wire.single(frames))
+        if msg["e"] not in self.edges_by_name:
+            raise wire.Malformed(f"ack for an unknown edge {msg['e'][:80]!r}")
+        return msg
 
     # -- state -------------------------------------------------------------------------------
     def snapshot_with_ids(self) -> dict[str, Any]:
