@@ -16,7 +16,7 @@ Then, unless ``check_stages=False`` (commands that only need the run directory),
 ``type`` names is inspected in a short-lived child process (:mod:`streampipe.stages.introspect`; user
 modules and scikit-learn are never imported here): a module that is not found, a name it does
 not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
-a function that does not take one record), a source with inputs, a generator replaying a file with ``replicas > 1``, and ``options`` that the
+a function that does not take one record), a source with inputs, a generator replaying a file or a ``label_join`` with ``replicas > 1``, and ``options`` that the
 stage's ``__init__`` would refuse (unknown key, with a "did you mean" hint; missing required
 argument; a value of the wrong type where annotated). A module that exists but fails when
 imported is *not* a config error: that stage fails to start and ``streampipe status`` shows
@@ -46,7 +46,7 @@ MAX_STAGE_NAME_BYTES = 64   # "i.<name>.<r>" in a fallback socket folder (/tmp/s
 # options of the built-in stages that name what they write (relative to the run directory); the
 # evaluator's checkpoint_dir is read (a trainer's folder, a peer's volume on Kubernetes), not written
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",),
-                                              "sqlite": ("path",)}
+                                              "sqlite": ("path",), "compare": ("output",), "label_join": ("output",)}
 INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"
@@ -356,12 +356,18 @@ def _keys_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
-    """A replayed file is one ordered stream: N replicas would each replay all of it."""
+    """Stages that are one stream by nature: N replicas would each do all of it, or split what must meet."""
     for name, stage in cfg.stages.items():
-        if stage.type == "generator" and stage.options.get("file") and stage.replicas > 1:
-            line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
-            raise ConfigError(f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} "
-                              f"{stage.replicas} times): set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
+        if stage.replicas <= 1:
+            continue
+        if stage.type == "generator" and stage.options.get("file"):
+            why = f"a generator replaying a file runs as one replica (it would replay {stage.options['file']!r} {stage.replicas} times)"
+        elif stage.type == "label_join":
+            why = "label_join runs as one replica (a prediction and its label, split by load, would miss each other)"
+        else:
+            continue
+        line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
+        raise ConfigError(f"{why}: set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
 
 
 def _check_outputs(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:

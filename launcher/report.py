@@ -12,7 +12,8 @@ Reads ``<run dir>/metrics.jsonl`` (the evaluator's rows), ``<run dir>/status-his
   between two versions).
 
 With a ``compare`` sink in the run (``compare.jsonl``), the summary also says how the
-predictor's two sides (A/B, shadow) did on the same records.
+predictor's two sides (A/B, shadow) did on the same records; with a ``label_join`` sink
+(``served.jsonl``), how the served predictions did against the labels that came later.
 
 >>> import json, tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -33,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from streampipe._rotating import files_of
+from streampipe._rotating import files_of, last_row
 from streampipe._rotating import read_json_lines as read_jsonl  # status history rotates
 
 # metric -> which way is better; the first one a run has is the headline (accuracy, else MAE)
@@ -223,10 +224,37 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]], rate: list[tuple[float, 
                      f"(from {source})")
     else:
         lines.append("trainer throughput: no data (no status-history.jsonl and fewer than two checkpoints)")
-    comparison = compare_line(run_dir / "compare.jsonl")
-    if comparison:
-        lines.append(comparison)
+    for line in (compare_line(run_dir / "compare.jsonl"), served_line(run_dir / "served.jsonl")):
+        if line:
+            lines.append(line)
     return "\n".join(lines)
+
+
+def served_line(path: Path) -> str | None:
+    """The ``label_join`` sink's last row as one line (served predictions against late labels), or None.
+
+    >>> import json, tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "served.jsonl"
+    >>> _ = p.write_text(json.dumps({"records": 9000, "matched": 4000, "unscored": 100, "unmatched_predictions": 300,
+    ...     "unmatched_labels": 200, "pending_predictions": 50, "pending_labels": 40, "task": "classification",
+    ...     "model_version": 7, "metrics": {"accuracy": 0.95}, "overall": {"accuracy": 0.93},
+    ...     "versions": {"6": {"matched": 2500, "accuracy": 0.92}, "7": {"matched": 1400, "accuracy": 0.95}}}) + "\\n")
+    >>> print(served_line(p))
+    served (served.jsonl, labels joined later): v7 accuracy 0.95 over 1400 pairs, all versions 0.93 over 3900; 4000 matched (100 before any model), unmatched 300 predictions / 200 labels, waiting 50 / 40
+    """
+    row = last_row(path, lambda r: isinstance(r.get("versions"), dict)) if path.exists() else None
+    if row is None:
+        return None
+    metric = "mae" if row.get("task") == "regression" else "accuracy"
+    version = row.get("model_version")
+    newest = row["versions"].get(str(version), {})
+    overall = row.get("overall", {}).get(metric)
+    scored = sum(v.get("matched", 0) for v in row["versions"].values())
+    head = (f"v{version} {metric} {newest[metric]:.4g} over {newest.get('matched')} pairs, all versions {overall:.4g} "
+            f"over {scored}") if metric in newest and isinstance(overall, (int, float)) else "no scored pairs yet"
+    return (f"served ({path.name}, labels joined later): {head}; {row.get('matched')} matched "
+            f"({row.get('unscored')} before any model), unmatched {row.get('unmatched_predictions')} predictions / "
+            f"{row.get('unmatched_labels')} labels, waiting {row.get('pending_predictions')} / {row.get('pending_labels')}")
 
 
 def compare_line(path: Path) -> str | None:

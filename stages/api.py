@@ -84,6 +84,16 @@ class StageContext:
         p = Path(path)
         return p if p.is_absolute() else self.run_dir / p
 
+    def replica_output(self, path: str | os.PathLike[str]) -> Path:
+        """A file each replica writes its own copy of: :meth:`resolve_output`, and with
+        ``replicas`` > 1 replica N > 0 gets ``<stem>.N<suffix>`` (replica 0 keeps the name).
+
+        >>> StageContext(replica=2, replicas=3, run_dir=Path("/r")).replica_output("out/rows.jsonl").as_posix()
+        '/r/out/rows.2.jsonl'
+        """
+        p = self.resolve_output(path)
+        return p.with_name(f"{p.stem}.{self.replica}{p.suffix}") if self.replicas > 1 and self.replica > 0 else p
+
     def resolve_input(self, path: str | os.PathLike[str]) -> Path:
         """A path the stage reads: relative paths resolve against the config's folder."""
         p = Path(path)

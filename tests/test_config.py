@@ -219,6 +219,10 @@ REFUSED_AT_VALIDATE = [
     ("timeout_nan", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    heartbeat_timeout: .nan"), 9,
      "stages.norm.heartbeat_timeout: Input should be a finite number"),
     ("default_inf", GOOD.replace("stages:", "defaults: {stop_grace: .inf}\nstages:"), 2, "Input should be a finite number"),
+    ("label_join_replicas", GOOD + "  join:\n    type: label_join\n    inputs: [norm]\n    replicas: 2\n", 15,
+     "stages.join.replicas: label_join runs as one replica"),
+    ("label_join_output_out", GOOD + "  join:\n    type: label_join\n    inputs: [norm]\n    options: {output: ../../x.jsonl}\n", 15,
+     "stages.join.options.output: '../../x.jsonl' climbs out of the run directory"),
     ("stage_name_too_long", GOOD.replace("norm", LONG_NAME), 6,
      f"stages.{LONG_NAME}: a stage name of 90 bytes: at most 64, so that its socket paths fit"),
 ]

@@ -29,6 +29,7 @@ from streampipe.stages.builtins.evaluator import Evaluator
 from streampipe.stages.builtins.follow import Follow
 from streampipe.stages.builtins.generator import Generator
 from streampipe.stages.builtins.http_source import HttpSource
+from streampipe.stages.builtins.label_join import LabelJoin
 from streampipe.stages.builtins.log_extractor import LogExtractor
 from streampipe.stages.builtins.normalizer import Normalizer
 from streampipe.stages.builtins.predictor import Predictor
@@ -79,6 +80,7 @@ TRANSFORMS: dict[str, Any] = {
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
     "predictor": lambda tmp: lambda: Predictor(poll_seconds=0),
     "compare": lambda tmp: lambda: Compare(every=100),
+    "label_join": lambda tmp: lambda: LabelJoin(within=5),    # the records are labels: they wait, the MALFORMED lack a time
     "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
@@ -88,7 +90,7 @@ SOURCES: dict[str, Any] = {
     "serve": lambda tmp: lambda: Serve(port=0),
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
-STATEFUL = {"normalizer", "generator", "log_extractor"}   # the others keep their state in files (or have none)
+STATEFUL = {"normalizer", "generator", "log_extractor", "label_join"}   # the others keep their state in files (or have none)
 ACCEPTS_ANY_MAP = {"consumer", "sqlite", "compare"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]

@@ -8,6 +8,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from streampipe.launcher.config import MAX_STAGE_NAME_BYTES
 from tests.conftest import alive, wait_for
 
@@ -44,6 +46,7 @@ def run_dir_files(run_dir: Path) -> set[str]:
     return {str(Path(root, f).relative_to(run_dir)) for root, _, files in os.walk(run_dir) for f in files}
 
 
+@pytest.mark.timeout(360)     # 10 ups: on a loaded machine each takes seconds
 def test_up_kill_down_cycles_leave_nothing_behind(pipeline, tmp_path: Path) -> None:
     """10 x (up, a write 'interrupted' in state/, SIGKILL of the supervisor), then down: the run
     directory holds the same files as after the first cycle, no temp file of an atomic write,

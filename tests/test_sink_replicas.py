@@ -115,10 +115,11 @@ def test_a_killed_transform_duplicates_nothing_across_sink_replicas(pipeline) ->
     kills = 0
     deadline = time.monotonic() + 60
     while len(set(all_ids(p))) < n - 1000 and time.monotonic() < deadline:
-        pid = ready_pid(p, "normalizer", kills % 2) or ready_pid(p, "normalizer", (kills + 1) % 2)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            kills += 1
+        # on a loaded machine a replica takes a while to be back: wait for one rather than skip a turn
+        pid = wait_for(lambda kills=kills: ready_pid(p, "normalizer", kills % 2)
+                       or ready_pid(p, "normalizer", (kills + 1) % 2), timeout=30, what="a normalizer replica ready")
+        os.kill(pid, signal.SIGKILL)
+        kills += 1
         time.sleep(0.3)
     wait_for(lambda: len(set(all_ids(p))) >= n, timeout=120, what=f"{n} distinct ids in the two files")
     p.down()

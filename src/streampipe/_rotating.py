@@ -17,6 +17,9 @@ and :func:`files_of` lists a stream's files oldest first for readers of whole fi
   ``dup2`` it onto fds 1 and 2. Nothing is lost: every write lands wholly in the old inode or in
   the new one. :func:`watch_stdio` does that from a daemon thread, 5 times a second (so a file
   outgrows its limit by at most what the process writes in 0.2 s).
+
+And for the JSON-lines files stages append to (metrics and the like): :func:`last_row` reads the
+last row from the file's end only, :func:`end_torn_line` ends a line a SIGKILL left torn.
 """
 
 from __future__ import annotations
@@ -68,6 +71,43 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
         except FileNotFoundError:   # deleted by retention meanwhile
             pass
     return rows
+
+
+JSON_TAIL_BYTES = 64 * 1024   # the end of a metrics file read for its last rows
+
+
+def last_row(path: Path, match: Callable[[dict[str, Any]], bool] = lambda row: True) -> dict[str, Any] | None:
+    """The last JSON object row of ``path`` that ``match`` accepts, read from the file's end only
+    (None if there is none, or no file). Reads only: a writer going on after a restart first
+    calls :func:`end_torn_line`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - JSON_TAIL_BYTES))
+            tail = f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and match(row):
+            return row
+    return None
+
+
+def end_torn_line(path: Path) -> None:
+    """End a last line torn by a SIGKILL, so that the next row appended starts a line of its own."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, 2)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _stamp_key(name: str) -> tuple[str, int]:

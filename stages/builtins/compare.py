@@ -84,9 +84,7 @@ class Compare(Stage):
         self._file: IO[str] | None = None
 
     def setup(self) -> None:
-        path = self.context.resolve_output(self.output)
-        if self.context.replicas > 1 and self.context.replica > 0:
-            path = path.with_name(f"{path.stem}.{self.context.replica}{path.suffix}")
+        path = self.context.replica_output(self.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
 

@@ -175,10 +175,7 @@ class Consumer(Stage):
     @property
     def path(self) -> Path:
         if self._path is None:
-            p = self.context.resolve_output(self.output)
-            if self.context.replicas > 1 and self.context.replica > 0:
-                p = p.with_name(f"{p.stem}.{self.context.replica}{p.suffix}")
-            self._path = p
+            self._path = self.context.replica_output(self.output)
         return self._path
 
     @property

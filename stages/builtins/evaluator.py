@@ -59,17 +59,23 @@ from typing import IO, Any
 import numpy as np
 from loguru import logger
 
+from streampipe._rotating import end_torn_line, last_row
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.builtins import checkpoints
 from streampipe.stages.builtins.drift import PageHinkley
-from streampipe.stages.builtins.learning import Ring, Vectoriser, classification_metrics, pointwise_log_loss, regression_metrics
+from streampipe.stages.builtins.learning import (
+    Ring,
+    Vectoriser,
+    classification_metrics,
+    pointwise_log_loss,
+    regression_metrics,
+)
 from streampipe.stages.columns import Columns
 from streampipe.stages.state import json_default
 
 # scikit-learn (and joblib) are imported where they are used, not here: `streampipe validate` imports
 # this module to read Evaluator's options, and must stay fast (sklearn costs ~1.7 s; the fork server
 # preloads it for the stages anyway).
-TAIL_BYTES = 64 * 1024   # enough to hold the last rows of metrics.jsonl when resuming counters
 
 
 class Evaluator(Stage):
@@ -118,38 +124,20 @@ class Evaluator(Stage):
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
         self.folder = self.context.resolve_output(self.checkpoint_dir)
-        path = self.context.resolve_output(self.output)
-        if self.context.replicas > 1 and self.context.replica > 0:
-            path = path.with_name(f"{path.stem}.{self.context.replica}{path.suffix}")
-        self.path = path
+        self.path = path = self.context.replica_output(self.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._resume_counters()
         self._file = open(path, "a", encoding="utf-8")
         self.poll(force=True)
 
     def _resume_counters(self) -> None:
-        """Go on from the last complete row; terminate a line torn by a SIGKILL."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - TAIL_BYTES))
-                tail = f.read()
-        except FileNotFoundError:
-            return
-        if tail and not tail.endswith(b"\n"):
-            with open(self.path, "ab") as f:
-                f.write(b"\n")
-        for line in reversed(tail.splitlines()):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                self.records_evaluated = int(row.get("records_evaluated", 0))
-                self.records_received = int(row.get("records_received", 0))
-                self.drift_count = int(row.get("drift_count", 0))
-                return
+        """Go on from the last complete row (a line torn by a SIGKILL is terminated)."""
+        end_torn_line(self.path)
+        row = last_row(self.path)
+        if row is not None:
+            self.records_evaluated = int(row.get("records_evaluated", 0))
+            self.records_received = int(row.get("records_received", 0))
+            self.drift_count = int(row.get("drift_count", 0))
 
     def teardown(self) -> None:
         if self.since_row:

@@ -33,7 +33,6 @@ in. :func:`score` is the scoring itself: predictions, the probabilities when the
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +41,11 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
+from streampipe._rotating import last_row
 from streampipe.stages.builtins import checkpoints
 
 PROBE_ROWS = 8            # rows of real features a new checkpoint must score before it serves
 REASON_CHARS = 200        # an exception message in a log line is cut here: no dumps of data
-METRICS_TAIL_BYTES = 64 * 1024   # the end of metrics.jsonl read for a version's last hold-out row
 
 
 @dataclass(frozen=True)
@@ -179,18 +178,4 @@ class ModelFollower:
 
 def holdout_scores(path: Path, version: int) -> dict[str, Any] | None:
     """The evaluator's last row for ``version`` in its ``metrics.jsonl`` (its end only), or None."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - METRICS_TAIL_BYTES))
-            tail = f.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
-    for line in reversed(tail.splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("model_version") == version:
-            return row
-    return None
+    return last_row(path, lambda row: row.get("model_version") == version)
