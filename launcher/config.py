@@ -112,12 +112,20 @@ class StageConfig(StageSettings):
     # how producers share batches among this stage's replicas: "load" (the least loaded replica
     # takes a new batch) or "id" (records go by blocks of their id, so an id always reaches the
     # same replica, whatever crashed upstream: what a deduplicating sink needs). Default: "id"
-    # for the built-in consumer, "load" for every other stage.
-    partition: Literal["load", "id"] | None = None
+    # for the built-in consumer, "load" for every other stage. "key" (with ``key:``, the record
+    # field): every record of one key reaches the same replica, by the key's group
+    # (:func:`streampipe.stages.keys.replica_of_key`), stably across restarts: what per-key state needs.
+    partition: Literal["load", "id", "key"] | None = None
+    key: str | None = Field(None, min_length=1)
 
     @property
     def partitioned_by_id(self) -> bool:
         return self.partition == "id" or (self.partition is None and self.type == "consumer")
+
+    @property
+    def partition_key(self) -> str | None:
+        """The record field producers split by (``partition: key``), or None."""
+        return self.key if self.partition == "key" else None
 
     @property
     def addresses(self) -> list[str]:
@@ -323,6 +331,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     _check_graph(cfg, index)
     _check_types(cfg, index)
     _check_replay(cfg, index)
+    _check_partition(cfg, index)
     _check_network(cfg, index)
     _check_outputs(cfg, index)
     if check_stages:
@@ -368,6 +377,26 @@ def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
             continue
         line = index.get(("stages", name, "replicas")) or index.get(("defaults", "replicas")) or index.get(("stages", name))
         raise ConfigError(f"{why}: set replicas: 1", file=cfg.path, line=line, field=f"stages.{name}.replicas")
+
+
+def _check_partition(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """``partition: key`` names its field; a ``key:`` is for ``partition: key``; a keyed built-in
+    (``window``) with replicas is partitioned by its own key."""
+    for name, stage in cfg.stages.items():
+        def line(*path: str, name: str = name) -> int | None:
+            return index.get(("stages", name, *path)) or index.get(("stages", name))
+
+        if stage.partition == "key" and stage.key is None:
+            raise ConfigError("partition: key needs the record field to split by: add key: <field>",
+                              file=cfg.path, line=line("partition"), field=f"stages.{name}.key")
+        if stage.key is not None and stage.partition != "key":
+            raise ConfigError("key: is the field of partition: key: add partition: key (or remove key:)",
+                              file=cfg.path, line=line("key"), field=f"stages.{name}.partition")
+        own = stage.options.get("key") if stage.type == "window" else None
+        if stage.type == "window" and stage.replicas > 1 and (stage.partition != "key" or stage.key != own):
+            raise ConfigError(f"a window with replicas must get each key's records in one replica: add partition: key "
+                              f"and key: {own or '<its key option>'}", file=cfg.path, line=line("replicas"),
+                              field=f"stages.{name}.partition")
 
 
 def _check_outputs(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:

@@ -81,7 +81,7 @@ def run_stage_spec(cfg: PipelineConfig, stage: str, replica: int | None, run_dir
                               file=cfg.path, field=f"stages.{e.dest}.port")
         edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=[],
                               addresses=dest.addresses or default_address(e.dest), port=dest.port,
-                              keyed=dest.partitioned_by_id))
+                              keyed=dest.partitioned_by_id, key_field=dest.partition_key))
     if sc.inputs and sc.port is None:
         raise ConfigError(f"{stage!r} has inputs: give it the port its producers reach it at (port: N)",
                           file=cfg.path, field=f"stages.{stage}.port")

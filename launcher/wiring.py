@@ -42,7 +42,7 @@ class Wiring:
         for e in cfg.edges():
             if e.src == rep.stage:
                 edges.append(EdgeSpec(name=e.name, output=e.output, dest=e.dest, endpoints=self.endpoints_of(e.dest),
-                                      keyed=cfg.stages[e.dest].partitioned_by_id))
+                                      keyed=cfg.stages[e.dest].partitioned_by_id, key_field=cfg.stages[e.dest].partition_key))
         tcp = cfg.transport == "tcp"
         return stage_spec(
             cfg, sc, rep.index, len(self.sup.replicas[rep.stage]), self.sup.rd.path, control=self.sup.rd.stages,

@@ -141,6 +141,12 @@ class Stage:
     #: (from a per-record stage upstream) rather than the records converted to columns.
     accepts_records: bool = False
 
+    #: True: every record the stage emits carries an ``id`` of the stage's own making, unique, and
+    #: the same whenever the same output is made again (a window's result: from its key and start).
+    #: The runtime then sends its outputs under an origin of the stage's own with no watermark, so
+    #: a deduplicating sink holds each once, whichever input batch made it after a crash.
+    own_ids: bool = False
+
     context: StageContext
 
     def __init__(self, **options: Any) -> None:

@@ -33,6 +33,7 @@ BUILTINS: dict[str, Builtin] = {
     "serve": Builtin("streampipe.stages.builtins.serve:Serve", source=True),
     "compare": Builtin("streampipe.stages.builtins.compare:Compare"),
     "label_join": Builtin("streampipe.stages.builtins.label_join:LabelJoin"),
+    "window": Builtin("streampipe.stages.builtins.window:Window", ("default", "late")),
     "log_extractor": Builtin("streampipe.stages.builtins.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.builtins.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.builtins.postgres_sink:PostgresSink"),

@@ -24,6 +24,7 @@ class EdgeSpec:
     addresses: list[str] = field(default_factory=list)   # or: names resolved to the replicas (run-stage)
     port: int = 0              # ... and the port they bind
     keyed: bool = False        # dest is partitioned by id: records go to a replica by their id's block
+    key_field: str | None = None   # dest is partitioned by key (``partition: key``): records go by this field's key group
 
 
 @dataclass

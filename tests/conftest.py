@@ -28,6 +28,39 @@ from streampipe.monitor.events import read_events
 
 CLI = [sys.executable, "-m", "streampipe"]
 
+# a user's module, written beside a test's services.yaml (as ``paced.py``): a finite source that
+# yields ``record(i)`` for i < ``total()`` at about ``rate`` a second, resuming at its position
+PACED_SOURCE = '''
+import time
+from streampipe import Source
+
+
+class Paced(Source):
+    def __init__(self, count: int, rate: float = 3000, **options):
+        super().__init__(**options)
+        self.count, self.rate, self.next = count, rate, 0
+
+    def total(self):
+        return self.count
+
+    def setup(self):
+        self.started, self.base = time.monotonic(), self.next
+
+    def generate(self):
+        while self.next < self.total():
+            if self.next - self.base > (time.monotonic() - self.started) * self.rate:
+                yield None
+                continue
+            self.next += 1
+            yield self.record(self.next - 1)
+
+    def snapshot(self):
+        return {"next": self.next}
+
+    def restore(self, state):
+        self.next = state["next"]
+'''
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition",
              detail: Callable[[], str] | None = None) -> Any:

@@ -205,7 +205,8 @@ def test_fuzzed_sockets_of_a_running_pipeline(pipeline, tmp_path: Path) -> None:
                     socks[name].send_multipart(make[name](rng, sent[name]))
                     sent[name] += 1
             time.sleep(1.0)
-        assert p.row("generator")["state"] == "running", "the fuzzing happened while the stream flowed"
+        # running, or blocked by a slow consumer on a loaded machine: not completed, so the stream flowed
+        assert p.row("generator")["state"] in ("running", "blocked"), "the fuzzing happened while the stream flowed"
         gate.with_suffix(".end").touch()
         wait_for(lambda: p.row("generator")["state"] == "completed", timeout=90, what="the stream to complete")
         wait_for(lambda: len(p.output_ids()) >= N, timeout=60, what=f"{N} records at the sink")

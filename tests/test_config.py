@@ -223,6 +223,12 @@ REFUSED_AT_VALIDATE = [
      "stages.join.replicas: label_join runs as one replica"),
     ("label_join_output_out", GOOD + "  join:\n    type: label_join\n    inputs: [norm]\n    options: {output: ../../x.jsonl}\n", 15,
      "stages.join.options.output: '../../x.jsonl' climbs out of the run directory"),
+    ("partition_key_without_key", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    partition: key"), 9,
+     "stages.norm.key: partition: key needs the record field to split by"),
+    ("key_without_partition", GOOD.replace("    inputs: [gen]", "    inputs: [gen]\n    key: user"), 9,
+     "stages.norm.partition: key: is the field of partition: key"),
+    ("window_replicas_unkeyed", GOOD + "  w:\n    type: window\n    inputs: [norm]\n    replicas: 2\n    options: {time: t, size: 5, key: user}\n",
+     15, "stages.w.partition: a window with replicas must get each key's records in one replica: add partition: key and key: user"),
     ("stage_name_too_long", GOOD.replace("norm", LONG_NAME), 6,
      f"stages.{LONG_NAME}: a stage name of 90 bytes: at most 64, so that its socket paths fit"),
 ]

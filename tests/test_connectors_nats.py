@@ -67,13 +67,20 @@ class Client:
 
     def read_all(self, stream: str) -> list[dict[str, Any]]:
         from nats.js.api import AckPolicy, ConsumerConfig
+        from nats.js.errors import ServiceUnavailableError
 
         async def go() -> list[dict[str, Any]]:
             sub = await self.js.pull_subscribe(">", durable=None, stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
             out = []
             total = (await self.js.stream_info(stream)).state.messages
+            deadline = asyncio.get_running_loop().time() + 100
             while len(out) < total:
-                out.extend(orjson.loads(m.data) for m in await sub.fetch(1000, timeout=5))
+                try:
+                    out.extend(orjson.loads(m.data) for m in await sub.fetch(1000, timeout=5))
+                except ServiceUnavailableError:      # a server just restarted: JetStream not ready yet (503)
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             await sub.unsubscribe()
             return out
         return list(self.run(go(), 120))

@@ -36,6 +36,7 @@ from streampipe.stages.builtins.predictor import Predictor
 from streampipe.stages.builtins.serve import Serve
 from streampipe.stages.builtins.sqlite_sink import SqliteSink
 from streampipe.stages.builtins.trainer import Trainer
+from streampipe.stages.builtins.window import Window
 from streampipe.stages.delivery import ExactSink
 from streampipe.stages.registry import BUILTINS, load_target
 from streampipe.testing import StageContractError, StageReport, check_stage, run_stage
@@ -80,7 +81,8 @@ TRANSFORMS: dict[str, Any] = {
     "evaluator": lambda tmp: lambda: Evaluator(every=50),
     "predictor": lambda tmp: lambda: Predictor(poll_seconds=0),
     "compare": lambda tmp: lambda: Compare(every=100),
-    "label_join": lambda tmp: lambda: LabelJoin(within=5),    # the records are labels: they wait, the MALFORMED lack a time
+    "label_join": lambda tmp: lambda: LabelJoin(within=5),
+    "window": lambda tmp: lambda: Window(time="t", size=0.01, aggregate={"n": "count", "y": "sum:y"}),    # the records are labels: they wait, the MALFORMED lack a time
     "readme:Enricher": readme_stage,
 }
 SOURCES: dict[str, Any] = {
@@ -90,7 +92,7 @@ SOURCES: dict[str, Any] = {
     "serve": lambda tmp: lambda: Serve(port=0),
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
-STATEFUL = {"normalizer", "generator", "log_extractor", "label_join"}   # the others keep their state in files (or have none)
+STATEFUL = {"normalizer", "generator", "log_extractor", "label_join", "window"}   # the others keep their state in files (or have none)
 ACCEPTS_ANY_MAP = {"consumer", "sqlite", "compare"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]

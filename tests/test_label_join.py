@@ -20,7 +20,7 @@ import pytest
 
 from streampipe.stages.builtins.label_join import LabelJoin
 from streampipe.testing import check_stage
-from tests.conftest import wait_for
+from tests.conftest import PACED_SOURCE, wait_for
 
 
 def reference(predictions: list[dict[str, Any]], labels: list[dict[str, Any]], within: float, lateness: float,
@@ -152,8 +152,8 @@ def test_a_regressor_is_scored_by_mae_and_rmse_and_the_contract_holds() -> None:
 
 
 LABELS = '''
-import itertools, time
-from streampipe import Source
+import itertools
+from paced import Paced
 from streampipe.stages.builtins.generator import Generator
 
 
@@ -171,29 +171,21 @@ def plan(count, seed, extra=60):
     return sorted(out)
 
 
-class Labels(Source):
+class Labels(Paced):
     def __init__(self, count: int, seed: int, rate: float = 3000):
-        super().__init__()
-        self.count, self.seed, self.rate, self.next = count, seed, rate, 0
+        super().__init__(count, rate)
+        self.seed = seed
 
     def setup(self):
+        super().setup()
         self.plan = plan(self.count, self.seed)
-        self.started, self.base = time.monotonic(), self.next
 
-    def generate(self):
-        while self.next < len(self.plan):
-            if self.next - self.base > (time.monotonic() - self.started) * self.rate:
-                yield None
-                continue
-            at, ref, y = self.plan[self.next]
-            self.next += 1
-            yield {"id": self.next - 1, "ref": ref, "y": y, "at": at}
+    def total(self):
+        return len(self.plan)
 
-    def snapshot(self):
-        return {"next": self.next}
-
-    def restore(self, state):
-        self.next = state["next"]
+    def record(self, j):
+        at, ref, y = self.plan[j]
+        return {"id": j, "ref": ref, "y": y, "at": at}
 '''
 
 PIPELINE = """
@@ -218,6 +210,7 @@ stages:
 def test_a_pipeline_scores_its_predictions_by_late_labels_exactly_through_sigkills(pipeline) -> None:
     count = 24000
     p = pipeline(PIPELINE.replace("COUNT", str(count)))
+    (p.folder / "paced.py").write_text(PACED_SOURCE)
     (p.folder / "latelabels.py").write_text(LABELS)
     p.up()
     for kill in range(3):

@@ -38,6 +38,10 @@ class Inputs:
         self.spec, self.acked, self.counters, self.ledger, self.acks = spec, acked, counters, ledger, acks
         self.rejects, self.processor, self.journal, self.router, self.edges = rejects, processor, journal, router, edges
         self.on_origin = on_origin
+        # a stage that makes its output ids itself (``own_ids``: a window's, from its key and start)
+        # sends them under an origin of its own and no watermark: a result made again after a crash,
+        # whichever input batch closed it this time, is the same (origin, id) to a deduplicating sink
+        self.own_stamp = (f"{spec.name}.ids/0", None) if getattr(router.stage, "own_ids", False) else None
         # a stateful transform keeps the ids it has applied, per origin, saved with its snapshot:
         # a record sent again by a restarted upstream stage (in a batch of another sender life) is not applied twice
         self.applied_ids = Delivered(repeats=True) if stateful else None
@@ -198,7 +202,7 @@ class Inputs:
             self.applied_ids.commit_ids(new_ids)    # type: ignore[union-attr]
         if outcome.rejected:
             self.counters.error_log.report(outcome)
-        self.router.emit(outcome.records, token, stamp)
+        self.router.emit(outcome.records, token, self.own_stamp or stamp)
         if token is not None and token.outstanding == 0:
             self.ledger.queue_ack(token)
 

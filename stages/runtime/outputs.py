@@ -1,10 +1,11 @@
 """The sending side: batches (:class:`OutBatch`), one :class:`Link` per receiving replica, one
-:class:`Edge` per output edge (least-loaded choice, resend to the same link, FENCE), id partitioning."""
+:class:`Edge` per output edge (least-loaded choice, resend to the same link, FENCE), id and key partitioning."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import zmq
 from streampipe.stages import network, wire
 from streampipe.stages.api import Record
 from streampipe.stages.columns import Columns
+from streampipe.stages.keys import BadKey, replica_of_key
 from streampipe.stages.runtime.tokens import InToken, Mark
 from streampipe.stages.runtime.tunables import RECONNECT_IVL_MS, ZERO_COPY_BYTES
 from streampipe.stages.spec import EdgeSpec, StageSpec
@@ -69,6 +71,38 @@ def split_by_id(records: list[Record] | Columns, n: int) -> list[tuple[int | Non
     for r in records:
         i = r.get("id")
         groups.setdefault(replica_of_id(i, n) if type(i) is int else None, []).append(r)
+    return list(groups.items())
+
+
+def split_by_key(records: list[Record] | Columns, key_field: str, n: int,
+                 reject: Callable[[Any, str], None]) -> list[tuple[int, list[Record] | Columns]]:
+    """``records`` split by the replica (of ``n``) their key's group goes to
+    (:func:`streampipe.stages.keys.replica_of_key`); a record without the key, or with one that
+    cannot be hashed alike everywhere, is handed to ``reject`` with the reason."""
+    if isinstance(records, Columns):
+        column = records.data.get(key_field)
+        if column is not None and len(column) == len(records):
+            try:
+                owners = np.fromiter((replica_of_key(k, n) for k in list(column)), dtype=np.int64, count=len(records))
+            except BadKey:
+                owners = None
+            if owners is not None:
+                first = int(owners[0]) if len(owners) else 0
+                if bool((owners == first).all()):
+                    return [(first, records)] if len(records) else []
+                return [(int(j), records.take(owners == j)) for j in np.unique(owners).tolist()]
+        records = records.to_records()
+    groups: dict[int, list[Record]] = {}
+    for r in records:
+        if key_field not in r:
+            reject(r, f"no key field {key_field!r} (the next stage is partitioned by it: partition: key)")
+            continue
+        try:
+            owner = replica_of_key(r[key_field], n)
+        except BadKey as exc:
+            reject(r, f"field {key_field!r}: {exc}")
+            continue
+        groups.setdefault(owner, []).append(r)
     return list(groups.items())
 
 
@@ -158,6 +192,8 @@ class Edge:
         self.wiring, self.name, self.output, self.dest = wiring, spec.name, spec.output, spec.dest
         self.immediate = immediate
         self.keyed = spec.keyed and wiring.acked        # records go to a replica by their id's block
+        self.key_field = spec.key_field                 # ... or by their key's group (partition: key)
+        self.by_index: list[Link] = []              # the links in replica order: a key group's owner
         self.links: dict[str, Link] = {}
         self.by_key: list[Link] = []                # the links in the order every sender agrees on
         self.endpoints: list[str] = []
@@ -224,6 +260,7 @@ class Edge:
                 link.close(linger=0)
         self.endpoints = list(endpoints)
         self.by_key = [self.links[ep] for ep in sorted(self.links)]
+        self.by_index = [self.links[ep] for ep in endpoints]
 
     def lowest_unacked(self) -> int:
         """The lowest seq of this edge not acknowledged yet (the next one when all are): every
@@ -279,6 +316,10 @@ class Edge:
         A batch whose payload is over the receivers' ``max_message_bytes`` (they would refuse it)
         is cut in halves; a single record over it goes to the dead-letter file.
         """
+        if self.key_field is not None and len(self.by_index) > 1:
+            for owner, part in split_by_key(records, self.key_field, len(self.by_index), self.wiring.counters.reject):
+                self._cut(part, parent, stamp, self.by_index[owner])
+            return
         if self.keyed and len(self.by_key) > 1:
             for k, part in split_by_id(records, len(self.by_key)):
                 self._cut(part, parent, stamp, None if k is None else self.by_key[k])
