@@ -6,9 +6,15 @@ holding them are watched, not recursively, so an editor that saves by renaming i
 
 - the config changed: it is applied like ``streampipe apply`` (a bad file changes nothing; an
   ``apply`` event says why); the watched files follow the new config;
-- a module changed: the stages of that type restart replica by replica with the new code (the
-  fork server notices the new file and starts them cold, then reloads itself). Nothing else
-  restarts. An import error shows as that stage's failure in ``status``, as at ``up``.
+- a module changed: it is imported first in the short-lived child ``validate`` runs
+  (:mod:`streampipe.stages.introspect`), never in the supervisor. A save that does not import (a
+  syntax error, a missing dependency, an exception at its top level) or whose stage no longer
+  fits its options restarts nothing: a ``watch`` event (and its log line) names the file, the
+  line and the error, and the stages keep running their previous code. Otherwise the stages
+  whose own code changed restart replica by replica with it: the child answers a digest of the
+  top-level statements each stage depends on (its class or function, the helpers and constants
+  it uses: :func:`~streampipe.stages.introspect.code_digest`), compared with the digest of the
+  code it runs. The other stages of that module, and everything else, go on untouched.
 
 Built-in stages and modules installed elsewhere are not watched: their code is not being edited.
 """
@@ -18,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from streampipe.launcher.config import inspect_stages, stage_problem
 from streampipe.stages.registry import BUILTINS
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ async def watch(sup: Supervisor) -> None:
         modules = module_files(sup)
         folders = sorted({config.parent, *(p.parent for p in modules)})
         wanted = {config, *modules}
+        running = code_of(await asyncio.to_thread(inspect_stages, sup.cfg)) if modules else {}
         logger.info(f"watching {config.name} and {len(modules)} stage modules for changes")
         async for changes in awatch(*folders, recursive=False, debounce=WATCH_DEBOUNCE_MS,
                                     watch_filter=functools.partial(_wanted, wanted)):
@@ -66,11 +74,45 @@ async def watch(sup: Supervisor) -> None:
                 logger.info(f"{config.name} changed: applying it")
                 await sup.reload()
                 break      # the stage modules may be others now
-            for path in sorted(paths & set(modules)):
-                for stage in modules[path]:
-                    watcher = sup.watchers.get(stage)
-                    if watcher is not None:
-                        assert sup.events is not None
-                        sup.events.emit("apply", stage, None, None, reason=f"{path.name} changed: rolling restart with the new code")
-                        await watcher.restart()
+            edited = {path: modules[path] for path in sorted(paths & set(modules))}
+            if edited:
+                await restart_changed(sup, edited, running)
         await asyncio.sleep(0)
+
+
+def code_of(report: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """Each stage's code digest in an introspection report (None: not known, e.g. a built-in)."""
+    return {name: found.get("code") for name, found in report.items()}
+
+
+async def restart_changed(sup: Supervisor, edited: dict[Path, list[str]], running: dict[str, str | None]) -> None:
+    """The ``edited`` modules' stages: import-checked in the introspect child; a stage with a
+    problem is not restarted (one ``watch`` event per module and problem says why); one whose
+    code digest differs from ``running`` (the code it runs; updated) restarts with the new code.
+    A check that could not answer (the child hung or died) knows no digest: every stage of an
+    edited module restarts, and fails at start as it would at ``up``."""
+    assert sup.events is not None
+    report = await asyncio.to_thread(inspect_stages, sup.cfg)
+    for path, stages in edited.items():
+        refused: dict[str, list[str]] = {}
+        for name in stages:
+            if (found := stage_problem(sup.cfg, name, report)) is not None:
+                _, field, message = found       # an import error is every stage's of the module: one event
+                refused.setdefault(message if field.endswith(".type") else f"{field}: {message}", []).append(name)
+        for problem, names in refused.items():
+            headline, _, detail = problem.partition("\n")
+            sup.events.emit("watch", names[0] if len(names) == 1 else "", None, None, error=detail or headline,
+                            reason=f"{path.name} changed; nothing restarted: {headline} "
+                                   f"(still running the code before this save: {', '.join(names)})")
+        digest = code_of(report)
+        fine = [n for n in stages if not any(n in names for names in refused.values())]
+        changed = [n for n in fine if digest.get(n) is None or digest[n] != running.get(n)]
+        unchanged = [n for n in fine if n not in changed]
+        if unchanged:
+            logger.info(f"{path.name} changed; not the code of {', '.join(unchanged)}: not restarted")
+        for name in changed:
+            running[name] = digest.get(name)
+            watcher = sup.watchers.get(name)
+            if watcher is not None:
+                sup.events.emit("apply", name, None, None, reason=f"{path.name} changed: rolling restart with the new code")
+                await watcher.restart()
