@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from streampipe.launcher.errors import ConfigError
 from streampipe.stages.registry import BUILTINS
@@ -179,6 +179,9 @@ class PipelineConfig(_Strict):
     defaults: Defaults = Field(default_factory=lambda: Defaults())
     stages: dict[str, StageConfig]
     path: Path = Path(DEFAULT_CONFIG)
+    # each user stage's code digest as the check of this file found it, before any stage of it
+    # started (stages.introspect's "code"; empty unless checked): `up --watch` compares with it
+    _code: dict[str, str | None] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -199,6 +202,11 @@ class PipelineConfig(_Strict):
     @property
     def config_dir(self) -> Path:
         return self.path.resolve().parent
+
+    @property
+    def code(self) -> dict[str, str | None]:
+        """Each user stage's code digest when this file was checked (see ``_code``)."""
+        return dict(self._code)
 
     @property
     def keys_dir(self) -> Path | None:
@@ -486,6 +494,12 @@ def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
         if (found := stage_problem(cfg, name, report)) is not None:
             loc, field, message = found
             raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=field)
+    cfg._code = code_of(report)
+
+
+def code_of(report: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """Each stage's code digest in an :func:`inspect_stages` report (None: not known, e.g. a built-in)."""
+    return {name: found.get("code") for name, found in report.items()}
 
 
 def stage_problem(cfg: PipelineConfig, name: str, report: dict[str, dict[str, Any]]) -> tuple[tuple[Any, ...], str, str] | None:
