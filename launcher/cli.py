@@ -12,6 +12,7 @@
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
     streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
+    streampipe export systemd -o DIR [--health-port P] [--user U] [--env K=V]   one unit per replica and a target
 
 The run directory defaults to ``.streampipe/`` beside the config, so commands run from the
 config's folder find the pipeline with no flags. Exit status: 0 ok, 1 failure (no pipeline
@@ -26,8 +27,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psutil
 import typer
@@ -634,8 +636,26 @@ def keys_generate(folder: Path = typer.Argument(..., help="Where to write the ke
         _console().print(f"wrote {path}", highlight=False)
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests).")
+export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests, systemd units).")
 app.add_typer(export_app, name="export")
+
+
+class _Exported(Protocol):
+    notes: list[str]
+
+
+E = TypeVar("E", bound=_Exported)
+
+
+def _export(config: Path, make: Callable[[PipelineConfig], E]) -> E:
+    """An export of the config at ``config``: a bad config or what cannot map exits 2; its notes on stderr."""
+    try:
+        result = make(_config(config))
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    for note in result.notes:
+        _err().print(f"note: {note}", markup=False, highlight=False)
+    return result
 
 
 @export_app.command("kubernetes")
@@ -661,13 +681,8 @@ def export_kubernetes(config: Path = ConfigOpt,
         raise typer.BadParameter("an image reference such as registry.example/team/pipeline:1.0", param_hint="--image")
     if not STORAGE_SIZE.match(storage):
         raise typer.BadParameter(f"{storage!r} is not a size such as 500Mi, 10Gi or 1T", param_hint="--storage")
-    cfg = _config(config)
-    try:
-        result = export(cfg, image=image, namespace=namespace, service_monitor=service_monitor, without=without, storage=storage)
-    except ConfigError as exc:
-        raise _fail(exc) from None
-    for note in result.notes:
-        _err().print(f"note: {note}", markup=False, highlight=False)
+    result = _export(config, lambda cfg: export(cfg, image=image, namespace=namespace, service_monitor=service_monitor,
+                                                without=without, storage=storage))
     if output is None:
         sys.stdout.write(manifest_stream(result.objects))
         return
@@ -675,6 +690,41 @@ def export_kubernetes(config: Path = ConfigOpt,
     if stale:
         _err().print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
     _err().print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
+
+
+@export_app.command("systemd")
+def export_systemd(output: Path = typer.Option(..., "--output", "-o", help="The folder to write the units in (created)."),
+                   config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
+                   health_port: int | None = typer.Option(None, "--health-port", min=1, max=65535,
+                                                          help="Give each replica a health port from this one up (/healthz, /readyz, /metrics)."),
+                   user: str | None = typer.Option(None, "--user", help="The user the units run as (User=; default: systemd's, root)."),
+                   env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE set in every unit's environment (repeatable)."),
+                   without: list[str] = typer.Option([], "--without", help="Leave this stage out (repeatable): the log extractor, or a stage another host runs."),
+                   ) -> None:
+    """systemd units for the pipeline: one service per stage replica running `run-stage STAGE
+    --replica N` with this virtualenv's streampipe, and a target that wants them all.
+
+    Exit 2, naming the file, line and field, for a bad config or a setting that cannot run as
+    units on one host (README, "Running under systemd").
+    """
+    from streampipe.launcher.exportdir import write_export
+    from streampipe.launcher.systemd import MARKER, export
+
+    pairs = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        pairs[key] = value
+    units = _export(config, lambda cfg: export(cfg, run_dir=run_dir, health_port=health_port, user=user, env=pairs,
+                                               without=without))
+    paths, stale = write_export(output, units.files, "*", MARKER)
+    if stale:
+        _err().print(f"removed {len(stale)} units of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
+    folder = output.resolve()
+    _err().print(f"wrote {len(paths) - 1} units and {units.target} to {folder}; install them with:\n"
+                 f"  sudo cp {folder}/*.service {folder}/{units.target} /etc/systemd/system/ && sudo systemctl daemon-reload\n"
+                 f"  sudo systemctl enable --now {units.target}", markup=False, highlight=False)
 
 
 def main() -> None:
