@@ -9,6 +9,7 @@
     streampipe apply [--config services.yaml] [--dry-run]        a changed config, live (also SIGHUP)
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
     streampipe dashboard [--port P]   (or up --dashboard)           a live web page on 127.0.0.1, token in its URL
+    streampipe deadletter list STAGE [--records] [--json] / deadletter replay STAGE [--timeout S]
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
     streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
@@ -617,6 +618,52 @@ def run_stage(stage: str = typer.Argument(..., help="The stage to run."),
     spec = run_stage_spec(cfg, stage, replica, rd, bind_host=bind_host, advertise_host=advertise_host,
                           keys=keys.resolve() if keys else None)
     raise typer.Exit(run(spec, health_port, health_host))
+
+
+deadletter_app = typer.Typer(no_args_is_help=True, help="A stage's dead letters: list them, replay them once the code is fixed.")
+app.add_typer(deadletter_app, name="deadletter")
+
+
+@deadletter_app.command("list")
+def deadletter_list(stage: str = typer.Argument(..., help="The stage whose dead letters to list."),
+                    run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+                    records: bool = typer.Option(False, "--records", help="Show each record too (user data: off by default)."),
+                    as_json: bool = typer.Option(False, "--json", help="One JSON object per dead letter, its record included.")) -> None:
+    """Each dead letter of STAGE: its key, when, the replica that rejected it, the input it came
+    from, its state (pending, replayed, failed again) and its reason."""
+    from streampipe.launcher.deadletters import show
+
+    rd = resolve_run_dir(run_dir, config)
+    _check_stage(stage, config)
+    raise typer.Exit(show(rd, stage, _console(), records=records, as_json=as_json))
+
+
+@deadletter_app.command("replay")
+def deadletter_replay(stage: str = typer.Argument(..., help="The stage to replay the dead letters into."),
+                      run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+                      timeout: float = typer.Option(300.0, "--timeout", min=0, help="Seconds to wait for the replayed records to settle."),
+                      wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until every replayed record is settled.")) -> None:
+    """Put STAGE's pending dead letters through the running stage again (after a fix: apply or
+    restart), each once: its outputs held once by the sink; one that fails again is dead-lettered
+    again with its new reason. Exit 0 once all settled, 1 if some did not within --timeout."""
+    from streampipe.launcher.deadletters import replay
+
+    rd = resolve_run_dir(run_dir, config)
+    _check_stage(stage, config)
+    try:
+        code = replay(rd, stage, _console(), timeout=timeout, wait=wait)
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def _check_stage(stage: str, config: Path) -> None:
+    """A stage the config names (when there is a config to ask): else exit 2 with the stages."""
+    if not config.exists():
+        return
+    cfg = _config(config, check_stages=False)
+    if stage not in cfg.stages:
+        raise _fail(ConfigError(f"no stage {stage!r} (stages: {', '.join(cfg.stages)})", file=cfg.path, field="stages"))
 
 
 keys_app = typer.Typer(help="CURVE keys for security: curve.", no_args_is_help=True)
