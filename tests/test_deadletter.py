@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from streampipe.stages.state import ReplayLedger, pending_replays, read_dead_letters
+from streampipe.stages.state import ReplayLedger, load_state, pending_replays, read_dead_letters
 from tests.conftest import Pipeline, alive, cli, ready_pid, wait_for
 
 MODULE = '''
@@ -160,3 +160,53 @@ def test_replay_without_a_pipeline_says_so(tmp_path: Path) -> None:
     assert "1 dead letters: 1 pending" in listed and "boom" in listed
     empty = cli("deadletter", "list", "consumer", "--config", str(tmp_path / "services.yaml"), check=True).stdout
     assert "no dead letters of consumer" in empty
+
+
+COUNTING = '''
+class Counting:
+    """With state: counts the records it passed on (in its snapshot); rejects ids ending in 3 until `fixed`."""
+    def __init__(self):
+        self.passed = 0
+
+    def process(self, batch):
+        if not (self.context.config_dir / "fixed").exists():
+            for r in batch:
+                if r["id"] % 10 == 3:
+                    raise ValueError(f"id {r['id']} ends in 3")
+        self.passed += len(batch)        # after the loop: a batch retried record by record counts each once
+        return batch
+
+    def snapshot(self):
+        return {"passed": self.passed}
+
+    def restore(self, state):
+        self.passed = state["passed"]
+
+    def stats(self):
+        return {"passed": self.passed}
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_with_state_applies_each_replayed_record_once(pipeline, tmp_path: Path) -> None:
+    (tmp_path / "counting.py").write_text(COUNTING)
+    n = 100
+    p: Pipeline = pipeline(f"""\
+        pipeline: dls
+        stages:
+          generator: {{type: generator, options: {{count: {n}, rate: 400, seed: 2}}}}
+          counting: {{type: "counting:Counting", inputs: [generator]}}
+          consumer: {{type: consumer, inputs: [counting]}}
+        """)
+    p.up()
+    bad = {i for i in range(n) if i % 10 == 3}
+    wait_for(lambda: len(read_dead_letters(p.run_dir, "counting")) == len(bad) and len(p.output_ids()) == n - len(bad),
+             timeout=120, what="the stream through, with its dead letters")
+    (tmp_path / "fixed").touch()
+    proc = cli("deadletter", "replay", "counting", "--config", str(p.config), "--timeout", "240")
+    assert proc.returncode == 0 and f"{len(bad)} delivered, 0 failed again" in proc.stdout, proc.stdout + proc.stderr
+    assert sorted(p.output_ids()) == list(range(n))
+    # settled only once a saved snapshot covers it: when the replay is done, the count on disk holds each record once
+    saved = load_state(p.run_dir / "state" / "counting.0.msgpack")
+    assert saved is not None and saved["state"]["passed"] == n, saved
+    assert "nothing to replay" in cli("deadletter", "replay", "counting", "--config", str(p.config), check=True).stdout
