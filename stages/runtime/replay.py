@@ -15,6 +15,9 @@ Each replayed record goes through the normal guarantees, on knowledge, not on ti
   again; one in flight when the replica died is replayed by the next ``replay``;
 - in a stage with state, its batch identity (the key) is saved with the snapshot that covers it,
   so a restarted replica applies it once (``stages.ackpoints``).
+
+Under ``delivery: at-most-once`` nothing is acknowledged: a dead letter is settled once its record
+has been through ``process`` and its outputs handed on, as any record of that pipeline.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class Replay:
             if not self.inputs.ledger.admit(token):    # a stage with state: applied before a restart (acknowledged now)
                 continue
             self.inputs.process([letter.record], token, header)
+            if not self.inputs.acked:      # at-most-once: nothing is acknowledged; handed on is all it gets
+                self._settled(letter.key)
         self.flush()
 
     def _settled(self, key: str) -> None:
