@@ -43,7 +43,8 @@ async def apply_config(sup: Supervisor, new: PipelineConfig, dry_run: bool = Fal
     if not sup.started:
         raise ControlError("the pipeline is still starting: apply once `up` has started every stage")
     async with sup.apply_lock:
-        plan = make_plan(sup.cfg, new)
+        # against what runs: a stage `streampipe scale` moved off its count goes to the file's count
+        plan = make_plan(sup.cfg, new, running={name: len(w.replicas) for name, w in sup.watchers.items()})
         reply: dict[str, Any] = {"ok": True, "plan": plan.to_dict(), "refused": plan.refusals, "applied": False}
         if dry_run or plan.refusals or plan.empty or sup.stopping:
             if plan.refusals and not dry_run:
@@ -77,6 +78,8 @@ async def _carry_out(sup: Supervisor, plan: Plan, new: PipelineConfig) -> None:
             for rep in sup.watchers[change.name].replicas:
                 rep.retune(rep.cfg.model_copy(update=update))
             step(change.name, "settings in place: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in change.settings.items()))
+    for name, n in plan.recorded.items():
+        step(name, f"{n} replicas, as `streampipe scale` set them: the config now says so")
     # 2. the new wiring; the old edges drain
     new_edges = set(new.edges())
     sup.wiring.retired, sup.wiring.draining = old, [e for e in old.edges() if e not in new_edges]

@@ -9,9 +9,11 @@
     streampipe apply [--config services.yaml] [--dry-run]        a changed config, live (also SIGHUP)
     streampipe events [-f] / logs [STAGE] [-f] / graph / report
     streampipe dashboard [--port P]   (or up --dashboard)           a live web page on 127.0.0.1, token in its URL
+    streampipe deadletter list STAGE [--records] [--json] / deadletter replay STAGE [--timeout S]
     streampipe run-stage STAGE [--replica N] [--health-port P]   one replica, no supervisor
     streampipe keys generate DIR                                 CURVE keys for security: curve
     streampipe export kubernetes --image IMAGE [-o DIR] [--namespace NS] [--service-monitor]
+    streampipe export systemd -o DIR [--health-port P] [--user U] [--env K=V]   one unit per replica and a target
 
 The run directory defaults to ``.streampipe/`` beside the config, so commands run from the
 config's folder find the pipeline with no flags. Exit status: 0 ok, 1 failure (no pipeline
@@ -26,8 +28,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psutil
 import typer
@@ -617,6 +620,52 @@ def run_stage(stage: str = typer.Argument(..., help="The stage to run."),
     raise typer.Exit(run(spec, health_port, health_host))
 
 
+deadletter_app = typer.Typer(no_args_is_help=True, help="A stage's dead letters: list them, replay them once the code is fixed.")
+app.add_typer(deadletter_app, name="deadletter")
+
+
+@deadletter_app.command("list")
+def deadletter_list(stage: str = typer.Argument(..., help="The stage whose dead letters to list."),
+                    run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+                    records: bool = typer.Option(False, "--records", help="Show each record too (user data: off by default)."),
+                    as_json: bool = typer.Option(False, "--json", help="One JSON object per dead letter, its record included.")) -> None:
+    """Each dead letter of STAGE: its key, when, the replica that rejected it, the input it came
+    from, its state (pending, replayed, failed again) and its reason."""
+    from streampipe.launcher.deadletters import show
+
+    rd = resolve_run_dir(run_dir, config)
+    _check_stage(stage, config)
+    raise typer.Exit(show(rd, stage, _console(), records=records, as_json=as_json))
+
+
+@deadletter_app.command("replay")
+def deadletter_replay(stage: str = typer.Argument(..., help="The stage to replay the dead letters into."),
+                      run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
+                      timeout: float = typer.Option(300.0, "--timeout", min=0, help="Seconds to wait for the replayed records to settle."),
+                      wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until every replayed record is settled.")) -> None:
+    """Put STAGE's pending dead letters through the running stage again (after a fix: apply or
+    restart), each once: its outputs held once by the sink; one that fails again is dead-lettered
+    again with its new reason. Exit 0 once all settled, 1 if some did not within --timeout."""
+    from streampipe.launcher.deadletters import replay
+
+    rd = resolve_run_dir(run_dir, config)
+    _check_stage(stage, config)
+    try:
+        code = replay(rd, stage, _console(), timeout=timeout, wait=wait)
+    except StreampipeError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
+def _check_stage(stage: str, config: Path) -> None:
+    """A stage the config names (when there is a config to ask): else exit 2 with the stages."""
+    if not config.exists():
+        return
+    cfg = _config(config, check_stages=False)
+    if stage not in cfg.stages:
+        raise _fail(ConfigError(f"no stage {stage!r} (stages: {', '.join(cfg.stages)})", file=cfg.path, field="stages"))
+
+
 keys_app = typer.Typer(help="CURVE keys for security: curve.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -634,8 +683,26 @@ def keys_generate(folder: Path = typer.Argument(..., help="Where to write the ke
         _console().print(f"wrote {path}", highlight=False)
 
 
-export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests).")
+export_app = typer.Typer(no_args_is_help=True, help="Write what runs the pipeline somewhere else (Kubernetes manifests, systemd units).")
 app.add_typer(export_app, name="export")
+
+
+class _Exported(Protocol):
+    notes: list[str]
+
+
+E = TypeVar("E", bound=_Exported)
+
+
+def _export(config: Path, make: Callable[[PipelineConfig], E]) -> E:
+    """An export of the config at ``config``: a bad config or what cannot map exits 2; its notes on stderr."""
+    try:
+        result = make(_config(config))
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    for note in result.notes:
+        _err().print(f"note: {note}", markup=False, highlight=False)
+    return result
 
 
 @export_app.command("kubernetes")
@@ -661,13 +728,8 @@ def export_kubernetes(config: Path = ConfigOpt,
         raise typer.BadParameter("an image reference such as registry.example/team/pipeline:1.0", param_hint="--image")
     if not STORAGE_SIZE.match(storage):
         raise typer.BadParameter(f"{storage!r} is not a size such as 500Mi, 10Gi or 1T", param_hint="--storage")
-    cfg = _config(config)
-    try:
-        result = export(cfg, image=image, namespace=namespace, service_monitor=service_monitor, without=without, storage=storage)
-    except ConfigError as exc:
-        raise _fail(exc) from None
-    for note in result.notes:
-        _err().print(f"note: {note}", markup=False, highlight=False)
+    result = _export(config, lambda cfg: export(cfg, image=image, namespace=namespace, service_monitor=service_monitor,
+                                                without=without, storage=storage))
     if output is None:
         sys.stdout.write(manifest_stream(result.objects))
         return
@@ -675,6 +737,41 @@ def export_kubernetes(config: Path = ConfigOpt,
     if stale:
         _err().print(f"removed {len(stale)} files of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
     _err().print(f"wrote {len(paths)} manifests to {output}; apply them with: kubectl apply -f {output}", markup=False, highlight=False)
+
+
+@export_app.command("systemd")
+def export_systemd(output: Path = typer.Option(..., "--output", "-o", help="The folder to write the units in (created)."),
+                   config: Path = ConfigOpt, run_dir: Path | None = RunDirOpt,
+                   health_port: int | None = typer.Option(None, "--health-port", min=1, max=65535,
+                                                          help="Give each replica a health port from this one up (/healthz, /readyz, /metrics)."),
+                   user: str | None = typer.Option(None, "--user", help="The user the units run as (User=; default: systemd's, root)."),
+                   env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE set in every unit's environment (repeatable)."),
+                   without: list[str] = typer.Option([], "--without", help="Leave this stage out (repeatable): the log extractor, or a stage another host runs."),
+                   ) -> None:
+    """systemd units for the pipeline: one service per stage replica running `run-stage STAGE
+    --replica N` with this virtualenv's streampipe, and a target that wants them all.
+
+    Exit 2, naming the file, line and field, for a bad config or a setting that cannot run as
+    units on one host (README, "Running under systemd").
+    """
+    from streampipe.launcher.exportdir import write_export
+    from streampipe.launcher.systemd import MARKER, export
+
+    pairs = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        pairs[key] = value
+    units = _export(config, lambda cfg: export(cfg, run_dir=run_dir, health_port=health_port, user=user, env=pairs,
+                                               without=without))
+    paths, stale = write_export(output, units.files, "*", MARKER)
+    if stale:
+        _err().print(f"removed {len(stale)} units of an earlier export: {', '.join(p.name for p in stale)}", markup=False, highlight=False)
+    folder = output.resolve()
+    _err().print(f"wrote {len(paths) - 1} units and {units.target} to {folder}; install them with:\n"
+                 f"  sudo cp {folder}/*.service {folder}/{units.target} /etc/systemd/system/ && sudo systemctl daemon-reload\n"
+                 f"  sudo systemctl enable --now {units.target}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ modules and scikit-learn are never imported here): a module that is not found, a
 not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
 a function that does not take one record), a source with inputs, a generator replaying a file or a ``label_join`` with ``replicas > 1``, and ``options`` that the
 stage's ``__init__`` would refuse (unknown key, with a "did you mean" hint; missing required
-argument; a value of the wrong type where annotated). A module that exists but fails when
-imported is *not* a config error: that stage fails to start and ``streampipe status`` shows
-its traceback.
+argument; a value of the wrong type where annotated), and a module that fails when imported (a
+syntax error, a missing dependency, an exception at its top level: the error names the module's
+file and line, with the traceback of the user's own frames), so ``up`` starts nothing then.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from streampipe.launcher.errors import ConfigError
 from streampipe.stages.registry import BUILTINS
@@ -187,6 +187,9 @@ class PipelineConfig(_Strict):
     defaults: Defaults = Field(default_factory=lambda: Defaults())
     stages: dict[str, StageConfig]
     path: Path = Path(DEFAULT_CONFIG)
+    # each user stage's code digest as the check of this file found it, before any stage of it
+    # started (stages.introspect's "code"; empty unless checked): `up --watch` compares with it
+    _code: dict[str, str | None] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -207,6 +210,11 @@ class PipelineConfig(_Strict):
     @property
     def config_dir(self) -> Path:
         return self.path.resolve().parent
+
+    @property
+    def code(self) -> dict[str, str | None]:
+        """Each user stage's code digest when this file was checked (see ``_code``)."""
+        return dict(self._code)
 
     @property
     def keys_dir(self) -> Path | None:
@@ -511,25 +519,41 @@ def _check_types(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None
 def _check_stages(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
     """Raise the first problem :mod:`streampipe.stages.introspect` finds in the stages' code and options."""
     report = inspect_stages(cfg)
-    for name, stage in cfg.stages.items():
-        found = report.get(name, {})
-        if found.get("problem"):
-            raise ConfigError(found["problem"], file=cfg.path, line=index.get(("stages", name, "type")), field=f"stages.{name}.type")
-        if found.get("kind") == "source" and stage.inputs:
-            _source_with_inputs(cfg, name, index)
-        for i, ref in enumerate(stage.inputs):    # an output nobody sends to would read nothing, silently
-            src, _, output = ref.partition(".")
-            outputs = report.get(src, {}).get("outputs")
-            if output and outputs is not None and output not in outputs:
-                close = difflib.get_close_matches(output, outputs, n=1)
-                hint = f" (did you mean {src}.{close[0]}?)" if close else ""
-                declare = ("a function has only the default output" if report[src].get("kind") == "function"
-                           else f"a class declares its named outputs: outputs = ({output!r},)")
-                raise ConfigError(f"stage {src!r} has no output {output!r}{hint}: its outputs are {', '.join(outputs)}; {declare}",
-                                  file=cfg.path, line=index.get(("stages", name, "inputs", i)), field=f"stages.{name}.inputs[{i}]")
-        for key, message in found.get("options", []):
-            loc = ("stages", name, "options") + ((key,) if key is not None else ())
-            raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+    for name in cfg.stages:
+        if (found := stage_problem(cfg, name, report)) is not None:
+            loc, field, message = found
+            raise ConfigError(message, file=cfg.path, line=_line_of(index, loc), field=field)
+    cfg._code = code_of(report)
+
+
+def code_of(report: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    """Each stage's code digest in an :func:`inspect_stages` report (None: not known, e.g. a built-in)."""
+    return {name: found.get("code") for name, found in report.items()}
+
+
+def stage_problem(cfg: PipelineConfig, name: str, report: dict[str, dict[str, Any]]) -> tuple[tuple[Any, ...], str, str] | None:
+    """What keeps stage ``name`` from running as configured, by :func:`inspect_stages`'s ``report``:
+    ``(its place in the config, that place as a field, the message)``, or None. ``validate`` and
+    ``up`` refuse the config for it; ``up --watch`` restarts no stage for it (it keeps its code)."""
+    stage, found = cfg.stages[name], report.get(name, {})
+    if found.get("problem"):
+        return ("stages", name, "type"), f"stages.{name}.type", found["problem"]
+    if found.get("kind") == "source" and stage.inputs:
+        return ("stages", name, "inputs"), f"stages.{name}.inputs", f"{stage.type} is a source and takes no inputs"
+    for i, ref in enumerate(stage.inputs):    # an output nobody sends to would read nothing, silently
+        src, _, output = ref.partition(".")
+        outputs = report.get(src, {}).get("outputs")
+        if output and outputs is not None and output not in outputs:
+            close = difflib.get_close_matches(output, outputs, n=1)
+            hint = f" (did you mean {src}.{close[0]}?)" if close else ""
+            declare = ("a function has only the default output" if report[src].get("kind") == "function"
+                       else f"a class declares its named outputs: outputs = ({output!r},)")
+            return (("stages", name, "inputs", i), f"stages.{name}.inputs[{i}]",
+                    f"stage {src!r} has no output {output!r}{hint}: its outputs are {', '.join(outputs)}; {declare}")
+    for key, message in found.get("options", []):
+        loc = ("stages", name, "options") + ((key,) if key is not None else ())
+        return loc, _field(loc), message
+    return None
 
 
 def inspect_stages(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:

@@ -117,7 +117,27 @@ class Apply(Command):
         return await apply_config(sup, new, dry_run=bool(msg.get("dry_run", False)))
 
 
-COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale(), Apply())}
+class Replay(Command):
+    """Replay a stage's dead letters: its first live replica puts each through ``process`` again
+    (:mod:`streampipe.stages.runtime.replay`); the CLI follows ``<stage>.replayed`` to see them settle."""
+
+    name = "replay"
+
+    async def execute(self, sup: Supervisor, msg: dict[str, Any]) -> dict[str, Any]:
+        from streampipe.launcher.replica import LIVE
+
+        stage = _stage_of(sup, msg)
+        if sup.is_source(stage):
+            raise ControlError(f"{stage} is a source: its dead letters are lines of its input it could not read, "
+                               "not records it took in; fix the input and let the source read it again")
+        live = [r for r in sup.watchers[stage].replicas if r.state in LIVE]
+        if not live:
+            raise ControlError(f"no replica of {stage} is running to replay into (streampipe status)")
+        sup.tell(live[0], "replay")
+        return {"ok": True, "replica": live[0].ident}
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), Down(), Restart(), Scale(), Apply(), Replay())}
 
 
 def request(run_dir: Path | str, cmd: str, timeout: float = REQUEST_TIMEOUT_S, **args: Any) -> dict[str, Any]:

@@ -77,6 +77,8 @@ import yaml
 
 from streampipe.launcher.config import Defaults, PipelineConfig, _line_index, _line_of
 from streampipe.launcher.errors import ConfigError
+from streampipe.launcher.exportdir import write_export
+from streampipe.launcher.runstage import run_stage_args
 
 # -- where things are inside a pod (the Dockerfile at the repository's root lays the image out so) --
 PIPELINE_DIR = "/pipeline"                 # the image's pipeline folder: services.yaml and the stage modules
@@ -170,7 +172,7 @@ def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-class _Source:
+class Source:
     """The user's file as text: line numbers for errors, and the raw mapping to rewrite."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
@@ -195,9 +197,9 @@ class _Source:
 def export(cfg: PipelineConfig, *, image: str, namespace: str | None = None, service_monitor: bool = False,
            without: Iterable[str] = (), storage: str = STORAGE) -> Export:
     """Every object that runs ``cfg`` on Kubernetes; raise :class:`ConfigError` for what cannot map."""
-    src = _Source(cfg)
+    src = Source(cfg)
     notes: list[str] = []
-    stages = _kept_stages(cfg, src, set(without), notes)
+    stages = kept_stages(cfg, src, set(without), notes)
     pipeline = _pipeline_name(cfg, src)
     plans = _plan(cfg, src, stages, pipeline)
     _refuse(cfg, src, plans)
@@ -226,7 +228,7 @@ def export(cfg: PipelineConfig, *, image: str, namespace: str | None = None, ser
 
 # -- checks and plan -------------------------------------------------------------------------------
 
-def _kept_stages(cfg: PipelineConfig, src: _Source, without: set[str], notes: list[str]) -> list[str]:
+def kept_stages(cfg: PipelineConfig, src: Source, without: set[str], notes: list[str]) -> list[str]:
     unknown = sorted(without - set(cfg.stages))
     if unknown:
         raise ConfigError(f"--without {unknown[0]}: no such stage (stages: {', '.join(cfg.stages)})", file=cfg.path)
@@ -243,7 +245,7 @@ def _kept_stages(cfg: PipelineConfig, src: _Source, without: set[str], notes: li
     return kept
 
 
-def _pipeline_name(cfg: PipelineConfig, src: _Source) -> str:
+def _pipeline_name(cfg: PipelineConfig, src: Source) -> str:
     name = dns_label(cfg.pipeline)
     if not name or not name[0].isalpha():
         raise src.fail(f"the pipeline's name begins every Kubernetes object's name, which must start with a letter "
@@ -251,7 +253,7 @@ def _pipeline_name(cfg: PipelineConfig, src: _Source) -> str:
     return name
 
 
-def _plan(cfg: PipelineConfig, src: _Source, stages: list[str], pipeline: str) -> dict[str, StagePlan]:
+def _plan(cfg: PipelineConfig, src: Source, stages: list[str], pipeline: str) -> dict[str, StagePlan]:
     producers: dict[str, list[str]] = {n: [] for n in stages}
     consumers: dict[str, list[str]] = {n: [] for n in stages}
     for edge in cfg.edges():
@@ -285,7 +287,7 @@ def _plan(cfg: PipelineConfig, src: _Source, stages: list[str], pipeline: str) -
     return plans
 
 
-def _http_port(cfg: PipelineConfig, src: _Source, name: str) -> int:
+def _http_port(cfg: PipelineConfig, src: Source, name: str) -> int:
     """A serve stage's port, which its Service names: fixed, and not the health port."""
     port = int(_option(cfg, name, "port"))
     where = ("stages", name, "options", "port")
@@ -306,7 +308,7 @@ def _evaluator_of(cfg: PipelineConfig, name: str, stages: list[str]) -> str | No
     return None
 
 
-def _trainer_of(cfg: PipelineConfig, src: _Source, name: str, stages: list[str]) -> str | None:
+def _trainer_of(cfg: PipelineConfig, src: Source, name: str, stages: list[str]) -> str | None:
     """The trainer whose checkpoints an evaluator, a predictor or a serve stage reads (same ``checkpoint_dir``), if any."""
     if cfg.stages[name].type not in READS_CHECKPOINTS:
         return None
@@ -335,7 +337,7 @@ def _option(cfg: PipelineConfig, stage: str, key: str) -> Any:
 WRITTEN_PATHS = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("checkpoint_dir", "output")}
 
 
-def _refuse(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan]) -> None:
+def _refuse(cfg: PipelineConfig, src: Source, plans: dict[str, StagePlan]) -> None:
     for name in plans:
         stage = cfg.stages[name]
         if stage.restart != "always":
@@ -395,7 +397,7 @@ def _serve_notes(cfg: PipelineConfig, plans: dict[str, StagePlan], pipeline: str
 
 # -- the services.yaml the pods run ---------------------------------------------------------------
 
-def _pod_config(cfg: PipelineConfig, src: _Source, plans: dict[str, StagePlan], pipeline: str, without: list[str]) -> str:
+def _pod_config(cfg: PipelineConfig, src: Source, plans: dict[str, StagePlan], pipeline: str, without: list[str]) -> str:
     data = _network_first(copy.deepcopy(src.raw))
     changes: list[str] = []
 
@@ -585,10 +587,10 @@ def _pod_template(cfg: PipelineConfig, meta: _Meta, plan: StagePlan, plans: dict
         ports.insert(0, {"name": "data", "containerPort": plan.port, "protocol": "TCP"})
     if plan.ack_port is not None:
         ports.insert(len(ports) - 1, {"name": "ack", "containerPort": plan.ack_port, "protocol": "TCP"})
-    args = ["run-stage", plan.name, "--config", CONFIG_PATH, "--run-dir", RUN_DIR, "--health-port", str(HEALTH_PORT)]
-    if plan.stateless:
-        args[2:2] = ["--replica", "0"]    # a Deployment's pods have no ordinal; each is a whole serve stage
-    # else no --replica: run-stage takes the ordinal at the end of the pod's host name (demo-normalizer-1 -> 1)
+    # a Deployment's pods have no ordinal: each is a whole serve stage (--replica 0); a StatefulSet's have no
+    # --replica: run-stage takes the ordinal at the end of the pod's host name (demo-normalizer-1 -> 1)
+    args = run_stage_args(plan.name, config=CONFIG_PATH, run_dir=RUN_DIR, replica=0 if plan.stateless else None,
+                          health_port=HEALTH_PORT)
     container: dict[str, Any] = {
         "name": "stage",
         "image": image,
@@ -702,16 +704,7 @@ MANAGED = "app.kubernetes.io/managed-by: streampipe"   # in every file written, 
 
 
 def write_manifests(objects: list[dict[str, Any]], folder: Path) -> tuple[list[Path], list[Path]]:
-    """One file per object in ``folder`` (created); returns the paths written and the stale ones removed.
-
-    A file an earlier export wrote there and this one does not (a stage renamed or left out) is
-    removed, so that ``kubectl apply -f DIR`` does not bring it back; other files are left alone.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / file_name(i, obj) for i, obj in enumerate(objects)]
-    stale = [p for p in sorted(folder.glob("[0-9][0-9]-*.yaml")) if p not in paths and MANAGED in p.read_text(errors="replace")]
-    for path in stale:
-        path.unlink()
-    for path, obj in zip(paths, objects):
-        path.write_text(to_yaml(obj))
-    return paths, stale
+    """One file per object in ``folder`` (created); returns the paths written and the stale ones
+    removed (an earlier export's file this one does not write: ``kubectl apply -f DIR`` would bring it back)."""
+    return write_export(folder, {file_name(i, obj): to_yaml(obj) for i, obj in enumerate(objects)},
+                        "[0-9][0-9]-*.yaml", MANAGED)

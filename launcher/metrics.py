@@ -60,8 +60,10 @@ class PipelineCollector:
                 family.add_metric(labels, float(r.get(name, 0) or 0))
             up.add_metric(labels, 1.0 if r["state"] in ("running", "blocked") else 0.0)
             blocked.add_metric(labels, 1.0 if r.get("blocked") else 0.0)
-            cpu.add_metric(labels, float(r["cpu_percent"]))
-            rss.add_metric(labels, float(r["rss_bytes"]))
+            if r.get("cpu_percent") is not None:     # None: no process to measure (no sample rather than a stale one)
+                cpu.add_metric(labels, float(r["cpu_percent"]))
+            if r.get("rss_bytes") is not None:
+                rss.add_metric(labels, float(r["rss_bytes"]))
             buckets = list(r.get("latency_buckets") or [])
             if buckets:
                 cumulative, total = [], 0

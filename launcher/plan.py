@@ -70,10 +70,12 @@ class Plan:
     changed: dict[str, StageChange] = field(default_factory=dict)
     pipeline: Diff = field(default_factory=dict)        # live pipeline-wide settings
     refusals: list[str] = field(default_factory=list)
+    scaled: dict[str, int] = field(default_factory=dict)    # stage -> its replicas since `streampipe scale` (not the config's)
+    recorded: dict[str, int] = field(default_factory=dict)  # of those, the ones the new config now gives that count
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.pipeline)
+        return not (self.added or self.removed or self.changed or self.pipeline or self.recorded)
 
     def steps(self) -> list[tuple[str, str, str]]:
         """``(kind, stage, what)`` in the order :mod:`streampipe.launcher.apply` carries them out."""
@@ -88,9 +90,12 @@ class Plan:
         for c in self.changed.values():
             if c.inputs:
                 out.append(("inputs", c.name, f"{c.inputs[0]} -> {c.inputs[1]} (acknowledges both while they drain)"))
+        for name, n in self.recorded.items():
+            out.append(("record", name, f"{n} replicas, as `streampipe scale` set them (no change)"))
         for c in self.changed.values():
             if c.replicas:
-                out.append(("scale", c.name, f"{c.replicas[0]} -> {c.replicas[1]} replicas"))
+                since = f" (back to the file's count: {c.replicas[0]} ran since `streampipe scale`)" if c.name in self.scaled else ""
+                out.append(("scale", c.name, f"{c.replicas[0]} -> {c.replicas[1]} replicas{since}"))
         for c in self.changed.values():
             if c.needs_restart:
                 why = [f"{k}: {_short(o)} -> {_short(n)}" for k, (o, n) in c.restart.items()]
@@ -119,8 +124,26 @@ def _diff(old: StageConfig, new: StageConfig, fields: tuple[str, ...]) -> Diff:
     return {f: (getattr(old, f), getattr(new, f)) for f in fields if getattr(old, f) != getattr(new, f)}
 
 
-def make_plan(old: PipelineConfig, new: PipelineConfig) -> Plan:
+def replica_drift(cfg: PipelineConfig, running: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The stages whose ``running`` replica count is not the one ``cfg`` says (``streampipe scale``
+    changes the running count, not the file): ``{stage: {"running": n, "configured": m}}``.
+
+    >>> from streampipe.launcher.config import PipelineConfig
+    >>> cfg = PipelineConfig.model_validate({"stages": {"g": {"type": "generator"},
+    ...                                      "n": {"type": "normalizer", "inputs": ["g"]}}})
+    >>> replica_drift(cfg, {"g": 1, "n": 3})
+    {'n': {'running': 3, 'configured': 1}}
+    """
+    return {name: {"running": n, "configured": cfg.stages[name].replicas} for name, n in running.items()
+            if name in cfg.stages and cfg.stages[name].replicas != n}
+
+
+def make_plan(old: PipelineConfig, new: PipelineConfig, running: dict[str, int] | None = None) -> Plan:
     """The plan that turns the running ``old`` into ``new``; ``refusals`` say what cannot change live.
+
+    ``running``: each stage's replica count as it runs, where ``streampipe scale`` changed it
+    from ``old``'s: ``new`` is compared with that, so applying a file scales such a stage to the
+    count the file says (and a file that says the running count records it, with no change).
 
     >>> from streampipe.launcher.config import PipelineConfig
     >>> old = PipelineConfig.model_validate({"stages": {"g": {"type": "generator"},
@@ -130,8 +153,12 @@ def make_plan(old: PipelineConfig, new: PipelineConfig) -> Plan:
     >>> plan = make_plan(old, new)
     >>> plan.changed["n"].replicas, plan.refusals
     ((1, 2), ["delivery: 'at-least-once' -> 'at-most-once' cannot change while the pipeline runs: streampipe down, then up"])
+    >>> make_plan(old, old, running={"g": 1, "n": 3}).steps()     # `scale n 3`, then apply the unchanged file
+    [('scale', 'n', "3 -> 1 replicas (back to the file's count: 3 ran since `streampipe scale`)")]
     """
     plan = Plan()
+    drift = replica_drift(old, running or {})
+    plan.scaled = {name: d["running"] for name, d in drift.items()}
     for key in FIXED_FIELDS:
         if getattr(old, key) != getattr(new, key):
             plan.refusals.append(f"{key}: {_short(getattr(old, key))} -> {_short(getattr(new, key))} cannot change while "
@@ -144,8 +171,11 @@ def make_plan(old: PipelineConfig, new: PipelineConfig) -> Plan:
         if was is None:
             continue
         change = StageChange(name, restart=_diff(was, now, RESTART_FIELDS), settings=_diff(was, now, SETTING_FIELDS))
-        if was.replicas != now.replicas:
-            change.replicas = (was.replicas, now.replicas)
+        replicas = plan.scaled.get(name, was.replicas)
+        if replicas != now.replicas:
+            change.replicas = (replicas, now.replicas)
+        elif name in plan.scaled:
+            plan.recorded[name] = replicas
         if sorted(was.inputs) != sorted(now.inputs):
             change.inputs = (list(was.inputs), list(now.inputs))
         if outputs_of(old, name) != outputs_of(new, name):
@@ -155,7 +185,7 @@ def make_plan(old: PipelineConfig, new: PipelineConfig) -> Plan:
                                  f"give it a new name (one stage removed, one added)")
         elif change.replicas and new.is_source(name):
             plan.refusals.append(f"stages.{name}.replicas: {name} is a source and cannot be scaled while it runs "
-                                 f"({was.replicas} -> {now.replicas}): down and up repartitions its saved positions")
+                                 f"({replicas} -> {now.replicas}): down and up repartitions its saved positions")
         if change.restart or change.settings or change.replicas or change.inputs or change.outputs:
             plan.changed[name] = change
     return plan

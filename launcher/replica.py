@@ -237,16 +237,22 @@ class Replica:
         """Eight hex digits of the stage config this replica runs under (``status``: what an apply changed)."""
         return hashlib.sha1(self.cfg.model_dump_json().encode()).hexdigest()[:8]
 
+    @property
+    def measured(self) -> bool:
+        """Whether a process of it runs to be measured: cpu, rss, fds, threads and rate are its
+        (None in ``status`` otherwise: a completed, failed, stopped or backing-off replica shows ``-``)."""
+        return self.pid is not None and self.state not in SETTLED
+
     def status(self, now: float) -> dict[str, Any]:
-        hb = self.hb
+        hb, reading, measured = self.hb, self.reading, self.measured
         return {
             "name": self.stage, "replica": self.index, "type": self.cfg.type, "pid": self.pid, "state": self.state.value,
             "uptime_s": round(now - self.started_at, 1) if self.pid and self.started_at else 0.0,
-            "restarts": self.restarts, "cpu_percent": round(self.reading.cpu_percent, 1),
-            "rss_bytes": self.reading.rss_bytes, "num_fds": self.reading.num_fds,
-            "num_threads": self.reading.num_threads,
+            "restarts": self.restarts, "cpu_percent": round(reading.cpu_percent, 1) if measured else None,
+            "rss_bytes": reading.rss_bytes if measured else None, "num_fds": reading.num_fds if measured else None,
+            "num_threads": reading.num_threads if measured else None,
             "records_in": hb.get("records_in", 0), "records_out": hb.get("records_out", 0),
-            "rate": round(self.rate, 1), "errors": hb.get("errors", 0),
+            "rate": round(self.rate, 1) if measured else None, "errors": hb.get("errors", 0),
             "dead_letters": hb.get("dead_letters", 0), "dead_letters_dropped": hb.get("dead_letters_dropped", 0),
             "edges_out": hb.get("edges_out", {}), "resent": hb.get("resent", 0), "malformed": hb.get("malformed", 0),
             "blocked": bool(hb.get("blocked", False)), "queue": hb.get("queue", 0),

@@ -7,7 +7,8 @@
       logs/               <stage>.<r>.jsonl (loguru), <stage>.<r>.stderr, supervisor.jsonl
       events.jsonl        supervisor events
       state/              stage snapshots (source positions, sink dedup marks); <stage>.<r>.lock, held by the live replica
-      deadletter/         <stage>.jsonl: records a stage could not process, with the error
+      deadletter/         <stage>.jsonl: records a stage could not process, with the error; <stage>.replayed:
+                          the keys of those `streampipe deadletter replay` settled
       checkpoints/        trainer models
       metrics.jsonl       evaluator metrics
       output/             the consumer's default output

@@ -51,6 +51,25 @@ def default_address(stage: str) -> list[str]:
     return [stage.replace("_", "-").lower()]
 
 
+def run_stage_args(stage: str, *, config: str | Path, run_dir: str | Path, replica: int | None = None,
+                   health_port: int | None = None, bind_host: str | None = None) -> list[str]:
+    """The arguments of ``streampipe run-stage`` (after the program) for one replica: what a
+    Kubernetes pod (``export kubernetes``) and a systemd unit (``export systemd``) run.
+
+    >>> run_stage_args("normalizer", config="/p/services.yaml", run_dir="/p/.streampipe", replica=1, health_port=9465)
+    ['run-stage', 'normalizer', '--replica', '1', '--config', '/p/services.yaml', '--run-dir', '/p/.streampipe', '--health-port', '9465']
+    """
+    args = ["run-stage", stage]
+    if replica is not None:
+        args += ["--replica", str(replica)]
+    args += ["--config", str(config), "--run-dir", str(run_dir)]
+    if health_port is not None:
+        args += ["--health-port", str(health_port)]
+    if bind_host is not None:
+        args += ["--bind-host", bind_host]
+    return args
+
+
 def run_stage_spec(cfg: PipelineConfig, stage: str, replica: int | None, run_dir: Path, *,
                    bind_host: str | None = None, advertise_host: str | None = None, keys: Path | None = None) -> StageSpec:
     """The spec of one replica run alone; a :class:`ConfigError` says what is missing."""

@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ TEXT_MAX_WIDTH = 60     # ... and wider than this crowds the numbers (the full t
 LAST_ERROR_CHARS = 120  # of a last error's last line, in --wide
 USER_STATS_SHOWN = 8    # a user stage's stats() figures in the info column, at most
 USER_STAT_CHARS = 40    # a figure's value longer than this (a list, a long string) is cut
+DRIFT_MARK = "*"        # on the replicas of a stage that runs another count than its config says
 
 
 def fmt_bytes(n: float) -> str:
@@ -137,18 +139,18 @@ class Column:
 
 COLUMNS = (   # in the order they are shown
     Column("stage", lambda r: str(r["name"]), 0, right=False),
-    Column("r", lambda r: str(r["replica"]), 0),
+    Column("r", lambda r: f"{r['replica']}{DRIFT_MARK if r.get('drift') else ''}", 0),
     Column("pid", lambda r: str(r["pid"] or "-"), 1),
     Column("state", lambda r: str(r["state"]), 0, right=False),
     Column("uptime", lambda r: fmt_uptime(r["uptime_s"]), 4),
     Column("restarts", lambda r: str(r["restarts"]), 0),
-    Column("cpu%", lambda r: f"{r['cpu_percent']:.0f}", 5),
+    Column("cpu%", lambda r: "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.0f}", 5),
     Column("rss", lambda r: fmt_bytes(r["rss_bytes"]) if r["rss_bytes"] else "-", 6),
     Column("fds", lambda r: str(r.get("num_fds") or "-"), 8),
     Column("thr", lambda r: str(r.get("num_threads") or "-"), 8),
     Column("in", lambda r: fmt_count(r["records_in"]), 2),
     Column("out", lambda r: fmt_count(r["records_out"]), 3),
-    Column("rate/s", lambda r: fmt_count(r["rate"]), 0),
+    Column("rate/s", lambda r: "-" if r["rate"] is None else fmt_count(r["rate"]), 0),
     Column("errors", lambda r: str(r["errors"]), 0),
     Column("info", info, 7, right=False, text=True),
     Column("last error", lambda r: last_line(r["last_error"])[:LAST_ERROR_CHARS], 9, right=False, text=True),
@@ -181,20 +183,38 @@ def fitted_columns(rows: list[dict[str, Any]], width: int | None, wide: bool = F
     return [(c, chosen[c.header]) for c in COLUMNS if c.header in chosen]
 
 
+def rows_of(st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's rows: the status rows, each of a stage in ``drift`` marked ``drift`` (its ``r`` cell gets a ``*``)."""
+    drift = st.get("drift") or {}
+    return [{**r, "drift": True} if r["name"] in drift else r for r in st["stages"]]
+
+
+def drift_lines(st: dict[str, Any]) -> list[str]:
+    """One line per stage whose running replica count is not its config's (after ``streampipe scale``).
+
+    >>> drift_lines({"config": "/p/services.yaml", "drift": {"summer": {"running": 3, "configured": 1}}})
+    ['* summer: running 3 replicas, services.yaml says 1 (streampipe apply scales it back to 1)']
+    """
+    name = os.path.basename(str(st.get("config") or "")) or "the config"
+    return [f"{DRIFT_MARK} {stage}: running {d['running']} replicas, {name} says {d['configured']} "
+            f"(streampipe apply scales it back to {d['configured']})" for stage, d in (st.get("drift") or {}).items()]
+
+
 def status_table(st: dict[str, Any], width: int | None = None, wide: bool = False) -> Table:
     """The status of a pipeline (what the ``status`` control command answers) as a rich table that fits ``width``."""
     from rich.markup import escape
     from rich.table import Table
 
-    rows = st["stages"]
+    rows = rows_of(st)
     malformed = "".join(f"  malformed on {sock}: {n}" for sock, n in sorted((st.get("malformed") or {}).items()))
     columns = fitted_columns(rows, width, wide)
     shown = [c for c, _ in columns]
     hidden = [c.header for c in COLUMNS if c not in shown and (not c.text or any(c.cell(r) for r in rows))]
     table = Table(title=f"{st['pipeline']}  supervisor {st['supervisor_pid']}  up {fmt_uptime(st['uptime_s'])}  "
                         f"delivery {st['delivery']}{malformed}", title_justify="left", header_style="bold",
-                  caption=f"not shown at this width: {', '.join(hidden)} (--wide shows all)" if hidden else None,
-                  caption_justify="left")
+                  caption="\n".join(escape(line) for line in [
+                      *drift_lines(st), *([f"not shown at this width: {', '.join(hidden)} (--wide shows all)"] if hidden else [])])
+                  or None, caption_justify="left")
     for col, w in columns:
         table.add_column(col.header, justify="right" if col.right else "left", no_wrap=True,
                          overflow="ellipsis" if col.text else "fold", min_width=None if col.text else w,
@@ -217,7 +237,7 @@ def print_status(console: Console, st: dict[str, Any], wide: bool = False) -> No
         console.print(table)
         return
     width = console.width
-    console.width = max(width, table_width([w for _, w in fitted_columns(st["stages"], None, True)]))
+    console.width = max(width, table_width([w for _, w in fitted_columns(rows_of(st), None, True)]))
     try:
         console.print(table)
     finally:

@@ -45,6 +45,7 @@ from streampipe.launcher.apply import apply_config
 from streampipe.launcher.config import PipelineConfig, load_config
 from streampipe.launcher.control import COMMANDS, Command
 from streampipe.launcher.errors import StageError, StreampipeError
+from streampipe.launcher.plan import replica_drift
 from streampipe.launcher.replica import Replica, State
 from streampipe.launcher.rundir import RunDir, longest_socket_name
 from streampipe.launcher.spawn import ForkServer, become_subreaper, spawn_stage_cold
@@ -176,12 +177,16 @@ class Supervisor:
         return {name: w.replicas for name, w in self.watchers.items()}
 
     def status(self) -> dict[str, Any]:
+        """Every replica, in a fixed order (the config's stage order, then replica index; a stage an
+        apply is removing last), and ``drift``: the stages whose running replica count is not the config's."""
         now = time.time()
-        rows = [r.status(now) for reps in self.replicas.values() for r in reps]
+        order = {name: i for i, name in enumerate(self.cfg.stages)}
+        reps = sorted((r for rs in self.replicas.values() for r in rs), key=lambda r: (order.get(r.stage, len(order)), r.index))
+        drift = replica_drift(self.cfg, {name: len(rs) for name, rs in self.replicas.items()})
         return {"supervisor_pid": os.getpid(), "pipeline": self.cfg.pipeline, "config": str(self.cfg.path),
                 "run_dir": str(self.rd.path), "delivery": self.cfg.delivery, "uptime_s": round(now - self.started_at, 1),
-                "forkserver_pid": self.fork.pid if self.fork else None,
-                "stopping": self.stopping, "malformed": dict(self.rejects.counts), "stages": rows}
+                "forkserver_pid": self.fork.pid if self.fork else None, "drift": drift,
+                "stopping": self.stopping, "malformed": dict(self.rejects.counts), "stages": [r.status(now) for r in reps]}
 
     # -- owned tasks -------------------------------------------------------------------------
     def own(self, coro: Coroutine[Any, Any, Any], what: str, rep: Replica | None = None, vital: bool = False) -> asyncio.Task[Any]:

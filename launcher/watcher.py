@@ -159,6 +159,7 @@ class Watcher:
                         continue
                     rep.retune(cfg)
                 rep.policy.reset()
+                rep.last_error = ""     # the error of the code or config replaced: status shows the new run's own
                 if rep.pid is not None:
                     await self.stop_replica(rep, reason="restart requested")
                 rep.wanted_down = False

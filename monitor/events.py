@@ -34,7 +34,7 @@ class EventLog:
         self._file.write(json.dumps(entry, default=repr) + "\n")
         self.recent.append(entry)
         who = f"{stage}.{replica}" if stage and replica is not None else (stage or "supervisor")
-        level = "WARNING" if event in ("hung", "limit", "kill", "backoff") else "ERROR" if event == "failed" else "INFO"
+        level = "WARNING" if event in ("hung", "limit", "kill", "backoff", "watch") else "ERROR" if event == "failed" else "INFO"
         if event == "exit" and reason and not reason.startswith("stopped"):
             level = "WARNING"
         logger.log(level, f"{event:<9} {who:<18} pid={pid if pid is not None else '-'} {reason}")

@@ -7,11 +7,14 @@ module as a short-lived child, ``python -m streampipe.stages.introspect``, and e
     stdin   {"config_dir": "/abs/dir", "stages": {"gen": {"type": "generator", "options": {...}}, ...}}
     stdout  {"gen": {"kind": "source", "outputs": ["default"], "options": [["cout", "unknown option ..."], ...]},
              "sink": {"kind": null, "problem": "class Sink has neither process(batch), generate() nor ..."},
-             "enrich": {"kind": null, "skipped": "ImportError: ..."}, ...}
+             "enrich": {"kind": null, "problem": "module 'mystages' fails to import: mystages.py:3: NameError: ..."},
+             "tag": {"kind": "transform", "outputs": ["default"], "options": [], "code": "5f0c..."}, ...}
 
 Each ``type`` is imported once. Per stage it answers the ``kind`` (:func:`~stages.api.kind_of`:
 ``source``, ``transform`` or ``function``), a ``problem`` that keeps it from being a stage at
-all, and per-option errors (``[key, message]``; key ``null`` for the options as a whole).
+all, per-option errors (``[key, message]``; key ``null`` for the options as a whole), and for
+a stage of the user's own module (not a built-in) the ``code`` digest of what it runs
+(:func:`code_digest`): ``up --watch`` restarts only the stages whose digest a save changed.
 
 The options rule is Python's own call, checked before the call: a key must name a parameter of
 the class's ``__init__`` unless it takes ``**kwargs``; every required parameter must be given;
@@ -21,17 +24,21 @@ An annotation pydantic cannot check is left to the stage. A function stage takes
 A class may add its own checks as a static ``option_problems(options) -> [(key, message), ...]``,
 run once the call itself is fine (the consumer refuses ``format: parquet`` without pyarrow).
 
-A module that is not found is a problem; a module that is found but fails when imported is
-*skipped*: that is not a config error, the stage fails at start and ``status`` shows why.
+A module that is not found is a problem, and so is one that fails when imported (a syntax error,
+a missing dependency, an exception at its top level): the problem names the file and line
+where it failed and the error, with the traceback of the user's own frames (:func:`import_problem`).
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import hashlib
 import inspect
 import json
 import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,7 @@ from typing import Any
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from streampipe.stages.api import kind_of
-from streampipe.stages.registry import NotDefined, load_target, target_of
+from streampipe.stages.registry import BUILTINS, NotDefined, load_target, target_of
 
 
 def describe(type_: str, config_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -50,16 +57,125 @@ def describe(type_: str, config_dir: Path) -> tuple[Any, dict[str, Any]]:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
             return None, {"kind": None, "problem": f"module {module_name!r} not found beside the config or on sys.path"}
-        return None, {"kind": None, "skipped": f"{type(exc).__name__}: {exc}"}
+        return None, {"kind": None, "problem": import_problem(module_name, exc, config_dir)}
     except NotDefined as exc:
         return None, {"kind": None, "problem": str(exc)}
-    except Exception as exc:   # the module raised while imported: the stage shows it at start
-        return None, {"kind": None, "skipped": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:   # the module raised while imported (SyntaxError included)
+        return None, {"kind": None, "problem": import_problem(module_name, exc, config_dir)}
     try:
         kind = kind_of(target)
     except TypeError as exc:
         return None, {"kind": None, "problem": str(exc)}
-    return target, {"kind": kind, "outputs": outputs_of(target, kind)}
+    info: dict[str, Any] = {"kind": kind, "outputs": outputs_of(target, kind)}
+    if type_ not in BUILTINS:
+        info["code"] = code_digest(sys.modules[module_name], type_.partition(":")[2])
+    return target, info
+
+
+def import_problem(module_name: str, exc: BaseException, config_dir: Path) -> str:
+    """What importing a user's module raised: where (``file:line``, relative to the config's
+    folder when inside it), the error, then the traceback of the user's own frames only (no
+    importlib, no streampipe), as Python prints it."""
+    internal = {os.path.realpath(path) for name, m in list(sys.modules.items())
+                if name.partition(".")[0] in ("streampipe", "importlib", "runpy") and (path := getattr(m, "__file__", None))}
+    internal.add(os.path.realpath(__file__))     # this module, run as __main__
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and os.path.realpath(f.filename) not in internal]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        filename, line, message = exc.filename, exc.lineno, str(exc.msg)
+        shown = "".join(traceback.format_exception_only(type(exc), exc))
+    else:
+        filename, line = (frames[-1].filename, frames[-1].lineno) if frames else (module_name, None)
+        message = str(exc)
+        shown = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) \
+            + "".join(traceback.format_exception_only(type(exc), exc))
+    try:
+        filename = str(Path(filename).resolve().relative_to(config_dir.resolve()))
+    except ValueError:
+        pass
+    where = f"{filename}:{line}" if line else filename
+    return f"module {module_name!r} fails to import: {where}: {type(exc).__name__}: {message}\n{shown.rstrip()}"
+
+
+def code_digest(module: Any, name: str) -> str:
+    """A digest of the code the stage named ``name`` in ``module`` runs: the top-level statements
+    of the module's source that define it and, transitively, every top-level name they use
+    (helpers, constants, imports, base classes), plus every statement that binds no plain name
+    (``if``, ``try``, a call at the top: what they do is not known, so every stage depends on them).
+    Compared as syntax trees: a comment or a blank line changes nothing, nor does a statement
+    the stage does not depend on. A module whose source cannot be read gets a digest of its
+    file's bytes (any change counts).
+    """
+    path = getattr(module, "__file__", None)
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        try:
+            return hashlib.sha1(Path(path).read_bytes()).hexdigest() if path else ""
+        except OSError:
+            return ""
+    return code_digest_of(source, name)
+
+
+def code_digest_of(source: str, name: str) -> str:
+    r""":func:`code_digest` of module ``source`` for its top-level ``name``.
+
+    >>> src = ("import math\nK = 2\ndef helper(x):\n    return x * K\n"
+    ...        "class A:\n    def f(self):\n        return helper(1)\n"
+    ...        "def b(record):\n    return {**record, 'pi': math.pi}\n")
+    >>> def changed(text):       # which of the two stages, A and b, a save of ``text`` restarts
+    ...     return [n for n in ("A", "b") if code_digest_of(text, n) != code_digest_of(src, n)]
+    >>> changed(src.replace("'pi'", "'tau'")), changed(src.replace("K = 2", "K = 3"))   # A uses helper, helper K
+    (['b'], ['A'])
+    >>> changed("# a comment\n" + src.replace("helper(1)", "helper(1)  # same") + "\n\nX = 1\n")
+    []
+    >>> changed(src + "print('imported')\n")      # a statement at the top: what it does is anybody's business
+    ['A', 'b']
+    """
+    body = ast.parse(source).body
+    binds: dict[str, list[int]] = {}
+    always: list[int] = []
+    for i, stmt in enumerate(body):
+        names = _bound_names(stmt)
+        if names is None:
+            always.append(i)
+        for bound in names or ():
+            binds.setdefault(bound, []).append(i)
+    wanted: set[int] = set()
+    todo, seen = [name], set()
+
+    def use(i: int) -> None:
+        if i not in wanted:
+            wanted.add(i)
+            todo.extend(n.id for n in ast.walk(body[i]) if isinstance(n, ast.Name))
+
+    for i in always:
+        use(i)
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            for i in binds.get(current, []):
+                use(i)
+    text = "\n".join(ast.dump(body[i]) for i in sorted(wanted))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _bound_names(stmt: ast.stmt) -> list[str] | None:
+    """The top-level names ``stmt`` binds, or None for a statement whose effect is not a plain binding."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).partition(".")[0] for a in stmt.names if a.name != "*"] or None
+    targets: list[ast.expr] = []
+    if isinstance(stmt, ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        targets = [stmt.target]
+    else:
+        return None
+    names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return names if names and all(isinstance(t, (ast.Name, ast.Tuple, ast.List)) for t in targets) else None
 
 
 def outputs_of(target: Any, kind: str) -> list[str]:

@@ -12,22 +12,28 @@
   record, the error and the time, written at once. The replicas of a stage share the file; it
   rotates at ``logging.file_max_mb`` and keeps ``logging.retention`` rotated files (see
   :mod:`streampipe._rotating`); the lines in a rotated file deleted by retention are counted as
-  ``dead_letters_dropped`` in ``status``.
+  ``dead_letters_dropped`` in ``status``. Each line has a ``key`` (its identity, for a replay),
+  and a record rejected by the stage's own processing the ``input`` it came from (``stage.replica``).
+- :func:`read_dead_letters` / :func:`pending_replays` / :class:`ReplayLedger`: what
+  ``streampipe deadletter`` lists and replays; ``<run dir>/deadletter/<stage>.replayed`` holds
+  the key of every dead letter replayed (fsynced before it counts), so none is replayed twice.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streampipe._rotating import RotatingFile
+from streampipe._rotating import RotatingFile, files_of
 
 # wire (numpy) and loguru are imported where they are used: the CLI imports this module through
 # launcher/rundir.py (atomic_write), and `streampipe status` must not pay ~250 ms for them.
@@ -229,8 +235,13 @@ class DeadLetters:
         self.dropped = 0      # dead letters deleted with a rotated file beyond retention
         self._file = RotatingFile(path, max_bytes, keep, on_drop=self._dropped)
 
-    def write(self, record: Any, error: str, tb: str = "") -> None:
-        entry = {"time": time.time(), "stage": self.ident, "error": error, "record": record}
+    def write(self, record: Any, error: str, tb: str = "", source: str | None = None, replay_of: str | None = None) -> None:
+        entry = {"key": secrets.token_hex(8), "time": time.time(), "stage": self.ident, "error": error}
+        if source is not None:
+            entry["input"] = source         # the replica it came from: a record the stage itself took in
+        if replay_of is not None:
+            entry["replay_of"] = replay_of  # the dead letter whose replay failed again
+        entry["record"] = record
         if tb:
             entry["traceback"] = tb
         self._file.write(json.dumps(entry, default=json_default) + "\n")
@@ -242,3 +253,85 @@ class DeadLetters:
 
     def close(self) -> None:
         self._file.close()
+
+
+# -- reading dead letters, and the replays done ----------------------------------------------------
+
+def dead_letter_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "deadletter" / f"{stage}.jsonl"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One line of a stage's dead-letter file."""
+
+    key: str                # its identity: written with it (older lines: a digest of the line)
+    time: float
+    replica: str            # the replica that rejected it, ``stage.replica``
+    error: str
+    input: str | None       # the replica it came from; None: not a record the stage took in (a source's, an output)
+    replay_of: str | None   # the dead letter whose replay failed again, if it is one
+    record: Any
+    traceback: str
+
+    @property
+    def replayable(self) -> bool:
+        return self.input is not None
+
+
+def read_dead_letters(run_dir: Path, stage: str) -> list[DeadLetter]:
+    """Every dead letter of ``stage`` still on disk, oldest first (rotated files too); torn lines skipped."""
+    out = []
+    for path in files_of(dead_letter_path(run_dir, stage)):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:      # deleted by retention meanwhile
+            continue
+        for line in data.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            key = row["key"] if isinstance(row.get("key"), str) else hashlib.sha256(line).hexdigest()[:16]
+            out.append(DeadLetter(key, float(row.get("time") or 0.0), str(row.get("stage", "")), str(row.get("error", "")),
+                                  row["input"] if isinstance(row.get("input"), str) else None,
+                                  row["replay_of"] if isinstance(row.get("replay_of"), str) else None,
+                                  row.get("record"), str(row.get("traceback", ""))))
+    return out
+
+
+class ReplayLedger:
+    """``<run dir>/deadletter/<stage>.replayed``: the keys of the dead letters replayed, one a line.
+
+    A key is appended (and fsynced) once its record is settled: its outputs acknowledged end to
+    end, or the record dead-lettered again (that new line names it in ``replay_of``)."""
+
+    def __init__(self, run_dir: Path, stage: str) -> None:
+        self.path = Path(run_dir) / "deadletter" / f"{stage}.replayed"
+
+    def keys(self) -> set[str]:
+        try:
+            text = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return set()
+        lines = text.split("\n")
+        return {k for k in lines[:-1] if k}      # the last piece has no newline yet: a torn write, not a mark
+
+    def mark(self, keys: list[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, "".join(f"{k}\n" for k in keys).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def pending_replays(run_dir: Path, stage: str, letters: list[DeadLetter] | None = None) -> list[DeadLetter]:
+    """The dead letters of ``stage`` a replay sends: taken in by the stage, not replayed yet (a
+    dead letter whose replay failed again counts as replayed: the new line is pending instead)."""
+    letters = read_dead_letters(run_dir, stage) if letters is None else letters
+    done = ReplayLedger(run_dir, stage).keys() | {d.replay_of for d in letters if d.replay_of}
+    return [d for d in letters if d.replayable and d.key not in done]

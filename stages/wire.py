@@ -192,7 +192,7 @@ STAGE_OPS: dict[str, dict[str, tuple[type, ...]]] = {
 # supervisor -> stage
 SUPERVISOR_OPS: dict[str, dict[str, tuple[type, ...]]] = {
     "stop": {"senders": (list,)}, "connect": {"edge": (str,), "endpoints": (list,)}, "peers": {"acks": (list,)},
-    "fence": {"edge": (str,), "endpoint": (str,), "on": (bool,)},
+    "fence": {"edge": (str,), "endpoint": (str,), "on": (bool,)}, "replay": {},
 }
 _LISTS_OF = {"s": int, "latency_buckets": int, "endpoints": str, "acks": str, "senders": str}   # what a list field holds
 

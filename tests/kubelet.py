@@ -56,6 +56,8 @@ NODE = "node"                       # the host the kubelet probes from, as from 
 # immediate); a tenth of it here, so that a test waits seconds rather than minutes.
 BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 EXIT_POLL_S = 0.05                  # how soon a container's exit is seen (a kubelet learns it from the runtime's events)
+LOG_TAIL_CHARS = 1500               # of a container's log in describe(): a traceback's end
+EVENTS_SHOWN = 6                    # a pod's latest events in describe(): a crash loop repeats itself
 
 # what this kubelet knows of a manifest; anything else fails the test (see the module's docstring)
 POD_FIELDS = {"containers", "volumes", "securityContext", "terminationGracePeriodSeconds", "affinity", "restartPolicy"}
@@ -340,6 +342,8 @@ class Pod:
         self.restarts = 0                       # container restarts, as `kubectl get pods` counts them
         self.exits: list[int | None] = []       # every container's exit status (None: still running at the end)
         self.events: list[str] = []             # why containers were killed, for a failing test's message
+        self.state = "waiting (ContainerCreating)"     # the container's state as `kubectl describe pod` says it
+        self.probed: dict[str, str] = {}        # each probe's latest result ("503", "no answer"), for describe()
         self.proc: subprocess.Popen[bytes] | None = None
         self.proc_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -453,14 +457,41 @@ class Pod:
         with self.proc_lock:
             self.proc = proc
             self.exits.append(None)
+            self.state = f"running (container {len(self.exits) - 1})"
 
     def log_path(self, n: int) -> Path:
         return self.dir / f"container-{n}.log"
 
     def logs(self, previous: bool = False) -> str:
         """``kubectl logs`` (``--previous``: the container before the last restart)."""
-        n = len(self.exits) - (2 if previous else 1)
-        return self.log_path(n).read_text(errors="replace") if n >= 0 else ""
+        return self.log_of(len(self.exits) - (2 if previous else 1))
+
+    def log_of(self, n: int) -> str:
+        """Container ``n``'s log ("" before it started)."""
+        path = self.log_path(n)
+        return path.read_text(errors="replace") if n >= 0 and path.exists() else ""
+
+    def last_exited(self) -> int | None:
+        """The latest container that exited (``kubectl describe``'s "Last State: Terminated"), or None."""
+        done = [n for n, code in enumerate(self.exits) if code is not None]
+        return done[-1] if done else None
+
+    def describe(self, tail: int = LOG_TAIL_CHARS) -> str:
+        """What ``kubectl describe pod`` and ``kubectl logs [--previous]`` tell of why a pod is not
+        ready: the container's state and last state (exit status), each probe's latest result, the
+        events, the current container's log and that of the last one that exited."""
+        last = self.last_exited()
+        lines = [f"--- {self.name} ip={self.ip} ready={self.ready} restarts={self.restarts} state={self.state}"
+                 + (f" last state=exited {self.exits[last]} (container {last})" if last is not None else ""),
+                 f"    probes: {', '.join(f'{k} {v}' for k, v in self.probed.items()) or 'none answered yet'}",
+                 f"    events: {self.events[-EVENTS_SHOWN:]}" + (f" ({len(self.events) - EVENTS_SHOWN} earlier)"
+                                                                 if len(self.events) > EVENTS_SHOWN else "")]
+        shown = [n for n in (len(self.exits) - 1, last) if n is not None and n >= 0]
+        for n in dict.fromkeys(shown):
+            text = self.log_of(n)
+            lines.append(f"    log of container {n}{' (exited ' + str(self.exits[n]) + ')' if self.exits[n] is not None else ''}:"
+                         + ("\n" + text[-tail:].rstrip() if text.strip() else " (empty)"))
+        return "\n".join(lines)
 
     def run(self) -> None:
         try:
@@ -470,11 +501,13 @@ class Pod:
                 if self.stopping.is_set():
                     break
                 delay = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
+                self.state = f"waiting (back-off {delay:g}s after exit {self.exits[-1]})"
                 if self.stopping.wait(delay):
                     break
                 self.restarts += 1
         except Exception as exc:     # a broken kubelet: say so in the test's report rather than hang
             self.events.append(f"kubelet error: {exc!r}")
+            self.state = f"kubelet error: {exc!r}"
             raise
 
     def watch(self) -> None:
@@ -523,6 +556,7 @@ class Pod:
                 next_at = time.monotonic() + probe.period
                 status, _ = http_get(f"http://{self.ip}:{probe.port}{probe.path}", probe.timeout)
                 oks, fails = (oks + 1, 0) if 200 <= status < 400 else (0, fails + 1)
+                self.probed[kind] = f"{status or 'no answer'}" + (f" x{fails}" if fails > 1 else "")
                 with run.lock:
                     if run.done.is_set():
                         return

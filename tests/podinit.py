@@ -13,7 +13,9 @@ namespaces (``ip netns exec NS unshare --uts --mount --propagation private``), i
 4. drops to the pod's user, group and supplementary groups (``runAsUser``, ``runAsGroup``,
    ``fsGroup``), with ``no_new_privs`` (``allowPrivilegeEscalation: false``);
 5. execs the container's command with its environment: the process keeps this pid, so the
-   kubelet's ``Popen`` is the container's main process.
+   kubelet's ``Popen`` is the container's main process. A command that cannot be executed (not
+   on the image's PATH, as a virtualenv hidden below a volume would be) exits 128 with a
+   runtime's ``StartError`` line, as ``kubectl describe pod`` shows it.
 
 Standard library only: it runs before the container's interpreter exists as such.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 PR_SET_NO_NEW_PRIVS = 38
+START_ERROR_EXIT = 128      # a container whose command cannot be executed (containerd's StartError)
 
 
 def mount(*args: str) -> None:
@@ -121,7 +124,12 @@ def main(argv: list[str]) -> None:
     os.chroot(root)
     os.chdir(spec["workdir"])
     drop_privileges(spec)
-    os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+    try:
+        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+    except OSError as exc:   # as a runtime reports it: the container's last state says StartError, exit 128
+        where = "executable file not found in $PATH" if isinstance(exc, FileNotFoundError) else exc.strerror
+        print(f"StartError: exec: {spec['argv'][0]!r}: {where} (PATH={spec['env'].get('PATH', '')})", file=sys.stderr, flush=True)
+        os._exit(START_ERROR_EXIT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import streampipe
@@ -39,6 +40,21 @@ def _leftovers(run_dir: Path) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
 
 
+def _processes_of(folder: Path) -> list[str]:
+    """Processes working in ``folder`` or naming it (a supervisor, fork server or stage of its pipeline)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cwd = proc.cwd()
+        except psutil.Error:
+            cwd = ""
+        if proc.pid != os.getpid() and (cwd == str(folder) or str(folder) in " ".join(proc.info["cmdline"] or [])):
+            found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+    return found
+
+
 def test_up_exit_when_done_runs_a_batch_job_to_completion(tmp_path: Path) -> None:
     """`up --exit-when-done` returns 0 once every source completed and what it sent is done: every
     record is at the sink when it returns, and nothing of the pipeline runs on."""
@@ -72,3 +88,40 @@ def test_up_exit_when_done_fails_when_a_stage_fails_for_good(tmp_path: Path) -> 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "failed: bad.0" in proc.stderr
     assert _leftovers(tmp_path / ".streampipe") == []
+
+
+BROKEN_IMPORT = '''\
+from streampipe import Stage
+
+LIMIT = int("ten")
+
+
+class Tag(Stage):
+    def process(self, batch):
+        return batch
+'''
+
+
+def test_a_module_that_fails_to_import_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """validate, up and up --detach import the stage modules in a child first (issue 27: validate
+    passed, then `up --detach` exited 1, printed the traceback twice and left the supervisor and the
+    other stages running): each exits 2 naming services.yaml's line, the module's file:line and the
+    error, prints the user's traceback once, and nothing of the pipeline runs."""
+    (tmp_path / "mystages.py").write_text(BROKEN_IMPORT)
+    (tmp_path / "services.yaml").write_text(
+        "pipeline: broken\nstages:\n"
+        "  gen: {type: generator, options: {rate: 100}}\n"
+        "  tag: {type: 'mystages:Tag', inputs: [gen]}\n"
+        "  sink: {type: consumer, inputs: [tag]}\n")
+    where = ("services.yaml:4: stages.tag.type: module 'mystages' fails to import: mystages.py:3: "
+             "ValueError: invalid literal for int() with base 10: 'ten'")
+    for args in (["validate"], ["up"], ["up", "--detach"]):
+        proc = cli(*args, cwd=tmp_path, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, (args, out)
+        assert where in out, (args, out)
+        assert out.count("Traceback (most recent call last)") == 1 and out.count('LIMIT = int("ten")') == 1, (args, out)
+        assert "introspect.py" not in out and "importlib" not in out, (args, out)
+        assert _processes_of(tmp_path) == [] and not (tmp_path / ".streampipe" / "events.jsonl").exists(), args
+    (tmp_path / "mystages.py").write_text(BROKEN_IMPORT.replace('int("ten")', "int('10')"))
+    assert cli("validate", cwd=tmp_path, timeout=120).returncode == 0

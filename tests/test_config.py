@@ -85,12 +85,17 @@ def test_class_missing_from_user_module(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_module_that_fails_at_import_is_not_a_config_error(tmp_path: Path) -> None:
-    # it must start, fail, and show its traceback in status (tests/test_monitor.py)
-    (tmp_path / "broken.py").write_text("import nosuchdependency\nclass Sink:\n    pass\n")
+def test_module_missing_a_dependency_is_a_config_error(tmp_path: Path) -> None:
+    """issue 27: the check imports the module in a child anyway, so it says what fails and where
+    (a stage that fails later, in setup, still starts and fails: tests/test_monitor.py)."""
+    (tmp_path / "broken.py").write_text("import os\nimport nosuchdependency\nclass Sink:\n    pass\n")
     path = tmp_path / "services.yaml"
     path.write_text(GOOD.replace("type: consumer", "type: broken:Sink"))
-    assert load_config(path).stages["sink"].type == "broken:Sink"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    line = GOOD.splitlines().index("    type: consumer") + 1
+    assert str(info.value).startswith(f"{path}:{line}: stages.sink.type: module 'broken' fails to import: "
+                                      "broken.py:2: ModuleNotFoundError: No module named 'nosuchdependency'\n"), str(info.value)
 
 
 def test_defaults_apply_unless_overridden(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ gets traffic) and a hung pod (its liveness probe fails: killed and restarted).
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import subprocess
 import textwrap
@@ -81,8 +82,9 @@ def sink(cluster: Cluster) -> collections.Counter[int]:
 
 
 def pod_report(cluster: Cluster) -> str:
-    return "\n".join(f"--- {p.name} ip={p.ip} ready={p.ready} restarts={p.restarts} exits={p.exits} events={p.events}\n"
-                     f"{p.logs()[-1500:]}" for p in cluster.pods.values())
+    """Every pod as ``kubectl describe`` and ``kubectl logs [--previous]`` show it: asked when a wait
+    fails (``wait_for(detail=...)``), so it says why a pod is not ready at that time."""
+    return "\n".join(p.describe() for p in list(cluster.pods.values()))
 
 
 @pytest.mark.timeout(420)   # every wait below is bounded by its own timeout; this only backs them up
@@ -99,8 +101,8 @@ def test_exported_manifests_run_as_a_kubelet_would(hosts: netns.Hosts, tmp_path:
         assert sorted(cluster.pods) == sorted(f"{name}-{i}" for name, sts in statefulsets.items()
                                               for i in range(sts["spec"]["replicas"]))
         wait_for(lambda: all(p.ready for p in cluster.pods.values()), timeout=120, interval=0.2,
-                 what=f"every pod ready\n{pod_report(cluster)}")
-        wait_for(lambda: len(sink(cluster)) >= N // 5, timeout=60, interval=0.2, what=f"the stream at the sink\n{pod_report(cluster)}")
+                 what="every pod ready", detail=lambda: pod_report(cluster))
+        wait_for(lambda: len(sink(cluster)) >= N // 5, timeout=60, interval=0.2, what="the stream at the sink", detail=lambda: pod_report(cluster))
 
         # mid-stream, the consumer's container is SIGKILLed (an OOM kill, a crash): the kubelet restarts it;
         # and kubectl scale statefulset/demo-normalizer --replicas=3: the new pod joins the Service and gets traffic
@@ -114,9 +116,9 @@ def test_exported_manifests_run_as_a_kubelet_would(hosts: netns.Hosts, tmp_path:
             return metric(third.metrics(), "streampipe_records_in_total", stage="normalizer", replica="2") or 0
 
         wait_for(lambda: consumer.restarts == 1 and consumer.ready, timeout=120, interval=0.2,
-                 what=f"the consumer restarted and ready\n{pod_report(cluster)}")
+                 what="the consumer restarted and ready", detail=lambda: pod_report(cluster))
         assert consumer.exits[0] == -signal.SIGKILL
-        wait_for(lambda: third_records_in() > 0, timeout=60, interval=0.5, what=f"traffic to demo-normalizer-2\n{pod_report(cluster)}")
+        wait_for(lambda: third_records_in() > 0, timeout=60, interval=0.5, what="traffic to demo-normalizer-2", detail=lambda: pod_report(cluster))
         assert len(sink(cluster)) < N, "the third normalizer joined while the stream flowed"
 
         # a hung pod (SIGSTOP: neither its loop nor its probes answer) fails its liveness probe: the kubelet
@@ -124,10 +126,10 @@ def test_exported_manifests_run_as_a_kubelet_would(hosts: netns.Hosts, tmp_path:
         hung = cluster.pod("demo-normalizer-0")
         hung.kill(signal.SIGSTOP)
         wait_for(lambda: hung.restarts == 1 and hung.ready, timeout=120, interval=0.2,
-                 what=f"the hung normalizer restarted and ready\n{pod_report(cluster)}")
+                 what="the hung normalizer restarted and ready", detail=lambda: pod_report(cluster))
         assert hung.exits[0] == -signal.SIGKILL and any("liveness probe failed" in e for e in hung.events), hung.events
 
-        wait_for(lambda: len(sink(cluster)) >= N, timeout=90, interval=0.5, what=f"{N} ids at the sink\n{pod_report(cluster)}")
+        wait_for(lambda: len(sink(cluster)) >= N, timeout=90, interval=0.5, what=f"{N} ids at the sink", detail=lambda: pod_report(cluster))
         time.sleep(1.0)   # a duplicate would arrive now
         counts = sink(cluster)
         assert sorted(counts) == list(range(N)), "every id reached the sink"
@@ -138,3 +140,30 @@ def test_exported_manifests_run_as_a_kubelet_would(hosts: netns.Hosts, tmp_path:
         codes = cluster.close()
     # kubectl delete: every pod drains on SIGTERM within its grace period and exits 0
     assert {name: c[-1] for name, c in codes.items()} == dict.fromkeys(codes, 0), codes
+
+
+@pytest.mark.timeout(240)
+def test_a_pod_that_cannot_start_says_why_in_the_report(hosts: netns.Hosts, tmp_path: Path) -> None:
+    """An image whose ``streampipe`` is not on its PATH (as a virtualenv hidden below a volume was):
+    the container exits at once, again after each back-off, and the report of the wait that gives
+    up on it says so: its state, its last exit, and that container's log with the reason."""
+    objects, folder, keys = exported(tmp_path)
+    consumer = [o for o in objects if o["kind"] != "StatefulSet" or o["metadata"]["name"] == "demo-consumer"]
+    image = Image.from_dockerfile(REPO / "Dockerfile", {"PIPELINE": folder})
+    image.env["PATH"] = str(tmp_path / "no-such-bin")
+    cluster = Cluster(hosts, tmp_path / "cluster", image)
+    try:
+        cluster.apply([secret_from_files("demo-keys", keys, NAMESPACE), *consumer])
+        pod = cluster.pod("demo-consumer-0")
+        with pytest.raises(pytest.fail.Exception) as failed:
+            wait_for(lambda: pod.ready, timeout=20, interval=0.2, what="the consumer ready", detail=lambda: pod_report(cluster))
+        report = str(failed.value)
+        assert pod.restarts >= 1 and not pod.ready, report
+        assert "--- demo-consumer-0" in report and "ready=False" in report
+        assert re.search(r"last state=exited 128 \(container \d+\)", report), report
+        assert re.search(r"log of container \d+ \(exited 128\):\n", report), report
+        # the reason, from the container's own log
+        assert "StartError: exec: 'streampipe': executable file not found in $PATH" in report, report
+    finally:
+        codes = cluster.close()
+    assert codes["demo-consumer-0"] and all(c is not None for c in codes["demo-consumer-0"]), codes

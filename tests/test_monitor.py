@@ -93,8 +93,12 @@ def test_crash_loop_ends_failed_with_its_error(pipeline, tmp_path: Path) -> None
     assert p.events("failed")
 
 
-def test_import_error_shows_traceback_and_does_not_storm(pipeline, tmp_path: Path) -> None:
-    (tmp_path / "badmod.py").write_text("import numpy\nimport this_dependency_is_missing\nclass Stage:\n    pass\n")
+def test_start_error_shows_traceback_and_does_not_storm(pipeline, tmp_path: Path) -> None:
+    """A stage that fails as it starts (a dependency it imports in setup: an import at the module's top
+    is refused by `up` before anything starts, tests/test_cli_habits.py) fails after max_restarts."""
+    (tmp_path / "badmod.py").write_text("import numpy\nclass Stage:\n    def setup(self):\n"
+                                        "        import this_dependency_is_missing\n    def process(self, batch):\n"
+                                        "        return batch\n")
     p = pipeline("""\
         pipeline: bad
         defaults: {backoff_initial: 0.05, max_restarts: 2}

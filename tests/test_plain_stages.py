@@ -183,9 +183,10 @@ def test_kwargs_stage_accepts_extra_keys_and_floats_take_ints(tmp_path: Path) ->
     assert code == 0, out
 
 
-def test_broken_module_is_not_a_config_error(tmp_path: Path) -> None:
-    """A module that is found but raises when imported fails at start, with its traceback in status."""
-    (tmp_path / "broken.py").write_text("raise RuntimeError('no database here')\n")
+def test_broken_module_is_a_config_error(tmp_path: Path) -> None:
+    """A module that is found but raises when imported: validate imported it, so it says so (issue 27),
+    naming the services.yaml line of the type, the module's file and line, and the error."""
+    (tmp_path / "broken.py").write_text("import os\n\nraise RuntimeError('no database here')\n")
     code, out = _validate(tmp_path, """\
   gen: {type: generator}
   b:
@@ -193,7 +194,9 @@ def test_broken_module_is_not_a_config_error(tmp_path: Path) -> None:
     inputs: [gen]
     options: {whatever: 1}
 """)
-    assert code == 0, out
+    assert code == 2, out
+    assert "services.yaml:5: stages.b.type: module 'broken' fails to import: broken.py:3: RuntimeError: no database here" in out
+    assert "introspect" not in out and "importlib" not in out, "only the user's frames of the traceback"
 
 
 def test_harness_adapts_plain_objects_and_functions() -> None:

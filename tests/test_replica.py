@@ -47,7 +47,13 @@ def test_a_replica_gone_shows_no_stale_cpu_rss_or_rate() -> None:
     rep.reading = Reading(alive=True, cpu_percent=97.0, rss_bytes=300 << 20)
     rep.gone()
     row = rep.status(time.time())
-    assert (row["cpu_percent"], row["rss_bytes"], row["rate"], row["pid"]) == (0.0, 0, 0.0, None)
+    assert (row["cpu_percent"], row["rss_bytes"], row["num_fds"], row["num_threads"], row["rate"], row["pid"]) == (None,) * 6
+    rep.spawned(os.getpid(), "fork")          # started again: measured again
+    rep.reading = Reading(alive=True, cpu_percent=5.0, rss_bytes=1 << 20)
+    row = rep.status(time.time())
+    assert (row["cpu_percent"], row["rss_bytes"], row["rate"]) == (5.0, 1 << 20, 0.0)
+    rep.completed()                           # a source at its end: what its process measures is no longer its work
+    assert rep.status(time.time())["cpu_percent"] is None
 
 
 def test_exits_back_off_then_fail_after_max_restarts() -> None:

@@ -94,8 +94,8 @@ function drawReplicas(pic) {
     return `<tr data-stage="${esc(r.name)}" data-replica="${r.replica}" data-state="${esc(r.state)}">` +
       `<td>${esc(r.name)}</td><td>${r.replica}</td><td class="pid">${r.pid ?? "-"}</td>` +
       `<td class="state state-${esc(r.state)}">${esc(r.state)}</td><td>${uptime(r.uptime_s)}</td><td class="restarts">${r.restarts}</td>` +
-      `<td>${(r.cpu_percent || 0).toFixed(0)}</td><td>${r.rss_bytes ? bytes(r.rss_bytes) : "-"}</td>` +
-      `<td>${count(r.records_in)}</td><td>${count(r.records_out)}</td><td class="rate">${count(r.rate)}</td>` +
+      `<td>${r.cpu_percent == null ? "-" : r.cpu_percent.toFixed(0)}</td><td>${r.rss_bytes ? bytes(r.rss_bytes) : "-"}</td>` +
+      `<td>${count(r.records_in)}</td><td>${count(r.records_out)}</td><td class="rate">${r.rate == null ? "-" : count(r.rate)}</td>` +
       `<td>${r.errors}</td><td class="stats">${esc(statsText(r.stats))}</td><td class="err">${errCell}</td></tr>`;
   }).join("");
 }

@@ -90,13 +90,14 @@ class Counters:
         """The stage's last error, as the heartbeat reports it."""
         self.last_error = error
 
-    def reject(self, record: Any, error: str, tb: str = "") -> None:
-        """The one way a record goes to the dead-letter file: counted, and the stage's last error."""
+    def reject(self, record: Any, error: str, tb: str = "", source: str | None = None, replay_of: str | None = None) -> None:
+        """The one way a record goes to the dead-letter file: counted, and the stage's last error.
+        ``source``: the replica an input record came from (it can be replayed into this stage)."""
         self.errors += 1
         self.dead += 1
         self.last_error = error
         if self.dead_letters is not None:
-            self.dead_letters.write(record, error, tb)
+            self.dead_letters.write(record, error, tb, source, replay_of)
 
     def reject_output(self, record: Any, reason: str) -> None:
         """An output record that cannot be sent: counted and dead-lettered."""

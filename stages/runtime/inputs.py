@@ -196,8 +196,9 @@ class Inputs:
                 outcome = self.processor.run(records)
             journal.end(key)
         self.counters.observe_latency((time.perf_counter() - t0) * 1000.0)
+        source = f"{header['src']}.{header['r']}" if "src" in header and "r" in header else None
         for record, error, tb in outcome.rejected:
-            self.counters.reject(record, error, tb)
+            self.counters.reject(record, error, tb, source, header.get("dl"))
         if new_ids is not None:
             self.applied_ids.commit_ids(new_ids)    # type: ignore[union-attr]
         if outcome.rejected:

@@ -19,7 +19,7 @@ from loguru import logger
 from streampipe.stages import wire
 from streampipe.stages.ackpoints import KEEP_SENDER_EPOCHS, AckPoints
 from streampipe.stages.runtime.counters import Counters
-from streampipe.stages.runtime.tokens import InToken, Mark, Taken
+from streampipe.stages.runtime.tokens import InToken, Mark, ReplayToken, Taken
 from streampipe.stages.runtime.tunables import ACK_SAVE_MIN_S, ACK_SAVE_SHARE
 from streampipe.stages.state import save_state
 
@@ -88,6 +88,9 @@ class AckLedger:
 
     def ack_token(self, token: InToken) -> None:
         self.in_progress.discard((token.ack, token.edge, token.ep, token.seq))
+        if isinstance(token, ReplayToken):
+            token.on_settled(token.key)      # no sender to ack: the replay notes it settled
+            return
         self.acks_out.setdefault(token.ack, {}).setdefault((token.edge, token.ep), []).append(token.seq)
         self.acks_pending += 1
 

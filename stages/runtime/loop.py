@@ -25,6 +25,7 @@ from streampipe.stages.runtime.inputs import Inputs
 from streampipe.stages.runtime.ledger import AckLedger
 from streampipe.stages.runtime.outputs import Edge, Wiring
 from streampipe.stages.runtime.producer import Producer
+from streampipe.stages.runtime.replay import Replay
 from streampipe.stages.runtime.router import Router
 from streampipe.stages.runtime.tunables import (
     ACK_SAVE_MIN_S,
@@ -96,6 +97,7 @@ class StageRuntime:
                    if self.acked and spec.input and spec.control else None)
         self.inputs = Inputs(spec, self.acked, stateful, self.counters, self.ledger, self.acks, self.rejects,
                              self.processor, journal, self.router, self.edges, getattr(stage, "on_origin", None))
+        self.replay = Replay(spec, self.inputs)   # `streampipe deadletter replay`: idle until told
         self.producer = (Producer(spec, stage, self.acked, self.cursor, self.counters, self.router, self.edges)  # type: ignore[arg-type]
                          if self.source else None)
 
@@ -204,6 +206,8 @@ class StageRuntime:
                 if edge.queued:
                     edge.send(now)
             self.blocked = any(e.full() for e in self.edges)
+            if self.replay.active:
+                self.replay.step(more=not self.stopping)
             if self.ledger.ackpoints is not None:
                 self.save_at_ack_points(now)
             self.flush_acks()
@@ -269,7 +273,7 @@ class StageRuntime:
                 if edge.queued:
                     edge.send(now)   # a batch the linger timer just cut leaves now, not at the next wake-up
 
-            timeout_ms = self.poll_timeout(now, idle and gen is not None, next_hb)
+            timeout_ms = 0 if self.replay.queue and not self.blocked else self.poll_timeout(now, idle and gen is not None, next_hb)
             writable_wait = [sock for e in self.edges if e.queued for sock in e.waiting_socks()] if self.blocked else []
             for sock in writable_wait:      # blocked by a full socket: wake when it drains
                 poller.register(sock, zmq.POLLOUT)
@@ -414,6 +418,8 @@ class StageRuntime:
                     edge.connect(list(msg.get("endpoints", [])))
             elif op == "peers":
                 self.set_ack_peers(msg.get("acks", []))
+            elif op == "replay" and self.spec.input and not self.stopping:
+                self.replay.start()
 
     # -- reporting ---------------------------------------------------------------------------
     def unreachable(self) -> list[str]:

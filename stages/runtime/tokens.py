@@ -3,6 +3,7 @@ seqs taken from one sender (:class:`Taken`), a source position (:class:`Mark`), 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 
@@ -14,6 +15,23 @@ class InToken:
     def __init__(self, header: dict[str, Any]) -> None:
         self.ack, self.edge, self.ep, self.seq = header["ack"], header["e"], header["ep"], header["seq"]
         self.outstanding = 0
+
+
+REPLAY_SENDER = "deadletter"    # the "sender" of a replayed dead letter: no socket, its ack settles the replay
+
+
+class ReplayToken(InToken):
+    """A dead letter replayed into this stage, a batch of one record: settled (``on_settled``)
+    where an input batch is acknowledged, i.e. once its outputs are acknowledged end to end (and,
+    in a stage with state, once a saved snapshot covers it). Its identity comes from the dead
+    letter's key, so a restarted replica that restored it from a snapshot knows it applied it."""
+
+    __slots__ = ("key", "on_settled")
+
+    def __init__(self, key: str, stage: str, on_settled: Any) -> None:
+        seq = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16)     # the same for the same dead letter, in any process
+        super().__init__({"ack": REPLAY_SENDER, "e": f"deadletter>{stage}", "ep": 0, "seq": seq})
+        self.key, self.on_settled = key, on_settled
 
 
 class Taken:
