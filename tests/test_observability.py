@@ -87,8 +87,11 @@ def test_exception_reaches_log_facts_and_metrics(pipeline, tmp_path: Path) -> No
     wait_for(lambda: scrape(port)[key] > first[key], timeout=15, what="records_in to grow")
 
 
-def test_crash_at_import_is_in_the_log_and_status(pipeline, tmp_path: Path) -> None:
-    (tmp_path / "crashy.py").write_text("raise RuntimeError('configuration missing: set CRASHY_URL')\nclass Sink:\n    pass\n")
+def test_crash_at_start_is_in_the_log_and_status(pipeline, tmp_path: Path) -> None:
+    # (a module that fails to import is refused before anything starts: test_cli_habits.py checks that)
+    (tmp_path / "crashy.py").write_text("class Sink:\n    def setup(self):\n"
+                                        "        raise RuntimeError('configuration missing: set CRASHY_URL')\n"
+                                        "    def process(self, batch):\n        return batch\n")
     p = pipeline("""\
         pipeline: crash
         defaults: {max_restarts: 1, backoff_initial: 0.05}
