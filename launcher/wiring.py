@@ -12,6 +12,7 @@ upstream PUSH sockets reconnect to a replacement by themselves.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from typing import TYPE_CHECKING
 
@@ -103,8 +104,36 @@ class Wiring:
                 self.sup.tell(rep, "peers", acks=acks)
 
 
+PORT_TRIES = 64    # random picks below the ephemeral range before falling back to the kernel's choice
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux), or IANA's."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port(host: str) -> int:
-    """A TCP port free on ``host`` now (the stage binds it a moment later; ZeroMQ sets SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    """A TCP port free on ``host`` now, which the stage binds a moment later (ZeroMQ sets SO_REUSEADDR).
+
+    Picked at random *below* the ephemeral range: a port there is taken only by a server that binds
+    it, never by the local end of some outgoing connection made between this pick and the stage's
+    bind (on a busy machine one took a replica's ack port in that moment: ``Address already in use``).
+    """
+    low, _ = ephemeral_range()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if low > 11024:
+        for port in random.sample(range(10000, low - 1024), PORT_TRIES):
+            with socket.socket(family) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
