@@ -47,6 +47,24 @@ if TYPE_CHECKING:
 # YAML parser or rich console up front (tests/test_layering.py checks that it does not).
 DEFAULT_CONFIG = "services.yaml"    # = launcher.config.DEFAULT_CONFIG (tests/test_layering.py checks), without importing it
 
+def _flags_take_no_value() -> None:
+    """typer 0.2x prints ``<bool>`` beside every flag in ``--help`` (``--detach <bool>``, ``--help
+    <bool>`` too), as if it took a value; a flag takes none, so its type column stays empty."""
+    option: Any = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_take_no_value", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)  # type: ignore[no-any-return]
+
+    display_type_rich.flags_take_no_value = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run a stream pipeline as supervised processes: one per stage, ZeroMQ between them.")
 

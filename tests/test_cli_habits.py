@@ -14,6 +14,14 @@ def test_version() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == f"streampipe {streampipe.__version__}", proc
 
 
+def test_flags_show_no_value_in_help() -> None:
+    """A flag takes no value: no ``<bool>`` beside it (typer 0.2x prints one), options keep theirs."""
+    for args in (("--help",), ("up", "--help"), ("deadletter", "replay", "--help"), ("export", "systemd", "--help")):
+        text = cli(*args, check=True).stdout
+        assert "<bool>" not in text and "--help" in text, args
+    assert "<path>" in cli("up", "--help", check=True).stdout      # --config keeps its value's type
+
+
 def test_down_with_nothing_running_is_done(tmp_path: Path) -> None:
     (tmp_path / "services.yaml").write_text("pipeline: idle\nstages:\n  gen: {type: generator}\n  sink: {type: consumer, inputs: [gen]}\n")
     proc = cli("down", cwd=tmp_path, timeout=60)
