@@ -6,23 +6,21 @@
 The job is :mod:`window_work`'s: its records in lists of 1,000 from a ``DynamicSource``, the
 event time from ``t`` (``EventClock``, no wait for system time), ``count_window`` per ``user`` over a
 ``TumblingWindower`` of ``WINDOW_S`` seconds, one JSON line per window result to
-``<folder>/windows.0.jsonl``. At the end of its input bytewax closes every window still open.
+``<folder>/records.0.jsonl`` (``bytewax_flow``'s sink). At the end of its input bytewax closes every window still open.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
-import orjson
 import window_work
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import windowing as win
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax_flow import JsonLinesSink
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -45,26 +43,6 @@ class Clicks(DynamicSource[dict[str, Any]]):
         return _Partition(self.count, self.folder)
 
 
-class _Lines(StatelessSinkPartition[Any]):
-    def __init__(self, path: Path) -> None:
-        self.f = open(path, "ab")
-
-    def write_batch(self, items: list[Any]) -> None:
-        self.f.write(b"".join(orjson.dumps(item) + b"\n" for item in items))
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-class Lines(DynamicSink[Any]):
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Lines:
-        return _Lines(self.folder / f"windows.{worker_index}.jsonl")
-
-
 def get_flow(count: int, folder: str) -> Dataflow:
     flow = Dataflow("streampipe-window-bench")
     clicks = op.input("clicks", flow, Clicks(count, folder))
@@ -76,5 +54,5 @@ def get_flow(count: int, folder: str) -> Dataflow:
     counted = win.count_window("per_user", clicks, clock, windower, lambda r: r["user"])
     rows = op.map("row", counted.down, lambda kv: {"user": kv[0], "window_start": kv[1][0] * window_work.WINDOW_S,
                                                      "count": kv[1][1]})
-    op.output("out", rows, Lines(folder))
+    op.output("out", rows, JsonLinesSink(folder))     # the throughput job's sink: records.<worker>.jsonl
     return flow

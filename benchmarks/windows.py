@@ -58,7 +58,7 @@ def run_bytewax(count: int) -> tuple[float, dict[tuple[str, float], int]]:
                               env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"bytewax exited {proc.returncode}: {proc.stderr[-2000:]}")
-        results = folder / "windows.0.jsonl"
+        results = folder / "records.0.jsonl"
         return count / span(folder, results), read_results(results)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

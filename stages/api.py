@@ -376,7 +376,8 @@ class Plain(Stage):
 
     Each of ``process``, ``generate``, ``setup``, ``teardown``, ``route``, ``snapshot``,
     ``restore`` and ``stats`` that the object defines is called; the others are Stage's
-    defaults, and ``outputs`` is the object's if it has one. The object gets ``.context``
+    defaults, and ``outputs``, ``columnar``, ``accepts_records`` and ``own_ids`` are the object's if
+    it has them. The object gets ``.context``
     too, so its methods read ``self.context`` as a Stage's do.
 
     >>> class Upper:
@@ -385,6 +386,12 @@ class Plain(Stage):
     >>> stage = as_stage(Upper())
     >>> list(stage.process([{"name": "ada"}])), stage.route({}), stage.snapshot()
     ([{'name': 'ADA'}], 'default', {})
+    >>> class Windows:                  # makes its own result ids, as the built-in window does
+    ...     own_ids = True
+    ...     def process(self, batch):
+    ...         return batch
+    >>> as_stage(Windows()).own_ids, stage.own_ids
+    (True, False)
     """
 
     def __init__(self, user: object) -> None:
@@ -396,6 +403,8 @@ class Plain(Stage):
                 setattr(self, name, method)
         self.outputs = tuple(getattr(user, "outputs", ()) or ())
         self.columnar = bool(getattr(user, "columnar", False))
+        self.accepts_records = bool(getattr(user, "accepts_records", False))
+        self.own_ids = bool(getattr(user, "own_ids", False))    # its outputs under its own origin, as a Stage's
         if callable(getattr(user, "generate_columns", None)):
             self.generate_columns = user.generate_columns  # type: ignore[attr-defined]
 

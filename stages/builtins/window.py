@@ -188,10 +188,11 @@ class Window(Stage):
             kb = key_bytes(acc.key)
             if self.kind == "session":
                 self.sessions.setdefault(kb, []).append(acc)
-                self.sessions[kb].sort(key=lambda a: a.start)
             else:
                 self.windows[(kb, acc.start)] = acc
             self._schedule(kb, acc)
+        for group in self.sessions.values():
+            group.sort(key=lambda a: a.start)
 
     @property
     def watermark(self) -> float | None:

@@ -77,20 +77,18 @@ def split_by_id(records: list[Record] | Columns, n: int) -> list[tuple[int | Non
 def split_by_key(records: list[Record] | Columns, key_field: str, n: int,
                  reject: Callable[[Any, str], None]) -> list[tuple[int, list[Record] | Columns]]:
     """``records`` split by the replica (of ``n``) their key's group goes to
-    (:func:`streampipe.stages.keys.replica_of_key`); a record without the key, or with one that
-    cannot be hashed alike everywhere, is handed to ``reject`` with the reason."""
+    (:func:`streampipe.stages.keys.replica_of_key`; a column's distinct keys hashed once each); a
+    record without the key, or with one that cannot be hashed alike everywhere, is handed to
+    ``reject`` with the reason."""
     if isinstance(records, Columns):
         column = records.data.get(key_field)
-        if column is not None and len(column) == len(records):
-            try:
-                owners = np.fromiter((replica_of_key(k, n) for k in list(column)), dtype=np.int64, count=len(records))
-            except BadKey:
-                owners = None
-            if owners is not None:
-                first = int(owners[0]) if len(owners) else 0
-                if bool((owners == first).all()):
-                    return [(first, records)] if len(records) else []
-                return [(int(j), records.take(owners == j)) for j in np.unique(owners).tolist()]
+        if isinstance(column, np.ndarray) and column.ndim == 1 and column.dtype.kind in "iuU" and len(column):
+            keys, index = np.unique(column, return_inverse=True)
+            owners = np.array([replica_of_key(k, n) for k in keys.tolist()], dtype=np.int64)[index]
+            first = int(owners[0])
+            if bool((owners == first).all()):
+                return [(first, records)]
+            return [(int(j), records.take(owners == j)) for j in np.unique(owners).tolist()]
         records = records.to_records()
     groups: dict[int, list[Record]] = {}
     for r in records:
