@@ -49,6 +49,7 @@ class Watcher:
         self.sup = sup
         self.name = name
         self.lock = asyncio.Lock()     # held by start, restart, scale, a respawn, a removal
+        self.refusal = ""              # why the last repartition was refused
         self.replicas: list[Replica] = []
         for _ in range(sc.replicas):
             self.add_replica(sc)
@@ -80,7 +81,7 @@ class Watcher:
         """Start every replica (a source's saved positions re-dealt first, if the count changed);
         returns once they are started, not READY (see :meth:`settle`)."""
         async with self.lock:
-            if self.is_source() and not await self.repartition():
+            if (self.is_source() or self.keyed()) and not await self.repartition():
                 return
             for rep in self.replicas:
                 rep.waiting()
@@ -104,19 +105,24 @@ class Watcher:
         if late and not until.is_set():
             logger.warning(f"{', '.join(late)} not READY after {timeout:g}s; starting its producers anyway")
 
-    async def repartition(self) -> bool:
-        """Re-deal a source's saved positions when they were taken with another replica count.
+    def keyed(self) -> bool:
+        """Whether the stage is partitioned by key: its state (if any) is re-dealt by key on a rescale."""
+        return bool(self.replicas) and self.replicas[0].cfg.partition_key is not None
+
+    async def repartition(self, fail: bool = True) -> bool:
+        """Re-deal a source's saved positions (a keyed transform's state) when they were taken
+        with another replica count.
 
         Runs ``python -m streampipe.stages.repartition`` (the supervisor never imports stage
-        code) and waits for it. False when it refused or failed: the stage's replicas are then
-        ``failed`` with its message as their error, and are not started.
+        code) and waits for it. False when it refused or failed: with ``fail``, the stage's
+        replicas are then ``failed`` with its message as their error, and are not started.
         """
         reps = self.replicas
         layout = read_layout(self.sup.rd.state, self.name)
         if layout is None or not layout.differs(len(reps)):
             return True
         spec = json.dumps({"name": self.name, "type": reps[0].cfg.type, "config_dir": str(self.sup.cfg.config_dir),
-                           "run_dir": str(self.sup.rd.path), "replicas": len(reps)})
+                           "run_dir": str(self.sup.rd.path), "replicas": len(reps), "keyed": not self.is_source()})
         cmd = [sys.executable, "-m", "streampipe.stages.repartition", spec]
 
         def run() -> tuple[str, str]:
@@ -139,9 +145,11 @@ class Watcher:
             return True
         error = str(answer.get("error", "repartition failed"))
         logger.error(error)
-        for rep in reps:
-            rep.failed(error)
-        self.events.emit("failed", self.name, None, None, reason="cannot repartition its saved positions", last_error=error)
+        self.refusal = error
+        if fail:
+            for rep in reps:
+                rep.failed(error)
+            self.events.emit("failed", self.name, None, None, reason="cannot repartition its saved positions", last_error=error)
         return False
 
     # -- commands ----------------------------------------------------------------------------
@@ -173,6 +181,8 @@ class Watcher:
         async with self.lock:
             reps, sup = self.replicas, self.sup
             before = len(reps)
+            if self.keyed() and n != before:
+                return await self.rescale_keyed(n, cfg)
             if n > before:
                 new = [self.add_replica(cfg or reps[0].cfg) for _ in range(before, n)]
                 sup.wiring.announce_ack_peers(self.name)   # before they send: their batches must be acknowledged
@@ -191,6 +201,52 @@ class Watcher:
             self.events.emit("scale", self.name, None, None, reason=f"{before} -> {n} replicas")
             return {"ok": True, "stage": self.name, "before": before, "after": n}
 
+    async def rescale_keyed(self, n: int, cfg: StageConfig | None) -> dict[str, Any]:
+        """The replica count of a stage partitioned by key: a change moves key groups, so every
+        replica stops (drained: all it took is done, acknowledged and in its saved state), its
+        state is re-dealt by key group (:mod:`streampipe.stages.repartition`), and the new count
+        starts from it. The senders keep every replica fenced throughout, holding what they have
+        for it; told the new replicas, they cut what they hold again for the new count, and send
+        once every replica is READY. So each key's records and state meet at its new owner, and
+        nothing is applied twice or skipped. Called with the lock held."""
+        reps, sup = self.replicas, self.sup
+        old, before = list(reps), len(reps)
+        why = f"rescale {before} -> {n}: its keyed state is re-dealt"
+        for rep in old:
+            if not rep.live:                           # down (a crash, a backoff): its senders hold its share too
+                sup.wiring.fence(rep, True)
+        await asyncio.gather(*(self.stop_replica(r, reason=why, hold=True) for r in old))
+        if n > before:
+            for _ in range(before, n):
+                self.add_replica(cfg or old[0].cfg)
+        else:
+            for rep in reps[n:]:
+                sup.by_ident.pop(rep.ident, None)
+            del reps[n:]
+        self.refusal = ""
+        if not await self.repartition(fail=False):
+            for rep in reps[before:]:                  # refused: the old count again, from the old state
+                sup.by_ident.pop(rep.ident, None)
+            reps[:] = old
+            for rep in old:
+                sup.by_ident[rep.ident] = rep
+        for rep in reps:
+            rep.wanted_down = False                    # wanted again: the senders' edges list it
+        sup.wiring.announce_ack_peers(self.name)       # the replicas' receivers take their batches
+        sup.wiring.announce_endpoints(self.name)       # the senders cut again what they hold, for the new count
+        for rep in reps:
+            rep.waiting()
+            await self.start_guarded(rep, f"start {rep.ident}")
+        await settle(reps, reps[0].cfg.ready_timeout)
+        for rep in reps:
+            sup.wiring.fence(rep, False)
+        after = len(reps)
+        self.events.emit("scale", self.name, None, None, reason=f"{before} -> {after} replicas, keyed state re-dealt"
+                         if after == n else f"refused, {before} replicas kept: {self.refusal}")
+        if after != n:
+            return {"ok": False, "error": self.refusal}
+        return {"ok": True, "stage": self.name, "before": before, "after": n}
+
     async def remove(self, reason: str) -> None:
         """Drain and stop every replica for good (``apply`` removing the stage; nothing sends to it now)."""
         async with self.lock:
@@ -201,8 +257,10 @@ class Watcher:
                 self.sup.by_ident.pop(rep.ident, None)
 
     # -- stopping ----------------------------------------------------------------------------
-    async def stop_replica(self, rep: Replica, grace: float | None = None, wanted: bool = True, reason: str = "") -> None:
+    async def stop_replica(self, rep: Replica, grace: float | None = None, wanted: bool = True, reason: str = "",
+                           hold: bool = False) -> None:
         """Stop a replica, SIGKILL it after the grace period; returns once it is reaped.
+        ``hold``: its senders keep it fenced after it exits (a keyed rescale unfences it).
 
         A wanted stop of a running replica drains it: the replicas sending to it are told to send
         it nothing more (each answers with a FENCE behind its last batch), and it is told to stop
@@ -237,7 +295,8 @@ class Watcher:
         finally:
             if drain:
                 sup.wiring.drains.pop(rep.ident, None)
-                sup.wiring.fence(rep, False)
+                if not hold:
+                    sup.wiring.fence(rep, False)
 
     async def stop(self) -> None:
         """Stop every replica (``down``): each drains, at once."""

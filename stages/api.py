@@ -69,6 +69,11 @@ class StageContext:
     outputs: tuple[str, ...] = ("default",)
     max_batch: int = 1000     # records per batch the runtime cuts: a columnar source yields batches of this size
     beat: Callable[[str], None] | None = field(default=None, repr=False)   # set by the runtime (keepalive)
+    #: per-key state of a stage with ``keyed_state = True``: key -> a msgpack-able value. The
+    #: runtime saves it with the stage's snapshot (exactly once through SIGKILLs, as ``snapshot()``)
+    #: and, when the stage is ``partition: key`` and its replica count changes, deals each key's
+    #: entry to the replica that owns the key now. A list key comes back from a restore as a tuple.
+    state: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def keepalive(self, waiting_for: str) -> None:
         """Say, from inside a long call, that the stage waits on purpose and is not hung: a sink
@@ -146,6 +151,11 @@ class Stage:
     #: The runtime then sends its outputs under an origin of the stage's own with no watermark, so
     #: a deduplicating sink holds each once, whichever input batch made it after a crash.
     own_ids: bool = False
+
+    #: True: the stage keeps per-key state in ``self.context.state`` (see :class:`StageContext`);
+    #: the runtime snapshots it and re-deals it by key on a rescale, so the stage needs neither
+    #: ``snapshot()`` nor ``rescale()`` for it.
+    keyed_state: bool = False
 
     context: StageContext
 
@@ -376,8 +386,8 @@ class Plain(Stage):
 
     Each of ``process``, ``generate``, ``setup``, ``teardown``, ``route``, ``snapshot``,
     ``restore`` and ``stats`` that the object defines is called; the others are Stage's
-    defaults, and ``outputs``, ``columnar``, ``accepts_records`` and ``own_ids`` are the object's if
-    it has them. The object gets ``.context``
+    defaults, and ``outputs``, ``columnar``, ``accepts_records``, ``own_ids`` and ``keyed_state`` are
+    the object's if it has them. The object gets ``.context``
     too, so its methods read ``self.context`` as a Stage's do.
 
     >>> class Upper:
@@ -405,6 +415,7 @@ class Plain(Stage):
         self.columnar = bool(getattr(user, "columnar", False))
         self.accepts_records = bool(getattr(user, "accepts_records", False))
         self.own_ids = bool(getattr(user, "own_ids", False))    # its outputs under its own origin, as a Stage's
+        self.keyed_state = bool(getattr(user, "keyed_state", False))
         if callable(getattr(user, "generate_columns", None)):
             self.generate_columns = user.generate_columns  # type: ignore[attr-defined]
 

@@ -26,7 +26,10 @@ import hashlib
 import json
 import math
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 KEY_GROUPS = 4096   # more groups than replicas will ever be: a rescale moves whole groups
 
@@ -69,6 +72,28 @@ def replica_of_group(group: int, n: int) -> int:
 
 def replica_of_key(key: Any, n: int) -> int:
     return replica_of_group(key_group(key), n)
+
+
+def deal(items: list[T], replicas: int, key_of: Callable[[T], Any]) -> list[list[T]]:
+    """``items`` dealt to the replica (of ``replicas``) each one's key belongs to: what a keyed
+    stage's ``rescale`` does with its per-key state when its replica count changes.
+
+    >>> deal(["user-1", "a", 2, "b"], 2, key_of=lambda k: k)
+    [['user-1', 2], ['a', 'b']]
+    """
+    out: list[list[T]] = [[] for _ in range(replicas)]
+    for item in items:
+        out[replica_of_key(key_of(item), replicas)].append(item)
+    return out
+
+
+def hashable(key: Any) -> Any:
+    """A key as it was before msgpack turned its tuples into lists (a dict key again).
+
+    >>> hashable(["u", [1, 2]]), key_bytes(hashable(["u", 1])) == key_bytes(["u", 1])
+    (('u', (1, 2)), True)
+    """
+    return tuple(hashable(k) for k in key) if isinstance(key, list) else key
 
 
 def window_id(key: Any, start: float) -> int:

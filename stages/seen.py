@@ -303,6 +303,23 @@ class SeenIds:
         self._absorb()
         return k
 
+    def merge(self, other: SeenIds) -> None:
+        """Hold every id ``other`` holds as well: the replicas of a keyed stage merged by a
+        rescale (each applied other keys' records of one origin; the new owner of a key must
+        know them all). A mark is the origin's own word (its watermark), so the higher one holds.
+
+        >>> a, b = SeenIds(mark=10, runs=[[12, 2, 16]]), SeenIds(mark=4, runs=[[11, 2, 15], [30, 1, 31]])
+        >>> a.merge(b); a.mark, a.runs()
+        (10, [[11, 1, 16], [30, 1, 31]])
+        """
+        floor = max(self.floor, other.floor)
+        if other.mark > self.mark:
+            self.close_below(other.mark)
+        for start, step, last in other.runs():
+            if last >= self.mark:
+                self.add_many(np.arange(start, last + 1, step, dtype=np.int64))
+        self.floor = min(floor, self.mark)
+
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"mark": self.mark, "floor": self.floor, "runs": self.runs()}
@@ -369,6 +386,15 @@ class SeenByOrigin:
 
     def state(self) -> dict[str, Any]:
         return {o if o is not None else "": s.state() for o, s in self.sets.items()}
+
+    @classmethod
+    def union(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The :meth:`state` holding every id any of ``states`` holds, per origin."""
+        out = cls()
+        for state in states:
+            for origin, s in cls.from_state(state).sets.items():
+                out.of(origin).merge(s)
+        return out.state()
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> SeenByOrigin:

@@ -130,7 +130,7 @@ class Layout:
 
     generation: int
     replicas: int | None              # None: files from before the count was saved; taken to match the config
-    entries: list[dict[str, Any]]     # per replica: {"state": dict, "completed": bool}
+    entries: list[dict[str, Any]]     # per replica: {"state": dict, "completed": bool} (a transform: and TRANSFORM_PARTS)
 
     def differs(self, replicas: int) -> bool:
         """Whether these positions were taken with another replica count than ``replicas``."""
@@ -154,10 +154,17 @@ def _generation(saved: dict[str, Any]) -> int:
     return gen if isinstance(gen, int) else 0
 
 
+# what a stateful transform's file holds beside its stage's own state (the runtime's share, see
+# stages/ackpoints.py): the record ids it applied, the batches its state holds, its keyed state
+TRANSFORM_PARTS = ("ids", "acked", "keyed")
+
+
 def _entry(saved: Any) -> dict[str, Any]:
     saved = saved if isinstance(saved, dict) else {}
     state = saved.get("state")
-    return {"state": state if isinstance(state, dict) else {}, "completed": bool(saved.get("completed"))}
+    entry = {"state": state if isinstance(state, dict) else {}, "completed": bool(saved.get("completed"))}
+    entry.update({part: saved[part] for part in TRANSFORM_PARTS if part in saved})
+    return entry
 
 
 def load_replica_state(state_dir: Path, name: str, replica: int) -> dict[str, Any] | None:

@@ -222,23 +222,32 @@ def test_two_replicas_partitioned_by_key_emit_each_window_once_exactly_through_s
     wait_for(lambda: p.row("clicks")["state"] == "completed", timeout=120, what="the source completed")
     wait_for(lambda: len(p.output_records("output/records.jsonl")) == count, timeout=120, what="every record seen")
 
-    records = p.output_records("output/records.jsonl")
-    # what each replica was given decides its watermark: the reference windows each replica's keys apart
-    expected: dict[int, dict[str, Any]] = {}
-    for replica in (0, 1):
-        mine = [r for r in records if replica_of_key(r["user"], 2) == replica]
-        got = reference(mine, kind, size=0.25, lateness=3.0) if kind == "tumbling" else \
-            reference(mine, kind, gap=0.2, lateness=3.0)
-        expected.update(got)
-    wait_for(lambda: len(p.output_records("output/windows.jsonl")) >= len(expected), timeout=120,
-             what=f"{len(expected)} windows at the sink")
+    expected = expected_windows(p, kind, replicas=2)
     restarts = sum(p.row("per_user", i)["restarts"] for i in (0, 1))
     late = sum(p.row("per_user", i)["stats"].get("late", 0) for i in (0, 1))
     p.down()
-    results = p.output_records("output/windows.jsonl")
+    assert_each_window_once(p.output_records("output/windows.jsonl"), expected, late)
+    assert restarts >= 4
+
+
+def expected_windows(p: Any, kind: str, replicas: int) -> dict[int, dict[str, Any]]:
+    """The reference windows of what the sink ``seen`` holds, once the window's sink has as many.
+    What each replica was given decides its watermark: each replica's keys are windowed apart."""
+    records = p.output_records("output/records.jsonl")
+    expected: dict[int, dict[str, Any]] = {}
+    for replica in range(replicas):
+        mine = [r for r in records if replica_of_key(r["user"], replicas) == replica]
+        expected.update(reference(mine, kind, size=0.25, lateness=3.0) if kind == "tumbling"
+                        else reference(mine, kind, gap=0.2, lateness=3.0))
+    wait_for(lambda: len(p.output_records("output/windows.jsonl")) >= len(expected), timeout=120,
+             what=f"{len(expected)} windows at the sink")
+    return expected
+
+
+def assert_each_window_once(results: list[dict[str, Any]], expected: dict[int, dict[str, Any]], late: int) -> None:
     ids = Counter(r["id"] for r in results)
     assert not [i for i, c in ids.items() if c > 1], "a window written twice"
     got = {r["id"]: {k: v for k, v in r.items() if k in ("id", "user", "window_start", "window_end", *AGG)} for r in results}
     assert late == 0, f"{late} records later than the lateness"
     assert got == expected
-    assert len(expected) > 200 and restarts >= 4
+    assert len(expected) > 200

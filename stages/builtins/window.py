@@ -37,8 +37,9 @@ the state until it closes: memory grows with them).
 exact through SIGKILLs (each record applied once, see *Guarantees*), and results travel under the
 stage's own origin with their own ids (``own_ids``). With replicas, ``partition: key`` is required
 (``validate`` says so): each key's records reach one replica, each replica keeps its own
-watermark. A change of the replica count moves keys between replicas, and the open windows do not
-move with them yet: change it once the stream is drained (``down``, a finished stream).
+watermark. A change of the replica count (``scale``, ``apply``, or ``replicas:`` edited between
+runs) moves key groups between replicas, and their open windows move with them
+(:meth:`Window.rescale`, see *Keyed state* in the README).
 
 >>> w = Window(time="t", key="user", size=10, aggregate={"n": "count", "spent": "sum:amount"})
 >>> w.process([{"user": "a", "t": 1, "amount": 2.0}, {"user": "b", "t": 3, "amount": 1.0},
@@ -65,7 +66,7 @@ import numpy as np
 
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.columns import Columns
-from streampipe.stages.keys import BadKey, key_bytes, window_id
+from streampipe.stages.keys import BadKey, deal, key_bytes, window_id
 from streampipe.stages.registry import load_target
 
 OPS = ("count", "sum", "mean", "min", "max")
@@ -193,6 +194,26 @@ class Window(Stage):
             self._schedule(kb, acc)
         for group in self.sessions.values():
             group.sort(key=lambda a: a.start)
+
+    @classmethod
+    def rescale(cls, states: list[dict[str, Any]], replicas: int) -> list[dict[str, Any]]:
+        """The open windows of every old replica dealt to ``replicas`` new ones by key group (the
+        runtime calls this when the replica count changes, every replica stopped). Each new
+        replica's watermark is the newest of the old ones': no window one of them closed can open
+        again, so none is emitted twice.
+
+        >>> a, b = Window(time="t", key="k", size=10), Window(time="t", key="k", size=10)
+        >>> _ = a.process([{"k": "x", "t": 1}, {"k": "a", "t": 2}]); _ = b.process([{"k": "y", "t": 30}])
+        >>> new = Window.rescale([a.snapshot(), b.snapshot(), {}], 2)     # keys x, y: replica 0; a: 1
+        >>> [sorted(w[0] for w in s["windows"]) for s in new], [s["newest"] for s in new]
+        ([['x', 'y'], ['a']], [30, 30])
+        """
+        newest = max((s["newest"] for s in states if s.get("newest") is not None), default=None)
+        windows = deal([w for s in states for w in s.get("windows") or []], replicas, key_of=lambda w: w[0])
+        out = [{"newest": newest, "emitted": 0, "late": 0, "windows": ws} for ws in windows]
+        out[0]["emitted"] = sum(int(s.get("emitted", 0)) for s in states)    # the totals stay counted once
+        out[0]["late"] = sum(int(s.get("late", 0)) for s in states)
+        return out
 
     @property
     def watermark(self) -> float | None:

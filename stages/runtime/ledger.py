@@ -35,6 +35,9 @@ class AckLedger:
         self.acks_out: dict[str, dict[tuple[str, int], list[int]]] = {}
         self.acks_pending = 0
         self.eos_headers: list[dict[str, Any]] = []   # end-of-stream messages to confirm to their senders
+        # saved with a stateful transform's state: the layout it belongs to (stages/state.py), so a
+        # rescale's re-dealt state (a newer generation) is read once, then this replica's own saves
+        self.layout: dict[str, int] = {"generation": 0, "replicas": 1}
 
     def admit(self, token: InToken) -> bool:
         """Whether a stateful transform processes this batch (not in its restored state already,
@@ -114,8 +117,7 @@ class AckLedger:
             return
         state, tokens = ready
         t0 = time.monotonic()
-        save_state(path, {"state": state["state"], "ids": state["ids"], "completed": False,
-                          "acked": self.ackpoints.keys()})
+        save_state(path, {**state, "completed": False, "acked": self.ackpoints.keys(), **self.layout})
         self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
         for token in tokens:
             self.ack_token(token)

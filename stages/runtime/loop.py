@@ -15,6 +15,7 @@ from loguru import logger
 from streampipe.stages import network, wire
 from streampipe.stages.ackpoints import AckPoints
 from streampipe.stages.api import Source, Stage, is_source
+from streampipe.stages.keys import hashable
 from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.runtime.acksocks import AckSockets
@@ -73,13 +74,15 @@ class StageRuntime:
         self.on_saved = saved if self.source and getattr(saved, "__func__", None) is not Source.saved else None
         self.last_saved: dict[str, Any] | None = None     # the committed state written last
         # a transform with state saves its snapshot where its acks advance (see stages.ackpoints)
-        stateful = not self.source and self.acked and getattr(stage.snapshot, "__func__", None) is not Stage.snapshot
+        self.keyed_state = not self.source and bool(getattr(stage, "keyed_state", False))   # context.state is saved
+        stateful = not self.source and self.acked and (self.keyed_state or getattr(stage.snapshot, "__func__", None) is not Stage.snapshot)
         self.counters = Counters(DeadLetters(Path(spec.run_dir) / "deadletter" / f"{spec.name}.jsonl", spec.ident,
                                         spec.file_max_bytes, spec.log_retention))
         self.stats = StageStats(stage, self.counters)
         self.rejects = wire.Rejects()             # malformed messages dropped, by socket
         self.cursor = SourceCursor(spec.name, spec.replica, self.counters, on_commit)
         self.ledger = AckLedger(self.counters, AckPoints(ACK_SAVE_MIN_S) if stateful else None)
+        self.ledger.layout["replicas"] = spec.replicas
         self.curve = network.Curve(Path(spec.curve_keys)) if spec.curve_keys else None
         if self.curve is not None:
             self.curve.start_authenticator(self.ctx)
@@ -124,9 +127,13 @@ class StageRuntime:
         self.stage.restore(saved.get("state") or {})
         if self.source:
             self.cursor.restore(saved)
-        elif self.ledger.ackpoints is not None:
+            return
+        self.cursor.generation = self.ledger.layout["generation"] = int(saved.get("generation") or 0)
+        if self.ledger.ackpoints is not None:
             self.ledger.ackpoints.restore(saved.get("acked") or [])
             self.inputs.restore_applied(saved.get("ids") or {})
+        if self.keyed_state:
+            self.stage.context.state = {hashable(k): v for k, v in saved.get("keyed") or []}
 
     def bind(self) -> None:
         self.ackp = self.ctx.socket(zmq.PULL)
@@ -375,7 +382,10 @@ class StageRuntime:
     def snapshot_with_ids(self) -> dict[str, Any]:
         """A stateful transform's cut: its snapshot and the ids it has applied, taken together."""
         assert self.inputs.applied_ids is not None
-        return {"state": self.stage.snapshot(), "ids": self.inputs.applied_ids.state()}
+        cut: dict[str, Any] = {"state": self.stage.snapshot(), "ids": self.inputs.applied_ids.state()}
+        if self.keyed_state:
+            cut["keyed"] = [[k, v] for k, v in self.stage.context.state.items()]
+        return cut
 
     def save_state(self) -> None:
         if self.ledger.ackpoints is not None:    # on a clean stop: whatever is acknowledged by now, and its acks

@@ -243,7 +243,9 @@ class Edge:
 
     def connect(self, endpoints: list[str]) -> None:
         """Connect to the replicas at ``endpoints`` and drop the others. Batches waiting for or
-        in flight to a dropped one are given to the others."""
+        in flight to a dropped one are given to the others; to a dest partitioned by key whose
+        replica count changed, every batch not acknowledged is cut again for the new count."""
+        recut = self.key_field is not None and bool(self.by_index) and len(endpoints) != len(self.by_index)
         for ep in endpoints:
             if ep not in self.links:
                 self.links[ep] = Link(self, ep)
@@ -259,6 +261,26 @@ class Edge:
         self.endpoints = list(endpoints)
         self.by_key = [self.links[ep] for ep in sorted(self.links)]
         self.by_index = [self.links[ep] for ep in endpoints]
+        if recut:
+            self._recut()
+
+    def _recut(self) -> None:
+        """Every batch not acknowledged, cut again by key for the replicas the edge has now (a
+        rescale of its dest moved key groups). The old copies are not sent again: an ack for one
+        still on its way finds nothing; a record in a batch its old replica took anyway is in that
+        replica's saved state, whose applied ids every new replica holds (stages/repartition.py)."""
+        held: dict[int, OutBatch] = {ob.seq: ob for ob in self.unacked.values()}
+        for q in (self.outq, *(link.outq for link in self.links.values())):
+            held.update((ob.seq, ob) for ob in q)
+            q.clear()
+        self.unacked.clear()
+        for _, ob in sorted(held.items()):
+            header = wire.unpackb(ob.frames[0])
+            records = (wire.read_columns(header["c"], header["n"], ob.frames[1:]) if "c" in header
+                       else wire.unpackb(ob.frames[1]))
+            self.cut(records, ob.parent, (header.get("o"), header.get("w")))
+            if ob.parent is not None:
+                ob.parent.outstanding -= 1       # its new parts are counted in its place
 
     def lowest_unacked(self) -> int:
         """The lowest seq of this edge not acknowledged yet (the next one when all are): every
