@@ -23,4 +23,5 @@ def stage_spec(cfg: PipelineConfig, sc: StageConfig, replica: int, replicas: int
         linger_ms=sc.linger_ms, hwm=sc.hwm, max_inflight=sc.max_inflight, ack_timeout=sc.ack_timeout,
         stop_grace=sc.stop_grace, log_level=cfg.logging.level, log_rotation=cfg.logging.rotation,
         log_retention=cfg.logging.retention, pipeline=cfg.pipeline, file_max_bytes=cfg.logging.file_max_bytes,
-        heartbeat_timeout=sc.heartbeat_timeout, resolve_interval=cfg.resolve_interval, **network)
+        heartbeat_timeout=sc.heartbeat_timeout, resolve_interval=cfg.resolve_interval,
+        keyed=sc.partition_key is not None, **network)

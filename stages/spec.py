@@ -62,6 +62,7 @@ class StageSpec:
     curve_keys: str | None = None      # the key folder: CURVE on every tcp socket
     heartbeat_timeout: float = 10.0    # an edge without a receiver this long is unreachable
     last_exit: str = ""                # how the previous process of this replica ended (a poison record's reason)
+    keyed: bool = False                # partition: key (its saved state is for one replica count: stages/repartition.py)
 
     @property
     def ident(self) -> str:

@@ -144,3 +144,57 @@ def test_a_keyed_stage_whose_state_cannot_be_re_dealt_is_refused_with_what_to_do
     with pytest.raises(Refused, match="rescale"):
         rescale("count", "mine:Count", tmp_path, [{"state": {"n": 1}}, {"state": {"n": 2}}], 3)
     assert len(rescale("count", "mine:Count", tmp_path, [{"state": {}}, {}], 3)) == 3   # nothing to deal
+
+
+COUNTER_PIPELINE = """
+pipeline: keyed-between-runs
+defaults: {heartbeat_timeout: 60, ack_timeout: 0.5}
+stages:
+  clicks: {type: "clickstream:Clicks", options: {count: COUNT, rate: 3000}}
+  tag: {type: "clickstream:tag", inputs: [clicks]}
+  counts:
+    type: "clickstream:PerUser"
+    inputs: [tag]
+    replicas: REPLICAS
+    partition: key
+    key: user
+  totals: {type: consumer, inputs: [counts], options: {output: output/counts.jsonl}}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_keyed_state_is_re_dealt_when_the_replica_count_changes_between_runs(pipeline) -> None:
+    count = 12000
+    p = pipeline(COUNTER_PIPELINE.replace("COUNT", str(count)).replace("REPLICAS", "2"))
+    (p.folder / "paced.py").write_text(PACED_SOURCE)
+    (p.folder / "clickstream.py").write_text(MODULE + textwrap.dedent(USER_STAGE))
+    p.up()
+    wait_for(lambda: len(p.output_records("output/counts.jsonl")) > 3000, timeout=90, what="counts flowing")
+    p.down()
+    assert len(p.output_records("output/counts.jsonl")) < count, "the stream ended before the change"
+    p.config.write_text(COUNTER_PIPELINE.replace("COUNT", str(count)).replace("REPLICAS", "3"))
+    p.up()
+    wait_for(lambda: len(p.output_records("output/counts.jsonl")) >= count, timeout=120, what="every count")
+    events = p.events("repartition")
+    p.down()
+    counts = p.output_records("output/counts.jsonl")
+    assert len({r["id"] for r in counts}) == count
+    final: dict[str, int] = {}
+    for r in counts:
+        final[r["user"]] = max(final.get(r["user"], 0), r["n"])
+    assert final == {f"u{u}": count // 40 for u in range(40)}      # 40 users, ids spread evenly
+    assert any("re-dealt to 3" in e["reason"] for e in events), events
+
+
+def test_run_stage_refuses_keyed_state_saved_for_another_replica_count(tmp_path: Path) -> None:
+    from streampipe.stages.runtime.bootstrap import transform_restore_point
+    from streampipe.stages.spec import StageSpec
+    from streampipe.stages.state import save_state
+
+    save_state(tmp_path / "state" / "counts.0.msgpack", {"state": {}, "keyed": [["u1", 3]], "replicas": 2})
+    spec = StageSpec(name="counts", replica=0, replicas=3, type="x:C", options={}, run_dir=str(tmp_path),
+                     config_dir=str(tmp_path), control="", input=None, ack="", keyed=True)
+    with pytest.raises(RuntimeError, match="for 2 replicas, not 3"):
+        transform_restore_point(spec)
+    spec.keyed = False              # partition: load: each replica's state is its own, as before
+    assert transform_restore_point(spec) == {"state": {}, "keyed": [["u1", 3]], "replicas": 2}

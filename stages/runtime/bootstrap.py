@@ -121,6 +121,19 @@ def restore_point(spec: StageSpec) -> dict[str, Any] | None:
     return load_replica_state(state_dir, spec.name, spec.replica)
 
 
+def transform_restore_point(spec: StageSpec) -> dict[str, Any] | None:
+    """A transform replica's saved state; refused when the stage is partitioned by key and the
+    state belongs to another replica count (its keys are another replica's now: the supervisor
+    re-deals them before it starts the stage, see stages/repartition.py)."""
+    saved = load_replica_state(Path(spec.run_dir) / "state", spec.name, spec.replica)
+    saved_ = saved or {}
+    was = saved_.get("replicas")
+    if spec.keyed and isinstance(was, int) and was != spec.replicas and (saved_.get("state") or saved_.get("keyed")):
+        raise RuntimeError(f"the saved keyed state of {spec.name} is for {was} replicas, not {spec.replicas}: start it "
+                           f"with `streampipe up`, which re-deals it by key, or set replicas: {was}")
+    return saved
+
+
 def main(spec: StageSpec, host: Host | None = None) -> int:
     """Run one stage replica; returns the process exit status. ``host``: run without a supervisor."""
     stop_requested = threading.Event()
@@ -154,7 +167,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         if host is not None:
             rt.control.on_tell = host.on_tell
         rt.tell("hello")
-        saved = restore_point(spec) if rt.source else load_replica_state(rt.state_path.parent, spec.name, spec.replica)
+        saved = restore_point(spec) if rt.source else transform_restore_point(spec)
         if saved is not None:
             if saved.get("completed") and rt.source:
                 logger.info("stream already completed in an earlier run; nothing to do")
