@@ -2,7 +2,8 @@
 
 For each ``window`` stage of the run (known from ``status-history.jsonl``, whose samples carry each
 replica's type and ``stats()``; or from the config), the section says what its replicas reported
-in the last sample: windows emitted, late records, windows open and each replica's watermark.
+in the last sample (at most a few seconds old: the supervisor samples every 2 s): windows emitted,
+late records, windows open and each replica's watermark.
 Where the config has a ``consumer`` reading the stage's results, a small table shows the newest
 window of the keys most recently closed, read from the end of that sink's file (the last
 :data:`TAIL_BYTES` of it: cheap on a file of any size). Where a ``trainer`` is fed from the window
@@ -18,7 +19,7 @@ window of the keys most recently closed, read from the end of that sink's file (
 >>> graph = {"w": Node("window", [], {"key": "user"}), "sink": Node("consumer", ["w"], {"output": "output/w.jsonl"}),
 ...          "f": Node("mod:fn", ["w"], {}), "trainer": Node("trainer", ["f"], {})}
 >>> print(section(d, [sample], graph))
-window w (2 replicas, at the last status sample): 21 windows emitted, 1 late record, 8 open; watermark 118.5 / 119.5 (replica 0 / 1)
+window w (2 replicas, status sample of ...): 21 windows emitted, 1 late record, 8 open; watermark 118.5 / 119.5 (replica 0 / 1)
 trainer learns from its windows (via f)
 newest windows of 3 keys (output/w.jsonl, 3 keys in its last 7 lines):
 ┏━━━━━━┳━━━━━━━━━━┳━━━┳━━━━━━━┓
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,26 +66,28 @@ def graph_of(cfg: Any) -> Graph:
 
 def section(run_dir: Path, history: list[dict[str, Any]], graph: Graph | None) -> str | None:
     """The report's lines about every ``window`` stage, or None when the run has none."""
-    sample = _last_sample(history)
+    at, sample = _last_sample(history)
     names = sorted({ident.rsplit(".", 1)[0] for ident, s in sample.items() if s.get("type") == WINDOW_TYPE} |
                    {n for n, node in (graph or {}).items() if node.type == WINDOW_TYPE})
     if not names:
         return None
-    return "\n".join(_stage_section(run_dir, name, sample, graph) for name in names)
+    return "\n".join(_stage_section(run_dir, name, at, sample, graph) for name in names)
 
 
-def _last_sample(history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _last_sample(history: list[dict[str, Any]]) -> tuple[float | None, dict[str, dict[str, Any]]]:
+    """The time and the replicas of the newest status-history sample that carries stats."""
     for row in reversed(history):
         stages = row.get("stages")
         if isinstance(stages, dict) and any(isinstance(s, dict) and "stats" in s for s in stages.values()):
-            return {ident: s for ident, s in stages.items() if isinstance(s, dict)}
-    return {}
+            t = row.get("time")
+            return (float(t) if isinstance(t, (int, float)) else None), {i: s for i, s in stages.items() if isinstance(s, dict)}
+    return None, {}
 
 
-def _stage_section(run_dir: Path, name: str, sample: dict[str, dict[str, Any]], graph: Graph | None) -> str:
+def _stage_section(run_dir: Path, name: str, at: float | None, sample: dict[str, dict[str, Any]], graph: Graph | None) -> str:
     replicas = sorted(((int(ident.rsplit(".", 1)[1]), s.get("stats") or {}) for ident, s in sample.items()
                        if ident.rsplit(".", 1)[0] == name and ident.rsplit(".", 1)[1].isdigit()), key=lambda p: p[0])
-    lines = [_figures_line(name, replicas)]
+    lines = [_figures_line(name, at, replicas)]
     if graph is None:
         lines.append("newest windows: not shown without the pipeline's config (--config)")
         return "\n".join(lines)
@@ -100,7 +104,7 @@ def _stage_section(run_dir: Path, name: str, sample: dict[str, dict[str, Any]], 
     return "\n".join(lines)
 
 
-def _figures_line(name: str, replicas: list[tuple[int, dict[str, Any]]]) -> str:
+def _figures_line(name: str, at: float | None, replicas: list[tuple[int, dict[str, Any]]]) -> str:
     if not replicas:
         return f"window {name}: no status sample of it in status-history.jsonl"
 
@@ -112,7 +116,8 @@ def _figures_line(name: str, replicas: list[tuple[int, dict[str, Any]]]) -> str:
     watermark = " / ".join(_cell(m) if isinstance(m, (int, float)) else "none" for m in marks)
     which = f" (replica {' / '.join(str(i) for i, _ in replicas)})" if len(replicas) > 1 else ""
     count = f"{len(replicas)} replica{'s' if len(replicas) > 1 else ''}"
-    return (f"window {name} ({count}, at the last status sample): {total('emitted')} windows emitted, "
+    when = time.strftime("%H:%M:%S", time.localtime(at)) if at is not None else "?"
+    return (f"window {name} ({count}, status sample of {when}): {total('emitted')} windows emitted, "
             f"{late} late record{'' if late == 1 else 's'}, {total('open')} open; watermark {watermark}{which}")
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import shutil
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import ModuleType
@@ -27,6 +28,7 @@ import yaml
 from streampipe.launcher import report_windows
 from streampipe.stages.builtins import checkpoints
 from streampipe.stages.builtins.normalizer import Normalizer
+from streampipe.testing import check_stage
 from tests.conftest import cli, wait_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "features"
@@ -54,9 +56,16 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def test_the_example_module_doctests_pass() -> None:
-    result = doctest.testmod(example_module(), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+def test_the_example_module_doctests_pass_and_its_stages_keep_the_contract(tmp_path: Path) -> None:
+    module = example_module()
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3 and result.failed == 0
+    check_stage(lambda: module.Transactions(rate=0), run_dir=tmp_path / "source")
+    windows = [{"id": 10 + i, "user": f"u{i:03d}", "window_start": 0, "window_end": 20, "n": 1 + i, "mean": 20.0 + i,
+                "top": 30.0 + i, "fraud": i % 2} for i in range(6)]
+    check_stage(module.training_record, [windows[:3], windows[3:]], run_dir=tmp_path / "features",
+                bad_records=[{"id": 1, "user": "u1", "n": "many", "mean": 1.0, "top": 2.0, "fraud": 0},
+                             {"id": 2, "n": 1, "mean": 1.0, "top": 2.0, "fraud": 7}, {"id": 3}])
 
 
 @pytest.mark.timeout(300)
@@ -121,7 +130,7 @@ def test_the_features_example_learns_from_window_features_and_report_shows_them(
     text = proc.stdout
     head = next(line for line in text.splitlines() if line.startswith("window per_user"))
     emitted = int(head.split(": ", 1)[1].split(" windows emitted")[0])
-    assert "(2 replicas, at the last status sample)" in head and 0 < emitted <= len(results), head
+    assert "(2 replicas, status sample of " in head and 0 < emitted <= len(results), head
     assert " 0 late records" in head and "watermark " in head
     assert "trainer learns from its windows (via to_training, split)" in text
     assert f"trainer trainer: model v{newest.version}" in text and "(x: 3 features, label y)" in text
@@ -136,7 +145,8 @@ def test_report_without_a_config_or_a_sink_says_what_it_would_need(tmp_path: Pat
     sample = {"time": 1.0, "stages": {"w.0": {"type": "window", "stats": {"emitted": 3, "late": 1, "open": 2,
                                                                          "watermark": None}}}}
     text = report_windows.section(tmp_path, [sample], None)
-    assert text == ("window w (1 replica, at the last status sample): 3 windows emitted, 1 late record, 2 open; "
+    when = time.strftime("%H:%M:%S", time.localtime(1.0))
+    assert text == (f"window w (1 replica, status sample of {when}): 3 windows emitted, 1 late record, 2 open; "
                     "watermark none\nnewest windows: not shown without the pipeline's config (--config)")
     graph = {"w": report_windows.Node("window", [], {"key": "user"}),
              "other": report_windows.Node("consumer", ["w.late"], {}),

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from itertools import accumulate
 from typing import Any
 
-from streampipe import Source
+from streampipe import BadRecord, Source
 
 # an honest user's window (1 transaction a second, 20-second windows; amounts around 20, the largest
 # of 20 around 55): the features are offsets from it, so plain SGD starts near the answer
@@ -103,7 +103,12 @@ class Transactions(Source):
 
 
 def features(window: dict[str, Any]) -> list[float]:
-    """The feature vector of one window result (``n``, ``mean``, ``top`` as the window stage names them)."""
+    """The feature vector of one window result (``n``, ``mean``, ``top`` as the window stage names them);
+    :class:`BadRecord` (a dead letter with the reason) for a result without them."""
+    for name in ("n", "mean", "top"):
+        value = window.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise BadRecord(f"window result: {name!r} must be a number >= 0, not {value!r}")
     count, mean, top = HONEST
     return [round(window["n"] / count - 1, 6), round(math.log1p(window["mean"]) - mean, 6),
             round(math.log1p(window["top"]) - top, 6)]
@@ -112,5 +117,7 @@ def features(window: dict[str, Any]) -> list[float]:
 def training_record(window: dict[str, Any]) -> dict[str, Any]:
     """A window result as a training record: ``x`` its features, ``y`` whether it held a fraud; the id
     (a hash of the user and the window's start) is kept, so the hold-out split and the sink's dedup follow it."""
-    return {"id": window["id"], "user": window["user"], "t": window["window_end"], "x": features(window),
-            "y": int(window["fraud"])}
+    x = features(window)
+    if window.get("fraud") not in (0, 1) or "id" not in window:
+        raise BadRecord(f"window result: needs an id and a fraud flag 0 or 1, not {window.get('fraud')!r}")
+    return {"id": window["id"], "user": window.get("user"), "t": window.get("window_end"), "x": x, "y": int(window["fraud"])}
