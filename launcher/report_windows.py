@@ -46,7 +46,6 @@ FIELDS_SHOWN = 8                # result fields shown beside the key and the win
 WINDOW_TYPE = "window"
 
 
-
 class Node(NamedTuple):
     """A stage of the config, as far as the section needs it."""
 
@@ -109,7 +108,7 @@ def _figures_line(name: str, at: float | None, replicas: list[tuple[int, dict[st
         return f"window {name}: no status sample of it in status-history.jsonl"
 
     def total(field: str) -> int:
-        return sum(int(s.get(field) or 0) for _, s in replicas)
+        return sum(v for _, s in replicas if isinstance(v := s.get(field), int))
 
     late = total("late")
     marks = [s.get("watermark") for _, s in replicas]
@@ -122,7 +121,7 @@ def _figures_line(name: str, at: float | None, replicas: list[tuple[int, dict[st
 
 
 def _trainers_fed_by(window: str, graph: Graph) -> list[tuple[str, list[str]]]:
-    """Each ``trainer`` stage downstream of ``window``, with the stages between (nearest first)."""
+    """Each ``trainer`` stage downstream of ``window``, with the stages between (in the order records flow)."""
     found = []
     for trainer, node in sorted(graph.items()):
         if node.type != "trainer":
