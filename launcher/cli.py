@@ -604,12 +604,15 @@ def report(run_dir: Path | None = RunDirOpt, config: Path = ConfigOpt,
     """Plot model metrics over time (versions, drift points) and throughput; print a summary."""
     from streampipe.launcher.report import make_report
 
+    rd = resolve_run_dir(run_dir, config)
+    # the config tells which sink holds a window's results: the one named, or the default when this is its run
+    named = run_dir is None or config != Path(DEFAULT_CONFIG) or resolve_run_dir(None, config) == rd
     try:
-        summary = make_report(resolve_run_dir(run_dir, config), out)
+        summary = make_report(rd, out, config if named else None)
     except FileNotFoundError as exc:
         _err().print(f"error: {exc}")
         raise typer.Exit(1) from None
-    _console().print(summary, highlight=False)
+    _console().print(summary, highlight=False, markup=False)     # a key or a value may hold brackets
     _console().print(f"wrote {out}")
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from streampipe._rotating import files_of, last_row
 from streampipe._rotating import read_json_lines as read_jsonl  # status history rotates
+from streampipe.launcher import report_windows
 
 # metric -> which way is better; the first one a run has is the headline (accuracy, else MAE)
 PRIMARY = {"accuracy": "higher", "mae": "lower", "f1": "higher", "rmse": "lower", "r2": "higher", "log_loss": "lower"}
@@ -82,8 +83,11 @@ def throughput_from_checkpoints(marks: list[tuple[float, int]]) -> list[tuple[fl
     return points
 
 
-def make_report(run_dir: Path, out: Path) -> str:
-    """Draw the run's metrics and trainer throughput to ``out`` (PNG); return a text summary."""
+def make_report(run_dir: Path, out: Path, config: Path | None = None) -> str:
+    """Draw the run's metrics and trainer throughput to ``out`` (PNG); return a text summary.
+
+    ``config``: the run's services.yaml, where it tells more (which sink holds a window's results).
+    """
     run_dir, out = Path(run_dir), Path(out)
     metrics_path = run_dir / "metrics.jsonl"
     rows = [r for r in read_jsonl(metrics_path) if isinstance(r.get("metrics"), dict)] if metrics_path.exists() else []
@@ -96,7 +100,8 @@ def make_report(run_dir: Path, out: Path) -> str:
     stage, metas = _trainer_stage(run_dir)
     source = "status-history"
     history_path = run_dir / "status-history.jsonl"
-    rate = throughput_from_history(read_jsonl(history_path), stage) if files_of(history_path) else []
+    history = read_jsonl(history_path) if files_of(history_path) else []
+    rate = throughput_from_history(history, stage)
     if not rate:
         source = "checkpoint metadata"
         marks = [(float(m["time"]), int(m["records_seen"])) for m in metas
@@ -110,7 +115,43 @@ def make_report(run_dir: Path, out: Path) -> str:
     names += sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))} - set(names))
     primary = names[0] if names else None
     _draw(rows, rate, names, t0, out, title=f"{run_dir.resolve().parent.name}/{run_dir.name}: hold-out metrics")
-    return _summary(run_dir, rows, rate, primary, t0, source)
+    lines = [_summary(run_dir, rows, rate, primary, t0, source)]
+    if (trained := trainer_line(stage, metas)) is not None:
+        lines.append(trained)
+    if (windows := report_windows.section(run_dir, history, _graph(config))) is not None:
+        lines.append(windows)
+    return "\n".join(lines)
+
+
+def _graph(config: Path | None) -> report_windows.Graph | None:
+    """The stages of ``config``, or None without one (or when it does not load: the report stands without it)."""
+    if config is None or not Path(config).exists():
+        return None
+    from streampipe.launcher.config import load_config
+    from streampipe.launcher.errors import ConfigError
+
+    try:
+        return report_windows.graph_of(load_config(config, check_stages=False))
+    except ConfigError:
+        return None
+
+
+def trainer_line(stage: str, metas: list[dict[str, Any]]) -> str | None:
+    """What the trainer's newest checkpoint says of itself: records learned and its prequential
+    (test-then-train) metric when saved; None without a checkpoint.
+
+    >>> print(trainer_line("trainer", [{"version": 9, "records_seen": 9200, "metric_name": "accuracy", "metric": 0.958,
+    ...                                 "metric_window": 1000, "features": "x", "label": "y", "n_features": 3}]))
+    trainer trainer: model v9 learned from 9200 records (x: 3 features, label y); prequential accuracy 0.958 over its last 1000 records
+    """
+    if not metas:
+        return None
+    m = metas[-1]
+    metric = m.get("metric")
+    figure = (f"; prequential {m.get('metric_name')} {metric:.4g} over its last {m.get('metric_window')} records"
+              if isinstance(metric, (int, float)) else "")
+    return (f"trainer {stage}: model v{m.get('version')} learned from {m.get('records_seen')} records "
+            f"({m.get('features')}: {m.get('n_features')} features, label {m.get('label')}){figure}")
 
 
 def version_lines(changes: list[tuple[float, Any]]) -> list[tuple[float, Any]]:

@@ -569,11 +569,13 @@ class Supervisor:
             while True:
                 await asyncio.sleep(HISTORY_INTERVAL_S)
                 now = time.time()
+                # type and stats(): `report` summarises a stage by them (a window's emitted, late, open, watermark)
                 row = {"time": now, "stages": {r.ident: {"in": r.hb.get("records_in", 0), "out": r.hb.get("records_out", 0),
                                                          "state": r.state, "rss": r.reading.rss_bytes,
-                                                         "cpu": r.reading.cpu_percent}
+                                                         "cpu": r.reading.cpu_percent, "type": r.cfg.type,
+                                                         "stats": r.hb.get("stats") or {}}
                                                 for reps in self.replicas.values() for r in reps}}
-                history.write(json.dumps(row) + "\n")
+                history.write(json.dumps(row, default=str) + "\n")     # a stage's stats may hold bytes
                 rotate_stdio(self.rd.path / "supervisor.out", limit, keep)
         finally:
             history.close()

@@ -48,6 +48,10 @@ LAUNCHER_MAY_IMPORT: dict[str, tuple[frozenset[str] | None, str]] = {
     "streampipe.stages.proctitle": (frozenset({"set_title"}), "`ps` names every process the same way"),
     "streampipe.stages.network": (frozenset({"generate_keys"}), "`keys generate` writes the key folder the stages load"),
     "streampipe.stages.builtins.checkpoints": (None, "`report` reads the trainer's checkpoint metadata"),
+    "streampipe.stages.api": (frozenset({"StageContext"}), "`report` reads the file each replica of a sink writes "
+                              "(StageContext.replica_output names it)"),
+    "streampipe.stages.builtins.consumer": (frozenset({"OUTPUT"}), "`report` reads a window's results where a "
+                                            "consumer writes them by default"),
     "streampipe.stages.fence": (None, "one live process per replica: the lock a stage takes, the supervisor clears"),
 }
 SHARED_ROOT_MODULES = ("streampipe._rotating", "streampipe._logtail")
