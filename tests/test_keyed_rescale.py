@@ -73,7 +73,8 @@ def kill(p: Any, stage: str, index: int, kills: int) -> None:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("kind,shape", [("tumbling", "size: 0.25"), ("session", "gap: 0.2")], ids=["tumbling", "session"])
+@pytest.mark.parametrize("kind,shape", [("tumbling", "size: 0.25"), ("sliding", "size: 0.5, slide: 0.25"),
+                                        ("session", "gap: 0.2")], ids=["tumbling", "sliding", "session"])
 def test_a_keyed_window_scaled_2_to_3_mid_stream_through_sigkills_emits_each_window_once_exactly(
         pipeline, kind: str, shape: str) -> None:
     count = 60000

@@ -237,8 +237,8 @@ def expected_windows(p: Any, kind: str, replicas: int) -> dict[int, dict[str, An
     expected: dict[int, dict[str, Any]] = {}
     for replica in range(replicas):
         mine = [r for r in records if replica_of_key(r["user"], replicas) == replica]
-        expected.update(reference(mine, kind, size=0.25, lateness=3.0) if kind == "tumbling"
-                        else reference(mine, kind, gap=0.2, lateness=3.0))
+        shape = {"tumbling": {"size": 0.25}, "sliding": {"size": 0.5, "slide": 0.25}, "session": {"gap": 0.2}}[kind]
+        expected.update(reference(mine, kind, lateness=3.0, **shape))
     wait_for(lambda: len(p.output_records("output/windows.jsonl")) >= len(expected), timeout=120,
              what=f"{len(expected)} windows at the sink")
     return expected
