@@ -16,7 +16,9 @@ Then, unless ``check_stages=False`` (commands that only need the run directory),
 ``type`` names is inspected in a short-lived child process (:mod:`streampipe.stages.introspect`; user
 modules and scikit-learn are never imported here): a module that is not found, a name it does
 not define, something that cannot be a stage (a class with neither ``process`` nor ``generate``,
-a function that does not take one record), a source with inputs, a generator replaying a file or a ``label_join`` with ``replicas > 1``, and ``options`` that the
+a function that does not take one record), a source with inputs, a generator replaying a file or a ``label_join`` with ``replicas > 1``,
+a ``join`` / ``enrich`` without exactly two inputs or whose roles (``left``, ``right``; ``stream``, ``table``) name
+no input, a keyed built-in (``window``, ``join``, ``enrich``) with replicas not ``partition: key`` by its key, and ``options`` that the
 stage's ``__init__`` would refuse (unknown key, with a "did you mean" hint; missing required
 argument; a value of the wrong type where annotated), and a module that fails when imported (a
 syntax error, a missing dependency, an exception at its top level: the error names the module's
@@ -47,6 +49,9 @@ MAX_STAGE_NAME_BYTES = 64   # "i.<name>.<r>" in a fallback socket folder (/tmp/s
 # evaluator's checkpoint_dir is read (a trainer's folder, a peer's volume on Kubernetes), not written
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {"consumer": ("output",), "trainer": ("checkpoint_dir",), "evaluator": ("output",),
                                               "sqlite": ("path",), "compare": ("output",), "label_join": ("output",)}
+# keyed built-ins: with replicas, partition: key by the first option's field (the others, other inputs' key fields, equal to it)
+KEYED: dict[str, tuple[str, ...]] = {"window": ("key",), "join": ("key", "right_key"), "enrich": ("key", "table_key")}
+JOINS: dict[str, tuple[str, str]] = {"join": ("left", "right"), "enrich": ("stream", "table")}   # their two inputs' roles
 INSPECT_TIMEOUT_S = 60.0   # the child imports every stage module: sklearn alone ~2 s, far more on a loaded box
 DEFAULT_CONFIG = "services.yaml"
 DEFAULT_RUN_DIR = ".streampipe"
@@ -340,6 +345,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, *, check_stages: bool = True)
     _check_types(cfg, index)
     _check_replay(cfg, index)
     _check_partition(cfg, index)
+    _check_joins(cfg, index)
     _check_network(cfg, index)
     _check_outputs(cfg, index)
     if check_stages:
@@ -389,7 +395,7 @@ def _check_replay(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> Non
 
 def _check_partition(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
     """``partition: key`` names its field; a ``key:`` is for ``partition: key``; a keyed built-in
-    (``window``) with replicas is partitioned by its own key."""
+    (:data:`KEYED`: ``window``, ``join``, ``enrich``) with replicas is partitioned by its own key."""
     for name, stage in cfg.stages.items():
         def line(*path: str, name: str = name) -> int | None:
             return index.get(("stages", name, *path)) or index.get(("stages", name))
@@ -400,11 +406,43 @@ def _check_partition(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> 
         if stage.key is not None and stage.partition != "key":
             raise ConfigError("key: is the field of partition: key: add partition: key (or remove key:)",
                               file=cfg.path, line=line("key"), field=f"stages.{name}.partition")
-        own = stage.options.get("key") if stage.type == "window" else None
-        if stage.type == "window" and stage.replicas > 1 and (stage.partition != "key" or stage.key != own):
-            raise ConfigError(f"a window with replicas must get each key's records in one replica: add partition: key "
-                              f"and key: {own or '<its key option>'}", file=cfg.path, line=line("replicas"),
-                              field=f"stages.{name}.partition")
+        if stage.type not in KEYED or stage.replicas <= 1:
+            continue
+        own, *others = (stage.options.get(option) for option in KEYED[stage.type])
+        if stage.partition != "key" or stage.key != own:
+            article = "an" if stage.type[0] in "aeiou" else "a"
+            raise ConfigError(f"{article} {stage.type} with replicas must get each key's records in one replica: add "
+                              f"partition: key and key: {own or '<its key option>'}", file=cfg.path,
+                              line=line("replicas"), field=f"stages.{name}.partition")
+        for option, value in zip(KEYED[stage.type][1:], others, strict=True):
+            if value is not None and value != own:
+                loc = ("stages", name, "options", option)
+                raise ConfigError(f"with replicas both inputs are split by one field (key: {own}): {option} must be "
+                                  f"{own!r} too, or left out", file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+
+
+def _check_joins(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:
+    """A join (``join``, ``enrich``) has exactly two inputs, and the roles its options name are two of them."""
+    for name, stage in cfg.stages.items():
+        roles = JOINS.get(stage.type)
+        if roles is None:
+            continue
+        if len(stage.inputs) != 2:
+            article = "an" if stage.type[0] in "aeiou" else "a"
+            raise ConfigError(f"{article} {stage.type} takes two inputs, its {roles[0]} and its {roles[1]}: inputs names "
+                              f"{len(stage.inputs)}",
+                              file=cfg.path, line=index.get(("stages", name, "inputs")) or index.get(("stages", name)),
+                              field=f"stages.{name}.inputs")
+        named = [stage.options.get(role) for role in roles]
+        for role, value in zip(roles, named, strict=True):
+            if value is not None and value not in stage.inputs:
+                loc = ("stages", name, "options", role)
+                raise ConfigError(f"{value!r} is not an input of {name!r} (inputs: {', '.join(stage.inputs)})",
+                                  file=cfg.path, line=_line_of(index, loc), field=_field(loc))
+        if named[0] is not None and named[0] == named[1]:
+            loc = ("stages", name, "options", roles[1])
+            raise ConfigError(f"{roles[0]} and {roles[1]} name one input, {named[0]!r}: name the other one",
+                              file=cfg.path, line=_line_of(index, loc), field=_field(loc))
 
 
 def _check_outputs(cfg: PipelineConfig, index: dict[tuple[Any, ...], int]) -> None:

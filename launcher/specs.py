@@ -16,7 +16,7 @@ def stage_spec(cfg: PipelineConfig, sc: StageConfig, replica: int, replicas: int
                supervisor_pid: int, **network: Any) -> StageSpec:
     """The spec of one replica: what ``up`` and ``run-stage`` both hand to the stage runtime."""
     return StageSpec(
-        name=sc.name, replica=replica, replicas=replicas, type=sc.type, options=sc.options,
+        name=sc.name, replica=replica, replicas=replicas, type=sc.type, options=sc.options, inputs=list(sc.inputs),
         run_dir=str(run_dir), config_dir=str(cfg.config_dir), control=control, input=input, ack=ack,
         edges=edges, ack_peers=ack_peers, supervisor_pid=supervisor_pid,
         max_message_bytes=int(cfg.max_message_mb * (1 << 20)), delivery=cfg.delivery, max_batch=sc.max_batch,

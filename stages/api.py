@@ -68,6 +68,12 @@ class StageContext:
     config_dir: Path = field(default_factory=Path.cwd)
     outputs: tuple[str, ...] = ("default",)
     max_batch: int = 1000     # records per batch the runtime cuts: a columnar source yields batches of this size
+    #: the stage's ``inputs:`` as services.yaml names them (``normalizer.holdout`` for a named output)
+    inputs: tuple[str, ...] = ()
+    #: the input the batch ``process`` is given came by, one of ``inputs`` (the sending stage, with
+    #: ``.<output>`` for a named one): set by the runtime before each ``process`` call, so a stage of
+    #: two inputs (a join) tells them apart; a replayed dead letter names the stage that had sent it
+    input: str | None = None
     beat: Callable[[str], None] | None = field(default=None, repr=False)   # set by the runtime (keepalive)
     #: per-key state of a stage with ``keyed_state = True``: key -> a msgpack-able value. The
     #: runtime saves it with the stage's snapshot (exactly once through SIGKILLs, as ``snapshot()``)

@@ -34,6 +34,8 @@ BUILTINS: dict[str, Builtin] = {
     "compare": Builtin("streampipe.stages.builtins.compare:Compare"),
     "label_join": Builtin("streampipe.stages.builtins.label_join:LabelJoin"),
     "window": Builtin("streampipe.stages.builtins.window:Window", ("default", "late")),
+    "join": Builtin("streampipe.stages.builtins.join:Join", ("default", "late")),
+    "enrich": Builtin("streampipe.stages.builtins.join:Enrich", ("default", "late")),
     "log_extractor": Builtin("streampipe.stages.builtins.log_extractor:LogExtractor", source=True),
     "sqlite": Builtin("streampipe.stages.builtins.sqlite_sink:SqliteSink"),
     "postgres": Builtin("streampipe.stages.builtins.postgres_sink:PostgresSink"),

@@ -63,6 +63,7 @@ class StageSpec:
     heartbeat_timeout: float = 10.0    # an edge without a receiver this long is unreachable
     last_exit: str = ""                # how the previous process of this replica ended (a poison record's reason)
     keyed: bool = False                # partition: key (its saved state is for one replica count: stages/repartition.py)
+    inputs: list[str] = field(default_factory=list)   # its ``inputs:`` as services.yaml names them (StageContext.inputs)
 
     @property
     def ident(self) -> str:

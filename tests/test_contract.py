@@ -29,6 +29,7 @@ from streampipe.stages.builtins.evaluator import Evaluator
 from streampipe.stages.builtins.follow import Follow
 from streampipe.stages.builtins.generator import Generator
 from streampipe.stages.builtins.http_source import HttpSource
+from streampipe.stages.builtins.join import Enrich, Join
 from streampipe.stages.builtins.label_join import LabelJoin
 from streampipe.stages.builtins.log_extractor import LogExtractor
 from streampipe.stages.builtins.normalizer import Normalizer
@@ -83,8 +84,12 @@ TRANSFORMS: dict[str, Any] = {
     "compare": lambda tmp: lambda: Compare(every=100),
     "label_join": lambda tmp: lambda: LabelJoin(within=5),
     "window": lambda tmp: lambda: Window(time="t", size=0.01, aggregate={"n": "count", "y": "sum:y"}),    # the records are labels: they wait, the MALFORMED lack a time
+    "join": lambda tmp: lambda: Join(key="id", time="t", within=5, how="left"),    # every batch from its left input: they wait
+    "enrich": lambda tmp: lambda: Enrich(key="id", time="t"),                     # every batch a table row: kept
     "readme:Enricher": readme_stage,
 }
+# which input the batches come by, for a stage of two (StageContext.input)
+CONTEXTS: dict[str, dict[str, Any]] = {"join": {"inputs": ("a", "b"), "input": "a"}, "enrich": {"inputs": ("a", "b"), "input": "b"}}
 SOURCES: dict[str, Any] = {
     "generator": lambda tmp: lambda: Generator(count=500, seed=1),
     "log_extractor": lambda tmp: lambda: LogExtractor(window_s=1),
@@ -92,7 +97,7 @@ SOURCES: dict[str, Any] = {
     "serve": lambda tmp: lambda: Serve(port=0),
     "follow": lambda tmp: lambda: Follow(path=str(tmp / "app.jsonl")),
 }
-STATEFUL = {"normalizer", "generator", "log_extractor", "label_join", "window"}   # the others keep their state in files (or have none)
+STATEFUL = {"normalizer", "generator", "log_extractor", "label_join", "window", "join", "enrich"}   # the others keep their state in files (or have none)
 ACCEPTS_ANY_MAP = {"consumer", "sqlite", "compare"}   # nothing is malformed to a sink that writes any map
 MALFORMED = [{"id": 10_000, "x": "not-a-vector", "y": 1}, {"id": 10_001, "y": 0}, {"id": 10_002, "x": [1.0, None], "y": 0}]
 ALL_CHECKS = ["init", "empty batch", "outputs", "snapshot", "restore", "teardown"]
@@ -128,7 +133,8 @@ def contract(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[
             prepare(name, folder)
             try:
                 if name in TRANSFORMS:
-                    report = check_stage(TRANSFORMS[name](folder), batches(), bad_records=MALFORMED, run_dir=folder)
+                    report = check_stage(TRANSFORMS[name](folder), batches(), bad_records=MALFORMED, run_dir=folder,
+                                         context=CONTEXTS.get(name))
                 else:
                     report = check_stage(SOURCES[name](folder), run_dir=folder, limit=120 if name == "generator" else 100)
             except StageContractError as exc:

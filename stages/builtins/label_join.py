@@ -61,7 +61,6 @@ Options: ``key`` (``id``), ``label_key``, ``time`` (``t``), ``label_time``, ``la
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import time
@@ -70,52 +69,11 @@ from typing import IO, Any, Literal
 from streampipe._rotating import end_torn_line, last_row
 from streampipe.stages.api import Batch, Record, Stage
 from streampipe.stages.builtins.learning import DIGITS
+from streampipe.stages.builtins.sides import Side, finite
 from streampipe.stages.state import json_default
 
 COUNTS = ("predictions", "labels", "matched", "unscored", "unmatched_predictions", "unmatched_labels",
           "late", "duplicates")
-
-
-class Side:
-    """One stream's records waiting for a partner: key -> entry, a heap by event time, the watermark."""
-
-    def __init__(self) -> None:
-        self.waiting: dict[Any, list[Any]] = {}      # key -> [t, *payload]
-        self.heap: list[tuple[float, int, Any]] = []  # (t, arrival, key); an entry gone from waiting is skipped
-        self.newest: float | None = None              # the greatest event time seen
-        self.arrivals = 0                             # breaks ties in the heap: keys are never compared
-
-    def add(self, key: Any, entry: list[Any]) -> None:
-        self.waiting[key] = entry
-        self.arrivals += 1
-        heapq.heappush(self.heap, (entry[0], self.arrivals, key))
-
-    def saw(self, t: float, lateness: float) -> bool:
-        """Take ``t`` into the watermark; True when ``t`` is later than the lateness allows."""
-        late = self.newest is not None and t < self.newest - lateness
-        if self.newest is None or t > self.newest:
-            self.newest = t
-        return late
-
-    def expire(self, before: float) -> int:
-        """Give up every waiting entry whose event time plus the window is below ``before``."""
-        gone = 0
-        while self.heap and self.heap[0][0] < before:
-            t, _, key = heapq.heappop(self.heap)
-            entry = self.waiting.get(key)
-            if entry is not None and entry[0] == t:
-                del self.waiting[key]
-                gone += 1
-        return gone
-
-    def state(self) -> dict[str, Any]:
-        return {"waiting": [[k, *e] for k, e in self.waiting.items()], "newest": self.newest}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.waiting, self.heap, self.arrivals = {}, [], 0
-        self.newest = state.get("newest")
-        for key, *entry in state.get("waiting", []):
-            self.add(key, entry)
 
 
 class LabelJoin(Stage):
@@ -182,19 +140,19 @@ class LabelJoin(Stage):
         if key is None or not isinstance(key, (int, str, bytes)) or isinstance(key, bool):
             self.reject(record, f"{kind} without a key: field {key_field!r} must be an integer or a string")
             return
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        if not finite(t):
             self.reject(record, f"{kind} without an event time: field {time_field!r} must be a finite number")
             return
         mine, other = self.sides[kind], self.sides["label" if kind == "prediction" else "prediction"]
         self.counts[kind + "s"] += 1
         if mine.saw(t, self.lateness):
             self.counts["late"] += 1
-        if key in mine.waiting:
+        if mine.get(key):
             self.counts["duplicates"] += 1
             return
-        partner = other.waiting.get(key)
+        arrival, partner = next(iter(other.get(key).items()), (0, None))
         if partner is not None and abs(partner[0] - t) <= self.within:
-            del other.waiting[key]             # its heap entry is skipped when it comes up
+            other.remove(key, arrival)         # its heap entry is skipped when it comes up
             if kind == "prediction":
                 self.score(record.get(self.version_field), record[self.prediction], partner[1])
             else:
@@ -208,9 +166,9 @@ class LabelJoin(Stage):
     def expire(self) -> None:
         predictions, labels = self.sides["prediction"], self.sides["label"]
         if labels.newest is not None:
-            self.counts["unmatched_predictions"] += predictions.expire(labels.newest - self.lateness - self.within)
+            self.counts["unmatched_predictions"] += len(predictions.expire(labels.newest - self.lateness - self.within))
         if predictions.newest is not None:
-            self.counts["unmatched_labels"] += labels.expire(predictions.newest - self.lateness - self.within)
+            self.counts["unmatched_labels"] += len(labels.expire(predictions.newest - self.lateness - self.within))
 
     def score(self, version: Any, predicted: Any, truth: Any) -> None:
         self.counts["matched"] += 1
@@ -243,8 +201,8 @@ class LabelJoin(Stage):
         newest = self.newest_version()
         total = [sum(column) for column in zip(*self.tallies.values(), strict=True)] if self.tallies else []
         return {"time": time.time(), "records": self.counts["predictions"] + self.counts["labels"], **self.counts,
-                "pending_predictions": len(self.sides["prediction"].waiting),
-                "pending_labels": len(self.sides["label"].waiting), "task": self.task,
+                "pending_predictions": len(self.sides["prediction"]),
+                "pending_labels": len(self.sides["label"]), "task": self.task,
                 "model_version": _as_version(newest), "metrics": self.figures(self.tallies[newest]) if newest else {},
                 "overall": self.figures(total) if total else {},
                 "versions": {v: {"matched": int(t[0]), **self.figures(t)}
@@ -266,7 +224,7 @@ class LabelJoin(Stage):
         return {"model_version": _as_version(newest), "metric": figures.get(name), "metric_name": name,
                 "matched": self.counts["matched"],
                 "unmatched": self.counts["unmatched_predictions"] + self.counts["unmatched_labels"],
-                "pending": len(self.sides["prediction"].waiting) + len(self.sides["label"].waiting),
+                "pending": len(self.sides["prediction"]) + len(self.sides["label"]),
                 "predictions": self.counts["predictions"], "labels": self.counts["labels"]}
 
 

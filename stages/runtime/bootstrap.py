@@ -161,7 +161,8 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         stage = load_stage(spec.type, spec.options, Path(spec.config_dir))
         stage.context = StageContext(name=spec.name, replica=spec.replica, replicas=spec.replicas,
                                      run_dir=Path(spec.run_dir), config_dir=Path(spec.config_dir),
-                                     outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch)
+                                     outputs=tuple(sorted({e.output for e in spec.edges})), max_batch=spec.max_batch,
+                                     inputs=tuple(spec.inputs))
         rt = StageRuntime(spec, stage)
         stage.context.beat = rt.keepalive
         if host is not None:

@@ -23,7 +23,7 @@ from streampipe.stages.runtime.counters import Counters
 from streampipe.stages.runtime.ledger import AckLedger
 from streampipe.stages.runtime.outputs import Edge
 from streampipe.stages.runtime.router import Router
-from streampipe.stages.runtime.tokens import InToken, stamp_of
+from streampipe.stages.runtime.tokens import REPLAY_SENDER, InToken, stamp_of
 from streampipe.stages.runtime.tunables import ACK_FLUSH_EVERY, MAX_MSGS_PER_TICK
 from streampipe.stages.seen import SeenByOrigin
 from streampipe.stages.spec import StageSpec
@@ -183,6 +183,7 @@ class Inputs:
             self.applied_ids.at(f"{header['src']}|{stamp[0]}", stamp[1])
             records, new_ids = self.applied_ids.take_new(records)
         self.counters.took(len(records))
+        self.router.stage.context.input = input_of(header)
         t0 = time.perf_counter()
         if token is None or self.journal is None:
             outcome = self.processor.run(records)
@@ -212,3 +213,17 @@ class Inputs:
             self.journal.close()
         if self.inp is not None:
             self.inp.close(linger=0)
+
+
+def input_of(header: dict[str, Any]) -> str | None:
+    """The input a batch came by, as ``inputs:`` names it (``StageContext.input``): the sending
+    stage, and ``.<output>`` when that is a named output (the edge is ``<output>><dest>``); a
+    replayed dead letter, the stage that had sent it.
+
+    >>> input_of({"src": "clicks", "e": "default>join"}), input_of({"src": "normalizer", "e": "holdout>join"})
+    ('clicks', 'normalizer.holdout')
+    """
+    src, output = header.get("src"), str(header.get("e", "")).partition(">")[0]
+    if not isinstance(src, str):
+        return None
+    return src if output in ("default", REPLAY_SENDER) else f"{src}.{output}"
