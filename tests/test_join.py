@@ -30,6 +30,7 @@ from streampipe.stages.api import StageContext
 from streampipe.stages.builtins.join import Enrich, Join, pair_id
 from streampipe.stages.keys import replica_of_key
 from tests.conftest import PACED_SOURCE, wait_for
+from tests.test_keyed_rescale import kill, scale
 
 Records = list[dict[str, Any]]
 LATENESS, WITHIN = 5.0, 3.0
@@ -398,9 +399,10 @@ def kill_replicas(p: Any, stage: str, figure: str, every: int) -> int:
     return sum(p.row(stage, i)["restarts"] for i in (0, 1))
 
 
-def watermarks_by_replica(records: Records, key: str, lateness: float) -> Callable[[str], float]:
-    newest = [max(r["t"] for r in records if replica_of_key(r[key], 2) == i) for i in (0, 1)]
-    return lambda k: newest[replica_of_key(k, 2)] - lateness
+def watermarks_by_replica(records: Records, key: str, lateness: float, replicas: int = 2) -> Callable[[str], float]:
+    """The final watermark of the replica (of ``replicas``) holding each key: its newest record's time less the lateness."""
+    newest = [max(r["t"] for r in records if replica_of_key(r[key], replicas) == i) for i in range(replicas)]
+    return lambda k: newest[replica_of_key(k, replicas)] - lateness
 
 
 def run_through_kills(p: Any, stage: str, figure: str, every: int, sources: tuple[str, str],
@@ -452,3 +454,42 @@ def test_enrich_of_two_replicas_emits_every_order_once_exactly_through_sigkills(
     assert sum(1 for r in expected.values() if r.get("tier") is None) > 20 and len(expected) > 0.9 * count
     run_through_kills(p, "enriched", "enriched", 1000, ("orders", "customers"), expected,
                       ("id", "customer", "t", "total", "tier", "table_id", "table_t"))
+
+
+@pytest.mark.timeout(420)
+def test_a_join_scaled_2_to_3_mid_stream_through_sigkills_emits_every_result_once_exactly(pipeline) -> None:
+    """``streampipe scale`` re-deals the join's waiting records by key through ``Join.rescale``."""
+    count = 60000
+    p = pipeline(pipeline_text("joined", "join", "ad", "{left: clicks, right: views, key: ad, time: t, within: 0.003, "
+                               "lateness: 3, how: left}", ("clicks", count, 3000), ("views", count, 3000)))
+    (p.folder / "paced.py").write_text(PACED_SOURCE)
+    (p.folder / "records.py").write_text(RECORDS)
+    (p.folder / "sources.py").write_text(SOURCES)
+    fns = records_module()
+    clicks, views = [fns["click"](i) for i in range(count)], [fns["view"](i) for i in range(count)]
+    # the keys as the final 3 replicas own them; every new replica starts at the furthest old watermark,
+    # which each one's own records pass long before the end
+    expected = join_reference(clicks, views, "left", watermarks_by_replica(views, "ad", 3.0, replicas=3), within=0.003)
+    p.up()
+    wait_for(lambda: p.row("joined", 0)["stats"].get("pairs", 0) > 1000, timeout=90, what="pairs made")
+    kill(p, "joined", 0, 1)
+    scale(p, "joined", 3)
+    assert p.row("clicks")["state"] != "completed", "the stream ended before the rescale"
+    assert [r["replica"] for r in p.rows("joined")] == [0, 1, 2]
+    wait_for(lambda: p.row("joined", 2)["stats"].get("pairs", 0) > 100, timeout=90, what="the new replica joins")
+    kill(p, "joined", 2, 1)
+    kill(p, "joined", 1, 1)
+    wait_for(lambda: all(p.row(s)["state"] == "completed" for s in ("clicks", "views")), timeout=180,
+             what="both sources completed")
+    wait_for(lambda: len(p.output_records("output/results.jsonl")) >= len(expected), timeout=120,
+             what=f"{len(expected)} results at the sink")
+    late = sum(p.row("joined", i)["stats"].get("late", 0) for i in range(3))
+    events = p.events("scale")
+    p.down()
+    results = p.output_records("output/results.jsonl")
+    assert len({r["id"] for r in results}) == len(results), "a result written twice"
+    fields = ("id", "left_id", "right_id", "ad", "t", "right_t")
+    assert {r["id"]: {f: r.get(f) for f in fields} for r in results} == \
+        {i: {f: r.get(f) for f in fields} for i, r in expected.items()}
+    assert late == 0
+    assert any("keyed state re-dealt" in e.get("reason", "") for e in events), events
