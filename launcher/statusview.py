@@ -71,7 +71,8 @@ def fmt_uptime(s: float) -> str:
 
 # stats() figures of the built-in stages that say something at a glance; a user's stage shows all its own
 BUILTIN_FIGURES = ("written", "duplicates_dropped", "rejected", "drift_count", "exception_types", "ids_out_of_order",
-                   "ids_below_watermark", "emitted", "open", "late")   # the last three: a window's
+                   "ids_below_watermark", "emitted", "open", "late",   # emitted, open: a window's; late: it and the joins'
+                   "pairs", "unmatched", "enriched", "missing")        # a join's, an enrich's
 
 
 def _user_stage(row: dict[str, Any]) -> bool:
