@@ -256,6 +256,28 @@ def test_rescale_deals_keys_and_takes_the_furthest_watermark() -> None:
                                                     "right": {"waiting": [], "newest": None}}}]
 
 
+def test_right_fields_prefix_and_table_fields_shape_the_results() -> None:
+    j = Join(key="ad", time="t", within=2, how="left", prefix="view_", right_fields=["slot", "t"])
+    j.context = StageContext(inputs=("clicks", "views"))
+    j.context.input = "views"
+    j.process([{"id": 10, "ad": "a", "t": 1, "slot": 3, "page": "p"}])
+    j.context.input = "clicks"
+    assert j.process([{"id": 1, "ad": "a", "t": 2}, {"id": 2, "ad": "b", "t": 2}]) == \
+        [{"id": pair_id(1, 10), "ad": "a", "t": 2, "slot": 3, "view_t": 1, "left_id": 1}]
+    j.context.input = "views"
+    assert j.process([{"id": 11, "ad": "c", "t": 9}]) == \
+        [{"id": pair_id(2, None), "ad": "b", "t": 2, "slot": None, "view_t": None, "left_id": 2}]
+    e = Enrich(key="customer", time="t", table_key="cid", table_time="at", how="inner", table_fields=["tier"])
+    e.context = StageContext(inputs=("orders", "customers"))
+    e.context.input = "customers"
+    e.process([{"id": 100, "cid": "ada", "at": 0, "tier": "gold", "note": "x"}])
+    e.context.input = "orders"
+    e.process([{"id": 1, "customer": "ada", "t": 3}, {"id": 2, "customer": "bob", "t": 3}])
+    e.context.input = "customers"
+    assert e.process([{"id": 101, "cid": "ada", "at": 5, "tier": "silver"}]) == [{"id": 1, "customer": "ada", "t": 3, "tier": "gold"}]
+    assert (e.stats()["enriched"], e.stats()["missing"], e.stats()["table_rows"]) == (1, 1, 2)
+
+
 def test_bad_records_and_options_are_refused_with_the_reason() -> None:
     j = Join(key="ad", time="t", right_key="ad_id", within=5)
     j.context = StageContext(inputs=("clicks", "views"), input="views", outputs=("default",))
