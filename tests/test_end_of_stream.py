@@ -1,0 +1,169 @@
+"""End of stream through transforms: a finite stream's end reaches every stage, a stage's
+``finish()`` makes its last records (a window closes the windows still open), and the pipeline
+ends, exactly, through SIGKILLs of the replicas around the end.
+
+Real processes: ``streampipe up``, a user's finite source, a stateless hop with 2 replicas, a
+window with 2 replicas partitioned by key, consumers; the reference windows the records the hop
+passed on, after the fact, every window closed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import CLI, PACED_SOURCE, wait_for
+from tests.test_window import AGG, MODULE, reference
+from tests.test_window import PIPELINE as WINDOWS
+
+HOP = textwrap.dedent('''
+    import time
+
+
+    class Tag:
+        """A stateless hop whose finish() takes a while (so a test can kill it in the middle)."""
+
+        def process(self, batch):
+            return [{**r, "hop": 1} for r in batch]
+
+        def finish(self):
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                self.context.keepalive("finishing slowly, on purpose")
+                time.sleep(0.05)
+            return []
+''')
+
+# test_window's pipeline with a hop whose finish() is slow
+PIPELINE = WINDOWS.replace('"clickstream:tag"', '"hop:Tag"').replace("KIND", "tumbling").replace("SHAPE", "size: 0.25")
+
+
+def log_lines(run_dir: Path, ident: str, needle: str) -> int:
+    path = run_dir / "logs" / f"{ident}.jsonl"
+    return sum(needle in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def pids_of(run_dir: Path) -> list[str]:
+    """Processes still running with the run directory on their command line, or in it."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and str(run_dir.parent) in " ".join(proc.info["cmdline"] or []) + proc.cwd():
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:160]}")
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.timeout(420)
+def test_a_finite_stream_closes_every_window_once_and_the_pipeline_ends_through_sigkills_around_the_end(pipeline) -> None:
+    count = 20000
+    p = pipeline(PIPELINE.replace("COUNT", str(count)))
+    for name, text in (("paced", PACED_SOURCE), ("clickstream", MODULE), ("hop", HOP)):
+        (p.folder / f"{name}.py").write_text(text)
+    proc = subprocess.Popen([*CLI, "up", "--exit-when-done", "--config", str(p.config)], cwd=p.folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p.foreground = proc
+    try:
+        wait_for(lambda: p.status_or_none() and p.row("per_user", 0)["stats"].get("emitted", 0) > 20, timeout=120,
+                 what="windows emitted")
+        p.remember()
+        os.kill(p.row("per_user", 0)["pid"], signal.SIGKILL)                  # mid-stream
+        wait_for(lambda: all(r["state"] == "completed" for r in p.rows("clicks")), timeout=180, what="the source completed")
+        # the source has completed: its end of stream is saved by both hops, which now finish (slowly)
+        wait_for(lambda: log_lines(p.run_dir, "tag.0", "input ended") >= 1, timeout=60, what="tag.0 finishing")
+        p.remember()
+        assert log_lines(p.run_dir, "tag.0", "stream ended") == 0
+        os.kill(p.row("tag", 0)["pid"], signal.SIGKILL)          # before its end of stream went out
+        os.kill(p.row("per_user", 1)["pid"], signal.SIGKILL)     # before it heard any end of stream
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            p.remember()
+    assert proc.returncode == 0, out
+    assert "every source completed and every stage ended its stream" in out
+    assert pids_of(p.run_dir) == [], "nothing of the pipeline runs on"
+
+    # tag.0 ran finish() again in its next process: it needed the source's end of stream again and had it saved
+    assert log_lines(p.run_dir, "tag.0", "input ended") == 2 and log_lines(p.run_dir, "tag.0", "stream ended") == 1
+    records = p.output_records("output/records.jsonl")
+    assert sorted(Counter(r["id"] for r in records)) == list(range(count))
+    expected = reference(records, "tumbling", size=0.25, lateness=3.0, ended=True)
+    results = p.output_records("output/windows.jsonl")
+    ids = Counter(r["id"] for r in results)
+    assert not [i for i, c in ids.items() if c > 1], "a window written twice"
+    got = {r["id"]: {k: v for k, v in r.items() if k in ("id", "user", "window_start", "window_end", *AGG)} for r in results}
+    assert got == expected
+    assert len(expected) > len(reference(records, "tumbling", size=0.25, lateness=3.0)) + 20, \
+        "the windows the watermark never passed are there too"
+
+
+CHAIN = """
+pipeline: chain
+defaults: {heartbeat_timeout: 60}
+stages:
+  gen: {type: generator, replicas: 2, options: {count: 3000, rate: 0, seed: 3}}
+  a: {type: "chain:double", inputs: [gen]}
+  b: {type: "chain:Total", inputs: [a], replicas: 2}
+  out: {type: consumer, inputs: [b], options: {output: output/totals.jsonl}}
+"""
+
+CHAIN_MODULE = textwrap.dedent('''
+    def double(record):
+        return {**record, "x2": 2}
+
+
+    class Total:
+        """A user's plain class: counts what it is given, says the total when the input ends."""
+
+        own_ids = True
+
+        def __init__(self):
+            self.n = 0
+
+        def process(self, batch):
+            self.n += len(batch)
+            return []
+
+        def snapshot(self):
+            return {"n": self.n}
+
+        def restore(self, state):
+            self.n = state.get("n", 0)
+
+        def finish(self):
+            return [{"id": self.context.replica, "total": self.n}]
+''')
+
+
+@pytest.mark.timeout(300)
+def test_a_chain_of_two_transforms_passes_the_end_on_and_an_ended_replica_killed_needs_it_no_more(pipeline) -> None:
+    p = pipeline(CHAIN)
+    (p.folder / "chain.py").write_text(CHAIN_MODULE)
+    p.up()
+
+    def ended() -> bool:
+        return all(r["ended"] for r in p.status()["stages"] if r["name"] != "gen")
+
+    wait_for(lambda: all(r["state"] == "completed" for r in p.rows("gen")) and ended(), timeout=120,
+             what="every stage ended its stream")
+    totals = p.output_records("output/totals.jsonl")
+    assert sorted(r["id"] for r in totals) == [0, 1] and sum(r["total"] for r in totals) == 3000
+    assert log_lines(p.run_dir, "a.0", "input ended") == 1 and log_lines(p.run_dir, "b.1", "input ended") == 1
+
+    for stage in ("b", "a"):        # ended: a new process restores that, and runs no finish() again
+        old = p.row(stage, 0)["pid"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda stage=stage, old=old: p.row(stage, 0)["pid"] not in (None, old) and p.row(stage, 0)["ended"],
+                 timeout=60, what=f"{stage}.0 back, ended")
+    assert log_lines(p.run_dir, "b.0", "input ended") == 1 and log_lines(p.run_dir, "a.0", "input ended") == 1
+    assert ended()
+    p.down()
+    assert len(p.output_records("output/totals.jsonl")) == 2
