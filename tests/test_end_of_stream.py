@@ -9,6 +9,7 @@ passed on, after the fact, every window closed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import CLI, PACED_SOURCE, wait_for
+from tests.conftest import CLI, PACED_SOURCE, cli, wait_for
 from tests.test_window import AGG, MODULE, reference
 from tests.test_window import PIPELINE as WINDOWS
 
@@ -167,3 +168,25 @@ def test_a_chain_of_two_transforms_passes_the_end_on_and_an_ended_replica_killed
     assert ended()
     p.down()
     assert len(p.output_records("output/totals.jsonl")) == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_completed_source_says_so_again_so_a_replica_added_since_lets_the_next_run_end(tmp_path: Path) -> None:
+    """A source that completed in an earlier run sends its end of stream again on the next ``up``:
+    after a change 1 -> 2 of its replicas, its new replica (completed from the start) is a sender
+    the hop never heard from, and the batch job still ends."""
+    config = tmp_path / "services.yaml"
+    yaml = ("pipeline: rerun\nstages:\n"
+            "  gen: {type: generator, replicas: N, options: {count: 2000, rate: 0, seed: 5}}\n"
+            "  hop: {type: 'chain:double', inputs: [gen]}\n"
+            "  sink: {type: consumer, inputs: [hop]}\n")
+    (tmp_path / "chain.py").write_text(CHAIN_MODULE)
+    for replicas in (1, 2):
+        config.write_text(yaml.replace("N", str(replicas)))
+        proc = cli("up", "--exit-when-done", cwd=tmp_path, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "every stage ended its stream" in proc.stderr
+        assert pids_of(tmp_path / ".streampipe") == []
+    ids = [json.loads(line)["id"] for line in (tmp_path / ".streampipe" / "output" / "records.jsonl").read_text().splitlines()]
+    assert sorted(ids) == list(range(2000))
+    assert log_lines(tmp_path / ".streampipe", "gen.1", "say so downstream") == 1
