@@ -7,8 +7,9 @@ a scale), each by its ack address, which is the same for every incarnation of th
 sender that restarts is the same sender). A sender sends its EOS only once every batch it sent is
 acknowledged, and a replica acknowledges a batch only once it has processed it (and its outputs
 are acknowledged, or its snapshot saved); so with every sender's EOS in, every batch before them
-is done. Anything a sender sends after its EOS (a restarted one resumes from its saved position)
-is a batch it had sent already: it is acknowledged and dropped (:meth:`StreamEnd.over`).
+is done. What a sender sends after its EOS is processed as any batch: a restarted source resumes
+from its saved position and sends records again (their ids drop them at a stateful stage and at
+the sinks), and a dead-letter replay sends new ones.
 
 A sender's EOS is confirmed to it only once it is in this replica's state file (the ``eos`` list
 saved with the snapshot), so a sender that completes and exits is never needed again: a replica
@@ -68,10 +69,6 @@ class StreamEnd:
         self.heard.update(self.unsaved)
         self.unsaved.clear()
         return headers
-
-    def over(self, sender: str) -> bool:
-        """Whether ``sender``'s stream has ended here: a batch from it now is one it sent before."""
-        return sender in self.heard or sender in self.unsaved
 
     def input_ended(self, senders: Collection[str]) -> bool:
         """Whether every sender's EOS is in the saved state (and this replica is not finishing yet)."""

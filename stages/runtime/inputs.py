@@ -173,10 +173,6 @@ class Inputs:
                 self.ledger.on_eos(known, note=False)
             return
         token = InToken(header) if header.get("ack") else None
-        if token is not None and self.end is not None and self.end.over(token.ack):
-            self.counters.copy_dropped()    # sent before its sender's end of stream (it restarted): done here
-            self.ledger.ack_token(token)
-            return
         if token is not None and (self.ledger.copy_of_seen(token, header) or not self.ledger.admit(token)):
             return
         self.process(records, token, header)
