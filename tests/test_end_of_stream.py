@@ -16,10 +16,17 @@ import subprocess
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import psutil
 import pytest
+import zmq
 
+from streampipe.stages.api import Stage
+from streampipe.stages.runtime import StageRuntime
+from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.state import load_state
 from tests.conftest import CLI, PACED_SOURCE, cli, wait_for
 from tests.test_window import AGG, MODULE, reference
 from tests.test_window import PIPELINE as WINDOWS
@@ -189,3 +196,70 @@ def test_a_completed_source_says_so_again_so_a_replica_added_since_lets_the_next
     ids = [json.loads(line)["id"] for line in (tmp_path / ".streampipe" / "output" / "records.jsonl").read_text().splitlines()]
     assert sorted(ids) == list(range(2000))
     assert log_lines(tmp_path / ".streampipe", "gen.1", "say so downstream") == 1
+
+
+class Counting(Stage):
+    """A stateful transform: counts what it takes, says the count when its input ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n, self.finished = 0, 0
+
+    def process(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.n += len(batch)
+        return []
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.n = state.get("n", 0)
+
+    def finish(self) -> list[dict[str, Any]]:
+        self.finished += 1
+        return [{"id": 0, "total": self.n}]
+
+
+def test_a_stateful_replica_confirms_an_eos_only_once_it_is_saved_and_finishes_once_every_sender_ended(tmp_path: Path) -> None:
+    """In process, real sockets: EOS from one of two senders while a batch of the other is not in
+    the saved state yet waits for the save at the ack point that covers it; the second EOS (the
+    state at rest) is saved at once; then finish() runs once, its record goes out, and nothing is
+    saved between finish() and the end (a crash there finds the state from before finish())."""
+    ctx = zmq.Context.instance()
+    sup = ctx.socket(zmq.ROUTER)
+    sup.bind(f"ipc://{tmp_path}/stages")
+    peers = [f"ipc://{tmp_path}/a.up.0", f"ipc://{tmp_path}/a.up.1"]
+    spec = StageSpec(name="count", replica=0, replicas=1, type="x:Counting", options={}, run_dir=str(tmp_path),
+                     config_dir=str(tmp_path), control=f"ipc://{tmp_path}/stages", input=f"ipc://{tmp_path}/i",
+                     ack=f"ipc://{tmp_path}/a", edges=[EdgeSpec("default>sink", "default", "sink", [f"ipc://{tmp_path}/s"])],
+                     ack_peers=peers)
+    rt = StageRuntime(spec, Counting())
+    rt.bind()
+    try:
+        def msg(sender: int, seq: int, kind: str = "d") -> list[bytes]:
+            header = {"k": kind, "src": "up", "r": sender, "e": "default>count", "ep": 5, "seq": seq, "ack": peers[sender]}
+            if kind == "eos":
+                return [msgpack.packb(header)]
+            return [msgpack.packb({**header, "n": 2, "t": 1.0}), msgpack.packb([{"id": seq * 10}, {"id": seq * 10 + 1}])]
+
+        rt.inputs.handle(msg(0, 1))                      # processed, its ack due, not saved yet
+        rt.inputs.handle(msg(1, 1, "eos"))
+        rt.end_step(1.0)
+        assert not rt.ledger.eos_headers and not (tmp_path / "state" / "count.0.msgpack").exists()
+        rt.save_at_ack_points(2.0, force=True)           # the save that covers the batch carries the EOS
+        saved = load_state(rt.state_path)
+        assert saved["eos"] == [peers[1]] and saved["state"] == {"n": 2} and not saved["ended"]
+        assert [h["ack"] for h in rt.ledger.eos_headers] == [peers[1]]
+        rt.inputs.handle(msg(0, 2, "eos"))               # at rest now: saved at once, then finish()
+        rt.end_step(3.0)
+        assert load_state(rt.state_path)["eos"] == sorted(peers)
+        assert rt.stage.finished == 1 and rt.end is not None and rt.end.finishing and not rt.end.ended
+        edge = rt.edges[0]
+        assert edge.queued or edge.unacked, "finish()'s record goes out"
+        rt.end_step(4.0)
+        rt.save_state()                                  # a clean stop now saves nothing: finish() runs again next time
+        assert rt.stage.finished == 1 and load_state(rt.state_path)["state"] == {"n": 2}
+        assert not load_state(rt.state_path)["ended"]
+    finally:
+        rt.close()
+        sup.close(linger=0)
