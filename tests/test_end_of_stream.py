@@ -24,9 +24,11 @@ import pytest
 import zmq
 
 from streampipe.stages.api import Stage
+from streampipe.stages.builtins.window import Window
 from streampipe.stages.runtime import StageRuntime
 from streampipe.stages.spec import EdgeSpec, StageSpec
 from streampipe.stages.state import load_state
+from streampipe.testing import run_stage
 from tests.conftest import CLI, PACED_SOURCE, cli, wait_for
 from tests.test_window import AGG, MODULE, reference
 from tests.test_window import PIPELINE as WINDOWS
@@ -263,3 +265,12 @@ def test_a_stateful_replica_confirms_an_eos_only_once_it_is_saved_and_finishes_o
     finally:
         rt.close()
         sup.close(linger=0)
+
+
+def test_run_stage_ends_the_input_when_asked_and_a_window_closes_its_last_windows() -> None:
+    batches = [[{"user": "a", "t": 1, "amount": 2.0}, {"user": "b", "t": 3, "amount": 1.0}], [{"user": "a", "t": 12, "amount": 1.0}]]
+    make = lambda: Window(time="t", key="user", size=10, aggregate={"n": "count"})   # noqa: E731
+    open_ended = run_stage(make(), batches)
+    assert [(r["user"], r["window_start"], r["n"]) for r in open_ended.records] == [("a", 0, 1), ("b", 0, 1)]
+    ended = run_stage(make(), batches, finish=True)
+    assert [(r["user"], r["window_start"], r["n"]) for r in ended.records] == [("a", 0, 1), ("b", 0, 1), ("a", 10, 1)]
