@@ -5,9 +5,9 @@ Known, never guessed from a quiet input. The senders a replica must hear from ar
 every replica of every input stage, as the supervisor names them (``peers``, kept current through
 a scale), each by its ack address, which is the same for every incarnation of that replica (a
 sender that restarts is the same sender). A sender sends its EOS only once every batch it sent is
-acknowledged, and a replica acknowledges a batch only once it has processed it (and its outputs
-are acknowledged, or its snapshot saved); so with every sender's EOS in, every batch before them
-is done. What a sender sends after its EOS is processed as any batch: a restarted source resumes
+acknowledged, and a replica acknowledges a batch only once it has processed it, its outputs are
+acknowledged and (a stage with state) a saved snapshot holds it; so with every sender's EOS in,
+every batch before them is done. What a sender sends after its EOS is processed as any batch: a restarted source resumes
 from its saved position and sends records again (their ids drop them at a stateful stage and at
 the sinks), and a dead-letter replay sends new ones.
 
@@ -22,7 +22,7 @@ with the state that ``finish`` left. An ended replica stays up: it confirms a re
 receiver that has not confirmed it (a replica added downstream).
 
 Without a supervisor (run-stage) the senders are not known in advance: an EOS is confirmed at
-once and not passed on, as a source's always was.
+once and not passed on (what every replica did before).
 """
 
 from __future__ import annotations
