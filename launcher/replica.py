@@ -260,6 +260,7 @@ class Replica:
             "last_error": self.last_error, "last_exit": self.last_exit,
             "backoff_s": round(max(0.0, self.backoff_until - now), 2) if self.state == State.BACKOFF else 0.0,
             "spawn": self.spawn_mode, "stats": hb.get("stats", {}),
+            "ended": hb.get("finished") is True,    # its stream ended (a source: its last record was pulled)
             "unreachable": hb.get("unreachable", []), "waiting": hb.get("waiting", ""), "insecure": hb.get("insecure", ""), "denied": hb.get("denied", 0),
             "config": self.config_digest,
         }

@@ -547,16 +547,20 @@ class Supervisor:
 
     def stop_if_done(self) -> None:
         """``up --exit-when-done``: stop once every source replica has completed (its end of stream
-        acknowledged, so every batch it sent is done end to end), or with exit status 1 once a
-        replica has failed for good (its restarts used up: it will not come back on its own)."""
+        acknowledged, so every batch it sent is done end to end) and every other replica has ended
+        its stream (its heartbeat says so once its receivers confirmed its own end of stream, so
+        what its ``finish()`` made is done too), or with exit status 1 once a replica has failed
+        for good (its restarts used up: it will not come back on its own)."""
         assert self.events is not None
         failed = [r.ident for reps in self.replicas.values() for r in reps if r.state == State.FAILED]
         sources = [r for name, reps in self.replicas.items() if self.is_source(name) for r in reps]
+        others = [r for name, reps in self.replicas.items() if not self.is_source(name) for r in reps]
         if failed:
             self.done_code = 1
             self.events.emit("done", reason=f"failed: {', '.join(failed)}; stopping the pipeline (exit status 1)")
-        elif sources and all(r.state == State.COMPLETED for r in sources):
-            self.events.emit("done", reason="every source completed and what it sent is done; stopping the pipeline")
+        elif (sources and all(r.state == State.COMPLETED for r in sources)
+              and all(r.hb.get("finished") is True for r in others)):
+            self.events.emit("done", reason="every source completed and every stage ended its stream; stopping the pipeline")
         else:
             return
         self.request_stop()

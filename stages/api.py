@@ -20,6 +20,7 @@ Lifecycle, in one stage process::
     stage.restore(state)      # only if a snapshot was saved by an earlier incarnation
     stage.setup()             # open files, load models; READY is reported after it returns
     stage.process(batch) ...  # once per input batch, in the order received
+    stage.finish()            # once, if the input ends (every sender's end of stream is in)
     stage.teardown()          # on stop, after the last batch; flush and close here
 
 A record is a ``dict`` of strings, numbers, booleans, ``None``, lists and dicts (whatever
@@ -131,6 +132,9 @@ class Stage:
     - :meth:`snapshot` / :meth:`restore` save and load the stage's state as a msgpack-able dict;
       ``restore(snapshot())`` on a fresh instance must give an equivalent stage.
     - :meth:`stats` returns a small dict of figures that ``streampipe status`` shows.
+    - :meth:`finish` is called once when the input has ended (a finite stream: every replica of
+      every input stage has sent its end of stream, and every batch before it is processed); what
+      it returns goes downstream as any output does, before this stage passes the end on.
     - :meth:`teardown` runs once after the last batch, on a clean stop.
 
     Columns: a stage that sets ``columnar = True`` receives each batch as a
@@ -203,6 +207,31 @@ class Stage:
         """Figures for ``streampipe status`` (numbers and short strings)."""
         return {}
 
+    def finish(self) -> Iterable[Record]:
+        """The input has ended: return (or yield) the last records, e.g. every window still open.
+
+        Called once, after every sender's end of stream is in and every batch before it has been
+        processed and acknowledged; its records go downstream as ``process``'s do, and the stage
+        passes the end of stream on only once they are acknowledged. A replica that crashes before
+        that restarts from its snapshot (taken before ``finish``) and is called again, so the same
+        records must come out again (with the same ids, for a deduplicating sink). The default
+        returns nothing. Not called on a stop: an unbounded stream never ends.
+
+        >>> class Total(Stage):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.n = 0
+        ...     def process(self, batch):
+        ...         self.n += len(batch)
+        ...         return []
+        ...     def finish(self):
+        ...         return [{"id": 0, "total": self.n}]
+        >>> t = Total(); t.process([{"id": 1}, {"id": 2}]); list(t.finish())
+        []
+        [{'id': 0, 'total': 2}]
+        """
+        return []
+
     def teardown(self) -> None:
         """Release resources. Called once after the last batch on a clean stop."""
 
@@ -268,7 +297,8 @@ class Source(Stage):
 
 Kind = Literal["source", "transform", "function"]
 
-HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats", "committed", "saved")
+HOOKS = ("process", "generate", "setup", "teardown", "route", "snapshot", "restore", "stats", "committed", "saved",
+         "finish")
 
 
 class Sink(Stage):
@@ -391,7 +421,7 @@ class Plain(Stage):
     """A user's object whose class subclasses neither :class:`Stage` nor :class:`Source`.
 
     Each of ``process``, ``generate``, ``setup``, ``teardown``, ``route``, ``snapshot``,
-    ``restore`` and ``stats`` that the object defines is called; the others are Stage's
+    ``restore``, ``stats`` and ``finish`` that the object defines is called; the others are Stage's
     defaults, and ``outputs``, ``columnar``, ``accepts_records``, ``own_ids`` and ``keyed_state`` are
     the object's if it has them. The object gets ``.context``
     too, so its methods read ``self.context`` as a Stage's do.

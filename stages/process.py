@@ -69,6 +69,39 @@ class Processor:
             return self._run_columns(batch)
         return self._run(batch)
 
+    def finish(self) -> Outcome:
+        """The stage's ``finish()`` (the input ended), sync or async: its records, what it rejected,
+        and what it raised (nothing to retry record by record: the error is the outcome's)."""
+        outcome = Outcome()
+        finish = getattr(self.stage, "finish", None)
+        if callable(finish):
+            try:
+                result: Any = finish()
+                if inspect.isasyncgen(result):
+                    async def collect() -> list[Record]:
+                        return [r async for r in result]
+                    result = self._run_async(collect())
+                elif inspect.isawaitable(result):
+                    result = self._run_async(result)
+                outcome.records = as_records(result)
+            except Exception:
+                outcome.exceptions.append(sys.exc_info()[1])  # type: ignore[arg-type]
+        self._take_rejected(outcome)
+        if isinstance(outcome.records, list):
+            outcome.records = self._maps_only(outcome.records, outcome)
+        return outcome
+
+    def _take_rejected(self, outcome: Outcome) -> None:
+        """The records the stage rejected itself (``self.reject``) go into ``outcome``."""
+        take_rejected = getattr(self.stage, "take_rejected", None)   # a plain class (no base) has none
+        if take_rejected is not None:
+            outcome.rejected.extend(take_rejected())
+
+    def _run_async(self, awaitable: Any) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
+
     def run_alone(self, batch: Batch | Columns, culprit: Callable[[int], str | None],
                   begin: Callable[[int], None]) -> Outcome:
         """``batch`` one record at a time (a batch that was in hand when the process died,
@@ -119,9 +152,7 @@ class Processor:
                 outcome.records = _joined(parts)
             return outcome
         finally:
-            take_rejected = getattr(self.stage, "take_rejected", None)
-            if take_rejected is not None:
-                outcome.rejected.extend(take_rejected())
+            self._take_rejected(outcome)
         if isinstance(outcome.records, list):
             outcome.records = self._maps_only(outcome.records, outcome)
         return outcome
@@ -166,9 +197,7 @@ class Processor:
                     outcome.records.extend(single.records)  # type: ignore[union-attr,arg-type]
                     outcome.rejected.extend(single.rejected)
                     outcome.exceptions.extend(single.exceptions)
-        take_rejected = getattr(self.stage, "take_rejected", None)   # a plain class (no base) has none
-        if take_rejected is not None:
-            outcome.rejected.extend(take_rejected())
+        self._take_rejected(outcome)
         return outcome
 
     def close(self) -> None:

@@ -75,7 +75,8 @@ def rescale(name: str, type_: str, config_dir: Path, entries: list[dict[str, Any
     Its keyed state (``StageContext.state`` of a stage with ``keyed_state = True``) is dealt here,
     pair by pair; its own ``snapshot()`` by its class's ``rescale(states, replicas)``. Every new
     replica gets the union of the record ids and input batches the old ones had applied: a record
-    resent later is then known as applied by whichever replica owns its key now.
+    resent later is then known as applied by whichever replica owns its key now; and the senders
+    whose end of stream every old replica had (that sender has sent all it will, to every key).
     """
     old = [e.get("state") or {} for e in entries]
     if any(old):
@@ -95,8 +96,10 @@ def rescale(name: str, type_: str, config_dir: Path, entries: list[dict[str, Any
     keyed = deal(pairs, replicas, key_of=lambda p: p[0])
     ids = SeenByOrigin.union([e.get("ids") or {} for e in entries])
     acked = sorted({tuple(k) for e in entries for k in e.get("acked") or [] if isinstance(k, list)})
-    return [{"state": st, "completed": False, "ids": ids, "acked": [list(k) for k in acked], "keyed": keyed[i]}
-            for i, st in enumerate(states)]
+    # a sender whose end of stream every old replica had has sent all it will, to every key: each new one has it
+    heard = set.intersection(*(set(e.get("eos") or []) for e in entries)) if entries else set()
+    return [{"state": st, "completed": False, "ids": ids, "acked": [list(k) for k in acked], "keyed": keyed[i],
+             "eos": sorted(heard)} for i, st in enumerate(states)]
 
 
 def main(argv: list[str]) -> int:

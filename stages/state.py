@@ -155,8 +155,9 @@ def _generation(saved: dict[str, Any]) -> int:
 
 
 # what a stateful transform's file holds beside its stage's own state (the runtime's share, see
-# stages/ackpoints.py): the record ids it applied, the batches its state holds, its keyed state
-TRANSFORM_PARTS = ("ids", "acked", "keyed")
+# stages/ackpoints.py): the record ids it applied, the batches its state holds, its keyed state,
+# the senders whose end of stream it has (stages/runtime/ending.py)
+TRANSFORM_PARTS = ("ids", "acked", "keyed", "eos")
 
 
 def _entry(saved: Any) -> dict[str, Any]:

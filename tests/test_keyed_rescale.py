@@ -125,6 +125,7 @@ def test_the_re_deal_gives_each_new_replica_exactly_its_keys_and_every_applied_i
         ids = SeenByOrigin()
         ids.of("src|gen.0/0").add_many(range(r, 40, 2))
         old.append({"state": w.snapshot(), "ids": ids.state(), "acked": [["tcp://a", "e", 1, 5 + r]],
+                    "eos": ["tcp://done", "tcp://half"] if r == 0 else ["tcp://done"],
                     "keyed": [[f"u{i}", i] for i in range(40) if replica_of_key(f"u{i}", 2) == r]})
     new = rescale("w", "window", tmp_path, old, 3)
     assert len(new) == 3
@@ -135,6 +136,7 @@ def test_the_re_deal_gives_each_new_replica_exactly_its_keys_and_every_applied_i
         held = SeenByOrigin.from_state(entry["ids"]).of("src|gen.0/0")
         assert all(j in held for j in range(40)) and 40 not in held
         assert sorted(entry["acked"]) == [["tcp://a", "e", 1, 5], ["tcp://a", "e", 1, 6]]
+        assert entry["eos"] == ["tcp://done"]        # the end of stream every old replica had
     assert sorted(k for e in new for k, _ in e["keyed"]) == sorted(f"u{i}" for i in range(40))
     assert sum(len(e["state"]["windows"]) for e in new) == sum(len(o["state"]["windows"]) for o in old)
 
@@ -165,7 +167,7 @@ stages:
 
 @pytest.mark.timeout(300)
 def test_keyed_state_is_re_dealt_when_the_replica_count_changes_between_runs(pipeline) -> None:
-    count = 12000
+    count = 30000
     p = pipeline(COUNTER_PIPELINE.replace("COUNT", str(count)).replace("REPLICAS", "2"))
     (p.folder / "paced.py").write_text(PACED_SOURCE)
     (p.folder / "clickstream.py").write_text(MODULE + textwrap.dedent(USER_STAGE))

@@ -30,12 +30,13 @@ AGG = {"n": "count", "spent": "sum:amount", "avg": "mean:amount", "low": "min:am
 
 
 def reference(records: list[dict[str, Any]], kind: str, size: float = 0, slide: float = 0, gap: float = 0,
-              lateness: float = 0, key: str = "user", time: str = "t") -> dict[int, dict[str, Any]]:
-    """Every window the final watermark closed, by id: what the stage must have emitted."""
+              lateness: float = 0, key: str = "user", time: str = "t", ended: bool = False) -> dict[int, dict[str, Any]]:
+    """Every window the final watermark closed, by id: what the stage must have emitted; with
+    ``ended`` (the stream ended, so ``finish`` closed the rest) every window."""
     by_key: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_key[r[key]].append(r)
-    watermark = max(r[time] for r in records) - lateness
+    watermark = math.inf if ended else max(r[time] for r in records) - lateness
     out: dict[int, dict[str, Any]] = {}
 
     def emit(k: Any, start: float, end: float, members: list[dict[str, Any]]) -> None:
@@ -131,6 +132,30 @@ def test_windows_equal_the_brute_force_reference_whatever_the_batches_and_restor
     assert {r["id"]: r for r in results} == expected
     assert len(expected) > 100
     assert sorted(r["id"] for r in late) == sorted(r["id"] for r in records if r.get("late"))   # each late one, on `late`
+
+
+@pytest.mark.parametrize("kind,shape", CASES, ids=[c[0] for c in CASES])
+def test_finish_closes_every_open_window_at_the_end_of_the_stream_the_same_after_a_restore(kind: str,
+                                                                                         shape: dict[str, float]) -> None:
+    rng = random.Random(11)
+    records = stream(rng, 3000, keys=20, disorder=4.0)
+    make = lambda: Window(time="t", key="user", kind=kind, lateness=5.0, aggregate=AGG, **shape)   # noqa: E731
+    w = make()
+    w.context = StageContext(outputs=("default", "late"))
+    results = []
+    for at in range(0, len(records), 100):
+        results += w.process(records[at:at + 100])
+    before = msgpack.unpackb(msgpack.packb(w.snapshot()), strict_map_key=False)
+    last = list(w.finish())
+    assert last and all(w.route(r) == "default" for r in last)
+    expected = reference(records, kind, lateness=5.0, ended=True, **shape)
+    assert len(results) + len(last) == len(expected) and {r["id"]: r for r in results + last} == expected
+    assert len(expected) > len(reference(records, kind, lateness=5.0, **shape)), "the last windows were open"
+    again = make()          # a replica killed before its end runs finish again, on the snapshot taken before it
+    again.restore(before)
+    remade = list(again.finish())
+    assert len(remade) == len(last) and {r["id"]: r for r in remade} == {r["id"]: r for r in last}
+    assert list(w.finish()) == [] and w.stats()["open"] == 0
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -232,13 +257,14 @@ def test_two_replicas_partitioned_by_key_emit_each_window_once_exactly_through_s
 
 def expected_windows(p: Any, kind: str, replicas: int) -> dict[int, dict[str, Any]]:
     """The reference windows of what the sink ``seen`` holds, once the window's sink has as many.
-    What each replica was given decides its watermark: each replica's keys are windowed apart."""
+    What each replica was given decides its watermark: each replica's keys are windowed apart; the
+    stream is finite, so its end closed the last windows too."""
     records = p.output_records("output/records.jsonl")
     expected: dict[int, dict[str, Any]] = {}
     for replica in range(replicas):
         mine = [r for r in records if replica_of_key(r["user"], replicas) == replica]
         shape = {"tumbling": {"size": 0.25}, "sliding": {"size": 0.5, "slide": 0.25}, "session": {"gap": 0.2}}[kind]
-        expected.update(reference(mine, kind, lateness=3.0, **shape))
+        expected.update(reference(mine, kind, lateness=3.0, ended=True, **shape))
     wait_for(lambda: len(p.output_records("output/windows.jsonl")) >= len(expected), timeout=120,
              what=f"{len(expected)} windows at the sink")
     return expected

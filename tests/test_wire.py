@@ -18,6 +18,7 @@ from streampipe.stages import wire
 from streampipe.stages.api import Stage
 from streampipe.stages.runtime import StageRuntime
 from streampipe.stages.spec import EdgeSpec, StageSpec
+from streampipe.stages.state import load_state
 
 PEER = "ipc:///run/a.generator.0"
 PEERS = frozenset({PEER})
@@ -227,7 +228,10 @@ def test_malformed_input_is_counted_and_dropped(runtime: Any) -> None:
 
 def test_ack_sockets_only_towards_peers_and_closed_when_they_go(runtime: Any) -> None:
     rt, _ = runtime
-    rt.inputs.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed at once
+    rt.inputs.handle([msgpack.packb({**HEADER, "k": "eos"})])    # an end-of-stream is confirmed ...
+    assert not rt.ledger.eos_headers
+    rt.end_step(0.0)                                              # ... once it is in the state file
+    assert load_state(rt.state_path)["eos"] == [PEER]
     rt.flush_acks()
     assert set(rt.acks.socks) == {PEER}
     rt.set_ack_peers(["ipc:///run/a.generator.1"])

@@ -50,9 +50,11 @@ class Run:
 
 def run_stage(stage: Any, batches: Iterable[Batch] = (), *, run_dir: Path | None = None,
               limit: int | None = None, setup: bool = True, teardown: bool = True,
-              context: dict[str, Any] | None = None) -> Run:
+              context: dict[str, Any] | None = None, finish: bool = False) -> Run:
     """Run ``stage`` over ``batches`` (or, for a source, take up to ``limit`` records, stopping
-    early at the end of its stream or the first time it is idle, i.e. yields ``None``).
+    early at the end of its stream or the first time it is idle, i.e. yields ``None``). With
+    ``finish``, the input ends after the batches, as a finite stream's does in a pipeline: the
+    stage's ``finish()`` runs and its records are collected too (a window's last windows).
 
     Every record is round-tripped through msgpack as it would be on a socket, so a stage that
     emits something the wire cannot carry fails here too.
@@ -73,6 +75,12 @@ def run_stage(stage: Any, batches: Iterable[Batch] = (), *, run_dir: Path | None
         processor = Processor(stage)
         for batch in batches:
             outcome = processor.run(wire.unpackb(wire.packb(batch)))
+            result.dead_letters.extend((r, reason) for r, reason, _ in outcome.rejected)
+            _collect(stage, outcome.records, result)
+        if finish:
+            outcome = processor.finish()
+            if outcome.exceptions:
+                raise outcome.exceptions[0]
             result.dead_letters.extend((r, reason) for r, reason, _ in outcome.rejected)
             _collect(stage, outcome.records, result)
         processor.close()

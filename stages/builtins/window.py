@@ -33,6 +33,9 @@ the key field's own name), ``window_start``, ``window_end`` and one field per ``
 ``function: module:fn`` what ``fn(records)`` returns (a dict) for the window's records (kept in
 the state until it closes: memory grows with them).
 
+**End of stream.** When a finite stream ends (every sender's end of stream is in), ``finish``
+closes every window still open and emits its result, before the end of stream goes on.
+
 **State.** The open windows and the watermark are the stage's snapshot, so the runtime keeps them
 exact through SIGKILLs (each record applied once, see *Guarantees*), and results travel under the
 stage's own origin with their own ids (``own_ids``). With replicas, ``partition: key`` is required
@@ -372,9 +375,14 @@ class Window(Stage):
             acc.add_many(int(counts[j]), {f: (float(s[j]), float(lo[j]), float(hi[j])) for f, (s, lo, hi) in reduced.items()})
 
     # -- closing -----------------------------------------------------------------------------
-    def close(self) -> list[Record]:
-        """Every window the watermark has reached: its result, once."""
-        wm = self.watermark
+    def finish(self) -> list[Record]:
+        """The input ended: every window still open closes (as if the watermark were past them all)."""
+        self._late_ids = set()
+        return self.close(math.inf)
+
+    def close(self, upto: float | None = None) -> list[Record]:
+        """Every window the watermark (or ``upto``) has reached: its result, once."""
+        wm = self.watermark if upto is None else upto
         out: list[Record] = []
         while self.heap and wm is not None and self.heap[0][0] <= wm and (self.kind != "session" or self.heap[0][0] < wm):
             end, _, kb, start = heapq.heappop(self.heap)

@@ -47,6 +47,7 @@ The package, one module per part (each owns its state; the loop wires them)::
     producer.py    Producer: a source's one pull path (records or columns) and its cuts
     cursor.py      SourceCursor: a source's positions, what is committed, origin and watermark
     ledger.py      AckLedger: what is owed upstream, held acks of a stateful transform, end of stream
+    ending.py      StreamEnd: a transform's or sink's end of stream (whose EOS is in, finish(), ended)
     acksocks.py    AckSockets: where acks may go, one PUSH per sender
     counters.py    Counters (the one ``reject``), the error log, the stage's stats for the heartbeat
     bootstrap.py   main(): signals, death signal, gc tuning, logging, restore

@@ -134,6 +134,21 @@ def transform_restore_point(spec: StageSpec) -> dict[str, Any] | None:
     return saved
 
 
+def announce_completed(rt: StageRuntime) -> None:
+    """A source replica that completed in an earlier run sends its end of stream again, and nothing
+    else (it saves nothing either): a receiver that has it saved confirms it at once, and one that
+    never heard it (a replica more of this stage since a repartition, a stage added downstream)
+    learns that this sender has ended."""
+    try:
+        rt.finished = True
+        rt.bind()
+        rt.tell("ready")
+        die_with_parent(rt.spec.supervisor_pid)
+        rt.run()
+    except Exception as exc:     # it is completed whatever its receivers heard: a bind that fails costs them only this
+        logger.opt(exception=True).warning(f"could not send the end of stream again: {type(exc).__name__}: {exc}")
+
+
 def main(spec: StageSpec, host: Host | None = None) -> int:
     """Run one stage replica; returns the process exit status. ``host``: run without a supervisor."""
     stop_requested = threading.Event()
@@ -171,7 +186,9 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         saved = restore_point(spec) if rt.source else transform_restore_point(spec)
         if saved is not None:
             if saved.get("completed") and rt.source:
-                logger.info("stream already completed in an earlier run; nothing to do")
+                logger.info("stream already completed in an earlier run; nothing to do but say so downstream")
+                if host is None:
+                    announce_completed(rt)
                 rt.tell("completed")
                 if host is not None:
                     host.idle(stop_requested)

@@ -20,6 +20,7 @@ from streampipe.stages.poison import Journal
 from streampipe.stages.process import Processor
 from streampipe.stages.runtime.acksocks import AckSockets
 from streampipe.stages.runtime.counters import Counters
+from streampipe.stages.runtime.ending import StreamEnd
 from streampipe.stages.runtime.ledger import AckLedger
 from streampipe.stages.runtime.outputs import Edge
 from streampipe.stages.runtime.router import Router
@@ -55,6 +56,7 @@ class Inputs:
         # epoch) it last sent on; a SIGTERM asks each to fence this replica itself (``leave``)
         self.senders: dict[str, tuple[str, int]] = {}
         self.leaving = False
+        self.end: StreamEnd | None = None         # under a supervisor: whose end of stream is in (the loop sets it)
 
     def restore_applied(self, ids: dict[str, Any]) -> None:
         self.applied_ids = Delivered(seen=SeenByOrigin.from_state(ids), repeats=True)
@@ -165,8 +167,10 @@ class Inputs:
         if records is None:
             if header["k"] == wire.FENCE:
                 self.fenced_by.add(header["ack"])
-            else:
-                self.ledger.on_eos(header)
+            elif self.end is None:
+                self.ledger.on_eos(header)          # run-stage: confirmed at once, not passed on
+            elif (known := self.end.received(header)) is not None:
+                self.ledger.on_eos(known, note=False)
             return
         token = InToken(header) if header.get("ack") else None
         if token is not None and (self.ledger.copy_of_seen(token, header) or not self.ledger.admit(token)):

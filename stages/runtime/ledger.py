@@ -102,25 +102,44 @@ class AckLedger:
         if parent.outstanding == 0 and isinstance(parent, InToken):
             self.queue_ack(parent)
 
-    def on_eos(self, header: dict[str, Any]) -> None:
+    def on_eos(self, header: dict[str, Any], note: bool = True) -> None:
+        """Confirm an end of stream to its sender (with the next acks)."""
         self.acks_out.setdefault(header["ack"], {}).setdefault(("eos", 0), []).append(0)
         self.eos_headers.append(header)
-        logger.info(f"end of stream from {header['src']}.{header['r']}")
+        if note:
+            logger.info(f"end of stream from {header['src']}.{header['r']}")
 
     def save_at_ack_points(self, now: float, snapshot: Callable[[], dict[str, Any]], path: Path,
-                           force: bool = False) -> None:
-        """Save the snapshot that covers exactly the batches whose acks are due, then release those acks."""
+                           force: bool = False, more: dict[str, Any] | None = None) -> bool:
+        """Save the snapshot that covers exactly the batches whose acks are due (with ``more``:
+        the end of stream's fields), then release those acks; whether it saved."""
         assert self.ackpoints is not None
         self.ackpoints.cut(now, snapshot, force)
         ready = self.ackpoints.ready()
         if ready is None:
-            return
+            return False
         state, tokens = ready
         t0 = time.monotonic()
-        save_state(path, {**state, "completed": False, "acked": self.ackpoints.keys(), **self.layout})
+        self._write(path, state, more)
         self.ackpoints.min_interval = max(ACK_SAVE_MIN_S, (time.monotonic() - t0) / ACK_SAVE_SHARE)
         for token in tokens:
             self.ack_token(token)
+        return True
+
+    def at_rest(self) -> bool:
+        """Whether every batch processed is in the saved state (no cut waits, none is due): the
+        stage's state now is the saved one, and may be saved again as it is (:meth:`save_now`)."""
+        assert self.ackpoints is not None
+        return not self.ackpoints.uncut and not self.ackpoints.cuts
+
+    def save_now(self, snapshot: Callable[[], dict[str, Any]], path: Path, more: dict[str, Any]) -> None:
+        """Save the state as it is now (only :meth:`at_rest`, or after ``finish``: no batch is in
+        it that is not acknowledged) with ``more``."""
+        self._write(path, snapshot(), more)
+
+    def _write(self, path: Path, state: dict[str, Any], more: dict[str, Any] | None) -> None:
+        assert self.ackpoints is not None
+        save_state(path, {**state, "completed": False, "acked": self.ackpoints.keys(), **self.layout, **(more or {})})
 
     def flush(self, sock_for: Callable[[str], Any], ident: str) -> None:
         """Send every ack owed, one message per (sender, edge, epoch), on ``sock_for(endpoint)``

@@ -22,6 +22,7 @@ from streampipe.stages.runtime.acksocks import AckSockets
 from streampipe.stages.runtime.control import ControlLink, checked_messages
 from streampipe.stages.runtime.counters import Counters, StageStats
 from streampipe.stages.runtime.cursor import SourceCursor
+from streampipe.stages.runtime.ending import StreamEnd
 from streampipe.stages.runtime.inputs import Inputs
 from streampipe.stages.runtime.ledger import AckLedger
 from streampipe.stages.runtime.outputs import Edge, Wiring
@@ -101,6 +102,9 @@ class StageRuntime:
         self.inputs = Inputs(spec, self.acked, stateful, self.counters, self.ledger, self.acks, self.rejects,
                              self.processor, journal, self.router, self.edges, getattr(stage, "on_origin", None))
         self.replay = Replay(spec, self.inputs)   # `streampipe deadletter replay`: idle until told
+        # a transform or sink under a supervisor (who its senders are is known): the end of its input
+        self.end = StreamEnd() if spec.input and spec.control else None
+        self.inputs.end = self.end
         self.producer = (Producer(spec, stage, self.acked, self.cursor, self.counters, self.router, self.edges)  # type: ignore[arg-type]
                          if self.source else None)
 
@@ -125,6 +129,8 @@ class StageRuntime:
     def restore(self, saved: dict[str, Any]) -> None:
         """A restarted replica's saved state: the stage's own, and the runtime's share of it."""
         self.stage.restore(saved.get("state") or {})
+        if self.end is not None:
+            self.end.restore(saved)
         if self.source:
             self.cursor.restore(saved)
             return
@@ -217,6 +223,8 @@ class StageRuntime:
                 self.replay.step(more=not self.stopping)
             if self.ledger.ackpoints is not None:
                 self.save_at_ack_points(now)
+            if self.end is not None:
+                self.end_step(now)
             self.flush_acks()
 
             # end of the stream or stop: decide whether we are done
@@ -333,6 +341,59 @@ class StageRuntime:
     def eos_confirmed(self) -> bool:
         return all(len(e.eos_from) >= len(e.endpoints) for e in self.edges)
 
+    def end_step(self, now: float) -> None:
+        """A transform's or sink's end of stream (:mod:`stages.runtime.ending`): the EOS received
+        saved, then confirmed; ``finish()`` once every sender's is in and nothing taken is owed;
+        its own EOS once everything it sent is acknowledged; ended once every receiver confirmed."""
+        end = self.end
+        assert end is not None
+        if end.unsaved and not end.saves_held:
+            self.save_end()
+            self.flush_acks()      # confirmed now: not after a finish() that takes its time
+        if end.input_ended(self.acks.peers) and not self.ledger.in_progress:
+            self.finish_input()
+        if (end.finishing or end.ended) and all(not e.queued and not e.unacked for e in self.edges):
+            if self.eos_confirmed():
+                if not end.ended:
+                    end.ended = True
+                    self.save_end()
+                    logger.info(f"stream ended: every receiver confirmed the end of stream ({self.counters.records_out} records sent)")
+            elif now - end.eos_sent_at > EOS_RESEND_S:
+                self.send_eos()
+                end.eos_sent_at = now
+
+    def finish_input(self) -> None:
+        """The input ended: the stage's ``finish()``, its records out as any output's (an
+        ``own_ids`` stage's under its own origin), acknowledged before the EOS goes on."""
+        assert self.end is not None
+        logger.info("input ended (every sender's end of stream is in): finish()")
+        outcome = self.processor.finish()
+        for record, error, tb in outcome.rejected:
+            self.counters.reject(record, error, tb)
+        for exc in outcome.exceptions:     # its records are lost with it: loud, and in status
+            self.counters.note_error(f"finish() failed: {type(exc).__name__}: {exc}")
+            logger.opt(exception=exc).error(f"finish() failed: {type(exc).__name__}: {exc}; the end of stream goes on without its records")
+        self.router.emit(outcome.records, None, self.inputs.own_stamp or (None, None))
+        self.end.finishing = True
+        logger.info(f"finish() made {len(outcome.records)} records")
+
+    def save_end(self) -> None:
+        """Save the state now with the end of stream's fields and confirm the EOS it holds; a
+        stateful transform only while its state is the saved one (else its next save at an ack
+        point carries them)."""
+        assert self.end is not None
+        if self.ledger.ackpoints is None:
+            self.save_state()
+        elif self.ledger.at_rest():
+            self.ledger.save_now(self.snapshot_with_ids, self.state_path, self.end.fields())
+            self.confirm_saved()
+
+    def confirm_saved(self) -> None:
+        """The state file holds every EOS received: confirm them to their senders."""
+        assert self.end is not None
+        for header in self.end.saved():
+            self.ledger.on_eos(header, note=False)
+
     # -- acks --------------------------------------------------------------------------------
     def flush_acks(self) -> None:
         self.ledger.flush(self.acks.sock, self.spec.ident)
@@ -343,7 +404,11 @@ class StageRuntime:
         self.ledger.keep_senders(self.acks.peers)
 
     def save_at_ack_points(self, now: float, force: bool = False) -> None:
-        self.ledger.save_at_ack_points(now, self.snapshot_with_ids, self.state_path, force)
+        if self.end is None:
+            self.ledger.save_at_ack_points(now, self.snapshot_with_ids, self.state_path, force)
+        elif not self.end.saves_held and self.ledger.save_at_ack_points(now, self.snapshot_with_ids, self.state_path,
+                                                                        force, self.end.fields()):
+            self.confirm_saved()
 
     @property
     def acks_out(self) -> dict[str, dict[tuple[str, int], list[int]]]:
@@ -392,14 +457,22 @@ class StageRuntime:
             self.save_at_ack_points(time.monotonic(), force=True)
             self.flush_acks()
             return
+        if self.end is not None and self.end.saves_held:
+            return
         state = self.cursor.committed if self.source and self.acked else self.stage.snapshot()
+        if state is None and self.end is not None:
+            state = {}            # a transform's file holds its end of stream even without a state
         if state is None:
             return
         saved: dict[str, Any] = {"state": state, "completed": self.finished and self.eos_confirmed(),
                                  "generation": self.cursor.generation, "replicas": self.spec.replicas}
         if self.source:
             top, saved["watermark"] = self.cursor.to_save()
+        if self.end is not None:
+            saved.update(self.end.fields())
         save_state(self.state_path, saved)
+        if self.end is not None:
+            self.confirm_saved()
         if self.source:
             self.cursor.saved(top)    # only now: it never runs ahead of the position a restart resumes at
             self.last_saved = state
@@ -461,7 +534,8 @@ class StageRuntime:
                   denied=self.curve.log.denied if self.curve is not None else 0,
                   malformed=self.rejects.total, blocked=self.blocked,
                   queue=sum(e.load for e in self.edges), edges_out={e.name: e.sent for e in self.edges},
-                  stats=stats, last_error=self.counters.last_error, finished=self.finished)
+                  stats=stats, last_error=self.counters.last_error,
+                  finished=self.finished or (self.end is not None and self.end.ended))
 
     def close(self) -> None:
         self.processor.close()
