@@ -31,7 +31,7 @@ import socket
 import sys
 import traceback
 
-from streampipe.stages.proctitle import set_title
+from streampipe.stages.proctitle import set_title, starting
 
 FD = 3
 ENV_VAR = "STREAMPIPE_FORKSERVER"
@@ -148,7 +148,7 @@ def _become_stage(request: dict, supervisor_pid: int) -> None:
         from streampipe.stages.spec import StageSpec
 
         spec = StageSpec.from_json(request["spec"])
-        set_title(spec.ident, spec.pipeline)
+        set_title(starting(spec.ident), spec.pipeline)
         code = main(spec)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

@@ -194,10 +194,10 @@ def serve_health(health: Health, port: int, host: str = "0.0.0.0") -> HealthServ
 
 def run_stage(spec: StageSpec, health_port: int | None, health_host: str = "0.0.0.0") -> int:
     """Run the replica in this process until SIGTERM; returns its exit status."""
-    from streampipe.stages.proctitle import set_title
+    from streampipe.stages.proctitle import set_title, starting
     from streampipe.stages.runtime import main
 
-    set_title(spec.ident, spec.pipeline)
+    set_title(starting(spec.ident), spec.pipeline)
     health = Health(spec)
     server = serve_health(health, health_port, health_host) if health_port is not None else None
     try:

@@ -26,6 +26,17 @@ def title(role: str, pipeline: str) -> str:
     return f"streampipe: {role} [{pipeline}]"
 
 
+def starting(ident: str) -> str:
+    """The role of a replica's process before it holds the replica's lock (stages/fence.py): only
+    the process that holds it is named after the replica, so ``ps`` never shows two of one
+    replica, even while a late fork of a spawn that timed out finds the lock taken and exits.
+
+    >>> title(starting("consumer.0"), "demo")
+    'streampipe: consumer.0 (starting) [demo]'
+    """
+    return f"{ident} (starting)"
+
+
 def set_title(role: str, pipeline: str) -> None:
     """Name this process ``streampipe: ROLE [PIPELINE]`` (see :func:`title`)."""
     setproctitle(title(role, pipeline))

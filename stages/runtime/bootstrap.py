@@ -20,6 +20,7 @@ from loguru import logger
 from streampipe._rotating import watch_stdio
 from streampipe.stages import fence, wire
 from streampipe.stages.api import StageContext
+from streampipe.stages.proctitle import set_title
 from streampipe.stages.registry import load_stage
 from streampipe.stages.runtime.loop import StageRuntime
 from streampipe.stages.runtime.tunables import ADOPT_WAIT_S, EXIT_CRASH, EXIT_OK, EXIT_START_FAILED, GC_GEN0
@@ -169,6 +170,7 @@ def main(spec: StageSpec, host: Host | None = None) -> int:
         die_with_parent(spec.supervisor_pid)
     if not fence.claim(spec.run_dir, spec.ident):   # another process is this replica: bind nothing, write nothing
         return fence.FENCED_EXIT
+    set_title(spec.ident, spec.pipeline)         # the replica now: named after it (stages/proctitle.starting)
     setup_logging(spec, stdout=host is not None)
     if host is None:
         watch_stdio(Path(spec.run_dir) / "logs" / f"{spec.ident}.stderr", spec.file_max_bytes, spec.log_retention)
