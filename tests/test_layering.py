@@ -45,7 +45,7 @@ LAUNCHER_MAY_IMPORT: dict[str, tuple[frozenset[str] | None, str]] = {
                                    "what a stage `type` names, without importing stage code"),
     "streampipe.stages.runtime": (frozenset({"main", "die_with_parent", "Host", "LATENCY_BUCKETS_MS"}),
                                   "the entry points of a stage process (fork server, run-stage) and its histogram buckets"),
-    "streampipe.stages.proctitle": (frozenset({"set_title"}), "`ps` names every process the same way"),
+    "streampipe.stages.proctitle": (frozenset({"set_title", "starting"}), "`ps` names every process the same way"),
     "streampipe.stages.network": (frozenset({"generate_keys"}), "`keys generate` writes the key folder the stages load"),
     "streampipe.stages.builtins.checkpoints": (None, "`report` reads the trainer's checkpoint metadata"),
     "streampipe.stages.api": (frozenset({"StageContext"}), "`report` reads the file each replica of a sink writes "
