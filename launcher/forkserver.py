@@ -94,6 +94,11 @@ class Middle:
         self.pid_r, pid_w = os.pipe()
         if os.fork() == 0:
             try:
+                # the server ignores SIGCHLD (the kernel reaps its middles); a middle must not: a stage
+                # that dies before its middle has exited (a setup that fails in ms, a middle descheduled
+                # on a starved machine) would be reaped by the kernel at once, and the supervisor would
+                # never hear of its exit. As a zombie it is reparented to the supervisor, which reaps it.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 set_title("fork-server (next stage)", pipeline)
                 server_sock.close()
                 os.close(self.req_w)
@@ -106,7 +111,7 @@ class Middle:
                         os.close(req_r)
                         os.close(pid_w)
                         _become_stage(request, supervisor_pid)
-                    os.write(pid_w, b"%d\n" % pid)
+                    _answer(pid_w, pid, request)
             finally:
                 os._exit(0)
         os.close(req_r)
@@ -125,6 +130,11 @@ class Middle:
         if not pid:
             raise RuntimeError("the middle process died before forking the stage")
         return int(pid)   # reaped by the kernel (SIGCHLD ignored in the server)
+
+
+def _answer(pid_w: int, pid: int, request: dict) -> None:
+    """The middle process tells the server the stage's pid (then exits: the stage is adopted)."""
+    os.write(pid_w, b"%d\n" % pid)
 
 
 def _become_stage(request: dict, supervisor_pid: int) -> None:

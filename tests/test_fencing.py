@@ -101,3 +101,33 @@ def test_a_second_process_for_a_replica_exits_before_binding(pipeline) -> None:
     assert p.row("consumer")["pid"] == row["pid"] and p.row("consumer")["state"] == "running"
     wait_for(lambda: len(p.output_ids()) >= N, timeout=60, what="the whole stream written")
     assert sorted(p.output_ids()) == list(range(N)), "the twin took nothing"
+
+
+FAILS_AT_ONCE = """\
+pipeline: quick-death
+defaults: {restart: never, ready_timeout: 300}
+stages:
+  generator: {type: generator, options: {rate: 100, count: 100}}
+  picky: {type: "picky:Picky", inputs: [generator]}
+  consumer: {type: consumer, inputs: [picky]}
+"""
+
+
+def test_a_stage_that_dies_before_its_middle_process_exits_is_still_reaped(pipeline, monkeypatch) -> None:
+    # the fork server's middle process waits 1 s before it answers and exits, and the stage's
+    # setup fails at once: the stage dies while it is still the middle's child. The middle must
+    # not ignore SIGCHLD (the server does), or the kernel reaps the stage at once and the
+    # supervisor waits ready_timeout (300 s) for a process long gone.
+    for key, value in fault_env("middle-slow:picky.0").items():   # tests/faults/sitecustomize.py
+        monkeypatch.setenv(key, value)
+    p = pipeline(FAILS_AT_ONCE)
+    (p.folder / "picky.py").write_text("from streampipe import Stage\n\n\nclass Picky(Stage):\n"
+                                       "    def setup(self):\n        raise RuntimeError('not today')\n\n"
+                                       "    def process(self, batch):\n        return batch\n")
+    t0 = time.monotonic()
+    p.up(timeout=90)         # (a stage that exits with restart: never is stopped, not failed: up says 0)
+    row = wait_for(lambda: (r := p.row("picky")) and r["state"] == "stopped" and r, timeout=30,
+                   what="picky's exit heard")
+    assert "not today" in row["last_error"], row
+    assert time.monotonic() - t0 < 60, "the supervisor heard of the exit only at ready_timeout"
+    assert [e for e in p.events("start") if e["stage"] == "picky"][0]["spawn"] == "fork-server"

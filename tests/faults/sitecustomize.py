@@ -12,7 +12,10 @@ child), by wrapping the loop methods of ``Supervisor`` when that module has been
 ``forkserver-stop:<stage>.<r>`` makes the fork server SIGSTOP itself once, right after it forked
 that replica's stage and before it answers: the worst instant for a spawn timeout (a stage runs
 that the supervisor never hears of). Once per run directory (a marker file in its ``state/``), so
-the next server forks on (``tests/test_fencing.py``).
+the next server forks on (``tests/test_fencing.py``). ``middle-slow:<stage>.<r>`` makes the middle
+process that forked that replica's stage wait 1 s before it answers and exits, as a middle
+descheduled on a starved machine does: a stage that fails at once dies while it is still the
+middle's child.
 
 A loop's first turn is what it awaits before its work, as the supervisor's own loops do: a
 message on the stages or the control socket (taken, so it is lost with the failure), or the
@@ -89,6 +92,16 @@ def _stop_after_fork(request: dict[str, Any]) -> None:
 
 def _patch_forkserver(module: ModuleType) -> None:
     spawn = module.Middle.spawn
+    answer = module._answer
+
+    def slow_answer(pid_w: int, pid: int, request: dict[str, Any]) -> None:
+        spec = json.loads(request.get("spec", "{}"))
+        if f"middle-slow:{spec.get('name')}.{spec.get('replica')}" in FAULTS:
+            import time
+            time.sleep(1.0)       # a middle descheduled on a starved machine: its stage may die first
+        answer(pid_w, pid, request)
+
+    module._answer = slow_answer
 
     def spawn_then_stop(self: Any, request: dict[str, Any]) -> int:
         pid = spawn(self, request)
