@@ -30,7 +30,7 @@ from tests.test_window import PIPELINE as WINDOW_PIPELINE
 
 # test_window's pipeline (a source, a stateless hop with 2 replicas, the window with 2 replicas
 # partitioned by key, sinks), and a user's keyed counter beside the window
-PIPELINE = WINDOW_PIPELINE + """
+PIPELINE = (WINDOW_PIPELINE + """
   counts:
     type: "clickstream:PerUser"
     inputs: [tag]
@@ -38,9 +38,17 @@ PIPELINE = WINDOW_PIPELINE + """
     partition: key
     key: user
   totals: {type: consumer, inputs: [counts], options: {output: output/counts.jsonl}}
-"""
+  too_late: {type: consumer, inputs: [per_user.late], options: {output: output/late.jsonl}}
+""").replace("clickstream:Clicks", "clickstream:LateClicks")
 
 USER_STAGE = '''
+
+class LateClicks(Clicks):
+    """Clicks, and every 997th one 50 s of event time late (far beyond the lateness): late wherever it lands."""
+
+    def record(self, i):
+        r = super().record(i)
+        return {**r, "t": r["t"] - 50, "too_late": True} if i % 997 == 500 else r
 
 def tag(record):                     # a stateless hop with 2 replicas: the window's input interleaves
     return {**record, "hop": 1}
@@ -77,7 +85,7 @@ def kill(p: Any, stage: str, index: int, kills: int) -> None:
                                         ("session", "gap: 0.2")], ids=["tumbling", "sliding", "session"])
 def test_a_keyed_window_scaled_2_to_3_mid_stream_through_sigkills_emits_each_window_once_exactly(
         pipeline, kind: str, shape: str) -> None:
-    count = 60000
+    count = 90000
     p = pipeline(PIPELINE.replace("COUNT", str(count)).replace("KIND", kind).replace("SHAPE", shape))
     (p.folder / "paced.py").write_text(PACED_SOURCE)
     (p.folder / "clickstream.py").write_text(MODULE + textwrap.dedent(USER_STAGE))
@@ -100,10 +108,15 @@ def test_a_keyed_window_scaled_2_to_3_mid_stream_through_sigkills_emits_each_win
     assert seen_before < count
     expected = expected_windows(p, kind, replicas=3)     # the keys as the final 3 replicas own them
     wait_for(lambda: len(p.output_records("output/counts.jsonl")) >= count, timeout=120, what="every count")
+    designed = {i for i in range(count) if i % 997 == 500}
+    wait_for(lambda: len(p.output_records("output/late.jsonl")) >= len(designed), timeout=120, what="the late records")
     late = sum(p.row("per_user", i)["stats"].get("late", 0) for i in range(3))
     events = p.events("scale")
     p.down()
-    assert_each_window_once(p.output_records("output/windows.jsonl"), expected, late)
+    too_late = p.output_records("output/late.jsonl")
+    assert sorted(r["id"] for r in too_late) == sorted(designed), "the late output holds the late records, once each"
+    assert late == len(designed), late          # and no other record was late, whatever the kills and the rescale
+    assert_each_window_once(p.output_records("output/windows.jsonl"), expected, 0)
     assert any("keyed state re-dealt" in e.get("reason", "") for e in events), events
 
     # the user's keyed counts: every record once, the last count per user the number of its records
