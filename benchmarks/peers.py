@@ -95,7 +95,7 @@ def run_bytewax(count: int, processes: int = 1, batch: bool = False, seen: bool 
     cmd = [sys.executable, "-m", "bytewax.run", flow]
     if processes == 1:
         return _run([cmd], count)
-    from streampipe.launcher.supervisor import free_port
+    from streampipe.launcher.wiring import free_port
 
     addresses = ";".join(f"127.0.0.1:{free_port('127.0.0.1')}" for _ in range(processes))
     return _run([[*cmd, "-i", str(i), "-a", addresses] for i in range(processes)], count)

@@ -335,7 +335,7 @@ def _run_raw(mid_kind: str, sink_kind: str, count: int, rate: float, warmup: int
     tmp = Path(tempfile.mkdtemp(prefix="streampipe-raw-"))
     ep = {k: f"ipc://{tmp}/{k}" for k in ("ready", "mid", "sink")}
     if tcp:
-        from streampipe.launcher.supervisor import free_port
+        from streampipe.launcher.wiring import free_port
 
         ep.update({k: f"tcp://127.0.0.1:{free_port('127.0.0.1')}" for k in ("mid", "sink")})
     out = tmp / ("latency.json" if sink_kind == "latency" else "records.jsonl")
