@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from streampipe._rotating import tail_rows
+
 NEWEST_KEYS = 8                 # rows of the newest-results table: a glance at the features, not a dump of them
 TAIL_BYTES = 256 * 1024         # read from the end of a sink's file: the newest windows of a few thousand keys
 CELL_CHARS = 24                 # a key or a value wider than this is cut short
@@ -150,7 +152,7 @@ def _newest_table(run_dir: Path, sink: str, node: Node, key_field: str) -> str:
         return f"newest windows: {sink} writes {node.options.get('format')}, not JSON lines; not read here"
     replicas = node.replicas
     paths = [StageContext(replica=i, replicas=replicas, run_dir=run_dir).replica_output(output) for i in range(replicas)]
-    rows = [row for path in paths if path.exists() for row in _tail_rows(path)]
+    rows = [row for path in paths if path.exists() for row in tail_rows(path, TAIL_BYTES)]
     newest: dict[str, dict[str, Any]] = {}
     for row in rows:
         if key_field not in row or "window_end" not in row:
@@ -170,26 +172,6 @@ def _order(row: dict[str, Any]) -> tuple[float, float]:
     end, start = row.get("window_end"), row.get("window_start")
     return (float(end) if isinstance(end, (int, float)) else float("-inf"),
             float(start) if isinstance(start, (int, float)) else float("-inf"))
-
-
-def _tail_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON-object lines of the last :data:`TAIL_BYTES` of ``path``."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - TAIL_BYTES))
-        data = f.read(TAIL_BYTES)
-    lines = data.split(b"\n")
-    if size > TAIL_BYTES:
-        lines = lines[1:]              # the first is cut mid-line
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue                   # blank, or the line being written now
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _cell(value: Any) -> str:

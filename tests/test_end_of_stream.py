@@ -44,7 +44,8 @@ HOP = textwrap.dedent('''
             return [{**r, "hop": 1} for r in batch]
 
         def finish(self):
-            while not (self.context.config_dir / "go").exists():
+            deadline = time.monotonic() + 300      # bounded: a test that failed before its word ends anyway
+            while not (self.context.config_dir / "go").exists() and time.monotonic() < deadline:
                 self.context.keepalive("finish() waits for the test")
                 time.sleep(0.05)
             return []

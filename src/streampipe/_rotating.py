@@ -76,25 +76,34 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 JSON_TAIL_BYTES = 64 * 1024   # the end of a metrics file read for its last rows
 
 
+def tail_rows(path: Path, max_bytes: int = JSON_TAIL_BYTES) -> list[dict[str, Any]]:
+    """The complete JSON-object rows in the last ``max_bytes`` of ``path``, oldest first ([] if
+    there is no file): the first line of a cut read is left out, torn or bad lines skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - max_bytes))
+            lines = f.read().splitlines()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return []
+    if size > max_bytes:
+        lines = lines[1:]              # cut mid-line
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue                   # blank, or the line being written now
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def last_row(path: Path, match: Callable[[dict[str, Any]], bool] = lambda row: True) -> dict[str, Any] | None:
     """The last JSON object row of ``path`` that ``match`` accepts, read from the file's end only
     (None if there is none, or no file). Reads only: a writer going on after a restart first
     calls :func:`end_torn_line`."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - JSON_TAIL_BYTES))
-            tail = f.read()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return None
-    for line in reversed(tail.splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and match(row):
-            return row
-    return None
+    return next((row for row in reversed(tail_rows(path)) if match(row)), None)
 
 
 def end_torn_line(path: Path) -> None:

@@ -68,6 +68,7 @@ from typing import Any, Literal
 import numpy as np
 
 from streampipe.stages.api import Batch, Record, Stage
+from streampipe.stages.builtins.sides import Late, finite
 from streampipe.stages.columns import Columns
 from streampipe.stages.keys import BadKey, deal, key_bytes, window_id
 from streampipe.stages.registry import load_target
@@ -170,9 +171,8 @@ class Window(Stage):
         self.heap: list[tuple[float, int, bytes, float]] = []     # (end, seq, key, start): what closes first
         self.seq = 0
         self.newest: float | None = None
-        self.emitted = self.late = 0
-        self._late: list[Record] = []
-        self._late_ids: set[int] = set()     # the late records of the last batch, by identity (route)
+        self.emitted = 0
+        self.lates = Late()                  # the late records: counted, to the `late` output or dead-lettered
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -181,11 +181,12 @@ class Window(Stage):
 
     def snapshot(self) -> dict[str, Any]:
         accs = list(self.windows.values()) + [a for group in self.sessions.values() for a in group]
-        return {"newest": self.newest, "emitted": self.emitted, "late": self.late,
+        return {"newest": self.newest, "emitted": self.emitted, "late": self.lates.count,
                 "windows": [a.state() for a in accs]}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.newest, self.emitted, self.late = state.get("newest"), int(state.get("emitted", 0)), int(state.get("late", 0))
+        self.newest, self.emitted = state.get("newest"), int(state.get("emitted", 0))
+        self.lates.count = int(state.get("late", 0))
         self.windows, self.sessions, self.heap = {}, {}, []
         for saved in state.get("windows", []):
             acc = Acc.load(saved)
@@ -229,16 +230,14 @@ class Window(Stage):
         else:
             for record in batch:
                 self.take(record)
-        late, self._late = self._late, []
-        self._late_ids = {id(r) for r in late}
-        return late + self.close()
+        return self.lates.take() + self.close()
 
     def route(self, record: Record) -> str:
-        return "late" if id(record) in self._late_ids else "default"
+        return self.lates.route(record)
 
     def take(self, record: Record) -> None:
         t = record.get(self.time)
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        if not finite(t):
             self.reject(record, f"no event time: field {self.time!r} must be a finite number")
             return
         key = record.get(self.key_field) if self.key_field else None
@@ -253,7 +252,7 @@ class Window(Stage):
         values: dict[str, float] = {}
         for f in self.fields:
             v = record.get(f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if not finite(v):
                 self.reject(record, f"field {f!r} must be a finite number (it is aggregated)")
                 return
             values[f] = float(v)
@@ -306,11 +305,7 @@ class Window(Stage):
         heapq.heappush(self.heap, (end, self.seq, kb, acc.start))
 
     def _set_late(self, record: Record, why: str) -> None:
-        self.late += 1
-        if "late" in self.context.outputs:
-            self._late.append(record)
-        else:
-            self.reject(record, f"late: {why}")
+        self.lates.add(self, record, why)
 
     # -- columns: a tumbling window's aggregates by numpy, per (key, window) group ------------
     def take_columns(self, batch: Columns) -> None:
@@ -377,7 +372,7 @@ class Window(Stage):
     # -- closing -----------------------------------------------------------------------------
     def finish(self) -> list[Record]:
         """The input ended: every window still open closes (as if the watermark were past them all)."""
-        self._late_ids = set()
+        self.lates.ids.clear()           # what finish returns are results, none late
         return self.close(math.inf)
 
     def close(self, upto: float | None = None) -> list[Record]:
@@ -423,7 +418,7 @@ class Window(Stage):
 
     def stats(self) -> dict[str, Any]:
         return {"open": len(self.windows) + sum(len(g) for g in self.sessions.values()), "emitted": self.emitted,
-                "late": self.late, "watermark": self.watermark}
+                "late": self.lates.count, "watermark": self.watermark}
 
 
 def _num(x: float) -> float | int:
